@@ -1,0 +1,85 @@
+"""A small, explicit Llama forward over a Hugging Face model's own weights (gpt-fast style).
+
+Why not ``model(...)``: KV reuse needs control the generic API does not give cheaply: the caller
+owns one preallocated KV buffer ``[layers, 2, batch, kv_heads, columns, head_dim]``, every row
+has its own positions, attention follows an explicit mask over buffer columns, and only the
+requested output rows go through the final norm (the LM head is the caller's business). The
+same forward serves full prefill, document encoding, KV reuse and greedy decoding, so the
+modes can only differ in what they feed it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+class Decoder:
+    """Stateless runner of a Llama-family ``*ForCausalLM`` (weights shared, never copied)."""
+
+    def __init__(self, model: torch.nn.Module):
+        cfg = model.config
+        if getattr(cfg, "model_type", "") not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"Decoder supports Llama-family models, not {cfg.model_type!r}")
+        self.model = model
+        self.body = model.model
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.hidden_size = cfg.hidden_size
+        self.lm_head = model.lm_head.weight  # [vocab, hidden]
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    def kv_shape(self, batch: int, columns: int) -> tuple[int, ...]:
+        return (self.n_layers, 2, batch, self.n_kv_heads, columns, self.head_dim)
+
+    def new_kv(self, batch: int, columns: int) -> torch.Tensor:
+        return torch.zeros(self.kv_shape(batch, columns), device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        kv: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None = None,
+        out_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run ``ids`` [B, T] at positions ``pos`` [B, T]; write their K/V into ``kv`` columns
+        ``[start, start+T)`` and attend over columns ``[0, start+T)``.
+
+        ``mask`` [B, 1, T, start+T] (True = may attend) is required unless the call is causal
+        from column 0 or decodes one token over a fully valid prefix. Returns the final-normed
+        hidden states [B, T, H], or [B, H] at ``out_index`` [B] (one position per row).
+        """
+        bsz, n_new = ids.shape
+        end = start + n_new
+        causal = mask is None and start == 0 and n_new > 1
+        if mask is None and not causal and n_new > 1:
+            raise ValueError("a mask is needed for several new tokens after column 0")
+        x = self.body.embed_tokens(ids)
+        cos, sin = self.body.rotary_emb(x, pos)
+        for i, layer in enumerate(self.body.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(bsz, n_new, self.n_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            kv[i, 0, :bsz, :, start:end] = k
+            kv[i, 1, :bsz, :, start:end] = v
+            o = F.scaled_dot_product_attention(
+                q, kv[i, 0, :bsz, :, :end], kv[i, 1, :bsz, :, :end],
+                attn_mask=mask, is_causal=causal, enable_gqa=self.n_heads != self.n_kv_heads,
+            )
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, n_new, self.n_heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if out_index is not None:
+            x = x[torch.arange(bsz, device=x.device), out_index]
+        return self.body.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.lm_head.T

@@ -1,0 +1,1 @@
+"""Document KV: codecs (compression), static batch layout, and the LMCache-backed store."""

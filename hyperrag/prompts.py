@@ -1,0 +1,92 @@
+"""Prompt templates as token segments.
+
+The reranker reads ``[prefix][document + tail][question][suffix]``. Everything fixed is put
+before the question, so it lands in a cached KV: the prefix (instruction) is shared by all
+documents and stored once; the tail (``"\\nQuestion:"``) is stored with each document. Only
+``[question][suffix]`` is run per (question, document) pair, so the suffix is kept short.
+Segments are tokenized separately and joined as ids, so both modes see identical tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+SYSTEM = "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\n"
+ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+@dataclass(frozen=True)
+class RerankTemplate:
+    """The reranker's prompt; its hash is part of every stored document KV's key."""
+
+    instruction: str = "Does the document contain the answer to the question? Answer Yes or No."
+    prefix: str = SYSTEM + "Document:"
+    doc: str = "\n{text}"
+    doc_tail: str = "\nQuestion:"
+    question: str = " {question}"
+    suffix: str = ASSISTANT
+    yes: str = "Yes"
+    no: str = "No"
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class GenerateTemplate:
+    system: str = "Answer the question with a short phrase copied from the documents."
+    doc: str = "Document {i}: {text}\n"
+    question: str = "Question: {question}"
+
+
+@dataclass(frozen=True)
+class QueryTokens:
+    ids: list[int]  # question + suffix
+    truncated: bool  # the question was cut to the token limit
+
+
+class RerankPrompt:
+    """Token segments of a :class:`RerankTemplate` for one tokenizer, with length limits."""
+
+    def __init__(self, tokenizer, template: RerankTemplate, max_doc_tokens: int, max_question_tokens: int):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_doc_tokens = max_doc_tokens
+        self.max_question_tokens = max_question_tokens
+        self.prefix_ids = self._encode(template.prefix.format(template.instruction))
+        self.tail_ids = self._encode(template.doc_tail)
+        self.suffix_ids = self._encode(template.suffix)
+        yes, no = self._encode(template.yes), self._encode(template.no)
+        if len(yes) != 1 or len(no) != 1:
+            raise ValueError(f"yes/no words must be single tokens, got {yes} and {no}")
+        self.yes_id, self.no_id = yes[0], no[0]
+        self.doc_ids = lru_cache(maxsize=65536)(self._doc_ids)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _doc_ids(self, text: str) -> tuple[int, ...]:
+        """Document + tail tokens (the cached segment), the document cut to ``max_doc_tokens``."""
+        body = self._encode(self.template.doc.format(text=text))[: self.max_doc_tokens]
+        return tuple(body + self.tail_ids)
+
+    def query(self, question: str) -> QueryTokens:
+        ids = self._encode(self.template.question.format(question=question))
+        truncated = len(ids) > self.max_question_tokens
+        return QueryTokens(ids[: self.max_question_tokens] + self.suffix_ids, truncated)
+
+    def full_ids(self, doc_text: str, query: QueryTokens) -> list[int]:
+        return self.prefix_ids + list(self.doc_ids(doc_text)) + query.ids
+
+
+def generation_ids(tokenizer, template: GenerateTemplate, question: str, docs: list[str], max_doc_tokens: int) -> list[int]:
+    """Chat-formatted answer prompt over the given documents (each cut to ``max_doc_tokens``)."""
+    parts = []
+    for i, text in enumerate(docs, 1):
+        ids = tokenizer.encode(text, add_special_tokens=False)[:max_doc_tokens]
+        parts.append(template.doc.format(i=i, text=tokenizer.decode(ids)))
+    user = "".join(parts) + template.question.format(question=question)
+    return tokenizer.encode(SYSTEM.format(template.system) + user + ASSISTANT, add_special_tokens=False)

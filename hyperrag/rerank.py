@@ -1,0 +1,211 @@
+"""The doc-first decoder reranker: one scorer, three ways to run it.
+
+- ``full``: the whole prompt ``[prefix][doc][question][suffix]`` through the model per pair;
+- ``prefix``: the shared instruction prefix cached, ``[doc][question][suffix]`` run per pair
+  (what vLLM-style prefix caching gives);
+- ``reuse``: each document's KV (on the prefix) is loaded from a store into the static batch
+  buffer and only ``[question][suffix]`` is run. Missing documents are encoded on the spot,
+  written back to the store, and the result says so.
+
+Score = logit(yes) - logit(no) at the last position, computed as one dot product with the
+difference of the two LM-head rows. All modes score identically up to float rounding.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+from hyperrag.decoder import Decoder
+from hyperrag.kv.layout import StaticLayout
+from hyperrag.models import LLM
+from hyperrag.prompts import QueryTokens, RerankPrompt, RerankTemplate
+
+MODES = ("full", "prefix", "reuse")
+
+
+class DocKVSource(Protocol):
+    """Where reuse reads document KV from (the LMCache-backed store implements it)."""
+
+    def load_into(self, doc_text: str, out: torch.Tensor) -> bool: ...
+
+    def put(self, doc_text: str, kv: torch.Tensor) -> None: ...
+
+
+@dataclass
+class RerankResult:
+    scores: list[float]
+    load_s: float = 0.0  # time reading document KV into the batch buffer
+    compute_s: float = 0.0  # model time (includes encoding documents the store missed)
+    pairs: int = 0
+    query_tokens: int = 0  # question + suffix tokens actually run per pair (reuse)
+    prompt_tokens: list[int] = field(default_factory=list)  # full prompt length per pair
+    encoded_docs: int = 0  # documents encoded because the store did not have them
+    warnings: list[str] = field(default_factory=list)
+
+
+def length_batches(lengths: Sequence[int], max_batch: int, max_waste: float = 0.15) -> list[list[int]]:
+    """Indices grouped into batches of similar length, so padding adds at most ~``max_waste``."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        candidate = current + [i]
+        padded = len(candidate) * lengths[i]
+        real = sum(lengths[j] for j in candidate)
+        if current and (len(candidate) > max_batch or padded > (1 + max_waste) * real):
+            batches.append(current)
+            candidate = [i]
+        current = candidate
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Reranker:
+    """Scores (question, document) pairs with a decoder LLM; thread-safe (one batch at a time)."""
+
+    def __init__(self, llm: LLM, template: RerankTemplate | None = None, max_doc_tokens: int = 448,
+                 max_question_tokens: int = 64, batch_size: int = 20):
+        self.llm = llm
+        self.template = template or RerankTemplate()
+        self.prompt = RerankPrompt(llm.tokenizer, self.template, max_doc_tokens, max_question_tokens)
+        self.decoder = Decoder(llm.model)
+        self.batch_size = batch_size
+        head = self.decoder.lm_head
+        self.score_vec = (head[self.prompt.yes_id] - head[self.prompt.no_id]).float()
+        self._lock = threading.Lock()
+        self.prefix_len = len(self.prompt.prefix_ids)
+        max_doc = max_doc_tokens + len(self.prompt.tail_ids)
+        max_query = max_question_tokens + len(self.prompt.suffix_ids)
+        # Scratch buffer for full prefill and document encoding; the static layout for reuse.
+        self._scratch = self.decoder.new_kv(batch_size, self.prefix_len + max_doc + max_query)
+        self.prefix_kv = self._encode_prefix()
+        self.layout = StaticLayout(self.decoder, self.prefix_kv, batch_size, max_doc, max_query)
+
+    # -- identities ---------------------------------------------------------------------------
+    @property
+    def kv_identity(self) -> str:
+        """What a stored document KV depends on besides the text: model, dtype, template, limit."""
+        return f"{self.llm.fingerprint}|{self.decoder.dtype}|{self.template.digest}|{self.prompt.max_doc_tokens}"
+
+    def doc_tokens(self, text: str) -> int:
+        return len(self.prompt.doc_ids(text))
+
+    # -- encoding -----------------------------------------------------------------------------
+    def _encode_prefix(self) -> torch.Tensor:
+        ids = torch.tensor([self.prompt.prefix_ids], device=self.decoder.device)
+        pos = torch.arange(self.prefix_len, device=self.decoder.device)[None]
+        self.decoder.forward(ids, pos, self._scratch, start=0)
+        return self._scratch[:, :, 0, :, : self.prefix_len].clone()
+
+    def _new_token_mask(self, n_new: int, start: int) -> torch.Tensor:
+        """Mask for ``n_new`` right-padded tokens at column ``start`` over fully valid earlier
+        columns: pads come after real tokens, so causality alone keeps real tokens exact."""
+        device = self.decoder.device
+        j = torch.arange(n_new, device=device)
+        cols = torch.arange(start + n_new, device=device)
+        return ((cols[None, :] < start) | (cols[None, :] - start <= j[:, None]))[None, None]
+
+    def _encode_rows(self, token_lists: list[Sequence[int]]) -> None:
+        """Run documents on the cached prefix into scratch rows ``0..m-1`` (columns ``P..``)."""
+        p, longest = self.prefix_len, max(len(t) for t in token_lists)
+        ids = torch.full((len(token_lists), longest), 0, dtype=torch.long)
+        for r, toks in enumerate(token_lists):
+            ids[r, : len(toks)] = torch.tensor(toks)
+        ids = ids.to(self.decoder.device)
+        self._scratch[:, :, : len(token_lists), :, :p] = self.prefix_kv.unsqueeze(2)
+        pos = (p + torch.arange(longest, device=ids.device)).expand(len(token_lists), -1)
+        self.decoder.forward(ids, pos, self._scratch, start=p, mask=self._new_token_mask(longest, p))
+
+    def encode_docs(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """Document KVs ``[layers, 2, kv_heads, n, head_dim]`` on the shared prefix (precompute)."""
+        with self._lock:
+            return self._encode_docs(texts)
+
+    def _encode_docs(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        toks = [self.prompt.doc_ids(t) for t in texts]
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        p = self.prefix_len
+        for batch in length_batches([len(t) for t in toks], self.batch_size):
+            self._encode_rows([toks[i] for i in batch])
+            for r, i in enumerate(batch):
+                out[i] = self._scratch[:, :, r, :, p : p + len(toks[i])].clone()
+        return out  # type: ignore[return-value]
+
+    # -- scoring ------------------------------------------------------------------------------
+    def _score_hidden(self, hidden: torch.Tensor) -> list[float]:
+        return (hidden.float() @ self.score_vec).tolist()
+
+    def score(self, question: str, docs: Sequence[str], mode: str = "reuse",
+              source: DocKVSource | None = None) -> RerankResult:
+        """Scores of ``docs`` for ``question`` in the given mode (``reuse`` needs a ``source``)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown rerank mode {mode!r}; choose one of {MODES}")
+        if mode == "reuse" and source is None:
+            raise ValueError("reuse mode needs a document KV source (a KVStore)")
+        query = self.prompt.query(question)
+        result = RerankResult(scores=[0.0] * len(docs), pairs=len(docs), query_tokens=len(query.ids))
+        result.prompt_tokens = [self.prefix_len + self.doc_tokens(d) + len(query.ids) for d in docs]
+        if query.truncated:
+            result.warnings.append(f"question cut to {self.prompt.max_question_tokens} tokens")
+        if not docs:
+            return result
+        with self._lock:
+            if mode == "reuse":
+                self._score_reuse(query, docs, source, result)
+            else:
+                self._score_prefill(query, docs, mode, result)
+        return result
+
+    def _score_prefill(self, query: QueryTokens, docs: Sequence[str], mode: str, result: RerankResult) -> None:
+        t0 = time.perf_counter()
+        start = 0 if mode == "full" else self.prefix_len
+        seqs = [(self.prompt.prefix_ids if mode == "full" else []) + list(self.prompt.doc_ids(d)) + query.ids
+                for d in docs]
+        device = self.decoder.device
+        for batch in length_batches([len(s) for s in seqs], self.batch_size):
+            longest = max(len(seqs[i]) for i in batch)
+            ids = torch.zeros((len(batch), longest), dtype=torch.long)
+            for r, i in enumerate(batch):
+                ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+            pos = (start + torch.arange(longest)).expand(len(batch), -1).to(device)
+            last = torch.tensor([len(seqs[i]) - 1 for i in batch], device=device)
+            if mode == "full":
+                mask = None  # causal from column 0; right padding never touches real tokens
+            else:
+                self._scratch[:, :, : len(batch), :, :start] = self.prefix_kv.unsqueeze(2)
+                mask = self._new_token_mask(longest, start)
+            hidden = self.decoder.forward(ids.to(device), pos, self._scratch, start, mask, out_index=last)
+            for i, s in zip(batch, self._score_hidden(hidden)):
+                result.scores[i] = s
+        result.compute_s += time.perf_counter() - t0
+
+    def _score_reuse(self, query: QueryTokens, docs: Sequence[str], source: DocKVSource, result: RerankResult) -> None:
+        layout, device = self.layout, self.decoder.device
+        n_query = len(query.ids)
+        for first in range(0, len(docs), self.batch_size):
+            chunk = list(docs[first : first + self.batch_size])
+            lens = [self.doc_tokens(d) for d in chunk]
+            t0 = time.perf_counter()
+            missing = [r for r, d in enumerate(chunk) if not source.load_into(d, layout.doc_view(r, lens[r]))]
+            result.load_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            if missing:
+                kvs = self._encode_docs([chunk[r] for r in missing])
+                for r, kv in zip(missing, kvs):
+                    layout.doc_view(r, lens[r]).copy_(kv)
+                    source.put(chunk[r], kv)
+                result.encoded_docs += len(missing)
+            slots = layout.slots_for(lens)
+            pos, mask = layout.query_inputs(lens, slots, n_query)
+            ids = torch.tensor([query.ids], device=device).expand(len(chunk), -1)
+            last = torch.full((len(chunk),), n_query - 1, device=device)
+            hidden = self.decoder.forward(ids, pos, layout.kv, layout.prefix_len + slots, mask, out_index=last)
+            result.scores[first : first + len(chunk)] = self._score_hidden(hidden)
+            result.compute_s += time.perf_counter() - t1
+        if result.encoded_docs:
+            result.warnings.append(f"{result.encoded_docs} document KV(s) were not in the store: computed and stored")

@@ -1,0 +1,121 @@
+"""One place for every setting: a dataclass with documented defaults.
+
+Precedence, lowest first: the defaults below, environment variables named
+``HYPERRAG_<FIELD>`` (e.g. ``HYPERRAG_TOP_K=30``), then command-line flags
+(``--top-k 30``) for front doors that call :func:`add_cli_args`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("HYPERRAG_CACHE_DIR") or str(Path.home() / ".cache" / "hyperrag")
+
+
+@dataclass
+class Settings:
+    """Engine settings. Each field's ``metadata['help']`` is its CLI help text."""
+
+    corpus: str = field(
+        default=str(REPO_ROOT / "corpora" / "squad-dev-mini"),
+        metadata={"help": "corpus folder (docs.jsonl [+ queries.jsonl], or .txt/.md files)"},
+    )
+    model: str = field(
+        default="smollm2-135m",
+        metadata={"help": "LLM id from hyperrag.models.MODELS (reranker base and generator)"},
+    )
+    adapter: str = field(
+        default="",
+        metadata={"help": "LoRA adapter folder for the reranker; '' for the zero-shot base model"},
+    )
+    embedder: str = field(
+        default="all-minilm-l6-v2", metadata={"help": "embedder id from hyperrag.models.EMBEDDERS"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "compute dtype: auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16"},
+    )
+    top_k: int = field(default=20, metadata={"help": "candidates retrieved per question"})
+    top_n: int = field(default=3, metadata={"help": "reranked documents given to the generator"})
+    batch_size: int = field(default=20, metadata={"help": "(question, document) pairs per reranker batch"})
+    max_new_tokens: int = field(default=24, metadata={"help": "answer length limit (greedy decoding)"})
+    max_question_tokens: int = field(
+        default=64, metadata={"help": "longer questions are truncated, with a notice"}
+    )
+    max_doc_tokens: int = field(
+        default=448, metadata={"help": "documents are truncated to this many tokens for the reranker"}
+    )
+    store_url: str = field(
+        default="",
+        metadata={
+            "help": "KV store: fs://DIR (default <cache-dir>/kv) | memory:// | lm://HOST:PORT | redis://HOST:PORT"
+        },
+    )
+    codec: str = field(default="fp16", metadata={"help": "stored KV codec: fp32 | fp16 | bf16 | int8 | int4"})
+    hot_cache_gb: float = field(
+        default=2.0, metadata={"help": "in-process LMCache CPU tier in front of the store (GB, 0 = none)"}
+    )
+    store_timeout_s: float = field(
+        default=5.0, metadata={"help": "bound on any single store operation before falling back to compute"}
+    )
+    cache_dir: str = field(
+        default_factory=_default_cache_dir,
+        metadata={"help": "models (safetensors copies), indexes and the default KV store live here"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed for anything random (query sampling)"})
+
+    def __post_init__(self) -> None:
+        if not self.store_url:
+            self.store_url = f"fs://{Path(self.cache_dir) / 'kv'}"
+        for name in ("top_k", "top_n", "batch_size", "max_new_tokens", "max_question_tokens", "max_doc_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Defaults, then ``HYPERRAG_*`` variables, then keyword overrides."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f"HYPERRAG_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _coerce(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}.get(str(f.type), str)
+    try:
+        return kind(raw)
+    except ValueError as err:
+        raise ValueError(f"HYPERRAG_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from err
+
+
+def add_cli_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per setting (default: unset, so env and defaults still apply)."""
+    group = parser.add_argument_group("engine settings (also HYPERRAG_<NAME> env vars)")
+    for f in fields(Settings):
+        if f.name in skip:
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        group.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None, help=f.metadata.get("help")
+        )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    names = {f.name for f in fields(Settings)}
+    return Settings.from_env(**{k: v for k, v in vars(args).items() if k in names})
