@@ -1,0 +1,31 @@
+"""HyperRAG: RAG whose decoder reranker reuses precomputed per-document KV caches.
+
+    from hyperrag import Engine, Settings
+    engine = Engine.load(Settings.from_env())
+    engine.precompute()
+    print(engine.ask("Who was the Norse leader?", mode="reuse").answer)
+
+Names are imported lazily so ``import hyperrag`` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Settings": "hyperrag.settings",
+    "Engine": "hyperrag.pipeline",
+    "RAGResult": "hyperrag.pipeline",
+    "Corpus": "hyperrag.corpus",
+    "CorpusError": "hyperrag.corpus",
+    "load_corpus": "hyperrag.corpus",
+    "Reranker": "hyperrag.rerank",
+    "KVStore": "hyperrag.kv.store",
+    "DenseIndex": "hyperrag.retrieval",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'hyperrag' has no attribute {name!r}")

@@ -1,0 +1,77 @@
+"""Ranking and answer metrics: recall@k, MRR@k, NDCG@k (binary relevance), SQuAD EM/F1, latency."""
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from typing import Iterable, Sequence
+
+
+def recall_at_k(ranked: Sequence[str], gold: Iterable[str], k: int) -> float:
+    gold = set(gold)
+    return len(gold.intersection(ranked[:k])) / len(gold) if gold else 0.0
+
+
+def mrr_at_k(ranked: Sequence[str], gold: Iterable[str], k: int = 10) -> float:
+    gold = set(gold)
+    for i, doc_id in enumerate(ranked[:k]):
+        if doc_id in gold:
+            return 1.0 / (i + 1)
+    return 0.0
+
+
+def ndcg_at_k(ranked: Sequence[str], gold: Iterable[str], k: int = 10) -> float:
+    gold = set(gold)
+    dcg = sum(1.0 / math.log2(i + 2) for i, doc_id in enumerate(ranked[:k]) if doc_id in gold)
+    ideal = sum(1.0 / math.log2(i + 2) for i in range(min(len(gold), k)))
+    return dcg / ideal if ideal else 0.0
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1 normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers: Iterable[str]) -> float:
+    return max((float(normalize_answer(prediction) == normalize_answer(a)) for a in answers), default=0.0)
+
+
+def _f1(prediction: str, answer: str) -> float:
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(answer).split()
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str, answers: Iterable[str]) -> float:
+    return max((_f1(prediction, a) for a in answers), default=0.0)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) of a non-empty sequence."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
+    """p50 / p95 / mean in milliseconds."""
+    if not seconds:
+        return {"p50_ms": 0.0, "p95_ms": 0.0, "mean_ms": 0.0}
+    return {"p50_ms": percentile(seconds, 50) * 1e3, "p95_ms": percentile(seconds, 95) * 1e3,
+            "mean_ms": sum(seconds) / len(seconds) * 1e3}
+
+
+def ranking_metrics(ranked: Sequence[str], gold: Iterable[str]) -> dict[str, float]:
+    gold = list(gold)
+    return {"recall@1": recall_at_k(ranked, gold, 1), "recall@5": recall_at_k(ranked, gold, 5),
+            "mrr@10": mrr_at_k(ranked, gold, 10), "ndcg@10": ndcg_at_k(ranked, gold, 10)}

@@ -1,0 +1,172 @@
+"""The RAG pipeline: retrieve -> rerank -> generate, one engine object for every front door.
+
+Modes (one parameter, same candidates, same generator):
+
+- ``retrieval``: traditional RAG, the retriever's top-n go straight to the generator;
+- ``baseline``: the reranker runs full prefill on every (question, document) pair;
+- ``prefix``: full prefill with the shared instruction prefix cached (prefix caching);
+- ``reuse``: the reranker loads each document's stored KV and runs only the question.
+
+Every answer carries its stage timings (retrieve, kv_load, rerank, generate) and warnings.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from hyperrag.corpus import Corpus, load_corpus
+from hyperrag.generate import Generator
+from hyperrag.kv.store import KVStore, StoreError
+from hyperrag.models import load_embedder, load_llm
+from hyperrag.precompute import PrecomputeReport, precompute
+from hyperrag.rerank import Reranker, RerankResult
+from hyperrag.retrieval import DenseIndex
+from hyperrag.settings import Settings
+
+log = logging.getLogger("hyperrag")
+MODES = ("retrieval", "baseline", "prefix", "reuse")
+RERANK_MODE = {"baseline": "full", "prefix": "prefix", "reuse": "reuse"}
+MAX_QUESTION_CHARS = 2000
+Progress = Callable[[int, int], None]
+
+
+class QuestionError(ValueError):
+    """A question that cannot be asked (empty)."""
+
+
+@dataclass
+class RankedDoc:
+    id: str
+    title: str
+    text: str
+    score: float  # reranker score (retrieval mode: cosine similarity)
+    rank: int  # 1-based rank after reranking
+    retrieval_rank: int  # 1-based rank from the retriever
+
+
+@dataclass
+class RAGResult:
+    question: str
+    mode: str
+    answer: str
+    docs: list[RankedDoc]  # all candidates in final order; the first top_n went to the generator
+    top_n: int
+    timings: dict[str, float]  # seconds: retrieve, kv_load, rerank, generate, total
+    warnings: list[str] = field(default_factory=list)
+    rerank: RerankResult | None = None
+
+    @property
+    def ranked_ids(self) -> list[str]:
+        return [d.id for d in self.docs]
+
+
+def clean_question(question: str) -> tuple[str, list[str]]:
+    """Strip and bound a question; an empty one is an error, a very long one is cut with a notice."""
+    question = (question or "").strip()
+    if not question:
+        raise QuestionError("the question is empty: type a question")
+    if len(question) > MAX_QUESTION_CHARS:
+        return question[:MAX_QUESTION_CHARS], [f"question cut to {MAX_QUESTION_CHARS} characters"]
+    return question, []
+
+
+class Engine:
+    """Models, index, reranker, generator and KV store, loaded once per process; thread-safe."""
+
+    def __init__(self, settings: Settings, corpus: Corpus, index: DenseIndex, reranker: Reranker,
+                 generator: Generator | None, store: KVStore):
+        self.settings = settings
+        self.corpus = corpus
+        self.index = index
+        self.reranker = reranker
+        self.generator = generator
+        self.store = store
+        self._corpus_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, settings: Settings | None = None, corpus: Corpus | None = None, with_generator: bool = True,
+             progress: Progress | None = None) -> "Engine":
+        """Load everything for ``settings`` (corpus from ``settings.corpus`` unless given)."""
+        s = settings or Settings.from_env()
+        corpus = corpus or load_corpus(s.corpus)
+        embedder = load_embedder(s.embedder, s.cache_dir, s.device)
+        index = DenseIndex.load_or_build(corpus, embedder, s.embedder, s.cache_dir, progress)
+        base = load_llm(s.model, s.cache_dir, s.device, s.dtype)
+        rerank_llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=s.adapter) if s.adapter else base
+        reranker = Reranker(rerank_llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
+                            batch_size=s.batch_size)
+        generator = Generator(base, s.max_new_tokens, s.max_doc_tokens) if with_generator else None
+        store = open_store(s, reranker)
+        return cls(s, corpus, index, reranker, generator, store)
+
+    def set_corpus(self, corpus: Corpus, progress: Progress | None = None) -> None:
+        """Switch to another corpus (the index is built or loaded; stored KV stays valid)."""
+        index = DenseIndex.load_or_build(corpus, self.index.embedder, self.settings.embedder,
+                                         self.settings.cache_dir, progress)
+        with self._corpus_lock:
+            self.corpus, self.index = corpus, index
+
+    def precompute(self, progress: Progress | None = None) -> PrecomputeReport:
+        return precompute(self.reranker, self.store, [d.text for d in self.corpus.docs], progress)
+
+    def retrieve(self, question: str, k: int) -> list[tuple[str, float]]:
+        return self.index.search(question, k)
+
+    def ask(self, question: str, mode: str = "reuse", top_k: int | None = None, top_n: int | None = None,
+            generate: bool = True) -> RAGResult:
+        """Answer one question in one mode, timing each stage."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        question, warnings = clean_question(question)
+        top_k = top_k or self.settings.top_k
+        top_n = min(top_n or self.settings.top_n, top_k)
+        timings = {"retrieve": 0.0, "kv_load": 0.0, "rerank": 0.0, "generate": 0.0}
+        t0 = time.perf_counter()
+        with self._corpus_lock:
+            corpus, index = self.corpus, self.index
+        hits = index.search(question, top_k)
+        timings["retrieve"] = time.perf_counter() - t0
+        docs = [corpus.by_id[doc_id] for doc_id, _ in hits]
+        rerank = None
+        if mode == "retrieval":
+            order = list(range(len(docs)))
+            scores = [score for _, score in hits]
+        else:
+            rerank = self.reranker.score(question, [d.text for d in docs], RERANK_MODE[mode],
+                                         self.store if mode == "reuse" else None)
+            scores = rerank.scores
+            order = sorted(range(len(docs)), key=lambda i: -scores[i])
+            timings["kv_load"] = rerank.load_s
+            timings["rerank"] = rerank.compute_s
+            warnings += rerank.warnings
+            if mode == "reuse":
+                warnings += self.store.take_warnings()
+        ranked = [RankedDoc(docs[i].id, docs[i].title, docs[i].text, scores[i], rank, i + 1)
+                  for rank, i in enumerate(order, 1)]
+        answer = ""
+        if generate and self.generator is not None:
+            t1 = time.perf_counter()
+            answer = self.generator.answer(question, [d.text for d in ranked[:top_n]]).text
+            timings["generate"] = time.perf_counter() - t1
+        timings["total"] = time.perf_counter() - t0
+        for warning in warnings:
+            log.warning("%s", warning)
+        return RAGResult(question, mode, answer, ranked, top_n, timings, warnings, rerank)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def open_store(settings: Settings, reranker: Reranker) -> KVStore:
+    """The configured KV store; if it cannot start, an in-process one, with a warning kept on it."""
+    try:
+        return KVStore(settings.store_url, settings.codec, reranker.kv_identity, settings.hot_cache_gb,
+                       settings.store_timeout_s)
+    except StoreError as err:
+        fallback = KVStore("memory://", settings.codec, reranker.kv_identity, max(settings.hot_cache_gb, 1.0))
+        fallback._warn(f"{err}; using an in-process store until restarted")
+        log.warning("%s; falling back to an in-process store", err)
+        return fallback

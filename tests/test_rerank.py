@@ -1,0 +1,96 @@
+"""Reuse, prefix-cached and full prefill must score the same: the core claim of the project."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import SHIPPED
+
+
+class MemorySource:
+    """A plain dict of document KVs, to test the reranker apart from the LMCache store."""
+
+    def __init__(self):
+        self.kv: dict[str, torch.Tensor] = {}
+
+    def load_into(self, text, out):
+        if text not in self.kv:
+            return False
+        out.copy_(self.kv[text])
+        return True
+
+    def put(self, text, kv):
+        self.kv[text] = kv
+
+
+@pytest.fixture(scope="module")
+def squad_batch():
+    docs = [json.loads(line) for line in (SHIPPED / "docs.jsonl").read_text().splitlines()]
+    queries = [json.loads(line) for line in (SHIPPED / "queries.jsonl").read_text().splitlines()]
+    by_id = {d["id"]: d["text"] for d in docs}
+    picked = [queries[0], queries[700], queries[1400]]
+    # Gold paragraph plus paragraphs of very different lengths, some from other articles.
+    others = sorted(by_id.values(), key=len)
+    candidates = [others[0], others[5], others[len(others) // 2], others[-40], others[-1][:1500]]
+    return [(q["question"], [by_id[q["doc_ids"][0]]] + candidates) for q in picked]
+
+
+def test_decoder_matches_transformers(llm):
+    """Our explicit forward gives the same logits as the Hugging Face model."""
+    from hyperrag.decoder import Decoder
+
+    ids = llm.tokenizer("The Normans gave their name to Normandy, a region in France.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = llm.model(ids).logits[0]
+    dec = Decoder(llm.model)
+    hidden = dec.forward(ids, torch.arange(ids.shape[1])[None], dec.new_kv(1, ids.shape[1]), start=0)
+    assert (dec.logits(hidden)[0] - expected).abs().max().item() < 1e-4
+
+
+def test_reuse_equals_full_prefill(reranker, squad_batch):
+    source = MemorySource()
+    lengths = {reranker.doc_tokens(d) for _, docs in squad_batch for d in docs}
+    assert max(lengths) > 3 * min(lengths), "candidates must differ in length"
+    for question, docs in squad_batch:
+        full = reranker.score(question, docs, "full")
+        prefix = reranker.score(question, docs, "prefix")
+        reuse = reranker.score(question, docs, "reuse", source)
+        for other in (prefix, reuse):
+            diff = max(abs(a - b) for a, b in zip(full.scores, other.scores))
+            assert diff <= 1e-4, diff
+            assert sorted(range(len(docs)), key=lambda i: -full.scores[i]) == \
+                sorted(range(len(docs)), key=lambda i: -other.scores[i])
+    # the second pass over the same documents loaded everything from the source
+    again = reranker.score(squad_batch[0][0], squad_batch[0][1], "reuse", source)
+    assert again.encoded_docs == 0 and again.query_tokens < min(again.prompt_tokens) / 4
+
+
+def test_reuse_batches_larger_than_buffer(reranker, squad_batch):
+    """More candidates than the batch size: chunks through the same buffer, same scores."""
+    question, docs = squad_batch[1]
+    many = docs + [d[::-1] for d in docs] + docs[:3]  # 15 candidates > batch_size 8
+    source = MemorySource()
+    full = reranker.score(question, many, "full").scores
+    reuse = reranker.score(question, many, "reuse", source).scores
+    assert max(abs(a - b) for a, b in zip(full, reuse)) <= 1e-4
+
+
+def test_long_question_is_truncated_with_notice(reranker, squad_batch):
+    _, docs = squad_batch[0]
+    result = reranker.score("why " * 500, docs[:2], "full")
+    assert result.query_tokens <= reranker.prompt.max_question_tokens + len(reranker.prompt.suffix_ids)
+    assert any("cut" in w for w in result.warnings)
+
+
+def test_length_batches_bound_padding():
+    from hyperrag.rerank import length_batches
+
+    lengths = [10, 200, 11, 190, 12, 205, 100]
+    batches = length_batches(lengths, max_batch=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 3
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) * longest <= 1.15 * sum(lengths[i] for i in batch) or len(batch) == 1
