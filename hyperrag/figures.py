@@ -1,0 +1,358 @@
+"""Plotly figures of a bench result dict, shared by ``python -m hyperrag.bench`` and the app.
+
+Every function takes the result dict (schema in :mod:`hyperrag.report`), tolerates missing
+parts (an empty figure saying what is missing), and returns a ``plotly.graph_objects.Figure``.
+:func:`html_report` renders everything into one self-contained HTML page (plotly.js inline,
+no CDN: there is no network at run time).
+
+Engine modules never import this one (plotly stays out of the engine).
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from typing import Any, Mapping
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+STAGES = ("retrieve", "kv_load", "rerank", "generate")
+STAGE_COLORS = {"retrieve": "#9aa5b1", "kv_load": "#f2b134", "rerank": "#d64545", "generate": "#3d7ea6"}
+E2E_MODES = ("retrieval_only", "baseline", "prefix_cached", "reuse")
+RERANK_MODES = ("full", "prefix_cached", "reuse")
+MODE_COLORS = {"retrieval_only": "#9aa5b1", "baseline": "#d64545", "full": "#d64545",
+               "prefix_cached": "#f28c28", "reuse": "#2e9e6a"}
+LABELS = {"retrieval_only": "retrieval only", "baseline": "baseline (full rerank)", "full": "full prefill",
+          "prefix_cached": "prefix cached", "reuse": "KV reuse"}
+QUALITY_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")
+TEMPLATE = "plotly_white"
+
+
+def _get(d: Any, *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if not isinstance(d, Mapping) or k not in d or d[k] is None:
+            return default
+        d = d[k]
+    return d
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _empty(title: str, why: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=why, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font={"size": 14, "color": "#666"})
+    fig.update_layout(title=title, template=TEMPLATE, xaxis={"visible": False}, yaxis={"visible": False},
+                      height=360)
+    return fig
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    v = _num(x)
+    if v is None:
+        return "–"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def _mib(n: Any) -> str:
+    v = _num(n)
+    return "–" if v is None else f"{v / 2**20:,.1f} MiB"
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+def latency_figure(results: Mapping[str, Any]) -> go.Figure:
+    """Stacked mean latency per stage (retrieve, KV load, rerank, generate) for each e2e mode."""
+    title = "End-to-end latency per stage (mean ms per query)"
+    e2e = _get(results, "e2e", default={})
+    modes = [m for m in E2E_MODES if isinstance(_get(e2e, m), Mapping)]
+    if not modes:
+        return _empty(title, "no end-to-end measurements")
+    names = [LABELS[m] for m in modes]
+    fig = go.Figure()
+    for stage in STAGES:
+        values = [_num(_get(e2e, m, "stage_ms", stage)) or 0.0 for m in modes]
+        fig.add_bar(name=stage.replace("_", " "), x=names, y=values, marker_color=STAGE_COLORS[stage],
+                    hovertemplate="%{x}<br>" + stage + ": %{y:.1f} ms<extra></extra>")
+    totals = [sum(_num(_get(e2e, m, "stage_ms", s)) or 0.0 for s in STAGES) for m in modes]
+    p50 = [_num(_get(e2e, m, "p50_ms")) for m in modes]
+    fig.add_scatter(x=names, y=totals, mode="text", showlegend=False, textposition="top center",
+                    text=[f"{t:,.0f} ms" + (f"<br>(p50 {p:,.0f})" if p else "") for t, p in zip(totals, p50)],
+                    hoverinfo="skip")
+    speedup = _num(_get(e2e, "speedup_vs_baseline"))
+    if speedup:
+        title += f" — reuse {speedup:.1f}x faster than baseline"
+    fig.update_layout(barmode="stack", title=title, yaxis_title="ms per query", template=TEMPLATE,
+                      legend_title="stage", height=420, yaxis_range=[0, max(totals) * 1.18 or 1])
+    return fig
+
+
+def throughput_figure(results: Mapping[str, Any]) -> go.Figure:
+    """Queries/s per end-to-end mode and reranker pairs/s per rerank mode, side by side."""
+    e2e = _get(results, "e2e", default={})
+    rerank = _get(results, "rerank", default={})
+    e_modes = [m for m in E2E_MODES if _num(_get(e2e, m, "queries_per_s")) is not None]
+    r_modes = [m for m in RERANK_MODES if _num(_get(rerank, m, "pairs_per_s")) is not None]
+    if not e_modes and not r_modes:
+        return _empty("Throughput", "no throughput measurements")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("End to end: queries/s", "Reranker: pairs/s"))
+    if e_modes:
+        qps = [_num(_get(e2e, m, "queries_per_s")) for m in e_modes]
+        base = _num(_get(e2e, "baseline", "queries_per_s"))
+        fig.add_bar(x=[LABELS[m] for m in e_modes], y=qps, marker_color=[MODE_COLORS[m] for m in e_modes],
+                    text=[f"{q:.3g}" + (f" ({q / base:.1f}x)" if base and m != "baseline" else "")
+                          for q, m in zip(qps, e_modes)],
+                    textposition="outside", showlegend=False, row=1, col=1,
+                    hovertemplate="%{x}: %{y:.3g} queries/s<extra></extra>")
+    if r_modes:
+        pps = [_num(_get(rerank, m, "pairs_per_s")) for m in r_modes]
+        full = _num(_get(rerank, "full", "pairs_per_s"))
+        fig.add_bar(x=[LABELS[m] for m in r_modes], y=pps, marker_color=[MODE_COLORS[m] for m in r_modes],
+                    text=[f"{p:.3g}" + (f" ({p / full:.1f}x)" if full and m != "full" else "")
+                          for p, m in zip(pps, r_modes)],
+                    textposition="outside", showlegend=False, row=1, col=2,
+                    hovertemplate="%{x}: %{y:.3g} pairs/s<extra></extra>")
+        limit = _num(_get(rerank, "token_ratio_limit"))
+        if limit and full:
+            fig.add_scatter(x=[LABELS[r_modes[0]], LABELS[r_modes[-1]]], y=[full * limit] * 2, mode="lines",
+                            line={"dash": "dash", "color": "#555"}, name=f"token-ratio limit ({limit:.1f}x full)",
+                            row=1, col=2)
+    for col, values in ((1, [_num(_get(e2e, m, "queries_per_s")) for m in e_modes]),
+                        (2, [_num(_get(rerank, m, "pairs_per_s")) for m in r_modes]
+                         + [(_num(_get(rerank, "full", "pairs_per_s")) or 0) * (_num(_get(rerank, "token_ratio_limit")) or 0)])):
+        top = max([v for v in values if v] or [1.0])
+        fig.update_yaxes(range=[0, top * 1.2], row=1, col=col)
+    fig.update_layout(title="Throughput (higher is better)", template=TEMPLATE, height=420,
+                      legend={"orientation": "h", "y": -0.15})
+    return fig
+
+
+def quality_figure(results: Mapping[str, Any]) -> go.Figure:
+    """Recall@1/5, MRR@10, NDCG@10, EM and F1 per mode (grouped bars)."""
+    title = "Quality per mode"
+    quality = _get(results, "quality", default={})
+    modes = [m for m in E2E_MODES if isinstance(_get(quality, m), Mapping)]
+    if not modes:
+        return _empty(title, _get(quality, "note", default="no quality measurements (no gold queries)"))
+    fig = go.Figure()
+    for m in modes:
+        values = [_num(_get(quality, m, k)) for k in QUALITY_KEYS]
+        fig.add_bar(name=LABELS[m], x=list(QUALITY_KEYS), y=values, marker_color=MODE_COLORS[m],
+                    text=[_fmt(v, 2) for v in values], textposition="outside",
+                    hovertemplate=LABELS[m] + " %{x}: %{y:.3f}<extra></extra>")
+    agreement = _num(_get(quality, "ranking_agreement"))
+    diff = _num(_get(quality, "max_abs_score_diff"))
+    if agreement is not None:
+        title += f" — reuse vs baseline: identical rankings {agreement:.0%}"
+        if diff is not None:
+            title += f", max |score diff| {diff:.2g}"
+    fig.update_layout(barmode="group", title=title, yaxis_range=[0, 1.1], template=TEMPLATE, height=420,
+                      legend={"orientation": "h", "y": -0.15})
+    return fig
+
+
+def _codec_rows(results: Mapping[str, Any]) -> list[dict]:
+    rows = [r for r in (_get(results, "codecs", default=[]) or []) if isinstance(r, Mapping) and r.get("codec")]
+    if rows:
+        return [dict(r) for r in rows]
+    storage = _get(results, "storage", default={})
+    if storage.get("codec") and _num(storage.get("bytes_per_token")):
+        return [{"codec": storage["codec"], "bytes_per_token": storage["bytes_per_token"],
+                 "bytes": storage.get("bytes")}]
+    return []
+
+
+def storage_figure(results: Mapping[str, Any]) -> go.Figure:
+    """Bytes per token per codec, total corpus bytes per codec, and planner line(s) if given."""
+    rows = _codec_rows(results)
+    if not rows:
+        return _empty("Storage", "no storage measurements")
+    names = [r["codec"] for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("bytes per token", "corpus total (MiB)"))
+    bpt = [_num(r.get("bytes_per_token")) for r in rows]
+    fig.add_bar(x=names, y=bpt, marker_color="#3d7ea6", text=[_fmt(v) for v in bpt], textposition="outside",
+                showlegend=False, row=1, col=1, hovertemplate="%{x}: %{y:,.0f} B/token<extra></extra>")
+    totals = [(_num(r.get("bytes")) or 0) / 2**20 for r in rows]
+    fig.add_bar(x=names, y=totals, marker_color="#6c5fc7", text=[f"{t:,.1f}" for t in totals],
+                textposition="outside", showlegend=False, row=1, col=2,
+                hovertemplate="%{x}: %{y:,.1f} MiB<extra></extra>")
+    planner = _get(results, "planner")
+    plans = planner if isinstance(planner, list) else [planner] if isinstance(planner, Mapping) else []
+    top = max(totals + [0.0])
+    for plan in plans:
+        value = _num(_get(plan, "bytes"))
+        if value is None:
+            continue
+        top = max(top, value / 2**20)
+        fig.add_scatter(x=[names[0], names[-1]], y=[value / 2**20] * 2, mode="lines",
+                        line={"dash": "dot", "color": "#d64545"}, name=str(plan.get("label", "planner")),
+                        row=1, col=2)
+    fig.update_yaxes(range=[0, max([v for v in bpt if v] + [1.0]) * 1.2], row=1, col=1)
+    fig.update_yaxes(range=[0, (top or 1.0) * 1.2], row=1, col=2)
+    storage = _get(results, "storage", default={})
+    title = "Storage per codec"
+    if storage.get("docs"):
+        title += f" — {storage['docs']} docs, {_fmt(storage.get('tokens'))} tokens"
+    fig.update_layout(title=title, template=TEMPLATE, height=420, legend={"orientation": "h", "y": -0.15})
+    return fig
+
+
+def _frontier_points(results: Mapping[str, Any]) -> list[dict]:
+    points = [dict(p) for p in (_get(results, "frontier", default=[]) or []) if isinstance(p, Mapping)]
+    if points:
+        return points
+    e2e, quality = _get(results, "e2e", default={}), _get(results, "quality", default={})
+    for m in E2E_MODES:  # derive the e2e points when no explicit frontier was measured
+        if _num(_get(e2e, m, "queries_per_s")) and isinstance(_get(quality, m), Mapping):
+            points.append({"label": LABELS[m], "queries_per_s": _get(e2e, m, "queries_per_s"),
+                           "ndcg@10": _get(quality, m, "ndcg@10"), "f1": _get(quality, m, "f1")})
+    return points
+
+
+def frontier_figure(results: Mapping[str, Any]) -> go.Figure:
+    """Quality (NDCG@10) against throughput for every measured configuration: end-to-end points
+    (queries/s) on the left, reranker-only points (pairs/s) on the right."""
+    title = "Quality vs throughput (up and right is better)"
+    points = [p for p in _frontier_points(results) if _num(p.get("ndcg@10")) is not None]
+    e2e = [p for p in points if _num(p.get("queries_per_s"))]
+    rr = [p for p in points if not _num(p.get("queries_per_s")) and _num(p.get("pairs_per_s"))]
+    if not e2e and not rr:
+        return _empty(title, "no frontier points (need quality and throughput)")
+    panels = [(pts, key, unit) for pts, key, unit in ((e2e, "queries_per_s", "queries/s"), (rr, "pairs_per_s", "pairs/s"))
+              if pts]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[f"NDCG@10 vs {u}" for _, _, u in panels])
+    for col, (pts, key, unit) in enumerate(panels, 1):
+        hover = [f"{p.get('label')}<br>{_fmt(p.get(key))} {unit}<br>NDCG@10 {_fmt(p.get('ndcg@10'))}"
+                 + (f"<br>F1 {_fmt(p.get('f1'))}" if _num(p.get("f1")) is not None else "") for p in pts]
+        fig.add_scatter(x=[p[key] for p in pts], y=[p["ndcg@10"] for p in pts], mode="markers+text",
+                        text=[str(p.get("label", "")) for p in pts], textposition="top center",
+                        marker={"size": 12, "color": [_point_color(p) for p in pts]}, hovertext=hover,
+                        hoverinfo="text", showlegend=False, row=1, col=col)
+        fig.update_xaxes(title_text=unit, type="log", row=1, col=col)
+        fig.update_yaxes(title_text="NDCG@10", row=1, col=col)
+    fig.update_layout(title=title, template=TEMPLATE, height=440)
+    return fig
+
+
+def _point_color(point: Mapping[str, Any]) -> str:
+    label = str(point.get("label", "")).lower()
+    for key, color in (("retrieval", MODE_COLORS["retrieval_only"]), ("prefix", MODE_COLORS["prefix_cached"]),
+                       ("reuse", MODE_COLORS["reuse"]), ("baseline", MODE_COLORS["baseline"]),
+                       ("full", MODE_COLORS["full"])):
+        if key in label:
+            return color
+    return "#6c5fc7"
+
+
+FIGURES = (("Latency", latency_figure), ("Throughput", throughput_figure), ("Quality", quality_figure),
+           ("Storage", storage_figure), ("Frontier", frontier_figure))
+
+
+# -- tables and the HTML report -----------------------------------------------------------------
+
+def ratio_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(what, value, target) rows: the headline ratios (also printed by the bench)."""
+    rerank, e2e, quality = (_get(results, k, default={}) for k in ("rerank", "e2e", "quality"))
+    layout = _get(results, "layout", default={})
+    rows = [
+        ("reranker pairs/s: full / prefix cached / reuse",
+         " / ".join(_fmt(_get(rerank, m, "pairs_per_s")) for m in RERANK_MODES), ""),
+        ("reuse vs full (pairs/s)", _x(_get(rerank, "speedup_vs_full")), ">= 5x"),
+        ("reuse vs prefix cached (pairs/s)", _x(_get(rerank, "speedup_vs_prefix_cached")), ">= 3x"),
+        ("token-ratio limit (prefix+doc+query+suffix)/(query+suffix)", _x(_get(rerank, "token_ratio_limit")), ""),
+        ("fraction of the limit reached", _pct(_get(rerank, "limit_fraction")), ">= 90%"),
+        ("e2e queries/s: retrieval only / baseline / reuse",
+         " / ".join(_fmt(_get(e2e, m, "queries_per_s")) for m in ("retrieval_only", "baseline", "reuse")), ""),
+        ("e2e reuse vs baseline (queries/s)", _x(_get(e2e, "speedup_vs_baseline")), ">= 3x"),
+        ("reuse vs full: identical rankings", _pct(_get(quality, "ranking_agreement")), "100% (fp32)"),
+        ("reuse vs full: max |score diff|", _fmt(_get(quality, "max_abs_score_diff")), "<= 1e-4 (fp32)"),
+        ("reuse vs baseline: identical answers", _pct(_get(quality, "answer_agreement")), ""),
+    ]
+    if layout:
+        rows.append(("static layout vs concatenation (ms per query to fill the batch)",
+                     f"{_fmt(_get(layout, 'static_ms'))} vs {_fmt(_get(layout, 'concat_ms'))} ms "
+                     f"({_x(_get(layout, 'ratio'))})", ""))
+    return rows
+
+
+def _x(v: Any) -> str:
+    n = _num(v)
+    return "–" if n is None else f"{n:.2f}x"
+
+
+def _pct(v: Any) -> str:
+    n = _num(v)
+    return "–" if n is None else f"{n:.0%}"
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+            + f"</tr></thead><tbody>{cells}</tbody></table>")
+
+
+def _mode_table(results: Mapping[str, Any]) -> str:
+    e2e, quality, rerank = (_get(results, k, default={}) for k in ("e2e", "quality", "rerank"))
+    rows = []
+    for m in E2E_MODES:
+        if not isinstance(_get(e2e, m), Mapping) and not isinstance(_get(quality, m), Mapping):
+            continue
+        rm = {"baseline": "full", "prefix_cached": "prefix_cached", "reuse": "reuse"}.get(m)
+        rows.append([LABELS[m], _fmt(_get(e2e, m, "queries_per_s")), _fmt(_get(e2e, m, "p50_ms")),
+                     _fmt(_get(e2e, m, "p95_ms")), _fmt(_get(rerank, rm, "pairs_per_s")) if rm else "–"]
+                    + [_fmt(_get(quality, m, k)) for k in QUALITY_KEYS])
+    return _table(["mode", "queries/s", "p50 ms", "p95 ms", "rerank pairs/s", *QUALITY_KEYS], rows)
+
+
+def _codec_table(results: Mapping[str, Any]) -> str:
+    rows = _get(results, "codecs", default=[]) or []
+    if not rows:
+        return ""
+    return "<h2>Codec sweep</h2>" + _table(
+        ["codec", "bytes/token", "corpus bytes", "max |score diff| vs fp32 full", "identical rankings", "pairs/s"],
+        [[r.get("codec"), _fmt(r.get("bytes_per_token")), _mib(r.get("bytes")), _fmt(r.get("max_abs_score_diff")),
+          _pct(r.get("ranking_agreement")), _fmt(r.get("pairs_per_s"))] for r in rows])
+
+
+def _kv_table(title: str, block: Any) -> str:
+    if not isinstance(block, Mapping) or not block:
+        return ""
+    rows = [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in block.items()]
+    return f"<h2>{html.escape(title)}</h2>" + _table(["key", "value"], rows)
+
+
+def html_report(results: Mapping[str, Any], title: str = "HyperRAG benchmark") -> str:
+    """One self-contained HTML page: the ratios table, per-mode table, every figure (plotly.js
+    inline, no external script), codec sweep, storage, layout, config and machine."""
+    from plotly.offline import get_plotlyjs
+
+    figs = []
+    for name, fn in FIGURES:
+        fig = fn(results)
+        figs.append(f'<section><h2>{html.escape(name)}</h2>'
+                    + fig.to_html(full_html=False, include_plotlyjs=False, default_height="440px",
+                                  config={"displaylogo": False, "responsive": True})
+                    + "</section>")
+    ratios = _table(["measure", "value", "target"], [list(r) for r in ratio_rows(results)])
+    config = _get(results, "config", default={})
+    subtitle = ", ".join(f"{k} {config[k]}" for k in ("corpus", "queries", "top_k", "top_n", "codec", "model")
+                         if k in config)
+    style = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ddd;padding:4px 10px;"
+             "text-align:left;font-size:14px}th{background:#f4f4f4}h2{margin-top:1.5em}")
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>{style}</style>"
+            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+            f"<h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>"
+            f"<h2>Ratios</h2>{ratios}<h2>Per mode</h2>{_mode_table(results)}"
+            + "".join(figs) + _codec_table(results)
+            + _kv_table("Storage", _get(results, "storage")) + _kv_table("Static layout vs concatenation",
+                                                                          _get(results, "layout"))
+            + _kv_table("Setup (excluded from query timings)", _get(results, "setup"))
+            + _kv_table("Config", config) + _kv_table("Machine", _get(results, "machine"))
+            + "</body></html>")

@@ -1,0 +1,260 @@
+"""Per-query records -> the bench's result schema (``e2e``, ``rerank``, ``quality`` parts).
+
+Shared by ``python -m hyperrag.bench`` and the app's batch dashboards, so both report the same
+numbers the same way. No plotting here (engine side): :mod:`hyperrag.figures` draws the dict.
+
+Result schema (the whole dict; this module builds ``e2e``, ``rerank`` and ``quality``)::
+
+    config   {...}                       how the run was made (bench only)
+    rerank   {full, prefix_cached, reuse: {pairs, pairs_per_s, p50_ms, p95_ms, mean_ms},
+              speedup_vs_full, speedup_vs_prefix_cached, token_ratio_limit, limit_fraction,
+              mean_prompt_tokens, mean_query_tokens}
+    e2e      {retrieval_only, baseline, reuse: {queries, queries_per_s, p50_ms, p95_ms, mean_ms,
+              stage_ms {retrieve, kv_load, rerank, generate}}, speedup_vs_baseline}
+    quality  {retrieval_only, baseline, reuse: {queries, recall@1, recall@5, mrr@10, ndcg@10, em, f1},
+              max_abs_score_diff, ranking_agreement, top_n_agreement, answer_agreement}
+    storage  {codec, docs, tokens, bytes, bytes_per_token, precompute_docs_per_s, load_gb_per_s}
+    machine  {cpu, cores, threads, torch, device, ...}
+    codecs   [ {codec, bytes_per_token, bytes, max_abs_score_diff, ranking_agreement, pairs_per_s, ...} ]
+    frontier [ {label, queries_per_s | pairs_per_s, ndcg@10, f1} ]
+    layout   {static_ms, concat_ms, ratio, saved_ms, ...}              (optional)
+    planner  {label, bytes} or a list of them                          (optional)
+
+Mode names: records use the engine's modes (``retrieval``, ``baseline``, ``prefix``, ``reuse``);
+the schema uses ``retrieval_only``, ``baseline``, ``prefix_cached``, ``reuse`` for end to end and
+``full``, ``prefix_cached``, ``reuse`` for the reranker.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+from hyperrag.metrics import exact_match, f1_score, latency_summary, ranking_metrics
+
+STAGES = ("retrieve", "kv_load", "rerank", "generate")
+E2E_KEY = {"retrieval": "retrieval_only", "retrieval_only": "retrieval_only", "baseline": "baseline",
+           "full": "baseline", "prefix": "prefix_cached", "prefix_cached": "prefix_cached", "reuse": "reuse"}
+RERANK_KEY = {"baseline": "full", "full": "full", "prefix": "prefix_cached", "prefix_cached": "prefix_cached",
+              "reuse": "reuse"}
+E2E_ORDER = ("retrieval_only", "baseline", "prefix_cached", "reuse")
+RERANK_ORDER = ("full", "prefix_cached", "reuse")
+QUALITY_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")
+
+
+def record_from_result(result: Any, query: Any = None, query_id: str | None = None,
+                       generated: bool | None = None) -> dict:
+    """One record from an :class:`hyperrag.pipeline.RAGResult` (duck-typed; no engine import).
+
+    ``query``: the corpus :class:`~hyperrag.corpus.Query` (or any object/dict with ``id``,
+    ``doc_ids``, ``answers``) when the question is a gold one; gives the quality numbers.
+    ``generated``: whether an answer was generated (default: whether the answer is non-empty).
+    """
+    def attr(obj, name, default=None):
+        if obj is None:
+            return default
+        return obj.get(name, default) if isinstance(obj, Mapping) else getattr(obj, name, default)
+
+    rerank = attr(result, "rerank")
+    docs = attr(result, "docs", [])
+    record = {
+        "query_id": query_id or attr(query, "id") or attr(result, "question", ""),
+        "question": attr(result, "question", ""),
+        "mode": attr(result, "mode"),
+        "timings": dict(attr(result, "timings", {})),
+        "ranked_ids": [attr(d, "id") for d in docs],
+        "scores": {attr(d, "id"): float(attr(d, "score", 0.0)) for d in docs},
+        "top_n": attr(result, "top_n", 0),
+        "answer": attr(result, "answer", "") or "",
+        "generated": bool(attr(result, "answer", "")) if generated is None else generated,
+    }
+    if query is not None:
+        record["gold_ids"] = list(attr(query, "doc_ids", ()) or ())
+        record["answers"] = list(attr(query, "answers", ()) or ())
+    if rerank is not None:
+        record["pairs"] = int(attr(rerank, "pairs", 0))
+        record["query_tokens"] = int(attr(rerank, "query_tokens", 0))
+        record["prompt_tokens"] = list(attr(rerank, "prompt_tokens", []))
+        record["encoded_docs"] = int(attr(rerank, "encoded_docs", 0))
+    return record
+
+
+def _finite(x: float) -> float:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else 0.0
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def summarize(records: Iterable[Mapping[str, Any]]) -> dict:
+    """Aggregate per-query records into the ``e2e``, ``rerank`` and ``quality`` parts.
+
+    Each record is a dict (see :func:`record_from_result`, which builds one from a ``RAGResult``):
+
+    - ``query_id`` (str): the same id in every mode for the same question; pairs modes up;
+    - ``mode`` (str): ``retrieval`` | ``baseline`` | ``prefix`` | ``reuse`` (schema names accepted);
+    - ``timings`` (dict, seconds): ``retrieve``, ``kv_load``, ``rerank``, ``generate``, ``total``
+      (``total`` defaults to the sum of the stages);
+    - ``ranked_ids`` (list[str]): candidate ids in final order (the first ``top_n`` were used);
+    - ``scores`` (dict id -> float, optional): reranker scores, to compare reuse with baseline;
+    - ``top_n`` (int, optional): documents given to the generator;
+    - ``answer`` (str) and ``generated`` (bool, default True): the generated answer; a mode
+      whose records were not generated (e.g. a rerank-only ``prefix`` run) is left out of ``e2e``
+      and its EM/F1 are not reported;
+    - ``gold_ids``, ``answers`` (lists, optional): gold documents and answers; records without
+      them count for speed but not for quality;
+    - ``pairs`` (int), ``query_tokens`` (int), ``prompt_tokens`` (list[int]) (optional, rerank
+      modes): candidates scored, question+suffix tokens run per pair, full prompt length per pair.
+
+    Returns ``{"e2e": ..., "rerank": ..., "quality": ...}`` in the bench's schema; parts with no
+    data are left out. Without gold ids, ``quality`` holds only a ``note`` and the reuse-vs-
+    baseline agreement (``max_abs_score_diff``, ``ranking_agreement``, ...), no per-mode rows.
+    """
+    by_mode: dict[str, list[Mapping[str, Any]]] = {}
+    for rec in records:
+        key = E2E_KEY.get(str(rec.get("mode")))
+        if key is None:
+            raise ValueError(f"record with unknown mode {rec.get('mode')!r}")
+        by_mode.setdefault(key, []).append(rec)
+    out: dict[str, Any] = {}
+    e2e = _e2e(by_mode)
+    if e2e:
+        out["e2e"] = e2e
+    rerank = _rerank(by_mode)
+    if rerank:
+        out["rerank"] = rerank
+    quality = _quality(by_mode)
+    if quality:
+        out["quality"] = quality
+    return out
+
+
+def _total(rec: Mapping[str, Any]) -> float:
+    t = rec.get("timings", {})
+    return float(t.get("total", sum(float(t.get(s, 0.0)) for s in STAGES)))
+
+
+def _e2e(by_mode: dict) -> dict:
+    e2e: dict[str, Any] = {}
+    for key in E2E_ORDER:
+        recs = [r for r in by_mode.get(key, []) if r.get("generated", True) or key == "retrieval_only"]
+        if not recs or len(recs) < len(by_mode.get(key, [])):
+            continue  # a mode run without generation is not an end-to-end measurement
+        totals = [_total(r) for r in recs]
+        lat = latency_summary(totals)
+        e2e[key] = {
+            "queries": len(recs),
+            "queries_per_s": len(recs) / sum(totals) if sum(totals) > 0 else 0.0,
+            **lat,
+            "stage_ms": {s: _mean([float(r.get("timings", {}).get(s, 0.0)) for r in recs]) * 1e3 for s in STAGES},
+        }
+    if "baseline" in e2e and "reuse" in e2e:
+        e2e["speedup_vs_baseline"] = _ratio(e2e["reuse"]["queries_per_s"], e2e["baseline"]["queries_per_s"])
+    if "retrieval_only" in e2e and "reuse" in e2e:
+        e2e["reuse_overhead_vs_retrieval_ms"] = e2e["reuse"]["mean_ms"] - e2e["retrieval_only"]["mean_ms"]
+    return e2e
+
+
+def _rerank(by_mode: dict) -> dict:
+    rerank: dict[str, Any] = {}
+    ratios: list[float] = []
+    prompt_tokens: list[int] = []
+    query_tokens: list[int] = []
+    for mode_key, key in (("baseline", "full"), ("prefix_cached", "prefix_cached"), ("reuse", "reuse")):
+        recs = [r for r in by_mode.get(mode_key, []) if r.get("pairs")]
+        if not recs:
+            continue
+        secs = [float(r["timings"].get("kv_load", 0.0)) + float(r["timings"].get("rerank", 0.0)) for r in recs]
+        pairs = sum(int(r["pairs"]) for r in recs)
+        rerank[key] = {"queries": len(recs), "pairs": pairs,
+                       "pairs_per_s": pairs / sum(secs) if sum(secs) > 0 else 0.0,
+                       **latency_summary(secs),
+                       "kv_load_ms": _mean([float(r["timings"].get("kv_load", 0.0)) for r in recs]) * 1e3}
+        if not ratios:
+            for r in recs:
+                q = int(r.get("query_tokens") or 0)
+                if q and r.get("prompt_tokens"):
+                    ratios += [p / q for p in r["prompt_tokens"]]
+                    prompt_tokens += list(r["prompt_tokens"])
+                    query_tokens += [q] * len(r["prompt_tokens"])
+    if not rerank:
+        return {}
+    full = rerank.get("full", {}).get("pairs_per_s")
+    prefix = rerank.get("prefix_cached", {}).get("pairs_per_s")
+    reuse = rerank.get("reuse", {}).get("pairs_per_s")
+    rerank["speedup_vs_full"] = _ratio(reuse, full)
+    rerank["speedup_vs_prefix_cached"] = _ratio(reuse, prefix)
+    rerank["prefix_cached_vs_full"] = _ratio(prefix, full)
+    if ratios:
+        # (prefix + doc + query + suffix) / (query + suffix), averaged over pairs: the speedup if
+        # cost were proportional to the tokens run (reuse runs only question + suffix per pair).
+        rerank["token_ratio_limit"] = _mean(ratios)
+        rerank["mean_prompt_tokens"] = _mean(prompt_tokens)
+        rerank["mean_query_tokens"] = _mean(query_tokens)
+        if rerank["speedup_vs_full"]:
+            rerank["limit_fraction"] = rerank["speedup_vs_full"] / rerank["token_ratio_limit"]
+    return rerank
+
+
+def _quality(by_mode: dict) -> dict:
+    quality: dict[str, Any] = {}
+    for key in E2E_ORDER:
+        recs = [r for r in by_mode.get(key, []) if r.get("gold_ids")]
+        if not recs:
+            continue
+        rows = [ranking_metrics(list(r.get("ranked_ids", [])), r["gold_ids"]) for r in recs]
+        row = {"queries": len(recs), **{m: _mean([x[m] for x in rows]) for m in rows[0]}}
+        answered = [r for r in recs if r.get("generated", True) and r.get("answers")]
+        if answered:
+            row["em"] = _mean([exact_match(r.get("answer", ""), r["answers"]) for r in answered])
+            row["f1"] = _mean([f1_score(r.get("answer", ""), r["answers"]) for r in answered])
+        quality[key] = row  # a rerank-only mode (no answers) gets ranking metrics only
+    if not quality and any(by_mode.values()):
+        quality["note"] = "no gold queries: ranking and answer quality not measured"
+    quality.update(agreement(by_mode.get("baseline", []), by_mode.get("reuse", [])))
+    return quality
+
+
+def agreement(reference: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]]) -> dict:
+    """How ``other`` (reuse) matches ``reference`` (baseline), paired by ``query_id``:
+    max abs score difference over common candidates, fraction of queries with identical full
+    rankings, with the same top-n set, and with identical answers."""
+    ref = {r.get("query_id"): r for r in reference}
+    pairs = [(ref[r.get("query_id")], r) for r in other if r.get("query_id") in ref]
+    if not pairs:
+        return {}
+    diffs, same_rank, same_top, same_answer, answered = [], 0, 0, 0, 0
+    for a, b in pairs:
+        sa, sb = a.get("scores") or {}, b.get("scores") or {}
+        diffs += [abs(sa[d] - sb[d]) for d in sa.keys() & sb.keys()]
+        same_rank += list(a.get("ranked_ids", [])) == list(b.get("ranked_ids", []))
+        n = int(a.get("top_n") or 0) or len(a.get("ranked_ids", []))
+        same_top += set(a.get("ranked_ids", [])[:n]) == set(b.get("ranked_ids", [])[:n])
+        if a.get("generated", True) and b.get("generated", True):
+            answered += 1
+            same_answer += a.get("answer", "") == b.get("answer", "")
+    out = {"max_abs_score_diff": max(diffs) if diffs else 0.0,
+           "ranking_agreement": same_rank / len(pairs),
+           "top_n_agreement": same_top / len(pairs),
+           "compared_queries": len(pairs)}
+    if answered:
+        out["answer_agreement"] = same_answer / answered
+    return out
+
+
+def finite_numbers(obj: Any, path: str = "") -> list[tuple[str, float]]:
+    """Every number in a nested dict/list with its path (for checks and the tests)."""
+    found: list[tuple[str, float]] = []
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            found += finite_numbers(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found += finite_numbers(v, f"{path}[{i}]")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        found.append((path, obj))
+    return found
