@@ -227,16 +227,29 @@ def frontier_figure(results: Mapping[str, Any]) -> go.Figure:
               if pts]
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[f"NDCG@10 vs {u}" for _, _, u in panels])
     for col, (pts, key, unit) in enumerate(panels, 1):
-        hover = [f"{p.get('label')}<br>{_fmt(p.get(key))} {unit}<br>NDCG@10 {_fmt(p.get('ndcg@10'))}"
-                 + (f"<br>F1 {_fmt(p.get('f1'))}" if _num(p.get("f1")) is not None else "") for p in pts]
-        fig.add_scatter(x=[p[key] for p in pts], y=[p["ndcg@10"] for p in pts], mode="markers+text",
-                        text=[str(p.get("label", "")) for p in pts], textposition="top center",
-                        marker={"size": 12, "color": [_point_color(p) for p in pts]}, hovertext=hover,
-                        hoverinfo="text", showlegend=False, row=1, col=col)
-        fig.update_xaxes(title_text=unit, type="log", row=1, col=col)
+        xs = [float(p[key]) for p in pts]
+        for p in pts:  # one trace per configuration: the legend names them, labels never overlap
+            hover = (f"{p.get('label')}<br>{_fmt(p.get(key))} {unit}<br>NDCG@10 {_fmt(p.get('ndcg@10'))}"
+                     + (f"<br>F1 {_fmt(p.get('f1'))}" if _num(p.get("f1")) is not None else ""))
+            fig.add_scatter(x=[p[key]], y=[p["ndcg@10"]], mode="markers", name=str(p.get("label", "")),
+                            marker={"size": 13, "color": _point_color(p), "symbol": _point_symbol(p),
+                                    "line": {"width": 1, "color": "#333"}},
+                            hovertext=[hover], hoverinfo="text", row=1, col=col)
+        lo, hi = math.log10(min(xs)), math.log10(max(xs))
+        pad = max((hi - lo) * 0.15, 0.15)
+        fig.update_xaxes(title_text=unit, type="log", range=[lo - pad, hi + pad], row=1, col=col)
         fig.update_yaxes(title_text="NDCG@10", row=1, col=col)
     fig.update_layout(title=title, template=TEMPLATE, height=440)
     return fig
+
+
+def _point_symbol(point: Mapping[str, Any]) -> str:
+    label = str(point.get("label", "")).lower()
+    for key, symbol in (("int4", "diamond"), ("int8", "square"), ("fp16", "circle"), ("bf16", "triangle-up"),
+                        ("fp32", "star")):
+        if key in label:
+            return symbol
+    return "circle"
 
 
 def _point_color(point: Mapping[str, Any]) -> str:
@@ -322,7 +335,8 @@ def _codec_table(results: Mapping[str, Any]) -> str:
 def _kv_table(title: str, block: Any) -> str:
     if not isinstance(block, Mapping) or not block:
         return ""
-    rows = [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in block.items()]
+    rows = [[k, json.dumps(v) if isinstance(v, (list, dict)) else _fmt(v, 4) if _num(v) is not None else v]
+            for k, v in block.items()]
     return f"<h2>{html.escape(title)}</h2>" + _table(["key", "value"], rows)
 
 

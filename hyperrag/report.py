@@ -104,7 +104,7 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict:
     - ``top_n`` (int, optional): documents given to the generator;
     - ``answer`` (str) and ``generated`` (bool, default True): the generated answer; a mode
       whose records were not generated (e.g. a rerank-only ``prefix`` run) is left out of ``e2e``
-      and its EM/F1 are not reported;
+      (unless no mode generated) and its EM/F1 are not reported;
     - ``gold_ids``, ``answers`` (lists, optional): gold documents and answers; records without
       them count for speed but not for quality;
     - ``pairs`` (int), ``query_tokens`` (int), ``prompt_tokens`` (list[int]) (optional, rerank
@@ -140,10 +140,13 @@ def _total(rec: Mapping[str, Any]) -> float:
 
 def _e2e(by_mode: dict) -> dict:
     e2e: dict[str, Any] = {}
+    # A mode run without generation next to modes with it (a rerank-only ``prefix`` run) is not an
+    # end-to-end measurement; when nothing was generated, e2e compares retrieve + rerank only.
+    any_generated = any(r.get("generated", True) for recs in by_mode.values() for r in recs)
     for key in E2E_ORDER:
-        recs = [r for r in by_mode.get(key, []) if r.get("generated", True) or key == "retrieval_only"]
-        if not recs or len(recs) < len(by_mode.get(key, [])):
-            continue  # a mode run without generation is not an end-to-end measurement
+        recs = by_mode.get(key, [])
+        if not recs or (any_generated and not all(r.get("generated", True) for r in recs)):
+            continue
         totals = [_total(r) for r in recs]
         lat = latency_summary(totals)
         e2e[key] = {

@@ -1,0 +1,608 @@
+"""Headless benchmark: baseline and KV-reuse RAG side by side, in one process.
+
+    python -m hyperrag.bench [--queries 24] [--top-k 20] [--codec fp16] [--json out.json] [--html out.html]
+    python -m hyperrag.bench --quick                       # about a minute on 2 CPU cores
+    python -m hyperrag.bench --codecs fp32,fp16,int8,int4 --frontier --queries 8
+
+Every sampled question is asked in every mode (retrieval only, baseline = full-prefill rerank,
+prefix-cached rerank, KV reuse) with the same retrieved candidates, the mode order rotating per
+question (interleaved A/B) so that drift on a noisy machine hits every mode alike. Model load,
+index build and precompute are timed separately and never count in query timings. By default the
+document KV goes to a temporary fs:// store that is deleted at the end (the user's store is
+never touched); --store uses a given one.
+
+What it reports (stdout table, --json, --html): reranker pairs/s per mode and the speedups
+against the token-ratio limit (prefix+doc+query+suffix)/(query+suffix); end-to-end queries/s
+and per-stage latency; quality (recall@1/5, MRR@10, NDCG@10, EM, F1) per mode and reuse-vs-full
+score error and ranking agreement; storage (bytes/token, total, precompute docs/s, KV load GB/s);
+the static batch layout against per-query concatenation; with --codecs a codec sweep; with
+--frontier the quality-vs-throughput points of every configuration measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+log = logging.getLogger("hyperrag.bench")
+
+DEFAULT_QUERIES = 24
+QUICK = {"queries": 3, "top_k": 8, "top_n": 2, "max_new_tokens": 8, "precompute": "candidates", "layout_repeats": 2}
+MODES_ORDER = ("retrieval", "baseline", "prefix", "reuse")
+HEADER_BYTES = 256  # upper bound of a store entry's frame header (magic, length, JSON, alignment)
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from hyperrag.settings import add_cli_args
+
+    parser = argparse.ArgumentParser(prog="python -m hyperrag.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--queries", type=int, default=None,
+                       help=f"questions sampled (with --seed) from the corpus's gold queries "
+                            f"(default {DEFAULT_QUERIES}; --quick: {QUICK['queries']})")
+    bench.add_argument("--store", dest="store_url", default=None,
+                       help="KV store URL (fs://DIR, memory://, lm://HOST:PORT, redis://HOST:PORT); "
+                            "default: a temporary fs:// folder deleted at the end")
+    bench.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
+    bench.add_argument("--html", dest="html_path", default=None,
+                       help="write a self-contained HTML report (plotly figures, inline plotly.js) here")
+    bench.add_argument("--quick", action="store_true",
+                       help=f"a run of about a minute: {QUICK['queries']} queries, top-k {QUICK['top_k']}, "
+                            f"top-n {QUICK['top_n']}, answers of {QUICK['max_new_tokens']} tokens, precompute "
+                            "only the candidates of the sampled queries (explicit flags still win)")
+    bench.add_argument("--codecs", default="",
+                       help="comma-separated codec sweep, e.g. fp16,int8,int4 (fp32 bf16 too): bytes/token, "
+                            "score error and ranking agreement against fp32 full prefill, pairs/s")
+    bench.add_argument("--frontier", action="store_true",
+                       help="add the quality-vs-throughput points of every configuration measured")
+    bench.add_argument("--precompute", choices=("all", "candidates"), default=None,
+                       help="documents to precompute: the whole corpus (default) or only the retrieved "
+                            "candidates of the sampled queries (--quick default)")
+    bench.add_argument("--layout-repeats", type=int, default=None,
+                       help="timed repeats per query of the static-layout vs concatenation fill (default 3)")
+    bench.add_argument("--no-generate", action="store_true",
+                       help="skip answer generation (e2e rows then measure retrieve + rerank only)")
+    add_cli_args(parser, skip=("store_url",))
+    return parser
+
+
+def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill bench defaults (and --quick's) for whatever was not given explicitly."""
+    quick = args.quick
+    if args.queries is None:
+        args.queries = QUICK["queries"] if quick else DEFAULT_QUERIES
+    if quick:
+        for name in ("top_k", "top_n", "max_new_tokens"):
+            if getattr(args, name) is None:
+                setattr(args, name, QUICK[name])
+    if args.precompute is None:
+        args.precompute = QUICK["precompute"] if quick else "all"
+    if args.layout_repeats is None:
+        args.layout_repeats = QUICK["layout_repeats"] if quick else 3
+    if args.queries < 1:
+        raise SystemExit("--queries must be >= 1")
+    from hyperrag.kv.codec import CODECS
+
+    args.codec_list = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    unknown = [c for c in args.codec_list if c not in CODECS]
+    if unknown:
+        raise SystemExit(f"--codecs: unknown codec(s) {unknown}; choose from {', '.join(CODECS)}")
+    return args
+
+
+# -- queries ------------------------------------------------------------------------------------
+
+def sample_queries(corpus, n: int, seed: int) -> tuple[list[dict], str]:
+    """``n`` questions: gold ones when the corpus has them, else document openings (no quality)."""
+    rng = random.Random(seed)
+    if corpus.queries:
+        picked = rng.sample(corpus.queries, min(n, len(corpus.queries)))
+        return [{"id": q.id, "question": q.question, "query": q} for q in picked], "gold"
+    docs = rng.sample(corpus.docs, min(n, len(corpus.docs)))
+    out = []
+    for d in docs:
+        words = re.split(r"\s+", d.text.strip())[:12]
+        out.append({"id": f"pseudo-{d.id}", "question": " ".join(words), "query": None})
+    return out, "pseudo (first words of sampled documents; no gold: quality not measured)"
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+def kv_shape(reranker, n_tokens: int) -> tuple[int, ...]:
+    dec = reranker.decoder
+    return (dec.n_layers, 2, dec.n_kv_heads, n_tokens, dec.head_dim)
+
+
+def storage_block(engine, texts: Sequence[str], report, load_stats: dict) -> dict:
+    """Bytes and tokens of what precompute stored (or would store, for already-stored docs)."""
+    reranker, codec = engine.reranker, engine.store.codec
+    tokens = [reranker.doc_tokens(t) for t in texts]
+    written = report.encoded == report.docs and report.docs > 0
+    payload = sum(codec.nbytes(kv_shape(reranker, n)) for n in tokens)
+    total = report.bytes if written else payload + HEADER_BYTES * len(texts)
+    dec = reranker.decoder
+    block = {
+        "codec": codec.name, "docs": len(texts), "tokens": sum(tokens), "bytes": total,
+        "bytes_per_token": total / sum(tokens) if tokens else 0.0,
+        "payload_bytes_per_token": codec.bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim),
+        "bytes_source": "written" if written else "estimated (documents were already stored)",
+        "precompute_docs_per_s": report.docs_per_s, "precompute_s": report.seconds,
+        "precompute_tokens_per_s": report.tokens / report.seconds if report.seconds else 0.0,
+        "encoded": report.encoded, "skipped": report.skipped, "failed": report.failed,
+        "load_gb_per_s": load_stats.get("gb_per_s", 0.0), "load_bytes": load_stats.get("bytes", 0),
+        "loads": load_stats.get("hits", 0), "misses": load_stats.get("misses", 0),
+        "store": engine.store.scheme, "prefix_tokens": reranker.prefix_len,
+        "prefix_bytes_once": codec.nbytes(kv_shape(reranker, reranker.prefix_len)),
+    }
+    return block
+
+
+def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repeats: int, progress=None) -> dict:
+    """Filling the batch buffer for each query's candidates: copies into the static layout's
+    preallocated rows vs padding + concatenating per-document caches (``concat_layout``).
+
+    ``copy``: from already-decoded document KVs (the layout difference alone); ``load``: straight
+    from the store (static: decode into the row; concat: decode into a new tensor, then concat)."""
+    import torch
+
+    from hyperrag.kv.layout import concat_layout
+
+    reranker, store = engine.reranker, engine.store
+    layout = reranker.layout
+    static_s, concat_s, static_load_s, concat_load_s = [], [], [], []
+    buffers_mb = []
+    for i, texts in enumerate(candidate_texts):
+        texts = texts[: layout.max_batch]
+        lens = [reranker.doc_tokens(t) for t in texts]
+        kvs = []
+        for t, n in zip(texts, lens):
+            kv = torch.empty(kv_shape(reranker, n), dtype=reranker.decoder.dtype, device=reranker.decoder.device)
+            if not store.load_into(t, kv):
+                kv = reranker.encode_docs([t])[0]
+            kvs.append(kv)
+        for rep in range(repeats):
+            # alternate which goes first, so neither always runs on a warm cache
+            order = ("static", "concat") if (i + rep) % 2 == 0 else ("concat", "static")
+            for which in order:
+                t0 = time.perf_counter()
+                if which == "static":
+                    for r, kv in enumerate(kvs):
+                        layout.doc_view(r, lens[r]).copy_(kv)
+                    static_s.append(time.perf_counter() - t0)
+                else:
+                    buf, _ = concat_layout(reranker.prefix_kv, kvs, n_query)
+                    concat_s.append(time.perf_counter() - t0)
+                    buffers_mb.append(buf.numel() * buf.element_size() / 2**20)
+                    del buf
+        order = ("static", "concat") if i % 2 == 0 else ("concat", "static")
+        for which in order:
+            t0 = time.perf_counter()
+            if which == "static":
+                for r, (t, n) in enumerate(zip(texts, lens)):
+                    store.load_into(t, layout.doc_view(r, n))
+                static_load_s.append(time.perf_counter() - t0)
+            else:
+                fresh = []
+                for t, n in zip(texts, lens):
+                    kv = torch.empty(kv_shape(reranker, n), dtype=reranker.decoder.dtype, device=reranker.decoder.device)
+                    store.load_into(t, kv)
+                    fresh.append(kv)
+                buf, _ = concat_layout(reranker.prefix_kv, fresh, n_query)
+                concat_load_s.append(time.perf_counter() - t0)
+                del buf, fresh
+        del kvs
+        if progress:
+            progress(1)
+    mean = lambda xs: sum(xs) / len(xs) * 1e3 if xs else 0.0  # noqa: E731
+    static_ms, concat_ms = mean(static_s), mean(concat_s)
+    return {
+        "static_ms": static_ms, "concat_ms": concat_ms,
+        "ratio": concat_ms / static_ms if static_ms else 0.0, "saved_ms": concat_ms - static_ms,
+        "static_load_ms": mean(static_load_s), "concat_load_ms": mean(concat_load_s),
+        "load_ratio": mean(concat_load_s) / mean(static_load_s) if static_load_s and mean(static_load_s) else 0.0,
+        "queries": len(candidate_texts), "repeats": repeats,
+        "docs_per_query": sum(min(len(t), layout.max_batch) for t in candidate_texts) / max(len(candidate_texts), 1),
+        "static_buffer_mb": layout.nbytes / 2**20, "concat_buffer_mb_mean": sum(buffers_mb) / len(buffers_mb) if buffers_mb else 0.0,
+        "note": "ms per query to fill the batch buffer with the candidates' document KV (excludes the model run)",
+    }
+
+
+def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_texts: list[list[str]],
+                reference: dict[str, dict[str, float]], gold: dict[str, list[str]], all_texts: Sequence[str],
+                progress=None) -> list[dict]:
+    """Reuse scoring with each codec on the same candidates; errors against fp32 full prefill.
+
+    Document KVs are encoded once in the compute dtype, then stored through each codec into an
+    in-process LMCache store (so every codec is read the same way); codec order rotates per query."""
+    from hyperrag.kv.codec import get_codec
+    from hyperrag.kv.store import KVStore
+    from hyperrag.metrics import ndcg_at_k
+
+    reranker = engine.reranker
+    union = list(dict.fromkeys(t for texts in candidate_texts for t in texts))
+    kvs = _exact_kvs(engine, union)
+    dec = reranker.decoder
+    corpus_tokens = [reranker.doc_tokens(t) for t in all_texts]
+    stores, rows = {}, {}
+    try:
+        for name in codecs:
+            codec = get_codec(name)
+            need = sum(codec.nbytes(tuple(kv.shape)) + HEADER_BYTES for kv in kvs)
+            store = KVStore("memory://", codec, reranker.kv_identity, hot_cache_gb=need * 1.3 / 1e9 + 0.2)
+            for text, kv in zip(union, kvs):
+                store.put(text, kv)
+            stores[name] = store
+            payload = sum(codec.nbytes(kv_shape(reranker, n)) for n in corpus_tokens)
+            rows[name] = {"codec": name, "bytes_per_token": codec.bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim),
+                          "bytes": payload, "tokens": sum(corpus_tokens), "diffs": [], "same": 0, "same_top": 0,
+                          "secs": 0.0, "pairs": 0, "ndcg": [], "queries": 0, "encoded": 0}
+        del kvs
+        top_n = engine.settings.top_n
+        for i, (q, texts) in enumerate(zip(questions, candidate_texts)):
+            order = codecs[i % len(codecs):] + codecs[: i % len(codecs)]
+            ids = q["candidate_ids"]
+            ref = reference[q["id"]]
+            ref_rank = sorted(ids, key=lambda d: -ref[d])
+            for name in order:
+                res = reranker.score(q["question"], texts, "reuse", stores[name])
+                row = rows[name]
+                row["secs"] += res.load_s + res.compute_s
+                row["pairs"] += res.pairs
+                row["encoded"] += res.encoded_docs
+                row["queries"] += 1
+                row["diffs"] += [abs(s - ref[d]) for d, s in zip(ids, res.scores)]
+                rank = [ids[j] for j in sorted(range(len(ids)), key=lambda j: -res.scores[j])]
+                row["same"] += rank == ref_rank
+                row["same_top"] += set(rank[:top_n]) == set(ref_rank[:top_n])
+                if gold.get(q["id"]):
+                    row["ndcg"].append(ndcg_at_k(rank, gold[q["id"]], 10))
+            if progress:
+                progress(1)
+    finally:
+        for store in stores.values():
+            store.close()
+    fp32_bpt = get_codec("fp32").bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim)
+    out = []
+    for name in codecs:
+        r = rows[name]
+        out.append({
+            "codec": name, "bytes_per_token": r["bytes_per_token"], "bytes": r["bytes"], "tokens": r["tokens"],
+            "compression_vs_fp32": fp32_bpt / r["bytes_per_token"],
+            "max_abs_score_diff": max(r["diffs"]) if r["diffs"] else 0.0,
+            "mean_abs_score_diff": sum(r["diffs"]) / len(r["diffs"]) if r["diffs"] else 0.0,
+            "ranking_agreement": r["same"] / r["queries"] if r["queries"] else 0.0,
+            "top_n_agreement": r["same_top"] / r["queries"] if r["queries"] else 0.0,
+            "pairs_per_s": r["pairs"] / r["secs"] if r["secs"] else 0.0,
+            "ndcg@10": sum(r["ndcg"]) / len(r["ndcg"]) if r["ndcg"] else None,
+            "queries": r["queries"], "pairs": r["pairs"], "encoded_docs": r["encoded"],
+        })
+    return out
+
+
+def _exact_kvs(engine, texts: list[str]):
+    """Document KVs in the compute dtype: read from the main store when its codec is exact
+    (fp32), else encoded again (the sweep must quantize from exact values, not from fp16)."""
+    import torch
+
+    reranker = engine.reranker
+    if engine.store.codec.name != "fp32" or reranker.decoder.dtype != torch.float32:
+        return reranker.encode_docs(texts)
+    out, missing = [], []
+    for i, t in enumerate(texts):
+        kv = torch.empty(kv_shape(reranker, reranker.doc_tokens(t)), dtype=torch.float32,
+                         device=reranker.decoder.device)
+        out.append(kv)
+        if not engine.store.load_into(t, kv):
+            missing.append(i)
+    for i, kv in zip(missing, reranker.encode_docs([texts[i] for i in missing]) if missing else []):
+        out[i] = kv
+    return out
+
+
+def frontier_points(results: dict) -> list[dict]:
+    """Quality vs throughput of every configuration measured (e2e: queries/s; rerank: pairs/s)."""
+    e2e, quality, rerank = results.get("e2e", {}), results.get("quality", {}), results.get("rerank", {})
+    codec = results.get("config", {}).get("codec", "")
+    points = []
+    labels = {"retrieval_only": "retrieval only", "baseline": "baseline (full rerank)", "reuse": f"reuse {codec}"}
+    for key, label in labels.items():
+        if key in e2e and key in quality:
+            points.append({"label": label, "kind": "e2e", "queries_per_s": e2e[key]["queries_per_s"],
+                           "ndcg@10": quality[key]["ndcg@10"], "f1": quality[key].get("f1")})
+    rerank_quality = {"full": "baseline", "prefix_cached": "prefix_cached", "reuse": "reuse"}
+    for key, label in (("full", "rerank full"), ("prefix_cached", "rerank prefix cached"), ("reuse", f"rerank reuse {codec}")):
+        q = quality.get(rerank_quality[key])
+        if key in rerank and q:
+            points.append({"label": label, "kind": "rerank", "pairs_per_s": rerank[key]["pairs_per_s"],
+                           "ndcg@10": q["ndcg@10"], "f1": q.get("f1")})
+    for row in results.get("codecs", []):
+        if row.get("ndcg@10") is not None:
+            points.append({"label": f"rerank reuse {row['codec']} (sweep)", "kind": "rerank",
+                           "pairs_per_s": row["pairs_per_s"], "ndcg@10": row["ndcg@10"], "f1": None})
+    return points
+
+
+def machine_info(engine) -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": str(engine.reranker.decoder.device), "dtype": str(engine.reranker.decoder.dtype).replace("torch.", ""),
+            "python": platform.python_version(), "platform": platform.platform()}
+    if torch.cuda.is_available() and engine.reranker.decoder.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(engine.reranker.decoder.device)
+    for module in ("transformers", "lmcache"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - a version string is optional
+            pass
+    try:
+        info["loadavg_start"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return info
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole benchmark for resolved options; returns the result dict."""
+    from tqdm import tqdm
+
+    from hyperrag.corpus import load_corpus
+    from hyperrag.pipeline import Engine
+    from hyperrag.precompute import precompute
+    from hyperrag.report import record_from_result, summarize
+    from hyperrag.settings import settings_from_args
+
+    tmp = None
+    if args.store_url is None:
+        tmp = tempfile.TemporaryDirectory(prefix="hyperrag-bench-kv-")
+        args.store_url = f"fs://{tmp.name}"
+    settings = settings_from_args(args)
+    bar_opts = {"file": sys.stderr, "dynamic_ncols": True, "leave": False}
+    wall0 = time.perf_counter()
+    setup: dict[str, float] = {}
+    engine = None
+    try:
+        t0 = time.perf_counter()
+        corpus = load_corpus(settings.corpus)
+        engine = Engine.load(settings, corpus=corpus, with_generator=not args.no_generate)
+        setup["load_s"] = time.perf_counter() - t0
+        machine = machine_info(engine)
+
+        questions, source = sample_queries(corpus, args.queries, settings.seed)
+        if not corpus.queries:
+            print(f"note: {corpus.root} has no gold queries (queries.jsonl): using document openings as "
+                  "questions; the quality block is skipped", file=sys.stderr)
+        top_k, top_n = settings.top_k, min(settings.top_n, settings.top_k)
+        for q in questions:
+            q["candidate_ids"] = [doc_id for doc_id, _ in engine.retrieve(q["question"], top_k)]
+        candidate_texts = [[corpus.by_id[d].text for d in q["candidate_ids"]] for q in questions]
+
+        # -- precompute (timed apart) ---------------------------------------------------------
+        if args.precompute == "all":
+            texts = [d.text for d in corpus.docs]
+        else:
+            texts = list(dict.fromkeys(t for ts in candidate_texts for t in ts))
+        bar = tqdm(total=len(texts), desc="precompute", unit="doc", **bar_opts)
+
+        def on_progress(done: int, total: int) -> None:
+            bar.total, bar.n = total, done
+            bar.refresh()
+
+        report = precompute(engine.reranker, engine.store, texts, on_progress)
+        bar.close()
+        setup["precompute_s"] = report.seconds
+        warnings = list(report.warnings)
+
+        # -- warm-up (not timed): one question through every mode ------------------------------
+        t0 = time.perf_counter()
+        for mode in MODES_ORDER:
+            engine.ask(questions[0]["question"], mode, generate=mode != "prefix" and not args.no_generate)
+        setup["warmup_s"] = time.perf_counter() - t0
+        stats0 = dict(vars(engine.store.stats))
+        warnings += engine.store.take_warnings()
+
+        # -- the query loop: every mode on every question, order rotating ----------------------
+        records: list[dict] = []
+        same_candidates = True
+        encoded_at_query_time = 0
+        bar = tqdm(total=len(questions), desc="queries", unit="q", **bar_opts)
+        for i, q in enumerate(questions):
+            order = MODES_ORDER[i % 4:] + MODES_ORDER[: i % 4]
+            for mode in order:
+                generate = mode != "prefix" and not args.no_generate
+                result = engine.ask(q["question"], mode, top_k=top_k, top_n=top_n, generate=generate)
+                if sorted(result.ranked_ids) != sorted(q["candidate_ids"]):
+                    same_candidates = False
+                rec = record_from_result(result, q["query"], q["id"], generated=generate)
+                records.append(rec)
+                encoded_at_query_time += rec.get("encoded_docs", 0) if mode == "reuse" else 0
+                warnings += [w for w in result.warnings if w not in warnings]
+            bar.update(1)
+        bar.close()
+        stats1 = vars(engine.store.stats)
+        load_bytes = stats1["load_bytes"] - stats0["load_bytes"]
+        load_s = stats1["load_s"] - stats0["load_s"]
+        load_stats = {"bytes": load_bytes, "gb_per_s": load_bytes / load_s / 1e9 if load_s else 0.0,
+                      "hits": stats1["hits"] - stats0["hits"], "misses": stats1["misses"] - stats0["misses"]}
+        if encoded_at_query_time:
+            warnings.append(f"{encoded_at_query_time} document KV(s) were missing from the store at query time "
+                            "and computed inside the reuse timings")
+
+        summary = summarize(records)
+        results: dict[str, Any] = {
+            "config": {
+                "corpus": corpus.name, "corpus_path": str(corpus.root), "corpus_docs": len(corpus.docs),
+                "queries": len(questions), "query_source": source, "top_k": top_k, "top_n": top_n,
+                "codec": settings.codec, "store": settings.store_url if tmp is None else "fs://<temporary folder>",
+                "store_temporary": tmp is not None, "batch_size": settings.batch_size, "seed": settings.seed,
+                "model": settings.model, "adapter": settings.adapter, "dtype": settings.dtype,
+                "max_new_tokens": settings.max_new_tokens, "max_doc_tokens": settings.max_doc_tokens,
+                "generate": not args.no_generate, "quick": args.quick, "precompute": args.precompute,
+                "codecs": args.codec_list, "same_candidates_every_mode": same_candidates,
+                "mode_order": "rotating per question: " + ", ".join(MODES_ORDER),
+            },
+            "setup": setup,
+            **summary,
+        }
+        results["rerank"]["note"] = ("full = baseline rerank (whole prompt per pair, candidates grouped by "
+                                     "length); prefix_cached = shared instruction KV cached; reuse = stored "
+                                     "document KV, question+suffix run per pair")
+        results["storage"] = storage_block(engine, texts, report, load_stats)
+        dec = engine.reranker.decoder
+        mean_tokens = results["storage"]["tokens"] / max(results["storage"]["docs"], 1)
+        corpus_estimate = len(corpus.docs) * (engine.store.codec.nbytes(kv_shape(engine.reranker, round(mean_tokens)))
+                                              + HEADER_BYTES)
+        results["planner"] = {"label": f"planner: {len(corpus.docs)} docs x {mean_tokens:.0f} tokens "
+                                       f"({settings.codec})", "bytes": corpus_estimate,
+                              "docs": len(corpus.docs), "tokens_per_doc": mean_tokens}
+        results["machine"] = machine
+
+        # -- static layout vs concatenation -----------------------------------------------------
+        n_query = results["rerank"].get("mean_query_tokens") or 24
+        bar = tqdm(total=len(questions), desc="layout", unit="q", **bar_opts)
+        results["layout"] = measure_layout(engine, candidate_texts, round(n_query), args.layout_repeats,
+                                           progress=bar.update)
+        bar.close()
+
+        # -- codec sweep ----------------------------------------------------------------------
+        if args.codec_list:
+            reference = {}
+            for rec in records:
+                if rec["mode"] == "baseline":
+                    reference[rec["query_id"]] = rec["scores"]
+            gold = {q["id"]: list(q["query"].doc_ids) for q in questions if q["query"] is not None}
+            bar = tqdm(total=len(questions), desc="codecs", unit="q", **bar_opts)
+            results["codecs"] = codec_sweep(engine, args.codec_list, questions, candidate_texts, reference, gold,
+                                            [d.text for d in corpus.docs], progress=bar.update)
+            bar.close()
+            sweep_encoded = sum(r["encoded_docs"] for r in results["codecs"])
+            if sweep_encoded:
+                warnings.append(f"codec sweep: {sweep_encoded} document KV(s) missing from the sweep stores")
+        if args.frontier:
+            results["frontier"] = frontier_points(results)
+        warnings += engine.store.take_warnings()
+        try:
+            results["machine"]["loadavg_end"] = os.getloadavg()[0]
+        except OSError:
+            pass
+        setup["bench_wall_s"] = time.perf_counter() - wall0
+        results["warnings"] = list(dict.fromkeys(warnings))
+        results["records"] = [{k: v for k, v in r.items() if k not in ("prompt_tokens",)} for r in records]
+        return results
+    finally:
+        if engine is not None:
+            engine.close()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def print_table(results: dict, out=None) -> None:
+    from hyperrag.figures import ratio_rows
+
+    out = out or sys.stdout
+    cfg = results.get("config", {})
+    print(f"\nHyperRAG bench: {cfg.get('corpus')} ({cfg.get('corpus_docs')} docs), {cfg.get('queries')} queries, "
+          f"top-k {cfg.get('top_k')}, top-n {cfg.get('top_n')}, codec {cfg.get('codec')}, "
+          f"{results.get('machine', {}).get('device')} x{results.get('machine', {}).get('threads')} threads", file=out)
+    rows = ratio_rows(results)
+    width = max(len(r[0]) for r in rows)
+    for what, value, target in rows:
+        print(f"  {what:<{width}}  {value:>22}  {('target ' + target) if target else ''}", file=out)
+    st = results.get("storage", {})
+    if st:
+        print(f"  storage: {st['docs']} docs, {st['tokens']} tokens, {st['bytes'] / 2**20:.1f} MiB "
+              f"({st['bytes_per_token']:.0f} B/token, {st['codec']}); precompute {st['precompute_docs_per_s']:.2f} docs/s; "
+              f"KV load {st['load_gb_per_s']:.2f} GB/s", file=out)
+    q = results.get("quality", {})
+    if any(m in q for m in ("retrieval_only", "baseline", "reuse")):
+        print("  quality        recall@1 recall@5  mrr@10 ndcg@10      em      f1", file=out)
+        for m in ("retrieval_only", "baseline", "reuse"):
+            if m in q:
+                print(f"  {m:<14}" + "".join(f"{q[m].get(k) if q[m].get(k) is not None else float('nan'):8.3f}"
+                                             for k in ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")), file=out)
+    elif q.get("note"):
+        print(f"  quality: {q['note']}", file=out)
+    for row in results.get("codecs", []):
+        print(f"  codec {row['codec']:>5}: {row['bytes_per_token']:8.0f} B/token, max |diff| {row['max_abs_score_diff']:.2g}, "
+              f"identical rankings {row['ranking_agreement']:.0%}, {row['pairs_per_s']:.1f} pairs/s", file=out)
+    s = results.get("setup", {})
+    print(f"  (excluded from timings: load {s.get('load_s', 0):.1f} s, precompute {s.get('precompute_s', 0):.1f} s, "
+          f"warm-up {s.get('warmup_s', 0):.1f} s)", file=out)
+    for w in results.get("warnings", []):
+        print(f"  warning: {w}", file=out)
+
+
+def check_results(results: dict) -> list[str]:
+    """Problems with a result dict: missing schema keys, non-finite or non-positive numbers."""
+    from hyperrag.report import finite_numbers
+
+    problems = []
+    required = {
+        "config": [], "machine": ["cpu", "threads", "torch", "device"],
+        "rerank": ["full", "prefix_cached", "reuse", "speedup_vs_full", "speedup_vs_prefix_cached", "token_ratio_limit"],
+        "e2e": ["retrieval_only", "baseline", "reuse"],
+        "storage": ["codec", "docs", "tokens", "bytes", "bytes_per_token", "precompute_docs_per_s", "load_gb_per_s"],
+    }
+    for key, subkeys in required.items():
+        if key not in results:
+            problems.append(f"missing {key}")
+            continue
+        problems += [f"missing {key}.{k}" for k in subkeys if k not in results[key]]
+    for path, value in finite_numbers({k: v for k, v in results.items() if k != "records"}):
+        if not math.isfinite(value):
+            problems.append(f"{path} is not finite: {value}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = resolve_options(parser.parse_args(argv))
+    results = run(args)
+    records = results.pop("records")
+    print_table(results)
+    if args.json_path:
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**results, "records": records}, indent=1, default=str) + "\n")
+        print(f"  JSON: {path}")
+    if args.html_path:
+        from hyperrag.figures import html_report
+
+        path = Path(args.html_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(html_report(results), encoding="utf-8")
+        print(f"  HTML: {path}")
+    results["records"] = records
+    return results
+
+
+if __name__ == "__main__":
+    main()
