@@ -67,6 +67,11 @@ class UploadError(ValueError):
     """An upload that cannot be used; the message is shown to the user as is."""
 
 
+def UserError(message: str) -> gr.Error:  # noqa: N802 (reads like the exception it makes)
+    """A message for the user (bad input, busy, ...): shown in the UI, no traceback in the log."""
+    return gr.Error(message, print_exception=False)
+
+
 # --------------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------------
@@ -224,9 +229,9 @@ class Workbench:
         if self._base is None and self._loader is None:
             return self.load()
         if not self._ready.wait(timeout_s):
-            raise gr.Error("the models are still loading: try again in a minute")
+            raise UserError("the models are still loading: try again in a minute")
         if self._load_error is not None or self._base is None:
-            raise gr.Error(f"the engine could not be loaded: {self._load_error}")
+            raise UserError(f"the engine could not be loaded: {self._load_error}")
         return self._base
 
     @property
@@ -243,7 +248,7 @@ class Workbench:
         with self._lock:
             entry = self._corpora.get(key or DEFAULT_KEY)
             if entry is None:
-                raise gr.Error("that uploaded corpus is no longer loaded (the app keeps the latest few): upload it again")
+                raise UserError("that uploaded corpus is no longer loaded (the app keeps the latest few): upload it again")
             self._corpora.move_to_end(entry.key)
             return entry
 
@@ -321,7 +326,7 @@ class Workbench:
         try:
             scheme, _ = parse_store_url(url) if not url.startswith("fs://") else ("fs", None)
         except StoreError as err:
-            raise gr.Error(str(err)) from None
+            raise UserError(str(err)) from None
         if self.config.allow_any_store or url == self.startup_store_url or scheme == "memory":
             return url
         if scheme == "fs":
@@ -330,12 +335,12 @@ class Workbench:
             allowed = [self.config.data_dir, Path(self.startup_store_url[len("fs://"):]).expanduser().resolve()
                        if self.startup_store_url.startswith("fs://") else self.config.data_dir]
             if not any(folder == a or folder.is_relative_to(a) for a in allowed):
-                raise gr.Error(f"fs:// stores must live under the app's data folder ({self.config.stores}); "
+                raise UserError(f"fs:// stores must live under the app's data folder ({self.config.stores}); "
                                "relative paths are placed there (start the app with --allow-any-store to lift this)")
             return f"fs://{folder}"
         host = url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
         if host not in ("127.0.0.1", "localhost", "::1"):
-            raise gr.Error(f"{scheme}:// stores on other hosts are off for web users: start the app with "
+            raise UserError(f"{scheme}:// stores on other hosts are off for web users: start the app with "
                            "--store-url (or HYPERRAG_STORE_URL) pointing at it, or with --allow-any-store")
         return url
 
@@ -343,10 +348,10 @@ class Workbench:
         """Re-open the store (codec, URL) and/or rebuild the reranker (batch size); returns notes."""
         base = self.wait_ready()
         if codec not in CODECS:
-            raise gr.Error(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+            raise UserError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
         batch_size = int(batch_size)
         if not 1 <= batch_size <= MAX_BATCH_SIZE:
-            raise gr.Error(f"batch size must be between 1 and {MAX_BATCH_SIZE}")
+            raise UserError(f"batch size must be between 1 and {MAX_BATCH_SIZE}")
         url = self.check_store_url(store_url)
         notes: list[str] = []
         try:
@@ -368,7 +373,7 @@ class Workbench:
                 self.settings = new
                 base.settings = new
         except TimeoutError as err:
-            raise gr.Error(f"settings not changed: {err}; try again when it ends") from None
+            raise UserError(f"settings not changed: {err}; try again when it ends") from None
         return notes or ["nothing changed"]
 
     def status(self) -> str:
@@ -646,7 +651,7 @@ def resolve_entry(wb: Workbench, source: str, files: Sequence[str] | None, key: 
     try:
         return wb.stage_upload(files)
     except UploadError as err:
-        raise gr.Error(str(err)) from None
+        raise UserError(str(err)) from None
 
 
 def cb_select_corpus(source: str, files: Sequence[str] | None, key: str | None, codec: str | None = None):
@@ -708,7 +713,7 @@ def cb_pick_gold(gold: str | None) -> str:
 def cb_random_gold(key: str | None, seed: float | None = None) -> tuple[str, dict]:
     entry = get_workbench().entry(key)
     if not entry.corpus.queries:
-        raise gr.Error("this corpus has no gold questions (queries.jsonl)")
+        raise UserError("this corpus has no gold questions (queries.jsonl)")
     q = random.Random(seed).choice(entry.corpus.queries) if seed is not None else random.choice(entry.corpus.queries)
     return q.question, gr.update(value=q.question if q.question in {c for c, _ in gold_choices(entry)} else None)
 
@@ -719,7 +724,7 @@ def _ask(wb: Workbench, entry: CorpusEntry, question: str, mode: str, top_k: int
         try:
             return engine.ask(question, mode, int(top_k), int(top_n))
         except QuestionError as err:
-            raise gr.Error(str(err)) from None
+            raise UserError(str(err)) from None
 
 
 def cb_compare(question: str, top_k: float, top_n: float, key: str | None):
@@ -731,7 +736,7 @@ def cb_compare(question: str, top_k: float, top_n: float, key: str | None):
     try:
         question, notes = clean_question(question)
     except QuestionError as err:
-        raise gr.Error(f"{err} (or pick a gold question)") from None
+        raise UserError(f"{err} (or pick a gold question)") from None
     gold = _gold(entry, question)
     results: dict[str, RAGResult] = {}
     warnings: list[str] = list(notes)
@@ -811,9 +816,9 @@ def cb_run_batch(n_queries: float, modes: Sequence[str], seed: float, top_k: flo
     entry = wb.entry(key)
     modes = [m for m in MODES if m in (modes or [])]
     if not modes:
-        raise gr.Error("choose at least one mode")
+        raise UserError("choose at least one mode")
     if not entry.corpus.queries:
-        raise gr.Error("this corpus has no gold questions (queries.jsonl): upload one with the documents")
+        raise UserError("this corpus has no gold questions (queries.jsonl): upload one with the documents")
     n = max(1, min(int(n_queries), MAX_BATCH_QUERIES, len(entry.corpus.queries)))
     queries = random.Random(int(seed or 0)).sample(entry.corpus.queries, n)
     records: list[dict] = []
@@ -854,7 +859,7 @@ def api_ask(question: str, mode: str = "reuse", top_k: int = 0, top_n: int = 0, 
     answer, the ranked documents, stage timings (seconds) and warnings."""
     wb = get_workbench()
     if mode not in MODES:
-        raise gr.Error(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     entry = wb.entry(corpus or DEFAULT_KEY)
     result = _ask(wb, entry, question, mode, int(top_k) or wb.settings.top_k, int(top_n) or wb.settings.top_n)
     return {"question": result.question, "mode": result.mode, "answer": result.answer, "top_n": result.top_n,

@@ -19,7 +19,7 @@ UPLOAD_LIMIT_MB = 0.05  # 51 KiB: small enough to test the limit with small file
 def wb(tiny_corpus_dir, cache_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("app-kv")
     settings = Settings.from_env(corpus=str(tiny_corpus_dir), cache_dir=cache_dir, store_url=f"fs://{store}",
-                                 codec="fp16", dtype="float32", top_k=4, top_n=2, batch_size=4, max_new_tokens=8)
+                                 codec="fp16", dtype="float32", top_k=3, top_n=1, batch_size=4, max_new_tokens=6)
     config = ui.AppConfig(tmp_path_factory.mktemp("app-data"), upload_max_mb=UPLOAD_LIMIT_MB)
     workbench = ui.Workbench(settings, config)
     ui.set_workbench(workbench)
@@ -152,14 +152,14 @@ def test_bad_questions(wb):
 
 
 def test_long_question_is_cut_with_a_visible_notice(wb):
-    out = last(ui.cb_compare("Normans " * 400, 2, 1, ui.DEFAULT_KEY))
+    out = last(ui.cb_compare("Normans " * 400, 1, 1, ui.DEFAULT_KEY))
     assert out[1]["visible"] and "cut" in out[1]["value"]
 
 
 def test_compare_gold_question(wb):
     entry = wb.entry(ui.DEFAULT_KEY)
     query = next(q for q in entry.corpus.queries if q.doc_ids[0] == "normans-002")
-    steps = list(ui.cb_compare(query.question, 4, 2, ui.DEFAULT_KEY))
+    steps = list(ui.cb_compare(query.question, 3, 1, ui.DEFAULT_KEY))
     assert len(steps) == 3  # one update per mode: retrieval first, then baseline, then reuse
     out = steps[-1]
     assert "Same ranking" in out[0] and "same answer" in out[0]
@@ -167,13 +167,13 @@ def test_compare_gold_question(wb):
         answer, frame = out[2 + 3 * i], out[4 + 3 * i]
         assert "EM" in answer and "Gold paragraph" in answer
         assert frame["gold"].tolist().count("✓") == 1
-        assert sorted(frame["#"]) == [1, 2, 3, 4] and frame["used"].tolist().count("✓") == 2
+        assert sorted(frame["#"]) == [1, 2, 3] and frame["used"].tolist().count("✓") == 1
     retrieval = out[4]
-    assert retrieval["Δ"].tolist() == ["="] * 4  # retrieval-only keeps the retriever's order
+    assert retrieval["Δ"].tolist() == ["="] * 3  # retrieval-only keeps the retriever's order
 
 
 def test_batch_dashboards_and_exports(wb):
-    steps = list(ui.cb_run_batch(2, ["retrieval", "baseline", "reuse"], 0, 4, 2, ui.DEFAULT_KEY))
+    steps = list(ui.cb_run_batch(2, ["retrieval", "baseline", "reuse"], 0, 3, 1, ui.DEFAULT_KEY))
     assert len(steps) == 2  # a live update after the first query, the final one after the second
     status, banner, *plots, table, files = steps[-1]
     assert status.startswith("**Done:**") and len(plots) == 5
@@ -188,7 +188,7 @@ def test_batch_dashboards_and_exports(wb):
     assert len(rows) == 6 and {"query", "mode", "EM", "F1", "total_ms"} <= set(rows[0])
     assert all(Path(f).resolve().is_relative_to(wb.config.exports) for f in files)
     with pytest.raises(gr.Error, match="at least one mode"):
-        last(ui.cb_run_batch(2, [], 0, 4, 2, ui.DEFAULT_KEY))
+        last(ui.cb_run_batch(2, [], 0, 3, 1, ui.DEFAULT_KEY))
 
 
 def test_apply_settings_reopens_store_and_refuses_unsafe_urls(wb):
@@ -199,7 +199,7 @@ def test_apply_settings_reopens_store_and_refuses_unsafe_urls(wb):
         assert "memory://" in status and "int8" in status and "store re-opened" in notes
         assert wb.wait_ready().reranker is reranker  # same batch size: no rebuild
         assert "with the int8 codec" in info
-        result = ui.api_ask("Who were the Normans?", "reuse", 3, 1)
+        result = ui.api_ask("Who were the Normans?", "reuse", 2, 1)
         assert any("not in the store" in w for w in result["warnings"])  # a fresh store: computed and stored
         for bad, message in [("fs:///etc/hyperrag", "data folder"), ("redis://example.com:6379", "other hosts"),
                              ("http://x", "expected one of")]:
