@@ -14,6 +14,14 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
+def causal_mask(n_new: int, start: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Mask [1, 1, n_new, start + n_new] for new tokens at column ``start`` over ``start`` fully
+    valid earlier columns. Right-padded rows need nothing more: pads come after real tokens."""
+    j = torch.arange(n_new, device=device)
+    cols = torch.arange(start + n_new, device=device)
+    return ((cols[None, :] < start) | (cols[None, :] - start <= j[:, None]))[None, None]
+
+
 class Decoder:
     """Stateless runner of a Llama-family ``*ForCausalLM`` (weights shared, never copied)."""
 

@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from hyperrag.decoder import Decoder
+from hyperrag.decoder import Decoder, causal_mask
 from hyperrag.kv.layout import StaticLayout
 from hyperrag.models import LLM
 from hyperrag.prompts import QueryTokens, RerankPrompt, RerankTemplate
@@ -102,14 +102,6 @@ class Reranker:
         self.decoder.forward(ids, pos, self._scratch, start=0)
         return self._scratch[:, :, 0, :, : self.prefix_len].clone()
 
-    def _new_token_mask(self, n_new: int, start: int) -> torch.Tensor:
-        """Mask for ``n_new`` right-padded tokens at column ``start`` over fully valid earlier
-        columns: pads come after real tokens, so causality alone keeps real tokens exact."""
-        device = self.decoder.device
-        j = torch.arange(n_new, device=device)
-        cols = torch.arange(start + n_new, device=device)
-        return ((cols[None, :] < start) | (cols[None, :] - start <= j[:, None]))[None, None]
-
     def _encode_rows(self, token_lists: list[Sequence[int]]) -> None:
         """Run documents on the cached prefix into scratch rows ``0..m-1`` (columns ``P..``)."""
         p, longest = self.prefix_len, max(len(t) for t in token_lists)
@@ -119,7 +111,7 @@ class Reranker:
         ids = ids.to(self.decoder.device)
         self._scratch[:, :, : len(token_lists), :, :p] = self.prefix_kv.unsqueeze(2)
         pos = (p + torch.arange(longest, device=ids.device)).expand(len(token_lists), -1)
-        self.decoder.forward(ids, pos, self._scratch, start=p, mask=self._new_token_mask(longest, p))
+        self.decoder.forward(ids, pos, self._scratch, start=p, mask=causal_mask(longest, p, ids.device))
 
     def encode_docs(self, texts: Sequence[str]) -> list[torch.Tensor]:
         """Document KVs ``[layers, 2, kv_heads, n, head_dim]`` on the shared prefix (precompute)."""
@@ -178,7 +170,7 @@ class Reranker:
                 mask = None  # causal from column 0; right padding never touches real tokens
             else:
                 self._scratch[:, :, : len(batch), :, :start] = self.prefix_kv.unsqueeze(2)
-                mask = self._new_token_mask(longest, start)
+                mask = causal_mask(longest, start, device)
             hidden = self.decoder.forward(ids.to(device), pos, self._scratch, start, mask, out_index=last)
             for i, s in zip(batch, self._score_hidden(hidden)):
                 result.scores[i] = s

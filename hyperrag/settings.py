@@ -47,7 +47,7 @@ class Settings:
     top_k: int = field(default=20, metadata={"help": "candidates retrieved per question"})
     top_n: int = field(default=3, metadata={"help": "reranked documents given to the generator"})
     batch_size: int = field(default=20, metadata={"help": "(question, document) pairs per reranker batch"})
-    max_new_tokens: int = field(default=24, metadata={"help": "answer length limit (greedy decoding)"})
+    max_new_tokens: int = field(default=16, metadata={"help": "answer length limit (greedy decoding)"})
     max_question_tokens: int = field(
         default=64, metadata={"help": "longer questions are truncated, with a notice"}
     )
