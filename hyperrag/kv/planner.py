@@ -1,0 +1,179 @@
+"""Storage accounting and planning for the document KV store.
+
+What one stored document costs, what a corpus costs, and what N documents of L tokens would
+cost, per codec, before anything is computed (the app shows :func:`estimate` before precompute).
+
+    >>> from hyperrag.kv.planner import estimate
+    >>> plan = estimate(n_docs=10_000, doc_tokens=200, codec="fp16")   # SmolLM2-135M geometry
+    >>> plan.total_bytes, plan.bytes_per_token, plan.human()
+    (46081920000, 23040.96, '10,000 docs x 200 tokens, fp16: 46.1 GB (23,041 B/token, 4.61 MB/doc)')
+
+Numbers are exact for the store's format: codec payload (KV values plus quantization scales)
+plus the entry frame (magic, JSON header with address, shape and CRC32C, padded to 64 bytes).
+Backends add a little of their own: ``fs://`` writes LMCache's per-file metadata and the file
+system rounds files up to its block size (4 KiB: +2 KiB/doc on average); ``redis://`` keeps two
+keys per entry; ``lm://`` holds entries in the server's RAM. The instruction prefix KV is shared
+by every document and is not stored per document.
+
+Functions:
+
+- :func:`geometry_for` (model id) / :meth:`KVGeometry.of` (a live reranker): the KV shape;
+- :func:`entry_bytes` / :func:`bytes_per_token`: one document / per token, codec + frame;
+- :func:`estimate`: N documents of L tokens (or a list of token counts);
+- :func:`plan_corpus`: a real corpus, counted with the reranker's tokenizer and truncation;
+- :func:`codec_table`: :func:`estimate` for every codec, for a comparison table.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+from hyperrag.kv.codec import CODECS, Codec, get_codec
+
+ALIGN = 64  # the store pads the frame header so the payload starts 64-byte aligned
+MAGIC_BYTES = 5 + 4  # magic + header length
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """What a document KV ``[layers, 2, kv_heads, tokens, head_dim]`` looks like for a model."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    def shape(self, tokens: int) -> tuple[int, int, int, int, int]:
+        return (self.layers, 2, self.kv_heads, tokens, self.head_dim)
+
+    @classmethod
+    def of(cls, reranker) -> "KVGeometry":
+        """The geometry of a loaded :class:`~hyperrag.rerank.Reranker` (or Decoder)."""
+        dec = getattr(reranker, "decoder", reranker)
+        return cls(dec.n_layers, dec.n_kv_heads, dec.head_dim)
+
+    @classmethod
+    def from_config(cls, config) -> "KVGeometry":
+        """From a Hugging Face config (object or dict): Llama-family field names."""
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        heads = get("num_attention_heads")
+        head_dim = get("head_dim") or get("hidden_size") // heads
+        return cls(get("num_hidden_layers"), get("num_key_value_heads") or heads, head_dim)
+
+
+# Geometry of the models in hyperrag.models.MODELS, so a plan needs no model loaded.
+KNOWN_GEOMETRY: dict[str, KVGeometry] = {
+    "smollm2-135m": KVGeometry(layers=30, kv_heads=3, head_dim=64),
+}
+
+
+def geometry_for(model: str | KVGeometry) -> KVGeometry:
+    if isinstance(model, KVGeometry):
+        return model
+    if model not in KNOWN_GEOMETRY:
+        raise ValueError(f"no KV geometry known for model {model!r}; pass a KVGeometry "
+                         f"(known: {', '.join(KNOWN_GEOMETRY)})")
+    return KNOWN_GEOMETRY[model]
+
+
+def _codec(codec: str | Codec) -> Codec:
+    return get_codec(codec) if isinstance(codec, str) else codec
+
+
+def frame_bytes(codec: str | Codec, geometry: KVGeometry, tokens: int) -> int:
+    """Bytes the store adds to a payload: magic, length and the JSON header, padded to 64."""
+    c = _codec(codec)
+    shape = geometry.shape(tokens)
+    header = json.dumps({"address": "0" * 64, "codec": c.spec, "shape": list(shape),
+                         "payload": c.nbytes(shape), "crc32c": 2**32 - 1})
+    return -(-(MAGIC_BYTES + len(header)) // ALIGN) * ALIGN
+
+
+def entry_bytes(codec: str | Codec, geometry: KVGeometry | str, tokens: int) -> int:
+    """Bytes of one stored document of ``tokens`` tokens: codec payload + frame."""
+    g = geometry_for(geometry)
+    c = _codec(codec)
+    return c.nbytes(g.shape(tokens)) + frame_bytes(c, g, tokens)
+
+
+def bytes_per_token(codec: str | Codec, geometry: KVGeometry | str = "smollm2-135m", tokens: int = 256) -> float:
+    """Entry bytes per token for documents of ``tokens`` tokens (the frame amortized)."""
+    return entry_bytes(codec, geometry, tokens) / tokens
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    codec: str
+    docs: int
+    tokens: int  # document tokens stored (all documents)
+    total_bytes: int
+    payload_bytes: int  # codec output alone (KV values + scales)
+    max_doc_bytes: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.total_bytes / self.tokens if self.tokens else 0.0
+
+    @property
+    def bytes_per_doc(self) -> float:
+        return self.total_bytes / self.docs if self.docs else 0.0
+
+    def human(self) -> str:
+        mean_tokens = self.tokens / self.docs if self.docs else 0
+        return (f"{self.docs:,} docs x {mean_tokens:,.0f} tokens, {self.codec}: {format_bytes(self.total_bytes)} "
+                f"({self.bytes_per_token:,.0f} B/token, {format_bytes(self.bytes_per_doc)}/doc)")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bytes_per_token": self.bytes_per_token, "bytes_per_doc": self.bytes_per_doc}
+
+
+def _plan(codec: str | Codec, geometry: KVGeometry, token_counts: Iterable[int]) -> StorePlan:
+    c = _codec(codec)
+    counts: dict[int, int] = {}
+    for n in token_counts:
+        counts[n] = counts.get(n, 0) + 1
+    total = payload = biggest = 0
+    for n, k in counts.items():
+        size = entry_bytes(c, geometry, n)
+        total += k * size
+        payload += k * c.nbytes(geometry.shape(n))
+        biggest = max(biggest, size)
+    return StorePlan(c.name, sum(counts.values()), sum(n * k for n, k in counts.items()), total, payload, biggest)
+
+
+def estimate(n_docs: int, doc_tokens: int | Sequence[int], codec: str | Codec = "fp16",
+             model: str | KVGeometry = "smollm2-135m") -> StorePlan:
+    """Store size for ``n_docs`` documents of ``doc_tokens`` tokens each (or one count per
+    document: a sequence of length ``n_docs``). ``doc_tokens`` counts what is stored: the
+    reranker stores each document cut to ``max_doc_tokens`` plus its 3-token tail."""
+    g = geometry_for(model)
+    if isinstance(doc_tokens, int):
+        if n_docs < 0 or doc_tokens < 1:
+            raise ValueError("need n_docs >= 0 and doc_tokens >= 1")
+        c = _codec(codec)
+        size = entry_bytes(c, g, doc_tokens)
+        return StorePlan(c.name, n_docs, n_docs * doc_tokens, n_docs * size,
+                         n_docs * c.nbytes(g.shape(doc_tokens)), size if n_docs else 0)
+    if len(doc_tokens) != n_docs:
+        raise ValueError(f"{len(doc_tokens)} token counts for {n_docs} documents")
+    return _plan(codec, g, doc_tokens)
+
+
+def plan_corpus(reranker, texts: Sequence[str], codec: str | Codec = "fp16") -> StorePlan:
+    """Exact size of a corpus's entries: token counts from the reranker (truncation and tail
+    included); duplicate texts are stored once."""
+    unique = list(dict.fromkeys(texts))
+    return _plan(codec, KVGeometry.of(reranker), (reranker.doc_tokens(t) for t in unique))
+
+
+def codec_table(n_docs: int, doc_tokens: int | Sequence[int], model: str | KVGeometry = "smollm2-135m",
+                codecs: Sequence[str] | None = None) -> list[StorePlan]:
+    """:func:`estimate` for each codec (default: all), in CODECS order."""
+    return [estimate(n_docs, doc_tokens, name, model) for name in (codecs or list(CODECS))]
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}" if n / size < 100 else f"{n / size:,.0f} {unit}"
+    return f"{n:.0f} B"
