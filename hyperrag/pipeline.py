@@ -95,9 +95,7 @@ class Engine:
         embedder = load_embedder(s.embedder, s.cache_dir, s.device)
         index = DenseIndex.load_or_build(corpus, embedder, s.embedder, s.cache_dir, progress)
         base = load_llm(s.model, s.cache_dir, s.device, s.dtype)
-        rerank_llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=s.adapter) if s.adapter else base
-        reranker = Reranker(rerank_llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
-                            batch_size=s.batch_size)
+        reranker = load_reranker(s, base)
         generator = Generator(base, s.max_new_tokens, s.max_doc_tokens) if with_generator else None
         store = open_store(s, reranker)
         return cls(s, corpus, index, reranker, generator, store)
@@ -160,11 +158,22 @@ class Engine:
         self.store.close()
 
 
+def load_reranker(s: Settings, base=None) -> Reranker:
+    """The reranker for settings ``s`` (on ``base``, the already loaded LLM, unless an adapter is
+    set). Its ``kv_identity`` keys the store, so precompute builds it here too."""
+    llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=s.adapter) if s.adapter or base is None else base
+    return Reranker(llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
+                    batch_size=s.batch_size)
+
+
 def open_store(settings: Settings, reranker: Reranker) -> KVStore:
-    """The configured KV store; if it cannot start, an in-process one, with a warning kept on it."""
+    """The configured KV store. An unreachable lm:// or redis:// server does not stop it: the
+    store starts degraded (warning kept on it), reconnects every ``2 x store_timeout_s`` and
+    writes what was computed meanwhile. Only a store that cannot be used at all (bad URL,
+    folder that cannot be created) falls back to an in-process one, with a warning."""
     try:
         return KVStore(settings.store_url, settings.codec, reranker.kv_identity, settings.hot_cache_gb,
-                       settings.store_timeout_s)
+                       settings.store_timeout_s, backoff_s=max(1.0, 2 * settings.store_timeout_s))
     except StoreError as err:
         fallback = KVStore("memory://", settings.codec, reranker.kv_identity, max(settings.hot_cache_gb, 1.0))
         fallback._warn(f"{err}; using an in-process store until restarted")
