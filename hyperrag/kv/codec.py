@@ -81,12 +81,12 @@ class CastCodec(Codec):
 class QuantCodec(Codec):
     """Asymmetric (min/max + zero point) integer quantization, KIVI axes.
 
-    Payload parts, each 8-byte aligned: key codes ``[L, H, nK, kg, D']``, key scales and minima
+    Payload parts, each 8-byte aligned: key codes ``[L, H, T, D']``, key scales and minima
     ``[L, H, nK, 1, D]`` (fp16), value codes ``[L, H, T, D']``, value scales and minima
-    ``[L, H, T, nV]``. Keys are grouped along tokens (``nK = ceil(T / kg)``, the last group
-    padded by repeating the last token), values along channels. int4 packs the first half of
-    the last axis in the low nibbles and the second half in the high nibbles, so unpacking is
-    two shifts, not an interleave.
+    ``[L, H, T, nV]``. Keys are grouped along tokens (``nK = ceil(T / kg)``; the last group's
+    statistics treat it as padded with copies of the last token; padding is not stored), values
+    along channels. int4 packs the first half of the last axis in the low nibbles and the
+    second half in the high nibbles, so unpacking is two shifts, not an interleave.
     """
 
     name: str
@@ -117,7 +117,7 @@ class QuantCodec(Codec):
         layers, heads, tokens, head_dim, kg, nk, vg = self._geometry(shape)
         per_byte = 8 // self.bits
         rows = layers * heads
-        key_codes = rows * nk * kg * head_dim // per_byte
+        key_codes = rows * tokens * head_dim // per_byte
         key_stats = rows * nk * head_dim * 2
         value_codes = rows * tokens * head_dim // per_byte
         value_stats = rows * tokens * (head_dim // vg) * 2
@@ -149,6 +149,7 @@ class QuantCodec(Codec):
         if pad:
             keys = torch.cat([keys, keys[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
         kq, ks, km = self._quantize(keys.reshape(layers, heads, nk, kg, head_dim), dim=3)
+        kq = kq.reshape(layers, heads, nk * kg, head_dim)[:, :, :tokens]  # padding is not stored
         vq, vs, vm = self._quantize(kv[:, 1].reshape(layers, heads, tokens, head_dim // vg, vg), dim=4)
         out = torch.zeros(self.nbytes(tuple(kv.shape)), dtype=torch.uint8)
         offset = 0
@@ -183,17 +184,17 @@ class QuantCodec(Codec):
         if payload.device != out.device:  # ship the compact bytes, dequantize where the buffer is
             payload = payload.to(out.device, non_blocking=True)
         kq, ks, km, vq, vs, vm = self._split(payload, shape)
-        kq = kq[: layers * heads * nk * kg * head_dim // width].view(layers, heads, nk, kg, head_dim // width)
+        kq = kq[: layers * heads * tokens * head_dim // width].view(layers, heads, tokens, head_dim // width)
         ks = ks[: layers * heads * nk * head_dim * 2].view(torch.float16).view(layers, heads, nk, 1, head_dim).float()
         km = km[: layers * heads * nk * head_dim * 2].view(torch.float16).view(layers, heads, nk, 1, head_dim).float()
         keys = out[:, 0]  # [L, H, T, D] view of the destination
         full = tokens // kg
         if full:
-            self._dequantize_into(kq[:, :, :full], ks[:, :, :full], km[:, :, :full],
+            self._dequantize_into(kq[:, :, : full * kg].unflatten(2, (full, kg)), ks[:, :, :full], km[:, :, :full],
                                   keys[:, :, : full * kg].unflatten(2, (full, kg)))
         rest = tokens - full * kg
         if rest:
-            self._dequantize_into(kq[:, :, full:, :rest], ks[:, :, full:], km[:, :, full:],
+            self._dequantize_into(kq[:, :, full * kg :].unsqueeze(2), ks[:, :, full:], km[:, :, full:],
                                   keys[:, :, full * kg :].unsqueeze(2))
         # Values: scale and minimum are constant along channels, a broadcast that elementwise
         # kernels handle badly in the innermost axis; unpack into a float scratch, scale it in

@@ -1,0 +1,176 @@
+"""KV codecs: stated error bounds, reranker scores per codec against fp32, and the static batch
+layout against concatenation and per-document computation.
+
+Stated bounds (SmolLM2-135M, fp32 compute; measured values in the module doc of
+hyperrag.kv.codec and in the README's "KV compression" table):
+
+- fp32 exact; fp16 / bf16 are casts (fp16 bit-equal to ``kv.half()``);
+- int8 / int4: every element within half a quantization step of its group,
+  ``(max - min) / (2 * (2**bits - 1))``, plus fp16 rounding of the group's scale and minimum;
+  relative (Frobenius) error on real document KV <= 1% (int8), <= 8% (int4);
+- reranker scores (logit yes - logit no) on a real 20-document batch within SCORE_BOUND of the
+  fp32 scores; fp16 ranks the batch exactly as fp32 does.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hyperrag.kv.codec import CODECS, QuantCodec, get_codec
+from tests.conftest import SHIPPED
+
+REL_BOUND = {"fp32": 0.0, "fp16": 1e-3, "bf16": 8e-3, "int8": 0.01, "int4": 0.08}
+SCORE_BOUND = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 0.05, "int8": 0.06, "int4": 0.4}
+
+
+class MemorySource:
+    def __init__(self, kvs: dict):
+        self.kvs = kvs
+
+    def load_into(self, text, out):
+        out.copy_(self.kvs[text])
+        return True
+
+    def put(self, text, kv):
+        raise AssertionError("every document was given")
+
+
+@pytest.fixture(scope="module")
+def real_batch(reranker):
+    """One SQuAD question with 20 candidates (its article's paragraphs, gold first, and other
+    articles'), encoded once in fp32."""
+    docs = [json.loads(line) for line in (SHIPPED / "docs.jsonl").read_text().splitlines()]
+    query = json.loads((SHIPPED / "queries.jsonl").read_text().splitlines()[0])
+    gold = query["doc_ids"][0]
+    article = gold.rsplit("-", 1)[0]
+    same = [d["text"] for d in docs if d["id"].startswith(article) and d["id"] != gold]
+    others = [d["text"] for d in docs if not d["id"].startswith(article)]
+    candidates = [next(d["text"] for d in docs if d["id"] == gold)] + same[:11] + others[::37][:8]
+    kvs = dict(zip(candidates, reranker.encode_docs(candidates)))
+    return query["question"], candidates, kvs
+
+
+def test_quantization_error_within_half_step():
+    """Synthetic KV with an outlier channel, a constant channel and a partial key group."""
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randn(4, 2, 3, 77, 64, generator=g)
+    kv[:, 0, :, :, 3] *= 30  # key outlier channel
+    kv[:, 0, :, :, 7] = 1.5  # constant key channel
+    kv[:, 1, :, 10] *= 50  # value outlier token
+    for name in ("int8", "int4"):
+        codec = CODECS[name]
+        assert isinstance(codec, QuantCodec)
+        out = codec.decode(codec.encode(kv), tuple(kv.shape))
+        err = (out - kv).abs()
+        # keys: groups of key_group tokens per channel (last group padded by repetition)
+        keys = kv[:, 0]
+        pad = -keys.shape[2] % codec.key_group
+        padded = torch.cat([keys, keys[:, :, -1:].expand(-1, -1, pad, -1)], 2) if pad else keys
+        groups = padded.unflatten(2, (-1, codec.key_group))
+        lo, hi = groups.amin(3, keepdim=True), groups.amax(3, keepdim=True)
+        k_lo = lo.expand_as(groups).flatten(2, 3)[:, :, : keys.shape[2]]
+        k_range = (hi - lo).expand_as(groups).flatten(2, 3)[:, :, : keys.shape[2]]
+        # values: groups of value_group channels per token
+        vals = kv[:, 1].unflatten(-1, (-1, codec.value_group))
+        v_lo = vals.amin(-1, keepdim=True).expand_as(vals).flatten(-2)
+        v_range = (vals.amax(-1, keepdim=True) - vals.amin(-1, keepdim=True)).expand_as(vals).flatten(-2)
+        for part, lo_, rng in ((0, k_lo, k_range), (1, v_lo, v_range)):
+            step = rng / codec.levels
+            bound = step / 2 + step * codec.levels * 2**-11 + lo_.abs() * 2**-11 + 1e-6
+            assert (err[:, part] <= bound).all(), (name, part, (err[:, part] - bound).max().item())
+        assert err[:, 0, :, :, 7].max() < 1e-3, "a constant channel must come back (nearly) exact"
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_round_trip_on_real_kv_into_a_batch_row(real_batch, name):
+    """Real document KVs decode within REL_BOUND, straight into one row of a batch buffer,
+    touching nothing else."""
+    codec = get_codec(name)
+    _, candidates, kvs = real_batch
+    for text in candidates[:6]:
+        kv = kvs[text]
+        payload = codec.encode(kv)
+        assert payload.dtype == torch.uint8 and payload.numel() == codec.nbytes(tuple(kv.shape))
+        n = kv.shape[3]
+        buf = torch.full((kv.shape[0], 2, 3, kv.shape[2], n + 20, kv.shape[4]), 9.0)
+        row = buf[:, :, 1, :, 5 : 5 + n]
+        codec.decode_into(payload, tuple(kv.shape), row)
+        rel = ((row - kv).norm() / kv.norm()).item()
+        assert rel <= REL_BOUND[name], (name, rel)
+        if name == "fp16":
+            assert torch.equal(row, kv.half().float())
+        untouched = torch.ones_like(buf, dtype=torch.bool)
+        untouched[:, :, 1, :, 5 : 5 + n] = False
+        assert (buf[untouched] == 9.0).all()
+
+
+def test_scores_per_codec_within_bounds(reranker, real_batch):
+    """Reuse scores from each codec's stored KV (through a memory:// store) against fp32."""
+    from hyperrag.kv.store import KVStore
+
+    question, candidates, kvs = real_batch
+    reference = reranker.score(question, candidates, "reuse", MemorySource(kvs)).scores
+    rank = lambda s: sorted(range(len(s)), key=lambda i: -s[i])  # noqa: E731
+    measured = {}
+    for name in CODECS:
+        store = KVStore("memory://", name, reranker.kv_identity, hot_cache_gb=0.25)
+        try:
+            for text, kv in kvs.items():
+                store.put(text, kv)
+            result = reranker.score(question, candidates, "reuse", store)
+        finally:
+            store.close()
+        assert result.encoded_docs == 0
+        measured[name] = max(abs(a - b) for a, b in zip(result.scores, reference))
+        assert measured[name] <= SCORE_BOUND[name], measured
+        if name in ("fp32", "fp16"):
+            assert rank(result.scores) == rank(reference), name
+    assert measured["int8"] < measured["int4"]
+
+
+def test_static_layout_matches_concat_and_per_document(reranker, real_batch):
+    """The preallocated static buffer and the padded concatenation hold the same KV and give
+    the same scores; both equal full prefill of each (question, document) pair."""
+    from hyperrag.kv.layout import concat_layout
+
+    question, candidates, kvs = real_batch
+    docs = candidates[:5]
+    layout, dec = reranker.layout, reranker.decoder
+    query = reranker.prompt.query(question)
+    n_query = len(query.ids)
+    lens = [kvs[d].shape[3] for d in docs]
+    for r, d in enumerate(docs):
+        layout.doc_view(r, lens[r]).copy_(kvs[d])
+    concat, concat_lens = concat_layout(reranker.prefix_kv, [kvs[d] for d in docs], n_query)
+    assert concat_lens == lens
+    p, longest = layout.prefix_len, max(lens)
+    for r, n in enumerate(lens):  # same prefix and document columns, row by row
+        assert torch.equal(layout.kv[:, :, r, :, : p + n], concat[:, :, r, :, : p + n])
+
+    def scores(buffer, slots):
+        pos, mask = layout.query_inputs(lens, slots, n_query)
+        ids = torch.tensor([query.ids]).expand(len(docs), -1)
+        last = torch.full((len(docs),), n_query - 1)
+        hidden = dec.forward(ids, pos, buffer, p + slots, mask, out_index=last)
+        return (hidden.float() @ reranker.score_vec).tolist()
+
+    static = scores(layout.kv, layout.slots_for(lens))
+    dynamic = scores(concat, longest)
+    full = reranker.score(question, docs, "full").scores
+    assert max(abs(a - b) for a, b in zip(static, dynamic)) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(static, full)) <= 1e-4
+
+
+def test_codec_errors():
+    with pytest.raises(ValueError, match="unknown codec 'zstd'; choose one of fp32, fp16, bf16, int8, int4"):
+        get_codec("zstd")
+    with pytest.raises(ValueError, match="not \\[layers, 2"):
+        CODECS["int8"].encode(torch.zeros(2, 3, 1, 4, 8))
+    assert CODECS["int4"].spec != CODECS["int8"].spec and CODECS["fp16"].spec == "fp16"
+    # payload sizes: int4 < int8 < fp16 for any length, scales included
+    for n in (8, 31, 32, 33, 448):
+        shape = (30, 2, 3, n, 64)
+        sizes = [CODECS[c].nbytes(shape) for c in ("fp32", "fp16", "int8", "int4")]
+        assert sizes == sorted(sizes, reverse=True), (n, sizes)
