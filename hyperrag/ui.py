@@ -38,7 +38,8 @@ import pandas as pd
 
 from hyperrag import figures, report
 from hyperrag.corpus import TEXT_SUFFIXES, Corpus, CorpusError, Query, load_corpus
-from hyperrag.kv.codec import CODECS, get_codec
+from hyperrag.kv import planner
+from hyperrag.kv.codec import CODECS
 from hyperrag.kv.store import StoreError, parse_store_url
 from hyperrag.metrics import exact_match, f1_score
 from hyperrag.pipeline import MODES, Engine, QuestionError, RAGResult, clean_question, open_store
@@ -60,7 +61,6 @@ MODE_TITLES = {
 MAX_GOLD_CHOICES = 400
 MAX_BATCH_QUERIES = 200
 MAX_BATCH_SIZE = 32  # the reranker's buffers grow linearly with it (~55 MB per row for SmolLM2)
-ENTRY_OVERHEAD = 320  # bytes of framing (magic, JSON header, alignment) per stored entry
 
 
 class UploadError(ValueError):
@@ -285,9 +285,10 @@ class Workbench:
         return entry
 
     def doc_tokens(self, entry: CorpusEntry) -> list[int]:
+        """Stored tokens of each distinct document (the reranker's truncation and tail included)."""
         if entry.doc_tokens is None:
             reranker = self.wait_ready().reranker
-            entry.doc_tokens = [reranker.doc_tokens(d.text) for d in entry.corpus.docs]
+            entry.doc_tokens = [reranker.doc_tokens(t) for t in dict.fromkeys(d.text for d in entry.corpus.docs)]
         return entry.doc_tokens
 
     def engine(self, entry: CorpusEntry, progress: Callable[[int, int], None] | None = None) -> Engine:
@@ -302,16 +303,12 @@ class Workbench:
 
     # -- storage estimate ---------------------------------------------------------------------
     def estimate(self, entry: CorpusEntry, codecs: Sequence[str] | None = None) -> dict:
-        """Bytes the document KV of this corpus will take in the store, for each codec."""
-        decoder = self.wait_ready().reranker.decoder
+        """What the document KV of this corpus will take in the store, per codec (the planner)."""
+        geometry = planner.KVGeometry.of(self.wait_ready().reranker)
         tokens = self.doc_tokens(entry)
-        shape = (decoder.n_layers, 2, decoder.n_kv_heads, 0, decoder.head_dim)
-        rows = []
-        for name in codecs or list(CODECS):
-            codec = get_codec(name)
-            total = sum(codec.nbytes(shape[:3] + (n,) + shape[4:]) + ENTRY_OVERHEAD for n in tokens)
-            rows.append({"codec": name, "bytes": total,
-                         "bytes_per_token": codec.bytes_per_token(decoder.n_layers, decoder.n_kv_heads, decoder.head_dim)})
+        rows = [{"codec": p.codec, "bytes": p.total_bytes, "bytes_per_token": p.bytes_per_token,
+                 "tokens": p.tokens, "docs": p.docs}
+                for p in planner.codec_table(len(tokens), tokens, geometry, codecs)]
         return {"docs": len(tokens), "tokens": sum(tokens), "codecs": rows,
                 "codec": self.settings.codec, "store": self.store_label()}
 
@@ -382,12 +379,13 @@ class Workbench:
         if not self.ready:
             return "Loading models and index…"
         s, store = self.settings, self._base.store
-        fallback = store.url != s.store_url
         text = (f"**Model** {s.model}{' + ' + Path(s.adapter).name if s.adapter else ''} · "
                 f"**device** {self._base.reranker.decoder.device} · **store** `{store.url}` ({store.codec.name}) · "
                 f"**batch** {s.batch_size}")
-        if fallback:
-            text += f" · ⚠ `{s.store_url}` is unreachable: using an in-process store"
+        if store.url != s.store_url:
+            text += f" · ⚠ `{s.store_url}` could not be used: an in-process store stands in"
+        elif not store.available:
+            text += " · ⚠ the store is unreachable: document KV is computed per query until it is back"
         return text
 
 
@@ -513,7 +511,7 @@ def rank_change(doc) -> str:
 
 def docs_frame(result: RAGResult, gold: Query | None = None) -> pd.DataFrame:
     gold_ids = set(gold.doc_ids) if gold else set()
-    rows = [[d.rank, rank_change(d), round(d.score, 3), d.id, "✓" if d.id in gold_ids else "",
+    rows = [[d.rank, rank_change(d), round(d.score, 2), d.id, "✓" if d.id in gold_ids else "",
              "✓" if d.rank <= result.top_n else ""] for d in result.docs]
     return pd.DataFrame(rows, columns=DOC_COLUMNS)
 
@@ -569,13 +567,19 @@ def summary_markdown(results: dict[str, RAGResult]) -> str:
     if base and reuse:
         tb = base.timings["kv_load"] + base.timings["rerank"]
         tr = reuse.timings["kv_load"] + reuse.timings["rerank"]
-        speed = tb / tr if tr else float("inf")
-        same_rank = base.ranked_ids == reuse.ranked_ids
-        same_answer = base.answer == reuse.answer
-        lines.append(f"**KV reuse reranked {len(reuse.docs)} documents {speed:.1f}× faster than the baseline** "
+        speed = f"{tb / tr:.1f}×" if tr else "∞×"
+        lines.append(f"**KV reuse reranked {len(reuse.docs)} documents {speed} faster than the baseline** "
                      f"({seconds_text(tr)} vs {seconds_text(tb)}); end to end {seconds_text(reuse.timings['total'])} "
-                     f"vs {seconds_text(base.timings['total'])}. Same ranking {'✓' if same_rank else '✗'} · "
-                     f"same answer {'✓' if same_answer else '✗'}")
+                     f"vs {seconds_text(base.timings['total'])}.")
+        if base.ranked_ids == reuse.ranked_ids:
+            same = "Same ranking ✓"
+        else:
+            scores = {d.id: d.score for d in base.docs}
+            diff = max(abs(scores[d.id] - d.score) for d in reuse.docs if d.id in scores)
+            top = set(base.ranked_ids[: base.top_n]) == set(reuse.ranked_ids[: reuse.top_n])
+            same = (f"Same top-{reuse.top_n} {'✓' if top else '✗'}; the full ranking differs (near-tied scores, "
+                    f"max difference {diff:.1e})")
+        lines[-1] += f" {same} · same answer {'✓' if base.answer == reuse.answer else '✗'}"
     if retr:
         lines.append(f"Retrieval only (no reranker): {seconds_text(retr.timings['total'])}.")
     return "  \n".join(lines)
@@ -667,6 +671,12 @@ def cb_select_corpus(source: str, files: Sequence[str] | None, key: str | None, 
     choices = gold_choices(entry)
     return (entry.key, corpus_markdown(entry, estimate),
             gr.update(choices=choices, value=None), banner([]))
+
+
+def cb_files_changed(files: Sequence[str] | None, key: str | None):
+    """Files dropped in (or cleared): switch the corpus choice to match, then as cb_select_corpus."""
+    source = UPLOAD if files else SHIPPED
+    return (source, *cb_select_corpus(source, files, key))
 
 
 def cb_prepare(source: str, files: Sequence[str] | None, key: str | None, progress=gr.Progress()):
@@ -945,7 +955,7 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
                                              gr.Dataframe(headers=DOC_COLUMNS, max_height=360, interactive=False,
                                                           label="Documents (Δ: rank change vs retrieval; used: "
                                                                 "given to the generator)",
-                                                          column_widths=["9%", "12%", "17%", "40%", "11%", "11%"])]
+                                                          column_widths=["8%", "12%", "15%", "37%", "14%", "14%"])]
 
             with gr.Tab("3 · Batch & dashboards", id="batch"):
                 with gr.Row():
@@ -970,7 +980,7 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
         # -- events -----------------------------------------------------------------------------
         corpus_outputs = [corpus_key, corpus_info, gold, warn]
         source.change(cb_select_corpus, [source, files, corpus_key, codec], corpus_outputs, api_name="select_corpus")
-        files.change(cb_select_corpus, [source, files, corpus_key, codec], corpus_outputs, api_visibility="private")
+        files.change(cb_files_changed, [files, corpus_key], [source, *corpus_outputs], api_visibility="private")
         prepare.click(cb_prepare, [source, files, corpus_key], [*corpus_outputs, status], api_name="prepare",
                       concurrency_id="prepare", concurrency_limit=1).then(
             lambda: "Done.", None, prepare_status, api_visibility="private")

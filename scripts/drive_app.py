@@ -288,7 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     app = launch_app(app_args, work / "data", work / "app.log")
     browser = Chromium(args.width, args.height)
     try:
-        ask_in_browser(browser, app.url, args.question)
+        from gradio_client import Client
+
+        # Ask once through the API first: the candidates' KV caches land in the store, so the
+        # screenshot shows steady-state reuse rather than a first, cache-filling question.
+        Client(app.url, verbose=False).predict(args.question, "reuse", 0, 0, "", api_name="/ask")
+        ask_in_browser(browser, app.url + "?__theme=light", args.question)
         browser.js("window.scrollTo(0, 0)")
         data = browser.screenshot(args.out)
         print(f"{args.out}: {len(data) / 1024:.0f} KB")
