@@ -1,0 +1,180 @@
+"""The LMCache-backed KV store: exact round trips on every backend, misses, content addresses,
+precompute (resumable, verified) and the storage planner."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from hyperrag.kv.store import KVStore, StoreError, content_address, parse_store_url
+from tests.servers import lm_server, redis_server  # noqa: F401 - fixtures
+
+SHAPE = (30, 2, 3, 0, 64)  # SmolLM2-135M document KV; tokens filled in per document
+
+
+def fake_kv(tokens: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(SHAPE[:3] + (tokens,) + SHAPE[4:], generator=g) * 3
+    kv[:, 0, :, :, 5] += 40  # a key outlier channel, as real keys have
+    return kv
+
+
+@pytest.fixture
+def make_store():
+    """KVStore factory; every store is closed after the test (each holds its CPU tier in RAM)."""
+    made = []
+
+    def make(url, codec="fp16", identity="test-identity", **kw) -> KVStore:
+        kw.setdefault("hot_cache_gb", 0.05)
+        store = KVStore(url, codec, identity, **{"timeout_s": 5, "backoff_s": 1, **kw})
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
+
+
+def url_for(tmp_path, scheme, servers) -> str:
+    return {"fs": f"fs://{tmp_path / 'kv'}", "memory": "memory://"}.get(scheme) or servers[scheme].url
+
+
+@pytest.fixture
+def servers(request):
+    """The server fixtures a parametrized backend needs, started lazily."""
+    class Lazy(dict):
+        def __missing__(self, scheme):
+            self[scheme] = request.getfixturevalue(f"{scheme}_server")
+            return self[scheme]
+    return Lazy()
+
+
+@pytest.mark.servers
+@pytest.mark.parametrize("scheme", ["fs", "lm", "redis", "memory"])
+def test_exact_round_trip_and_miss(tmp_path, scheme, servers, make_store):
+    """fp32 and fp16 come back bit-identical through each backend; a fresh process-like store
+    (new LMCache manager, no CPU tier) reads what the first wrote; a miss leaves ``out`` alone."""
+    docs = {f"document {i} " * (i + 1): fake_kv(17 + 40 * i, i) for i in range(3)}
+    for codec, expect in (("fp32", lambda kv: kv), ("fp16", lambda kv: kv.half().float())):
+        url = url_for(tmp_path, scheme, servers)
+        writer = make_store(url, codec)
+        for text, kv in docs.items():
+            assert writer.put(text, kv) > kv.numel() * (4 if codec == "fp32" else 2)
+        assert writer.flush(timeout_s=20) and writer.pending == 0
+        reader = writer if scheme == "memory" else make_store(url, codec, hot_cache_gb=0)
+        for text, kv in docs.items():
+            out = torch.full_like(kv, float("nan"))
+            assert reader.contains(text, durable=True)
+            assert reader.load_into(text, out), (scheme, codec)
+            assert torch.equal(out, expect(kv)), (scheme, codec)
+        sentinel = torch.full((30, 2, 3, 9, 64), 7.0)
+        assert not reader.load_into("a document nobody stored", sentinel)
+        assert torch.equal(sentinel, torch.full_like(sentinel, 7.0)), "a miss must not write anything"
+        assert not reader.contains("a document nobody stored")
+        assert reader.stats.misses == 1 and reader.stats.corrupt == 0 and reader.stats.errors == 0
+        assert reader.take_warnings() == []
+
+
+def test_hot_tier_serves_repeat_loads(tmp_path, make_store):
+    store = make_store(f"fs://{tmp_path / 'kv'}")
+    kv = fake_kv(33, 1)
+    store.put("doc", kv)
+    store.flush()
+    out = torch.empty_like(kv)
+    assert store.load_into("doc", out) and store.load_into("doc", out)
+    assert store.stats.hot_hits == 2 and torch.equal(out, kv.half().float())
+    cold = make_store(f"fs://{tmp_path / 'kv'}")  # promotes on first load
+    assert cold.load_into("doc", out) and cold.load_into("doc", out)
+    assert cold.stats.hot_hits == 1
+
+
+def test_bad_urls(tmp_path):
+    assert parse_store_url("redis://127.0.0.1:6379") == ("redis", "redis://127.0.0.1:6379")
+    assert parse_store_url(f"fs://{tmp_path}/x")[1] == f"fs://host:0{tmp_path}/x"
+    for bad in ("s3://bucket", "lm://nohost", "fs://", "127.0.0.1:80", "redis://host:port"):
+        with pytest.raises(StoreError):
+            KVStore(bad, "fp16", "id")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot create"):
+        KVStore(f"fs://{blocker}/kv", "fp16", "id")
+
+
+def test_key_changes_with_model_template_codec_text_adapter(llm, tmp_path, make_store):
+    """Every input of a document's KV is in its address, so a change can only miss."""
+    from hyperrag.models import adapter_hash
+    from hyperrag.prompts import RerankTemplate
+    from hyperrag.rerank import Reranker
+
+    base = Reranker(llm, batch_size=1)
+    variants = {
+        "base": base.kv_identity,
+        "template": Reranker(llm, RerankTemplate(instruction="Is the passage relevant? Yes or No."), batch_size=1).kv_identity,
+        "doc limit": Reranker(llm, max_doc_tokens=200, batch_size=1).kv_identity,
+        "model": Reranker(dataclasses.replace(llm, fingerprint="other-model"), batch_size=1).kv_identity,
+    }
+    # An adapter enters through the LLM fingerprint (load_llm appends +lora-<content hash>).
+    for name, content in (("adapter a", b"weights-a"), ("adapter b", b"weights-b")):
+        folder = tmp_path / name.replace(" ", "_")
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(content)
+        (folder / "adapter_config.json").write_text(json.dumps({"r": 8}))
+        fingerprint = f"{llm.fingerprint}+lora-{adapter_hash(folder)}"
+        variants[name] = Reranker(dataclasses.replace(llm, fingerprint=fingerprint), batch_size=1).kv_identity
+    assert len(set(variants.values())) == len(variants), variants
+    text = "The Normans gave their name to Normandy."
+    addresses = {content_address(ident, c, t) for ident in variants.values()
+                 for c in ("fp16", "int8", "int4") for t in (text, text + " ")}
+    assert len(addresses) == len(variants) * 3 * 2
+    # And on disk: an entry written under one identity is a miss under another.
+    url = f"fs://{tmp_path / 'kv'}"
+    a = make_store(url, "fp16", variants["base"], hot_cache_gb=0)
+    b = make_store(url, "fp16", variants["template"], hot_cache_gb=0)
+    a.put(text, fake_kv(8, 0))
+    a.flush()
+    assert not b.load_into(text, torch.empty(30, 2, 3, 8, 64)) and b.stats.corrupt == 0
+
+
+def test_precompute_resumes_and_reports(reranker, tiny_corpus_dir, tmp_path, make_store):
+    from hyperrag.corpus import load_corpus
+    from hyperrag.kv.planner import plan_corpus
+    from hyperrag.precompute import precompute
+
+    texts = [d.text for d in load_corpus(tiny_corpus_dir).docs][:5]
+    store = make_store(f"fs://{tmp_path / 'kv'}", "fp16", reranker.kv_identity, hot_cache_gb=0)
+    calls = []
+    first = precompute(reranker, store, texts[:3] + texts[:1], progress=lambda d, t: calls.append((d, t)))
+    assert (first.docs, first.encoded, first.skipped, first.failed) == (3, 3, 0, 0) and first.complete
+    assert calls[0] == (0, 3) and calls[-1] == (3, 3)
+    plan = plan_corpus(reranker, texts[:3], "fp16")
+    assert first.bytes == plan.total_bytes and first.tokens == plan.tokens  # the planner is exact
+    second = precompute(reranker, store, texts)
+    assert (second.encoded, second.skipped, second.replaced) == (2, 3, 0) and second.verified
+    out = torch.empty(reranker.decoder.kv_shape(1, reranker.doc_tokens(texts[4]))).squeeze(2)
+    assert store.load_into(texts[4], out)
+
+
+def test_planner_matches_store(make_store):
+    from hyperrag.kv.codec import CODECS
+    from hyperrag.kv.planner import KVGeometry, codec_table, entry_bytes, estimate, geometry_for
+
+    g = geometry_for("smollm2-135m")
+    assert g == KVGeometry(30, 3, 64)
+    for name in CODECS:
+        store = make_store("memory://", name)
+        for tokens in (1, 31, 200):
+            assert store.put(f"d{tokens}", fake_kv(tokens, tokens)) == entry_bytes(name, g, tokens), (name, tokens)
+    plan = estimate(1000, 200, "fp16")
+    assert plan.total_bytes == 1000 * entry_bytes("fp16", g, 200)
+    assert 23040 < plan.bytes_per_token < 23050 and "1,000 docs" in plan.human()
+    ragged = estimate(3, [10, 20, 20], "int4")
+    assert ragged.tokens == 50 and ragged.max_doc_bytes == entry_bytes("int4", g, 20)
+    table = {p.codec: p.bytes_per_token for p in codec_table(100, 256)}
+    assert table["fp32"] > table["fp16"] > table["int8"] > table["int4"]
+    assert table["fp16"] / table["int4"] > 3
+    with pytest.raises(ValueError):
+        estimate(2, [10], "fp16")
+    with pytest.raises(ValueError, match="no KV geometry"):
+        estimate(1, 10, "fp16", model="gpt-9")
