@@ -220,13 +220,13 @@ class KVStore:
         self._io_lock = self._run(probe(), serialize=False)  # a stuck old request must not block it
         self._conn = conn
 
-    def _drop_connection(self) -> None:
+    def _drop_connection(self) -> cf.Future | None:
         """Forget the connector; close it without waiting (and without its own ``close``: the
         lm:// one waits on a lock a stuck request may hold, the redis:// one blocks the event
         loop on itself in LMCache 0.5.6)."""
         conn, self._conn = self._conn, None
         if conn is None:
-            return
+            return None
         sock = getattr(conn, "client_socket", None)
         if isinstance(sock, socket.socket):  # lm://: also unblocks a read stuck on a frozen server
             for step in (lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
@@ -242,7 +242,8 @@ class KVStore:
                     await executor.shutdown_async(wait=False)
                 await client.aclose()
 
-            asyncio.run_coroutine_threadsafe(close_redis(), self._loop)  # not awaited
+            return asyncio.run_coroutine_threadsafe(close_redis(), self._loop)  # not awaited here
+        return None
 
     def _run(self, coro, serialize: bool = True):
         """Run a coroutine on LMCache's event loop with a timeout (serialized on lm://, whose
@@ -656,7 +657,12 @@ class KVStore:
             log.warning("KV store %s closed with %d entries not written", self.url, self.pending)
         self._closed = True
         self._wake.set()
-        self._drop_connection()
+        closing = self._drop_connection()
+        if closing is not None:  # let the connector's tasks finish before the loop stops
+            try:
+                closing.result(timeout=min(self.timeout_s, 2.0))
+            except Exception:  # noqa: BLE001 - best effort
+                pass
         closer = threading.Thread(target=self._manager.close, daemon=True)
         closer.start()
         closer.join(timeout=self.timeout_s)
