@@ -32,6 +32,14 @@ def _docs(tmp_path, lines: list[str]):
     return tmp_path
 
 
+QUERY = {"id": "q1", "question": "Q?", "answers": ["a"], "doc_ids": ["d1"]}
+
+
+def _with_queries(folder, records: list[dict]):
+    write_jsonl(folder / "queries.jsonl", records)
+    return folder
+
+
 CASES = [
     ("missing folder", lambda p: p / "nope", "no such corpus folder"),
     ("a file, not a folder", lambda p: (write_jsonl(p / "x.jsonl", [DOC]), p / "x.jsonl")[1], "is a folder"),
@@ -44,6 +52,12 @@ CASES = [
     ("text not a string", lambda p: _docs(p, ['{"id": "d1", "text": 5}']), "field 'text' must be str"),
     ("duplicate id", lambda p: _docs(p, [json.dumps(DOC), json.dumps(DOC)]), "docs.jsonl:2: duplicate id 'd1' (first on line 1)"),
     ("empty text file", lambda p: ((p / "a.txt").write_text("  \n"), p)[1], "a.txt: empty file"),
+    ("text file not UTF-8", lambda p: ((p / "a.txt").write_bytes(b"fine\ncaf\xe9\n"), p)[1], "a.txt:2: not UTF-8"),
+    ("empty id", lambda p: _docs(p, ['{"id": " ", "text": "x"}']), "docs.jsonl:1: empty 'id'"),
+    ("duplicate query id", lambda p: _with_queries(_docs(p, [json.dumps(DOC)]), [QUERY, QUERY]),
+     "queries.jsonl:2: duplicate id 'q1' (first on line 1)"),
+    ("query without question", lambda p: _with_queries(_docs(p, [json.dumps(DOC)]), [{"id": "q1", "question": ""}]),
+     "queries.jsonl:1: empty 'id' or 'question'"),
 ]
 
 
@@ -62,6 +76,12 @@ def test_not_utf8_names_line(tmp_path):
 def test_size_limit(tmp_path):
     write_jsonl(tmp_path / "docs.jsonl", [DOC] * 50)
     with pytest.raises(CorpusError, match="over the 0 MiB limit"):
+        load_corpus(tmp_path, max_file_bytes=100)
+
+
+def test_text_file_size_limit_names_the_file(tmp_path):
+    (tmp_path / "big.md").write_text("word " * 100)
+    with pytest.raises(CorpusError, match=r"big.md: .* over the 0 MiB limit"):
         load_corpus(tmp_path, max_file_bytes=100)
 
 
