@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args)
     corpus = load_corpus(settings.corpus)
     reranker = load_reranker(settings)  # only what keys and fills the store: no index, no generator
-    store = open_store(settings, reranker)
+    # Writes go through to the backend: a CPU tier (resident memory) would only hold copies.
+    store = open_store(settings if settings.store_url.startswith("memory://") else settings.replace(hot_cache_gb=0.0),
+                       reranker)
     texts = [d.text for d in corpus.docs]
     bar = tqdm(total=len(texts), desc="precompute", unit="doc")
 
