@@ -55,6 +55,7 @@ class AppProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         environ = {**os.environ, "LMCACHE_TRACK_USAGE": "false", "HF_HUB_OFFLINE": "1",
                    "TOKENIZERS_PARALLELISM": "false", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
         environ.pop("GRADIO_SERVER_NAME", None)
