@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hyperrag.kv.store import KVStore, StoreError, content_address, parse_store_url
+from hyperrag.kv.store import KVStore, StoreError, content_address, parse_store_url, redact_url
 from tests.servers import lm_server, redis_server  # noqa: F401 - fixtures
 
 SHAPE = (30, 2, 3, 0, 64)  # SmolLM2-135M document KV; tokens filled in per document
@@ -92,6 +92,9 @@ def test_hot_tier_serves_repeat_loads(tmp_path, make_store):
 
 def test_bad_urls(tmp_path):
     assert parse_store_url("redis://127.0.0.1:6379") == ("redis", "redis://127.0.0.1:6379")
+    assert parse_store_url("redis://:pw@127.0.0.1:6379") == ("redis", "redis://:pw@127.0.0.1:6379")
+    assert redact_url("redis://:pw@127.0.0.1:6379") == "redis://:***@127.0.0.1:6379"
+    assert redact_url("lm://127.0.0.1:1") == "lm://127.0.0.1:1"
     assert parse_store_url(f"fs://{tmp_path}/x")[1] == f"fs://host:0{tmp_path}/x"
     for bad in ("s3://bucket", "lm://nohost", "fs://", "127.0.0.1:80", "redis://host:port"):
         with pytest.raises(StoreError):

@@ -113,6 +113,16 @@ def parse_store_url(url: str) -> tuple[str, str | None]:
     return scheme, f"{scheme}://{host}:{port}"
 
 
+def redact_url(url: str) -> str:
+    """``redis://:secret@host:port`` -> ``redis://:***@host:port`` (what messages may show)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, hostport = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostport}"
+
+
 def content_address(identity: str, codec: str | Codec, text: str) -> str:
     """The key of a document's KV: sha256 over what the KV depends on (see the module doc)."""
     spec = (get_codec(codec) if isinstance(codec, str) else codec).spec
@@ -127,6 +137,7 @@ class KVStore:
                  timeout_s: float = 5.0, backoff_s: float = 10.0, retry_queue_mb: float = 256.0,
                  max_inflight_mb: float = 64.0):
         self.url = url
+        self.display_url = redact_url(url)  # for messages, logs and the UI: no password
         self.scheme, self._remote_url = parse_store_url(url)
         self.codec = get_codec(codec) if isinstance(codec, str) else codec
         self.identity = identity
@@ -197,7 +208,7 @@ class KVStore:
         thread.start()
         thread.join()
         if "error" in built:
-            raise StoreError(f"KV store {self.url} could not start: {built['error']}") from built["error"]
+            raise StoreError(f"KV store {self.display_url} could not start: {built['error']}") from built["error"]
         return built["manager"]
 
     def _connect(self) -> None:
@@ -217,8 +228,12 @@ class KVStore:
             await conn.exists(self._key("0" * 64))
             return asyncio.Lock() if self.scheme == "lm" else None  # made on LMCache's loop
 
-        self._io_lock = self._run(probe(), serialize=False)  # a stuck old request must not block it
         self._conn = conn
+        try:
+            self._io_lock = self._run(probe(), serialize=False)  # a stuck old request must not block it
+        except Exception:
+            self._drop_connection()  # also stops the connector's tasks (redis:// workers)
+            raise
 
     def _drop_connection(self) -> cf.Future | None:
         """Forget the connector; close it without waiting (and without its own ``close``: the
@@ -283,7 +298,7 @@ class KVStore:
             self._up = False
             self._down_since = self._last_attempt = time.monotonic()
             self._down_reason = f"{what}: {type(err).__name__}: {err}"
-            message = (f"KV store {self.url} is unavailable ({self._down_reason}); document KV is computed "
+            message = (f"KV store {self.display_url} is unavailable ({self._down_reason}); document KV is computed "
                        f"in-process and written when it is back (retrying every {self.backoff_s:g} s)")
             self._events.append(message)
             del self._events[:-20]
@@ -292,7 +307,7 @@ class KVStore:
         self._wake.set()
 
     def _down_message(self) -> str:
-        return f"KV store {self.url} is unavailable ({self._down_reason})"
+        return f"KV store {self.display_url} is unavailable ({self._down_reason})"
 
     @property
     def available(self) -> bool:
@@ -310,9 +325,9 @@ class KVStore:
         with self._lock:
             taken, self._events = self._events, []
             if not self._up and self.scheme != "memory":
-                standing = (f"KV store {self.url} is still unavailable (for {time.monotonic() - self._down_since:.0f} s); "
+                standing = (f"KV store {self.display_url} is still unavailable (for {time.monotonic() - self._down_since:.0f} s); "
                             f"{len(self._retry)} computed entries wait to be written")
-                if not any(w.startswith(f"KV store {self.url} is unavailable") for w in taken):
+                if not any(w.startswith(f"KV store {self.display_url} is unavailable") for w in taken):
                     taken.append(standing)
         return taken
 
@@ -351,7 +366,7 @@ class KVStore:
                     self._down_since = 0.0
                     self.stats.reconnects += 1
                     queued = len(self._retry)
-                self._event(f"KV store {self.url} is back; writing {queued} queued entries", logging.INFO)
+                self._event(f"KV store {self.display_url} is back; writing {queued} queued entries", logging.INFO)
             if self._up and self._retry:
                 self._drain()
 
@@ -516,7 +531,7 @@ class KVStore:
             if self._retry_bytes + data.numel() > self._retry_limit:
                 self.stats.dropped += 1
                 if self.stats.dropped == 1 or self.stats.dropped % 100 == 0:
-                    self._events.append(f"KV store {self.url}: retry queue full ({self._retry_limit / 2**20:.0f} MiB); "
+                    self._events.append(f"KV store {self.display_url}: retry queue full ({self._retry_limit / 2**20:.0f} MiB); "
                                         f"{self.stats.dropped} entries not kept, they will be recomputed when needed")
                 return
             self._retry[address] = data
@@ -599,7 +614,7 @@ class KVStore:
         key = self._key(address)
         with self._lock:
             self.stats.corrupt += 1
-        self._event(f"bad KV entry {address[:12]} in {self.url} ({why}): discarded, will be recomputed")
+        self._event(f"bad KV entry {address[:12]} in {self.display_url} ({why}): discarded, will be recomputed")
         self._cpu.remove(key)
         if self.scheme == "memory" or not self._up:
             return
@@ -647,14 +662,14 @@ class KVStore:
 
     def describe(self) -> dict:
         with self._lock:
-            return {"url": self.url, "codec": self.codec.spec, "available": self._up, "queued": len(self._retry),
+            return {"url": self.display_url, "codec": self.codec.spec, "available": self._up, "queued": len(self._retry),
                     "in_flight": len(self._inflight), **asdict(self.stats), "load_gb_per_s": self.stats.load_gb_per_s}
 
     def close(self) -> None:
         if self._closed:
             return
         if self.scheme != "memory" and not self.flush(timeout_s=self.timeout_s if self._up else 0):
-            log.warning("KV store %s closed with %d entries not written", self.url, self.pending)
+            log.warning("KV store %s closed with %d entries not written", self.display_url, self.pending)
         self._closed = True
         self._wake.set()
         closing = self._drop_connection()
