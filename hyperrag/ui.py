@@ -60,6 +60,7 @@ MODE_TITLES = {
 }
 MAX_GOLD_CHOICES = 400
 MAX_BATCH_QUERIES = 200
+MAX_TOP_K, MAX_TOP_N = 50, 10  # per request: bounds the work (and memory) one request can ask for
 MAX_BATCH_SIZE = 32  # the reranker's buffers grow linearly with it (~55 MB per row for SmolLM2)
 
 
@@ -248,7 +249,8 @@ class Workbench:
         with self._lock:
             entry = self._corpora.get(key or DEFAULT_KEY)
             if entry is None:
-                raise UserError("that uploaded corpus is no longer loaded (the app keeps the latest few): upload it again")
+                raise UserError("that uploaded corpus is no longer loaded (the app keeps the latest few): "
+                                "upload it again")
             self._corpora.move_to_end(entry.key)
             return entry
 
@@ -281,7 +283,9 @@ class Workbench:
         key = folder.name
         entry = CorpusEntry(key, f"upload {key} ({len(corpus)} docs)", corpus, sources=tuple(map(str, paths)))
         self._register(entry)
-        prune_folders(self.config.uploads, self.config.keep_uploads, keep={e.corpus.root for e in self._corpora.values()})
+        with self._lock:
+            in_use = {e.corpus.root for e in self._corpora.values()}
+        prune_folders(self.config.uploads, self.config.keep_uploads, keep=in_use)
         return entry
 
     def doc_tokens(self, entry: CorpusEntry) -> list[int]:
@@ -603,7 +607,8 @@ def corpus_markdown(entry: CorpusEntry, estimate: dict | None = None) -> str:
     if estimate:
         rows = {r["codec"]: r for r in estimate["codecs"]}
         chosen = rows[estimate["codec"]]
-        others = ", ".join(f"{r['codec']} {human_bytes(r['bytes'])}" for r in estimate["codecs"] if r["codec"] != estimate["codec"])
+        others = ", ".join(f"{r['codec']} {human_bytes(r['bytes'])}" for r in estimate["codecs"]
+                           if r["codec"] != estimate["codec"])
         text += (f"\n\n**Storage estimate:** {estimate['tokens']:,} document tokens × "
                  f"{chosen['bytes_per_token'] / 1024:.1f} KB/token = **{human_bytes(chosen['bytes'])}** "
                  f"with the {estimate['codec']} codec in `{estimate['store']}` (other codecs: {others}).")
@@ -729,6 +734,8 @@ def cb_random_gold(key: str | None, seed: float | None = None) -> tuple[str, dic
 
 
 def _ask(wb: Workbench, entry: CorpusEntry, question: str, mode: str, top_k: int, top_n: int) -> RAGResult:
+    if not 1 <= top_k <= MAX_TOP_K or not 1 <= top_n <= MAX_TOP_N:
+        raise UserError(f"top-k must be between 1 and {MAX_TOP_K} and top-n between 1 and {MAX_TOP_N}")
     with wb.gate.use():
         engine = wb.engine(entry)
         try:
@@ -755,7 +762,8 @@ def cb_compare(question: str, top_k: float, top_n: float, key: str | None):
         result = _ask(wb, entry, question, mode, int(top_k), int(top_n))
         results[mode] = result
         warnings += [w for w in result.warnings if w not in notes]
-        outputs[2 + 3 * i: 5 + 3 * i] = [answer_markdown(result, gold), timing_markdown(result), docs_frame(result, gold)]
+        outputs[2 + 3 * i: 5 + 3 * i] = [answer_markdown(result, gold), timing_markdown(result),
+                                         docs_frame(result, gold)]
         outputs[0] = summary_markdown(results) or f"Running… {MODE_TITLES[mode]} done."
         outputs[1] = banner(warnings)
         yield tuple(outputs)
@@ -924,7 +932,8 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
                     with gr.Row():
                         codec = gr.Dropdown(list(CODECS), value=s.codec, label="KV codec")
                         store_url = gr.Textbox(s.store_url, label="Store URL",
-                                               info="fs://DIR (embedded) · memory:// · lm://HOST:PORT · redis://HOST:PORT")
+                                               info="fs://DIR (embedded) · memory:// · lm://HOST:PORT · "
+                                                    "redis://HOST:PORT")
                         batch = gr.Slider(1, MAX_BATCH_SIZE, value=min(s.batch_size, MAX_BATCH_SIZE), step=1,
                                           label="Reranker batch size")
                     apply = gr.Button("Apply (re-opens the store / rebuilds the reranker)")
@@ -941,8 +950,10 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
                     gold = gr.Dropdown([], label="Gold questions", scale=3, value=None, allow_custom_value=False)
                     rand = gr.Button("Random gold question", scale=1)
                 with gr.Row():
-                    top_k = gr.Slider(1, 50, value=s.top_k, step=1, label="top-k (retrieved candidates)")
-                    top_n = gr.Slider(1, 10, value=s.top_n, step=1, label="top-n (documents given to the generator)")
+                    top_k = gr.Slider(1, MAX_TOP_K, value=min(s.top_k, MAX_TOP_K), step=1,
+                                      label="top-k (retrieved candidates)")
+                    top_n = gr.Slider(1, MAX_TOP_N, value=min(s.top_n, MAX_TOP_N), step=1,
+                                      label="top-n (documents given to the generator)")
                     ask = gr.Button("Ask in all three modes", variant="primary")
                 summary = gr.Markdown("", elem_id="hr-summary")
                 mode_outputs: list[gr.components.Component] = []

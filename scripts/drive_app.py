@@ -216,8 +216,8 @@ class Chromium:
 
     def click_button(self, label: str) -> None:
         found = self.js(f"""(() => {{
-            const b = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === {json.dumps(label)}
-                                                                   && b.getClientRects().length > 0 && b.tabIndex !== -1);
+            const b = [...document.querySelectorAll('button')].find(
+                b => b.innerText.trim() === {json.dumps(label)} && b.getClientRects().length > 0 && b.tabIndex !== -1);
             if (!b) return false; b.scrollIntoView(); b.click(); return true; }})()""")
         if not found:
             raise LookupError(f"no button labelled {label!r}")
@@ -225,7 +225,8 @@ class Chromium:
     def fill(self, label: str, value: str) -> None:
         """Type into the textbox whose label is ``label`` (as a user would: input events)."""
         found = self.js(f"""(() => {{
-            const labels = [...document.querySelectorAll('label')].filter(l => l.innerText.trim().startsWith({json.dumps(label)}));
+            const labels = [...document.querySelectorAll('label')].filter(
+                l => l.innerText.trim().startsWith({json.dumps(label)}));
             for (const l of labels) {{
                 const box = l.querySelector('textarea, input') || (l.htmlFor && document.getElementById(l.htmlFor));
                 if (box) {{ box.focus(); box.value = {json.dumps(value)};

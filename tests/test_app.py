@@ -152,6 +152,8 @@ def test_bad_questions(wb):
         last(ui.cb_compare("   ", 4, 2, ui.DEFAULT_KEY))
     with pytest.raises(gr.Error, match="unknown mode"):
         ui.api_ask("Who?", "fast")
+    with pytest.raises(gr.Error, match="top-k must be between 1 and 50"):
+        ui.api_ask("Who?", "baseline", 100_000, 1)  # an API caller cannot ask for unbounded work
     with pytest.raises(gr.Error, match="no longer loaded"):
         last(ui.cb_compare("Who?", 4, 2, "not-a-corpus"))
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from hyperrag.pipeline import MODES
 from scripts.drive_app import AppProcess, launch_app
 
 QUESTIONS = [
