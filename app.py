@@ -12,8 +12,10 @@ from hyperrag.settings import add_cli_args, settings_from_args
 def main(argv=None):
     env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=env("HYPERRAG_HOST") or env("GRADIO_SERVER_NAME") or "127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(env("HYPERRAG_PORT") or env("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--host", default=env("HYPERRAG_HOST") or env("GRADIO_SERVER_NAME") or "127.0.0.1",
+                        help="interface to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=int(env("HYPERRAG_PORT") or env("GRADIO_SERVER_PORT") or 7860),
+                        help="port (default 7860)")
     parser.add_argument("--share", action="store_true", default=env("HYPERRAG_SHARE") == "1",
                         help="also open a public gradio.live link (off by default)")
     parser.add_argument("--concurrency", type=int, default=int(env("HYPERRAG_APP_CONCURRENCY") or 4),
