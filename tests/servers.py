@@ -34,15 +34,12 @@ def lmcache_server_binary() -> str | None:
     return str(local) if local.exists() else shutil.which("lmcache_server")
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the test process dies, so no server outlives a crashed or
-    killed test run (Linux prctl PR_SET_PDEATHSIG; elsewhere the fixtures' teardown does it)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+def _die_with_parent(command: list[str]) -> list[str]:
+    """Make the server get SIGKILL when the test process dies, so no server outlives a crashed or
+    killed test run (util-linux ``setpriv --pdeathsig``, which then execs the server under the
+    same pid; without it, the fixtures' teardown is the only guard)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", *command] if setpriv else command
 
 
 class Server:
@@ -67,8 +64,8 @@ class Server:
         env = {**os.environ, "LMCACHE_TRACK_USAGE": "false", "LMCACHE_LOG_LEVEL": "WARNING"}
         deadline = time.monotonic() + timeout_s
         while True:
-            self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         env=env, start_new_session=True, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(_die_with_parent(self.command()), stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, env=env, start_new_session=True)
             while time.monotonic() < deadline and self.proc.poll() is None:
                 try:
                     socket.create_connection((HOST, self.port), timeout=0.2).close()
