@@ -37,6 +37,10 @@ def shared_app(corpus_dir: Path, root: Path) -> AppProcess:
                           "--top-k", "3", "--top-n", "1", "--batch-size", "4", "--max-new-tokens", "8",
                           "--concurrency", "4"], root / "data", root / "app.log")
         atexit.register(app.stop)
+        from gradio_client import Client
+
+        # The page answers at once; wait until the models are loaded (the first event blocks on them).
+        Client(app.url, verbose=False).predict("Shipped corpus", None, "fp32", api_name="/select_corpus")
         _APPS[key] = app
     return _APPS[key]
 
