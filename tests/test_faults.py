@@ -242,6 +242,10 @@ def check_detected_and_replaced(reranker, make_store, store, batch, url):
     out = torch.full_like(kvs[target], 5.0)
     assert not store.load_into(target, out), "a bad entry must never be used"
     assert store.stats.corrupt == 1 and warned(store.take_warnings(), "bad KV entry")
+    key = store._key(store.address(target))
+    assert not store._cpu.contains(key), "evicted from the CPU tier"
+    if store.scheme in ("fs", "redis"):  # lm://: LMCache's server has no delete; overwritten below
+        assert not store.contains(target, durable=True), "evicted from the backend"
     result = reranker.score(question, docs[:2], "reuse", store)  # recompute + rewrite
     assert result.encoded_docs == 1 and exact(result.scores, reference[:2])
     assert store.flush(10)
