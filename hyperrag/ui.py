@@ -966,7 +966,7 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
                                              gr.Dataframe(headers=DOC_COLUMNS, max_height=360, interactive=False,
                                                           label="Documents (Δ: rank change vs retrieval; used: "
                                                                 "given to the generator)",
-                                                          column_widths=["8%", "12%", "15%", "37%", "14%", "14%"])]
+                                                          column_widths=["7%", "14%", "18%", "33%", "14%", "14%"])]
 
             with gr.Tab("3 · Batch & dashboards", id="batch"):
                 with gr.Row():
