@@ -62,7 +62,7 @@ class Settings:
     )
     codec: str = field(default="fp16", metadata={"help": "stored KV codec: fp32 | fp16 | bf16 | int8 | int4"})
     hot_cache_gb: float = field(
-        default=2.0, metadata={"help": "in-process LMCache CPU tier in front of the store (GB, 0 = none)"}
+        default=0.5, metadata={"help": "in-process LMCache CPU tier in front of the store (GB, 0 = none)"}
     )
     store_timeout_s: float = field(
         default=5.0, metadata={"help": "bound on any single store operation before falling back to compute"}
