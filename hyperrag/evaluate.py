@@ -1,0 +1,400 @@
+"""Held-out quality of the rerank step: retrieval only vs decoder rerankers, on a corpus's gold queries.
+
+    python -m hyperrag.evaluate --queries 300 --json /tmp/eval.json
+    python -m hyperrag.evaluate --queries 300 --systems retrieval,zero-shot,trained --generate 200
+    python -m hyperrag.evaluate --queries 100 --systems zero-shot,wording:relevant,query-first
+
+One code path for every system, before and after training: the retriever's top-k candidates of
+a fixed random sample of questions (``--seed``) are reordered by each system and scored with
+recall@1/5, MRR@10 and NDCG@10 (binary relevance: the question's gold paragraph); with
+``--generate N`` the first N sampled questions are answered by the engine's generator from each
+system's top-n documents (SQuAD EM/F1). Systems:
+
+- ``retrieval``: MiniLM + faiss order (cosine similarity);
+- ``zero-shot``: the base model as a doc-first reranker (the default :class:`RerankTemplate`);
+- ``wording:<name>``: the zero-shot reranker with another instruction (see ``WORDINGS``);
+- ``trained``: the base model with the LoRA adapter (``--adapter``, default: the shipped one);
+- ``trained+retrieval``: the trained score plus ``w`` times the retriever's cosine, where ``w``
+  is read from the adapter folder's ``hyperrag.json`` (tuned on SQuAD train, never on dev);
+- ``query-first``: ``[instruction][question][document][suffix]`` in full prefill (its KV cannot
+  be reused), built here from token ids and run through the :class:`Decoder`.
+
+Rerankers run in ``reuse`` mode against an exact in-memory fp32 document-KV source (``--mode``
+chooses); ``--check-full N`` also scores the first N questions in ``full`` mode and reports the
+largest score difference and whether the rankings agree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+from hyperrag.metrics import exact_match, f1_score, ranking_metrics
+from hyperrag.prompts import ASSISTANT, SYSTEM, RerankTemplate
+from hyperrag.rerank import Reranker, length_batches
+
+log = logging.getLogger("hyperrag.evaluate")
+
+WORDINGS = {
+    "contain": RerankTemplate.instruction,
+    "relevant": "Is the document relevant to the question? Answer Yes or No.",
+    "answers": "Read the document and the question. Can the question be answered from the document? "
+               "Answer Yes or No.",
+}
+RANK_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10")
+ADAPTER_META = "hyperrag.json"  # beside the adapter weights: training facts, fusion weight
+
+
+class MemorySource:
+    """Exact (fp32, in-process) document KVs for reuse mode; implements ``DocKVSource``."""
+
+    def __init__(self):
+        self.kv: dict[str, torch.Tensor] = {}
+
+    def load_into(self, text: str, out: torch.Tensor) -> bool:
+        kv = self.kv.get(text)
+        if kv is None:
+            return False
+        out.copy_(kv)
+        return True
+
+    def put(self, text: str, kv: torch.Tensor) -> None:
+        self.kv[text] = kv
+
+
+@dataclass
+class Candidates:
+    """One question with its retrieved candidates (best first)."""
+
+    qid: str
+    question: str
+    answers: list[str]
+    gold: list[str]
+    doc_ids: list[str]
+    cosine: list[float]
+
+
+@dataclass
+class SystemRun:
+    name: str
+    scores: list[list[float]] = field(default_factory=list)  # per question, per candidate
+    seconds: float = 0.0
+    answers: dict[str, str] = field(default_factory=dict)  # qid -> generated answer
+
+    def order(self, i: int) -> list[int]:
+        s = self.scores[i]
+        return sorted(range(len(s)), key=lambda j: -s[j])  # stable: ties keep retrieval order
+
+
+def sample_queries(corpus, n: int, seed: int) -> list:
+    """A fixed random sample of the corpus's gold queries (the same for every system)."""
+    queries = [q for q in corpus.queries if q.doc_ids]
+    rng = random.Random(seed)
+    return rng.sample(queries, min(n, len(queries)))
+
+
+def retrieve(index, queries, k: int) -> list[Candidates]:
+    out = []
+    for q in queries:
+        hits = index.search(q.question, k)
+        out.append(Candidates(q.id, q.question, list(q.answers), list(q.doc_ids), [h[0] for h in hits],
+                              [h[1] for h in hits]))
+    return out
+
+
+def rerank_scores(reranker: Reranker, cands: Sequence[Candidates], by_id: dict, mode: str = "reuse",
+                  source: MemorySource | None = None, progress: Callable[[int, int], None] | None = None
+                  ) -> list[list[float]]:
+    """The reranker's score of every candidate of every question (``reuse`` fills ``source``)."""
+    source = source if source is not None else MemorySource()
+    out = []
+    for i, c in enumerate(cands):
+        texts = [by_id[d].text for d in c.doc_ids]
+        out.append(reranker.score(c.question, texts, mode, source if mode == "reuse" else None).scores)
+        if progress:
+            progress(i + 1, len(cands))
+    return out
+
+
+class QueryFirstScorer:
+    """``[instruction][question][document][suffix]``, full prefill only (the question comes before
+    the document, so no document KV can be shared across questions). Same yes/no score."""
+
+    def __init__(self, reranker: Reranker):
+        self.r = reranker
+        tok, t, p = reranker.llm.tokenizer, reranker.template, reranker.prompt
+        enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+        self.enc = enc
+        self.head = enc(SYSTEM.format(t.instruction) + "Question:")
+        self.between = enc("\nDocument:")
+        self.suffix = enc(ASSISTANT)
+        self.max_doc, self.max_q = p.max_doc_tokens, p.max_question_tokens
+
+    def ids(self, question: str, doc: str) -> list[int]:
+        q = self.enc(" " + question)[: self.max_q]
+        d = self.enc("\n" + doc)[: self.max_doc]
+        return self.head + q + self.between + d + self.suffix
+
+    def score(self, question: str, docs: Sequence[str]) -> list[float]:
+        r = self.r
+        seqs = [self.ids(question, d) for d in docs]
+        out = [0.0] * len(seqs)
+        dec = r.decoder
+        for batch in length_batches([len(s) for s in seqs], r.batch_size):
+            longest = max(len(seqs[i]) for i in batch)
+            ids = torch.zeros((len(batch), longest), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+            pos = torch.arange(longest)[None].expand(len(batch), -1)
+            last = torch.tensor([len(seqs[i]) - 1 for i in batch])
+            kv = dec.new_kv(len(batch), longest)
+            hidden = dec.forward(ids.to(dec.device), pos.to(dec.device), kv, 0, None, out_index=last.to(dec.device))
+            for i, s in zip(batch, (hidden.float() @ r.score_vec).tolist()):
+                out[i] = s
+        return out
+
+
+def ranking_summary(run: SystemRun, cands: Sequence[Candidates]) -> dict[str, float]:
+    totals = dict.fromkeys(RANK_KEYS, 0.0)
+    for i, c in enumerate(cands):
+        ranked = [c.doc_ids[j] for j in run.order(i)]
+        for key, value in ranking_metrics(ranked, c.gold).items():
+            totals[key] += value
+    return {k: v / len(cands) for k, v in totals.items()} | {"questions": len(cands)}
+
+
+def generate_answers(generator, run: SystemRun, cands: Sequence[Candidates], by_id: dict, top_n: int,
+                     cache: dict, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Answer each question from the system's top-n; answers for an identical top-n are reused."""
+    em = f1 = 0.0
+    for i, c in enumerate(cands):
+        top = tuple(c.doc_ids[j] for j in run.order(i)[:top_n])
+        key = (c.question, top)
+        if key not in cache:
+            cache[key] = generator.answer(c.question, [by_id[d].text for d in top]).text
+        run.answers[c.qid] = cache[key]
+        em += exact_match(cache[key], c.answers)
+        f1 += f1_score(cache[key], c.answers)
+        if progress:
+            progress(i + 1, len(cands))
+    return {"em": em / len(cands), "f1": f1 / len(cands), "questions": len(cands), "top_n": top_n}
+
+
+def ranking_agreement(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> dict:
+    """Largest score difference and how many questions rank their candidates identically."""
+    max_diff, same = 0.0, 0
+    for sa, sb in zip(a, b):
+        max_diff = max(max_diff, max(abs(x - y) for x, y in zip(sa, sb)))
+        oa = sorted(range(len(sa)), key=lambda j: -sa[j])
+        ob = sorted(range(len(sb)), key=lambda j: -sb[j])
+        same += oa == ob
+    return {"questions": len(a), "max_abs_score_diff": max_diff, "identical_rankings": same}
+
+
+def read_adapter_meta(adapter: str | Path) -> dict:
+    path = Path(adapter) / ADAPTER_META
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from hyperrag.settings import add_cli_args
+
+    p = argparse.ArgumentParser(prog="python -m hyperrag.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--queries", type=int, default=300, help="questions sampled with --seed (default 300)")
+    g.add_argument("--systems", default="retrieval,zero-shot,trained",
+                   help="comma list: retrieval, zero-shot, wording:<name> (" + ", ".join(WORDINGS) +
+                        "), trained, trained+retrieval, query-first")
+    g.add_argument("--subset", type=int, default=0,
+                   help="run wording:* and query-first on the first N sampled questions only (0 = all)")
+    g.add_argument("--mode", default="reuse", choices=("reuse", "full", "prefix"), help="reranker mode")
+    g.add_argument("--check-full", type=int, default=0,
+                   help="also score the first N questions in full mode and compare with --mode")
+    g.add_argument("--generate", type=int, default=0,
+                   help="answer the first N sampled questions with each system's top-n (EM/F1)")
+    g.add_argument("--generate-systems", default="", help="comma list: answer only for these systems (default all)")
+    g.add_argument("--json", default="", help="write metrics and per-question scores here")
+    g.add_argument("--scores-from", default="",
+                   help="a previous --json of the same sample: take the ranking scores of the systems it has "
+                        "from there instead of recomputing them (answers are always regenerated)")
+    add_cli_args(p, skip=("store_url", "codec", "hot_cache_gb", "store_timeout_s"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from tqdm import tqdm
+
+    from hyperrag.corpus import load_corpus
+    from hyperrag.generate import Generator
+    from hyperrag.models import load_embedder, load_llm
+    from hyperrag.retrieval import DenseIndex
+    from hyperrag.settings import settings_from_args
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    s = settings_from_args(args)
+    torch.manual_seed(s.seed)
+    systems = [x.strip() for x in args.systems.split(",") if x.strip()]
+    corpus = load_corpus(s.corpus)
+    by_id = corpus.by_id
+    embedder = load_embedder(s.embedder, s.cache_dir, s.device)
+    index = DenseIndex.load_or_build(corpus, embedder, s.embedder, s.cache_dir)
+    queries = sample_queries(corpus, args.queries, s.seed)
+    t0 = time.perf_counter()
+    cands = retrieve(index, queries, s.top_k)
+    retrieve_s = time.perf_counter() - t0
+    base = load_llm(s.model, s.cache_dir, s.device, s.dtype)
+    adapter = s.adapter
+    trained_llm = None
+    report: dict = {"corpus": str(s.corpus), "queries": len(cands), "seed": s.seed, "top_k": s.top_k,
+                    "top_n": s.top_n, "mode": args.mode, "max_doc_tokens": s.max_doc_tokens,
+                    "adapter": adapter, "systems": {}, "full_check": {}}
+    if adapter:
+        from hyperrag.models import adapter_hash
+        report["adapter_hash"] = adapter_hash(adapter)
+    runs: dict[str, SystemRun] = {}
+    subset = args.subset or len(cands)
+
+    def make_reranker(llm, instruction: str | None = None) -> Reranker:
+        template = RerankTemplate(instruction=instruction) if instruction else RerankTemplate()
+        return Reranker(llm, template, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
+                        batch_size=s.batch_size)
+
+    previous: dict[str, list[list[float]]] = {}
+    if args.scores_from:
+        old = json.loads(Path(args.scores_from).read_text())
+        if [q["qid"] for q in old["per_question"]] != [c.qid for c in cands] or old.get("top_k") != s.top_k:
+            raise SystemExit(f"{args.scores_from}: another question sample or top-k; cannot reuse its scores")
+        for q in old["per_question"]:
+            for name, sc in q["scores"].items():
+                previous.setdefault(name, []).append(sc)
+    for name in systems:
+        n = subset if (name.startswith("wording:") or name == "query-first") else len(cands)
+        part = cands[:n]
+        run = SystemRun(name)
+        if name in previous and len(previous[name]) >= n and name != "retrieval":
+            run.scores = previous[name][:n]
+            runs[name] = run
+            old_row = old["systems"].get(name, {})
+            report["systems"][name] = {"ranking": ranking_summary(run, part), "seconds": old_row.get("seconds", 0.0),
+                                       "seconds_per_question": old_row.get("seconds_per_question", 0.0),
+                                       "scores_from": args.scores_from}
+            for check in ("full_check",):
+                if name in old.get(check, {}):
+                    report[check][name] = old[check][name]
+            continue
+        bar = tqdm(total=len(part), desc=name, mininterval=10)
+        tick = lambda i, total: bar.update(1)  # noqa: E731
+        t1 = time.perf_counter()
+        if name == "retrieval":
+            run.scores = [list(c.cosine) for c in part]
+            bar.update(len(part))
+        elif name in ("zero-shot", "query-first") or name.startswith("wording:"):
+            instruction = WORDINGS[name.split(":", 1)[1]] if name.startswith("wording:") else None
+            reranker = make_reranker(base, instruction)
+            if name == "query-first":
+                qf = QueryFirstScorer(reranker)
+                for c in part:
+                    run.scores.append(qf.score(c.question, [by_id[d].text for d in c.doc_ids]))
+                    bar.update(1)
+            else:
+                run.scores = rerank_scores(reranker, part, by_id, args.mode, progress=tick)
+                if name == "zero-shot" and args.check_full:
+                    full = rerank_scores(reranker, part[: args.check_full], by_id, "full")
+                    report["full_check"][name] = ranking_agreement(run.scores[: args.check_full], full)
+        elif name in ("trained", "trained+retrieval"):
+            if not adapter:
+                raise SystemExit("the trained systems need an adapter (--adapter or HYPERRAG_ADAPTER)")
+            if trained_llm is None:
+                trained_llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter)
+            if "trained" in runs:
+                run.scores = [list(x) for x in runs["trained"].scores]
+            else:
+                reranker = make_reranker(trained_llm)
+                run.scores = rerank_scores(reranker, part, by_id, args.mode, progress=tick)
+                if args.check_full:
+                    full = rerank_scores(reranker, part[: args.check_full], by_id, "full")
+                    report["full_check"]["trained"] = ranking_agreement(run.scores[: args.check_full], full)
+            if name == "trained+retrieval":
+                w = float(read_adapter_meta(adapter).get("retrieval_weight", 0.0))
+                report["retrieval_weight"] = w
+                run.scores = [[x + w * cos for x, cos in zip(sc, c.cosine)] for sc, c in zip(run.scores, part)]
+        else:
+            raise SystemExit(f"unknown system {name!r}")
+        bar.close()
+        run.seconds = time.perf_counter() - t1 + (retrieve_s if name == "retrieval" else 0.0)
+        runs[name] = run
+        metrics = ranking_summary(run, part)
+        report["systems"][name] = {"ranking": metrics, "seconds": run.seconds,
+                                   "seconds_per_question": run.seconds / max(1, len(part))}
+        log.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
+        if name == "retrieval":  # same questions, for a paired comparison with subset systems
+            report["systems"][name]["ranking_subset"] = ranking_summary(
+                SystemRun(name, run.scores[:subset]), cands[:subset])
+    if args.generate:
+        generator = Generator(base, s.max_new_tokens, s.max_doc_tokens)
+        report["generator_template"] = vars(generator.template) if hasattr(generator.template, "__dict__") else {}
+        cache: dict = {}
+        n = min(args.generate, len(cands))
+        wanted = {x.strip() for x in args.generate_systems.split(",") if x.strip()} or set(runs)
+        for name, run in runs.items():
+            if len(run.scores) < n or name not in wanted:
+                continue
+            bar = tqdm(total=n, desc=f"answers {name}", mininterval=10)
+            gen = generate_answers(generator, SystemRun(name, run.scores[:n]), cands[:n], by_id, s.top_n, cache,
+                                   lambda i, t: bar.update(1))
+            bar.close()
+            report["systems"][name]["answers"] = gen
+            log.info("%s answers: %s", name, gen)
+    report["per_question"] = [
+        {"qid": c.qid, "gold": c.gold, "doc_ids": c.doc_ids, "cosine": c.cosine,
+         "scores": {name: run.scores[i] for name, run in runs.items() if i < len(run.scores)}}
+        for i, c in enumerate(cands)
+    ]
+    print(format_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{report['queries']} questions, top-{report['top_k']} candidates, answers from top-{report['top_n']}",
+             f"{'system':22s} {'n':>4s} " + " ".join(f"{k:>9s}" for k in RANK_KEYS)
+             + f" {'EM':>6s} {'F1':>6s} {'s/q':>6s}"]
+    for name, row in report["systems"].items():
+        r = row["ranking"]
+        a = row.get("answers", {})
+        em = f"{a['em']:6.3f}" if a else "     -"
+        f1 = f"{a['f1']:6.3f}" if a else "     -"
+        lines.append(f"{name:22s} {r['questions']:4d} " + " ".join(f"{r[k]:9.4f}" for k in RANK_KEYS)
+                     + f" {em} {f1} {row['seconds_per_question']:6.2f}")
+        if "ranking_subset" in row and row["ranking_subset"]["questions"] != r["questions"]:
+            rs = row["ranking_subset"]
+            lines.append(f"{name + ' (subset)':22s} {rs['questions']:4d} "
+                         + " ".join(f"{rs[k]:9.4f}" for k in RANK_KEYS))
+    for name, chk in report.get("full_check", {}).items():
+        lines.append(f"{name}: reuse vs full on {chk['questions']} questions: max |diff| "
+                     f"{chk['max_abs_score_diff']:.2e}, identical rankings "
+                     f"{chk['identical_rankings']}/{chk['questions']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("HYPERRAG_THREADS", "1")))  # 1 beats 2 on a busy 2-core box
+    main()

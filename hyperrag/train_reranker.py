@@ -1,0 +1,549 @@
+"""Fine-tune SmolLM2-135M-Instruct as HyperRAG's doc-first reranker (LoRA), on SQuAD v1.1 train.
+
+    python -m hyperrag.train_reranker                       # the shipped adapter's recipe
+    python -m hyperrag.train_reranker --steps 4 --articles 2 --out /tmp/lora   # a smoke run
+
+Data (SQuAD v1.1 **train** only, never dev): ``--articles`` train articles drawn with ``--seed``;
+``--val-articles`` further train articles are held out to validate and to tune the optional
+retriever-score fusion weight. Every (training) paragraph is embedded with our own retriever
+(MiniLM + faiss, cached in ``--data-dir``) and each anchor question's top-``--mine-k`` paragraphs
+are its hard-negative pool (same article and the rest of the sampled corpus).
+
+One training step is one *group*: an anchor question, its gold paragraph and ``--docs - 1``
+retrieved negatives (the ``--hard`` best-ranked ones plus a random draw from the rest of the
+pool), and up to ``--questions`` questions whose gold paragraph is in the group (the anchor's
+paragraph's questions first, then one per negative). Every question is scored against every
+document of the group; loss = listwise softmax cross-entropy (the gold against the others) +
+``--bce`` x pointwise BCE on the same scores (keeps them calibrated around 0). Negatives that
+contain one of the question's answer strings are left out of both (likely false negatives).
+
+The prompt is exactly the inference one (:class:`hyperrag.prompts.RerankPrompt`,
+``[prefix][doc + tail][question][suffix]``, score = logit(Yes) - logit(No) at the last token).
+Because the document comes first, its tokens do not depend on the question: each document is
+run once per step with all the group's questions packed behind it, each question in its own
+attention block at the positions it would have in a full prompt (block-diagonal mask). That is
+the same computation as one full prompt per pair, several times cheaper. After training the
+packed forward is checked against ``Reranker.score(..., "full")`` on the merged model.
+
+LoRA (peft) on the attention and MLP projections of the top ``--lora-layers`` layers: the lower
+layers stay frozen, so no gradient flows through them. Checkpoints (adapter, optimizer, RNG,
+loss log) go to ``<out>/checkpoint`` every ``--save-every`` steps; a rerun with the same folder
+resumes there (``--fresh`` starts over). The finished adapter is ``<out>/adapter_model.safetensors``
++ ``adapter_config.json``, with training facts and validation metrics in ``<out>/hyperrag.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from hyperrag.prompts import RerankPrompt, RerankTemplate
+
+log = logging.getLogger("hyperrag.train")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BASE_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+@dataclass
+class TrainData:
+    texts: list[str]  # paragraphs (training articles)
+    short: list[str]  # the same, as the reranker sees them after --max-doc-tokens (lower case)
+    questions: list[str]
+    answers: list[list[str]]
+    gold: list[int]  # paragraph index of each question
+    by_doc: dict[int, list[int]]  # paragraph -> its usable questions (answer inside the truncated text)
+    anchors: list[int]  # usable questions in training order (seeded)
+    mined: dict[int, list[int]]  # anchor -> retrieved paragraphs, best first (gold included if found)
+    articles: list[str]
+    val_articles: list[str]
+
+
+def pick_articles(n: int, n_val: int, seed: int, cache_dir: str) -> tuple[list[dict], list[dict]]:
+    from hyperrag.squad import load_squad
+
+    articles = load_squad("train", cache_dir)
+    order = list(range(len(articles)))
+    random.Random(seed).shuffle(order)
+    return [articles[i] for i in order[:n]], [articles[i] for i in order[n : n + n_val]]
+
+
+def cut_paragraphs(articles: list[dict], per_article: int) -> list[dict]:
+    if not per_article:
+        return articles
+    return [{**a, "paragraphs": a["paragraphs"][:per_article]} for a in articles]
+
+
+def prepare_data(args, prompt: RerankPrompt, embedder) -> TrainData:
+    """Sampled train articles, their paragraph index (cached) and each anchor's mined pool."""
+    from hyperrag.corpus import load_corpus
+    from hyperrag.retrieval import DenseIndex
+    from hyperrag.squad import articles_to_corpus, write_corpus
+
+    train_articles, val_articles = pick_articles(args.articles, args.val_articles, args.seed, args.cache_dir)
+    train_articles = cut_paragraphs(train_articles, args.paragraphs_per_article)
+    key = hashlib.sha256(json.dumps([a["title"] for a in train_articles] + [args.paragraphs_per_article]).encode())
+    folder = Path(args.data_dir) / f"train-{key.hexdigest()[:12]}"
+    if not (folder / "queries.jsonl").exists():
+        write_corpus(folder, *articles_to_corpus(train_articles))
+    corpus = load_corpus(folder)
+    index = DenseIndex.load_or_build(corpus, embedder, "all-minilm-l6-v2", args.cache_dir,
+                                     progress=_bar("embed train paragraphs"))
+    texts = [d.text for d in corpus.docs]
+    row = {d.id: i for i, d in enumerate(corpus.docs)}
+    tail = len(prompt.tail_ids)
+    short = [prompt.tokenizer.decode(list(prompt.doc_ids(t))[:-tail]).lower() for t in texts]
+    questions, answers, gold = [], [], []
+    for q in corpus.queries:
+        questions.append(q.question)
+        answers.append([a for a in q.answers if a.strip()])
+        gold.append(row[q.doc_ids[0]])
+    usable = [i for i in range(len(questions)) if any(a.lower() in short[gold[i]] for a in answers[i])]
+    by_doc: dict[int, list[int]] = {}
+    for i in usable:
+        by_doc.setdefault(gold[i], []).append(i)
+    anchors = list(usable)
+    random.Random(args.seed + 1).shuffle(anchors)
+    anchors = anchors[: args.pool]
+    mined_file = folder / f"mined-{args.mine_k}-{args.seed}-{args.pool}.json"
+    if mined_file.exists():
+        mined = {int(k): v for k, v in json.loads(mined_file.read_text()).items()}
+    else:
+        vecs = embedder.encode([questions[i] for i in anchors], normalize_embeddings=True, convert_to_numpy=True,
+                               batch_size=64, show_progress_bar=False).astype(np.float32)
+        _, rows = index.index.search(vecs, min(args.mine_k, len(texts)))
+        id_row = {doc_id: row[doc_id] for doc_id in index.doc_ids}
+        mined = {a: [id_row[index.doc_ids[r]] for r in rs if r >= 0] for a, rs in zip(anchors, rows)}
+        mined_file.write_text(json.dumps(mined))
+    return TrainData(texts, short, questions, answers, gold, by_doc, anchors, mined,
+                     [a["title"] for a in train_articles], [a["title"] for a in val_articles])
+
+
+@dataclass
+class Group:
+    docs: list[int]  # paragraph indices; docs[0] is the anchor's gold
+    questions: list[int]  # question indices; each one's gold is among docs
+    target: list[int]  # per question: position of its gold in docs
+    valid: torch.Tensor  # [Q, D] bool: pair used in the loss (gold, or a negative without the answer)
+
+
+def make_group(data: TrainData, step: int, args) -> Group:
+    """The training group of one step: a pure function of (seed, step), so resuming is exact."""
+    rng = random.Random(args.seed * 1_000_003 + step)
+    anchor = data.anchors[step % len(data.anchors)]
+    gold = data.gold[anchor]
+    pool = [d for d in data.mined[anchor] if d != gold]
+    hard = pool[: args.hard]
+    rest = pool[args.hard :]
+    docs = [gold] + hard + rng.sample(rest, min(len(rest), args.docs - 1 - len(hard)))
+    docs = docs[: args.docs]
+    own = [q for q in data.by_doc.get(gold, []) if q != anchor]
+    questions = [anchor] + rng.sample(own, min(len(own), args.gold_questions - 1))
+    for d in docs[1:]:
+        others = data.by_doc.get(d, [])
+        if others and len(questions) < args.questions:
+            questions.append(rng.choice(others))
+    position = {d: j for j, d in enumerate(docs)}
+    target = [position[data.gold[q]] for q in questions]
+    valid = torch.ones(len(questions), len(docs), dtype=torch.bool)
+    for i, q in enumerate(questions):
+        for j, d in enumerate(docs):
+            if j != target[i] and any(a.lower() in data.short[d] for a in data.answers[q]):
+                valid[i, j] = False
+    return Group(docs, questions, target, valid)
+
+
+# -- the packed doc-first forward -----------------------------------------------------------------
+
+def packed_inputs(prompt: RerankPrompt, doc_texts: Sequence[str], questions: Sequence[str]):
+    """One row per document: ``[prefix][doc + tail][q1 + suffix][q2 + suffix]...``.
+
+    Each question block sits at the positions it has in its own full prompt and attends to the
+    prefix, the document and (causally) itself only, so every block's last hidden state equals a
+    full prefill of ``[prefix][doc][question][suffix]``. Returns ids, positions [D, T], the
+    attention mask [D, 1, T, T] and the index of each block's last token [D, Q].
+    """
+    queries = [prompt.query(q).ids for q in questions]
+    rows, blocks, lasts, positions = [], [], [], []
+    for text in doc_texts:
+        head = prompt.prefix_ids + list(prompt.doc_ids(text))
+        ids, block, pos, last = list(head), [0] * len(head), list(range(len(head))), []
+        for b, q in enumerate(queries, 1):
+            ids += q
+            block += [b] * len(q)
+            pos += range(len(head), len(head) + len(q))
+            last.append(len(ids) - 1)
+        rows.append(ids), blocks.append(block), positions.append(pos), lasts.append(last)
+    width = max(len(r) for r in rows)
+    n = len(rows)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    pos = torch.zeros(n, width, dtype=torch.long)
+    blk = torch.full((n, width), len(queries) + 1, dtype=torch.long)  # padding: its own block
+    for r in range(n):
+        k = len(rows[r])
+        ids[r, :k] = torch.tensor(rows[r])
+        pos[r, :k] = torch.tensor(positions[r])
+        blk[r, :k] = torch.tensor(blocks[r])
+    t = torch.arange(width)
+    causal = t[None, :] <= t[:, None]  # [T(query), T(key)]
+    same = (blk[:, None, :] == 0) | (blk[:, None, :] == blk[:, :, None])  # [D, Tq, Tk]
+    mask = (causal[None] & same)[:, None]
+    return ids, pos, mask, torch.tensor(lasts)
+
+
+def forward_scores(model, score_vec: torch.Tensor, ids, pos, mask, last) -> torch.Tensor:
+    """Scores [D, Q] of the packed rows through a (LoRA-wrapped) Llama ``*ForCausalLM``."""
+    body, cfg = model.model, model.config
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    bsz, width = ids.shape
+    x = body.embed_tokens(ids)
+    cos, sin = body.rotary_emb(x, pos)
+    for layer in body.layers:
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(bsz, width, n_heads, head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(bsz, width, n_kv, head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(bsz, width, n_kv, head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_heads != n_kv)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, width, n_heads * head_dim))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    picked = x[torch.arange(bsz)[:, None], last]  # [D, Q, H]
+    return body.norm(picked) @ score_vec
+
+
+def group_loss(scores_dq: torch.Tensor, group: Group, bce_weight: float) -> tuple[torch.Tensor, dict]:
+    s = scores_dq.T  # [Q, D]
+    target = torch.tensor(group.target)
+    masked = s.masked_fill(~group.valid, float("-inf"))
+    ce = F.cross_entropy(masked, target)
+    labels = torch.zeros_like(s)
+    labels[torch.arange(len(target)), target] = 1.0
+    bce = F.binary_cross_entropy_with_logits(s[group.valid], labels[group.valid])
+    with torch.no_grad():
+        top1 = (masked.argmax(1) == target).float().mean().item()
+    return ce + bce_weight * bce, {"ce": ce.item(), "bce": bce.item(), "top1": top1}
+
+
+# -- model, checkpoints ---------------------------------------------------------------------------
+
+def build_model(args, base_folder: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    n_layers = model.config.num_hidden_layers
+    k = min(args.lora_layers or n_layers, n_layers)
+    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                        target_modules=list(args.targets.split(",")),
+                        layers_to_transform=list(range(n_layers - k, n_layers)),
+                        layers_pattern="layers", bias="none", base_model_name_or_path=BASE_MODEL_NAME)
+    return get_peft_model(model, config)
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def save_checkpoint(folder: Path, model, optimizer, step: int, history: list[dict], config: dict) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"step": step, "lora": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(), "config": config}, tmp / "state.pt")
+    (tmp / "history.json").write_text(json.dumps(history))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def load_checkpoint(folder: Path, model, optimizer, config: dict) -> tuple[int, list[dict]]:
+    state = torch.load(folder / "state.pt", weights_only=False)
+    changed = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
+    if changed:
+        raise SystemExit(f"{folder}: checkpoint was made with other settings {changed}; use --fresh or another --out")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state["lora"].items():
+            params[k].copy_(v)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], json.loads((folder / "history.json").read_text())
+
+
+def _bar(desc: str):
+    from tqdm import tqdm
+
+    bar: dict = {}
+
+    def progress(done: int, total: int) -> None:
+        if "b" not in bar:
+            bar["b"] = tqdm(total=total, desc=desc, mininterval=5)
+        bar["b"].update(done - bar["b"].n)
+        if done >= total:
+            bar["b"].close()
+
+    return progress
+
+
+# -- checks and validation ------------------------------------------------------------------------
+
+def check_against_reranker(args, model, prompt: RerankPrompt, score_vec, data: TrainData, out: Path) -> dict:
+    """Packed training forward (LoRA unmerged) vs ``Reranker.score(..., "full")`` on the merged
+    model loaded the way the engine loads it: same tokens, same scores."""
+    from hyperrag.models import load_llm
+    from hyperrag.rerank import Reranker
+
+    llm = load_llm(args.model, args.cache_dir, "cpu", "float32", adapter=str(out))
+    reranker = Reranker(llm, prompt.template, max_doc_tokens=prompt.max_doc_tokens,
+                        max_question_tokens=prompt.max_question_tokens, batch_size=4)
+    group = make_group(data, 0, args)
+    docs = [data.texts[d] for d in group.docs[:3]]
+    questions = [data.questions[q] for q in group.questions[:2]]
+    model.eval()
+    with torch.no_grad():
+        packed = forward_scores(model.get_base_model(), score_vec, *packed_inputs(prompt, docs, questions)).T
+        merged_packed = forward_scores(llm.model, score_vec, *packed_inputs(prompt, docs, questions)).T
+    full = torch.tensor([reranker.score(q, docs, "full").scores for q in questions])
+    return {"pairs": full.numel(),
+            "max_diff_train_forward_vs_reranker_full": (packed - full).abs().max().item(),
+            "max_diff_merged_packed_vs_reranker_full": (merged_packed - full).abs().max().item()}
+
+
+def validate(args, out: Path, embedder) -> dict:
+    """Held-out train articles: retrieval vs the trained reranker (engine settings), and the fusion
+    weight ``w`` (score + w * cosine) that maximizes MRR@10 there."""
+    from hyperrag.corpus import load_corpus
+    from hyperrag.evaluate import SystemRun, rerank_scores, retrieve, ranking_summary, sample_queries
+    from hyperrag.models import load_llm
+    from hyperrag.rerank import Reranker
+    from hyperrag.retrieval import DenseIndex
+    from hyperrag.settings import Settings
+    from hyperrag.squad import articles_to_corpus, write_corpus
+
+    _, val_articles = pick_articles(args.articles, args.val_articles, args.seed, args.cache_dir)
+    key = hashlib.sha256(json.dumps([a["title"] for a in val_articles]).encode()).hexdigest()[:12]
+    folder = Path(args.data_dir) / f"val-{key}"
+    if not (folder / "queries.jsonl").exists():
+        write_corpus(folder, *articles_to_corpus(val_articles))
+    corpus = load_corpus(folder)
+    index = DenseIndex.load_or_build(corpus, embedder, "all-minilm-l6-v2", args.cache_dir,
+                                     progress=_bar("embed validation paragraphs"))
+    s = Settings()
+    cands = retrieve(index, sample_queries(corpus, args.val_questions, args.seed), s.top_k)
+    llm = load_llm(args.model, args.cache_dir, "cpu", "float32", adapter=str(out))
+    reranker = Reranker(llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
+                        batch_size=s.batch_size)
+    scores = rerank_scores(reranker, cands, corpus.by_id, "reuse", progress=_bar("validate"))
+    cos = [c.cosine for c in cands]
+    result = {"articles": [a["title"] for a in val_articles], "paragraphs": len(corpus.docs),
+              "questions": len(cands), "top_k": s.top_k,
+              "retrieval": ranking_summary(SystemRun("retrieval", cos), cands),
+              "trained": ranking_summary(SystemRun("trained", scores), cands)}
+    grid = [0.0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 100]
+    fused = {w: ranking_summary(SystemRun("f", [[x + w * c for x, c in zip(sc, cs)] for sc, cs in zip(scores, cos)]),
+                                cands) for w in grid}
+    best = max(grid, key=lambda w: (fused[w]["mrr@10"], -w))
+    result["fusion_grid"] = {str(w): {k: round(v, 4) for k, v in m.items()} for w, m in fused.items()}
+    result["retrieval_weight"] = best
+    return result
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from hyperrag.settings import REPO_ROOT, _default_cache_dir
+
+    p = argparse.ArgumentParser(prog="python -m hyperrag.train_reranker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(REPO_ROOT / "models" / "reranker-lora"),
+                   help="adapter folder (checkpoints in <out>/checkpoint; default: the shipped one)")
+    p.add_argument("--cache-dir", default=_default_cache_dir(), help="model and SQuAD cache (as the engine's)")
+    p.add_argument("--data-dir", default="",
+                   help="mined training data and indexes (default <cache-dir>/train-reranker)")
+    p.add_argument("--model", default="smollm2-135m", help="base model id (hyperrag.models.MODELS)")
+    p.add_argument("--seed", type=int, default=0, help="seeds article choice, data order, LoRA init")
+    d = p.add_argument_group("data")
+    d.add_argument("--articles", type=int, default=48, help="SQuAD train articles to train on")
+    d.add_argument("--paragraphs-per-article", type=int, default=0, help="cap per article (0 = all; for tiny runs)")
+    d.add_argument("--val-articles", type=int, default=4, help="further train articles held out for validation")
+    d.add_argument("--val-questions", type=int, default=120, help="validation questions (0 = skip validation)")
+    d.add_argument("--pool", type=int, default=4000, help="anchor questions mined (one anchor per step)")
+    d.add_argument("--mine-k", type=int, default=30, help="retrieved paragraphs per anchor (negative pool)")
+    d.add_argument("--docs", type=int, default=8, help="documents per group: the gold + docs-1 negatives")
+    d.add_argument("--hard", type=int, default=4, help="of which the retriever's best-ranked non-gold ones")
+    d.add_argument("--questions", type=int, default=12, help="questions per group (each scored on every doc)")
+    d.add_argument("--gold-questions", type=int, default=3, help="of which questions of the anchor's paragraph")
+    d.add_argument("--max-doc-tokens", type=int, default=200, help="document truncation in training")
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=60, help="optimizer steps (one group each)")
+    t.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW; warmup then cosine to 10%%)")
+    t.add_argument("--warmup", type=int, default=5, help="warmup steps")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    t.add_argument("--alpha", type=float, default=32, help="LoRA alpha")
+    t.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    t.add_argument("--lora-layers", type=int, default=12, help="LoRA on the top N layers (0 = all)")
+    t.add_argument("--targets", default=",".join(TARGETS), help="projections that get LoRA")
+    t.add_argument("--bce", type=float, default=0.5, help="weight of the pointwise BCE term")
+    t.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    t.add_argument("--no-check", action="store_true", help="skip the train-vs-reranker score check")
+    return p
+
+
+# Settings a checkpoint must agree with to be resumed (--steps may grow: train longer).
+CONFIG_KEYS = ("seed", "articles", "paragraphs_per_article", "pool", "mine_k", "docs", "hard", "questions",
+               "gold_questions", "max_doc_tokens", "lr", "warmup", "weight_decay", "rank", "alpha",
+               "dropout", "lora_layers", "targets", "bce", "model")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from tqdm import tqdm
+
+    from hyperrag.models import _safetensors_copy, load_embedder
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.data_dir = args.data_dir or str(Path(args.cache_dir) / "train-reranker")
+    out = Path(args.out)
+    ckpt = out / "checkpoint"
+    config = {k: getattr(args, k) for k in CONFIG_KEYS}  # what a resumed checkpoint must match
+    t_start = time.perf_counter()
+
+    base_folder = _safetensors_copy(args.model, args.cache_dir)
+    model = build_model(args, base_folder)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    template = RerankTemplate()
+    prompt = RerankPrompt(tokenizer, template, args.max_doc_tokens, 64)
+    lm = model.get_base_model()
+    head = lm.lm_head.weight.detach()
+    score_vec = (head[prompt.yes_id] - head[prompt.no_id]).clone()
+
+    embedder = load_embedder("all-minilm-l6-v2", args.cache_dir, "cpu")
+    t_data = time.perf_counter()
+    data = prepare_data(args, prompt, embedder)
+    data_s = time.perf_counter() - t_data
+    log.info("data: %d articles, %d paragraphs, %d usable questions, %d anchors mined (%.0fs)",
+             len(data.articles), len(data.texts), sum(len(v) for v in data.by_doc.values()), len(data.anchors), data_s)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    step, history, resumed_from = 0, [], 0
+    if args.fresh:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if (ckpt / "state.pt").exists():
+        step, history = load_checkpoint(ckpt, model, optimizer, config)
+        resumed_from = step
+        log.info("resumed from %s at step %d", ckpt, step)
+    n_params = sum(p.numel() for p in params)
+    log.info("LoRA: %d trainable parameters (rank %d, top %s layers)", n_params, args.rank, args.lora_layers or "all")
+
+    model.train()
+    bar = tqdm(total=args.steps, initial=step, desc="train", mininterval=5)
+    while step < args.steps:
+        t0 = time.perf_counter()
+        group = make_group(data, step, args)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, args)
+        inputs = packed_inputs(prompt, [data.texts[d] for d in group.docs],
+                               [data.questions[q] for q in group.questions])
+        scores = forward_scores(lm, score_vec, *inputs)
+        loss, info = group_loss(scores, group, args.bce)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+        optimizer.step()
+        step += 1
+        record = {"step": step, "loss": loss.item(), **info, "lr": lr_at(step - 1, args), "grad_norm": grad_norm,
+                  "pairs": int(group.valid.sum()), "questions": len(group.questions),
+                  "tokens": int(inputs[0].numel()), "seconds": time.perf_counter() - t0}
+        history.append(record)
+        recent = history[-10:]
+        bar.set_postfix(loss=f"{sum(r['loss'] for r in recent) / len(recent):.3f}",
+                        top1=f"{sum(r['top1'] for r in recent) / len(recent):.2f}")
+        bar.update(1)
+        if step % args.save_every == 0 or step == args.steps:
+            save_checkpoint(ckpt, model, optimizer, step, history, config)
+    bar.close()
+    train_s = sum(r["seconds"] for r in history)
+
+    # The adapter itself (merged by hyperrag.models.load_llm at inference).
+    model.eval()
+    card = (out / "README.md").read_bytes() if (out / "README.md").exists() else None
+    model.save_pretrained(out)
+    if card is not None:  # peft writes a generic card; keep ours
+        (out / "README.md").write_bytes(card)
+    config_file = out / "adapter_config.json"  # name the public base model, not this machine's cache path
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "base_model_name_or_path": BASE_MODEL_NAME}, indent=2, sort_keys=True))
+    summary = {
+        "base_model": BASE_MODEL_NAME, "engine_model_id": args.model, "license": "Apache-2.0",
+        "data": "SQuAD v1.1 train (CC BY-SA 4.0)", "train_articles": data.articles,
+        "train_paragraphs": len(data.texts), "val_articles": data.val_articles,
+        "hyperparameters": {**config, "steps": args.steps}, "steps": step, "resumed_from_step": resumed_from,
+        "train_seconds": round(train_s, 1), "data_seconds": round(data_s, 1),
+        "pairs_seen": sum(r["pairs"] for r in history),
+        "questions_seen": sum(r.get("questions", args.questions) for r in history),
+        "loss_curve": loss_curve(history), "template_digest": template.digest,
+    }
+    if not args.no_check:
+        summary["check"] = check_against_reranker(args, model, prompt, score_vec, data, out)
+        log.info("check: %s", summary["check"])
+    if args.val_questions and args.val_articles:
+        summary["validation"] = validate(args, out, embedder)
+        summary["retrieval_weight"] = summary["validation"]["retrieval_weight"]
+        log.info("validation: retrieval %s | trained %s | best fusion w=%s",
+                 summary["validation"]["retrieval"], summary["validation"]["trained"], summary["retrieval_weight"])
+    summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    (out / "hyperrag.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("train_articles", "loss_curve")}, indent=1))
+    return summary
+
+
+def loss_curve(history: list[dict], points: int = 12) -> list[dict]:
+    """Mean loss / CE / top-1 over consecutive windows of steps (the model card's curve)."""
+    if not history:
+        return []
+    size = max(1, math.ceil(len(history) / points))
+    out = []
+    for start in range(0, len(history), size):
+        w = history[start : start + size]
+        out.append({"steps": f"{w[0]['step']}-{w[-1]['step']}",
+                    **{k: round(sum(r[k] for r in w) / len(w), 4) for k in ("loss", "ce", "bce", "top1")}})
+    return out
+
+
+if __name__ == "__main__":
+    main()
