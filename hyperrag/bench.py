@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "candidates of the sampled queries (--quick default)")
     bench.add_argument("--layout-repeats", type=int, default=None,
                        help="timed repeats per query of the static-layout vs concatenation fill (default 3)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch intra-op threads (default: torch's choice, usually one per core)")
+    bench.add_argument("--render", metavar="JSON", default=None,
+                       help="measure nothing: print the table of a saved --json result and write its --html")
     bench.add_argument("--no-generate", action="store_true",
                        help="skip answer generation (e2e rows then measure retrieve + rerank only)")
     add_cli_args(parser, skip=("store_url",))
@@ -224,60 +228,83 @@ def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repea
     }
 
 
+class CodecSource:
+    """Document KVs held encoded by one codec in this process: ``put`` encodes, ``load_into``
+    decodes into the batch row, with the same codec functions the KV store uses (the LMCache
+    round trip is left out: it is the same for every codec and the main reuse row measures it)."""
+
+    def __init__(self, codec):
+        self.codec = codec
+        self.entries: dict[str, tuple[tuple[int, ...], Any]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(payload.numel() for _, payload in self.entries.values())
+
+    def put(self, text: str, kv) -> None:
+        self.entries[text] = (tuple(kv.shape), self.codec.encode(kv))
+
+    def load_into(self, text: str, out) -> bool:
+        entry = self.entries.get(text)
+        if entry is None or entry[0] != tuple(out.shape):
+            return False
+        self.codec.decode_into(entry[1], entry[0], out)
+        return True
+
+
 def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_texts: list[list[str]],
                 reference: dict[str, dict[str, float]], gold: dict[str, list[str]], all_texts: Sequence[str],
                 progress=None) -> list[dict]:
     """Reuse scoring with each codec on the same candidates; errors against fp32 full prefill.
 
-    Document KVs are encoded once in the compute dtype, then stored through each codec into an
-    in-process LMCache store (so every codec is read the same way); codec order rotates per query."""
+    Each candidate's exact KV (compute dtype: read from the main store if it is fp32, else
+    encoded again) is encoded by every codec and held in memory (:class:`CodecSource`); the
+    codec order rotates per query so drift hits every codec alike."""
+    import gc
+
     from hyperrag.kv.codec import get_codec
-    from hyperrag.kv.store import KVStore
     from hyperrag.metrics import ndcg_at_k
 
     reranker = engine.reranker
     union = list(dict.fromkeys(t for texts in candidate_texts for t in texts))
-    kvs = _exact_kvs(engine, union)
     dec = reranker.decoder
     corpus_tokens = [reranker.doc_tokens(t) for t in all_texts]
-    stores, rows = {}, {}
-    try:
-        for name in codecs:
-            codec = get_codec(name)
-            need = sum(codec.nbytes(tuple(kv.shape)) + HEADER_BYTES for kv in kvs)
-            store = KVStore("memory://", codec, reranker.kv_identity, hot_cache_gb=need * 1.3 / 1e9 + 0.2)
-            for text, kv in zip(union, kvs):
-                store.put(text, kv)
-            stores[name] = store
-            payload = sum(codec.nbytes(kv_shape(reranker, n)) for n in corpus_tokens)
-            rows[name] = {"codec": name, "bytes_per_token": codec.bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim),
-                          "bytes": payload, "tokens": sum(corpus_tokens), "diffs": [], "same": 0, "same_top": 0,
-                          "secs": 0.0, "pairs": 0, "ndcg": [], "queries": 0, "encoded": 0}
-        del kvs
-        top_n = engine.settings.top_n
-        for i, (q, texts) in enumerate(zip(questions, candidate_texts)):
-            order = codecs[i % len(codecs):] + codecs[: i % len(codecs)]
-            ids = q["candidate_ids"]
-            ref = reference[q["id"]]
-            ref_rank = sorted(ids, key=lambda d: -ref[d])
-            for name in order:
-                res = reranker.score(q["question"], texts, "reuse", stores[name])
-                row = rows[name]
-                row["secs"] += res.load_s + res.compute_s
-                row["pairs"] += res.pairs
-                row["encoded"] += res.encoded_docs
-                row["queries"] += 1
-                row["diffs"] += [abs(s - ref[d]) for d, s in zip(ids, res.scores)]
-                rank = [ids[j] for j in sorted(range(len(ids)), key=lambda j: -res.scores[j])]
-                row["same"] += rank == ref_rank
-                row["same_top"] += set(rank[:top_n]) == set(ref_rank[:top_n])
-                if gold.get(q["id"]):
-                    row["ndcg"].append(ndcg_at_k(rank, gold[q["id"]], 10))
-            if progress:
-                progress(1)
-    finally:
-        for store in stores.values():
-            store.close()
+    sources = {name: CodecSource(get_codec(name)) for name in codecs}
+    for text, kv in _exact_kvs(engine, union):  # one document at a time when the store is exact
+        for source in sources.values():
+            source.put(text, kv)
+        del kv
+    gc.collect()
+    rows = {}
+    for name in codecs:
+        codec = get_codec(name)
+        payload = sum(codec.nbytes(kv_shape(reranker, n)) for n in corpus_tokens)
+        rows[name] = {"codec": name, "bytes_per_token": codec.bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim),
+                      "bytes": payload, "tokens": sum(corpus_tokens), "diffs": [], "same": 0, "same_top": 0,
+                      "secs": 0.0, "pairs": 0, "ndcg": [], "queries": 0, "encoded": 0,
+                      "held_bytes": sources[name].nbytes}
+    top_n = engine.settings.top_n
+    for i, (q, texts) in enumerate(zip(questions, candidate_texts)):
+        order = codecs[i % len(codecs):] + codecs[: i % len(codecs)]
+        ids = q["candidate_ids"]
+        ref = reference[q["id"]]
+        ref_rank = sorted(ids, key=lambda d: -ref[d])
+        for name in order:
+            res = reranker.score(q["question"], texts, "reuse", sources[name])
+            row = rows[name]
+            row["secs"] += res.load_s + res.compute_s
+            row["pairs"] += res.pairs
+            row["encoded"] += res.encoded_docs
+            row["queries"] += 1
+            row["diffs"] += [abs(s - ref[d]) for d, s in zip(ids, res.scores)]
+            rank = [ids[j] for j in sorted(range(len(ids)), key=lambda j: -res.scores[j])]
+            row["same"] += rank == ref_rank
+            row["same_top"] += set(rank[:top_n]) == set(ref_rank[:top_n])
+            if gold.get(q["id"]):
+                row["ndcg"].append(ndcg_at_k(rank, gold[q["id"]], 10))
+        if progress:
+            progress(1)
+    sources.clear()
     fp32_bpt = get_codec("fp32").bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim)
     out = []
     for name in codecs:
@@ -292,28 +319,36 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
             "pairs_per_s": r["pairs"] / r["secs"] if r["secs"] else 0.0,
             "ndcg@10": sum(r["ndcg"]) / len(r["ndcg"]) if r["ndcg"] else None,
             "queries": r["queries"], "pairs": r["pairs"], "encoded_docs": r["encoded"],
+            "held_bytes": r["held_bytes"],
         })
     return out
 
 
 def _exact_kvs(engine, texts: list[str]):
-    """Document KVs in the compute dtype: read from the main store when its codec is exact
-    (fp32), else encoded again (the sweep must quantize from exact values, not from fp16)."""
+    """Yield ``(text, kv)`` with each document's KV in the compute dtype: read one at a time
+    from the main store when its codec is exact (fp32), else encoded again in batches (a sweep
+    must quantize exact values, not fp16 ones)."""
     import torch
 
     reranker = engine.reranker
-    if engine.store.codec.name != "fp32" or reranker.decoder.dtype != torch.float32:
-        return reranker.encode_docs(texts)
-    out, missing = [], []
-    for i, t in enumerate(texts):
-        kv = torch.empty(kv_shape(reranker, reranker.doc_tokens(t)), dtype=torch.float32,
-                         device=reranker.decoder.device)
-        out.append(kv)
-        if not engine.store.load_into(t, kv):
-            missing.append(i)
-    for i, kv in zip(missing, reranker.encode_docs([texts[i] for i in missing]) if missing else []):
-        out[i] = kv
-    return out
+    exact = engine.store.codec.name == "fp32" and reranker.decoder.dtype == torch.float32
+    step = reranker.batch_size
+    for first in range(0, len(texts), step):
+        chunk = texts[first : first + step]
+        kvs: list = [None] * len(chunk)
+        if exact:
+            for i, t in enumerate(chunk):
+                kv = torch.empty(kv_shape(reranker, reranker.doc_tokens(t)), dtype=torch.float32,
+                                 device=reranker.decoder.device)
+                if engine.store.load_into(t, kv):
+                    kvs[i] = kv
+        missing = [i for i, kv in enumerate(kvs) if kv is None]
+        if missing:
+            for i, kv in zip(missing, reranker.encode_docs([chunk[i] for i in missing])):
+                kvs[i] = kv
+        for t, kv in zip(chunk, kvs):
+            yield t, kv
+        del kvs
 
 
 def frontier_points(results: dict) -> list[dict]:
@@ -360,11 +395,15 @@ def machine_info(engine) -> dict:
             info[module] = __import__(module).__version__
         except Exception:  # noqa: BLE001 - a version string is optional
             pass
-    try:
-        info["loadavg_start"] = os.getloadavg()[0]
-    except OSError:
-        pass
+    info["loadavg_start"] = _loadavg()
     return info
+
+
+def _loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -379,6 +418,10 @@ def run(args: argparse.Namespace) -> dict:
     from hyperrag.report import record_from_result, summarize
     from hyperrag.settings import settings_from_args
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     tmp = None
     if args.store_url is None:
         tmp = tempfile.TemporaryDirectory(prefix="hyperrag-bench-kv-")
@@ -433,6 +476,7 @@ def run(args: argparse.Namespace) -> dict:
         same_candidates = True
         encoded_at_query_time = 0
         bar = tqdm(total=len(questions), desc="queries", unit="q", **bar_opts)
+        loads: list[float] = []
         for i, q in enumerate(questions):
             order = MODES_ORDER[i % 4:] + MODES_ORDER[: i % 4]
             for mode in order:
@@ -445,6 +489,7 @@ def run(args: argparse.Namespace) -> dict:
                 encoded_at_query_time += rec.get("encoded_docs", 0) if mode == "reuse" else 0
                 warnings += [w for w in result.warnings if w not in warnings]
             bar.update(1)
+            loads.append(_loadavg())
         bar.close()
         stats1 = vars(engine.store.stats)
         load_bytes = stats1["load_bytes"] - stats0["load_bytes"]
@@ -483,6 +528,12 @@ def run(args: argparse.Namespace) -> dict:
                                        f"({settings.codec})", "bytes": corpus_estimate,
                               "docs": len(corpus.docs), "tokens_per_doc": mean_tokens}
         results["machine"] = machine
+        if loads:
+            machine["loadavg_queries"] = sum(loads) / len(loads)
+            if machine["loadavg_queries"] > (machine.get("cores") or 1):
+                warnings.append(f"the machine was busy during the queries (load average "
+                                f"{machine['loadavg_queries']:.1f} on {machine.get('cores')} cores): absolute "
+                                "timings are inflated; ratios hold better since modes are interleaved per question")
 
         # -- static layout vs concatenation -----------------------------------------------------
         n_query = results["rerank"].get("mean_query_tokens") or 24
@@ -508,10 +559,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.frontier:
             results["frontier"] = frontier_points(results)
         warnings += engine.store.take_warnings()
-        try:
-            results["machine"]["loadavg_end"] = os.getloadavg()[0]
-        except OSError:
-            pass
+        results["machine"]["loadavg_end"] = _loadavg()
         setup["bench_wall_s"] = time.perf_counter() - wall0
         results["warnings"] = list(dict.fromkeys(warnings))
         results["records"] = [{k: v for k, v in r.items() if k not in ("prompt_tokens",)} for r in records]
@@ -585,8 +633,12 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = resolve_options(parser.parse_args(argv))
-    results = run(args)
-    records = results.pop("records")
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        args.json_path = None if args.json_path == args.render else args.json_path
+    else:
+        results = run(args)
+    records = results.pop("records", [])
     print_table(results)
     if args.json_path:
         path = Path(args.json_path)

@@ -115,13 +115,15 @@ def throughput_figure(results: Mapping[str, Any]) -> go.Figure:
         fig.add_bar(x=[LABELS[m] for m in r_modes], y=pps, marker_color=[MODE_COLORS[m] for m in r_modes],
                     text=[f"{p:.3g}" + (f" ({p / full:.1f}x)" if full and m != "full" else "")
                           for p, m in zip(pps, r_modes)],
-                    textposition="outside", showlegend=False, row=1, col=2,
+                    textposition="auto", insidetextanchor="middle", showlegend=False, row=1, col=2,
                     hovertemplate="%{x}: %{y:.3g} pairs/s<extra></extra>")
         limit = _num(_get(rerank, "token_ratio_limit"))
-        if limit and full:
-            fig.add_scatter(x=[LABELS[r_modes[0]], LABELS[r_modes[-1]]], y=[full * limit] * 2, mode="lines",
-                            line={"dash": "dash", "color": "#555"}, name=f"token-ratio limit ({limit:.1f}x full)",
-                            row=1, col=2)
+        if limit and full and "reuse" in r_modes:
+            # the token-ratio limit drawn as a tick over the reuse bar
+            fig.add_scatter(x=[LABELS["reuse"]], y=[full * limit], mode="markers",
+                            marker={"symbol": "line-ew-open", "size": 60, "color": "#333", "line": {"width": 3}},
+                            name=f"token-ratio limit: {limit:.1f}x full", row=1, col=2,
+                            hovertemplate=f"token-ratio limit {limit:.1f}x full = %{{y:.3g}} pairs/s<extra></extra>")
     for col, values in ((1, [_num(_get(e2e, m, "queries_per_s")) for m in e_modes]),
                         (2, [_num(_get(rerank, m, "pairs_per_s")) for m in r_modes]
                          + [(_num(_get(rerank, "full", "pairs_per_s")) or 0) * (_num(_get(rerank, "token_ratio_limit")) or 0)])):
@@ -189,9 +191,10 @@ def storage_figure(results: Mapping[str, Any]) -> go.Figure:
         if value is None:
             continue
         top = max(top, value / 2**20)
-        fig.add_scatter(x=[names[0], names[-1]], y=[value / 2**20] * 2, mode="lines",
-                        line={"dash": "dot", "color": "#d64545"}, name=str(plan.get("label", "planner")),
-                        row=1, col=2)
+        line = {"dash": "dot", "color": "#d64545", "width": 2}
+        fig.add_hline(y=value / 2**20, line=line, row=1, col=2)
+        fig.add_scatter(x=[None], y=[None], mode="lines", line=line, row=1, col=2,
+                        name=f"{plan.get('label', 'planner')}: {value / 2**20:,.1f} MiB")
     fig.update_yaxes(range=[0, max([v for v in bpt if v] + [1.0]) * 1.2], row=1, col=1)
     fig.update_yaxes(range=[0, (top or 1.0) * 1.2], row=1, col=2)
     storage = _get(results, "storage", default={})
@@ -238,7 +241,7 @@ def frontier_figure(results: Mapping[str, Any]) -> go.Figure:
         lo, hi = math.log10(min(xs)), math.log10(max(xs))
         pad = max((hi - lo) * 0.15, 0.15)
         fig.update_xaxes(title_text=unit, type="log", range=[lo - pad, hi + pad], row=1, col=col)
-        fig.update_yaxes(title_text="NDCG@10", row=1, col=col)
+        fig.update_yaxes(title_text="NDCG@10", range=[0, 1.02], row=1, col=col)
     fig.update_layout(title=title, template=TEMPLATE, height=440)
     return fig
 
