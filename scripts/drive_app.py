@@ -230,7 +230,8 @@ class Chromium:
             for (const l of labels) {{
                 const box = l.querySelector('textarea, input') || (l.htmlFor && document.getElementById(l.htmlFor));
                 if (box) {{ box.focus(); box.value = {json.dumps(value)};
-                    box.dispatchEvent(new Event('input', {{bubbles: true}})); return true; }}
+                    box.dispatchEvent(new Event('input', {{bubbles: true}}));
+                    box.dispatchEvent(new Event('change', {{bubbles: true}})); box.blur(); return true; }}
             }}
             return false; }})()""")
         if not found:
@@ -272,9 +273,13 @@ def ask_in_browser(browser: Chromium, url: str, question: str, timeout_s: float 
     browser.click_button("2 · Ask")
     browser.wait_for("[...document.querySelectorAll('label')].some(l => l.innerText.trim().startsWith('Question'))")
     browser.fill("Question", question)
+    time.sleep(0.5)  # let the page take the typed value before the click reads it
     browser.click_button("Ask in all three modes")
-    browser.wait_for("document.body.innerText.includes('faster than the baseline')"
-                     " && document.body.innerText.split('Answer:').length > 3", timeout_s)
+    try:
+        browser.wait_for("document.body.innerText.includes('faster than the baseline')"
+                         " && document.body.innerText.split('Answer:').length > 3", timeout_s)
+    except TimeoutError as err:
+        raise TimeoutError(f"{err}\npage text:\n{browser.text()[:3000]}") from None
     time.sleep(1.0)  # let the tables finish rendering
     return browser.text()
 
