@@ -40,7 +40,7 @@ from hyperrag import figures, report
 from hyperrag.corpus import TEXT_SUFFIXES, Corpus, CorpusError, Query, load_corpus
 from hyperrag.kv import planner
 from hyperrag.kv.codec import CODECS
-from hyperrag.kv.store import StoreError, parse_store_url
+from hyperrag.kv.store import StoreError, parse_store_url, redact_url
 from hyperrag.metrics import exact_match, f1_score
 from hyperrag.pipeline import MODES, Engine, QuestionError, RAGResult, clean_question, open_store
 from hyperrag.precompute import PrecomputeReport
@@ -319,11 +319,13 @@ class Workbench:
     # -- settings -----------------------------------------------------------------------------
     def store_label(self) -> str:
         base = self._base
-        return base.store.url if base else self.settings.store_url
+        return redact_url(base.store.url if base else self.settings.store_url)  # never show a password
 
     def check_store_url(self, url: str) -> str:
         """Refuse store URLs that would let a web user write anywhere or reach any host."""
-        url = (url or "").strip() or self.startup_store_url
+        url = (url or "").strip()
+        if not url or url == redact_url(self.startup_store_url):  # the field shows the startup URL redacted
+            url = self.startup_store_url
         try:
             scheme, _ = parse_store_url(url) if not url.startswith("fs://") else ("fs", None)
         except StoreError as err:
@@ -339,7 +341,7 @@ class Workbench:
                 raise UserError(f"fs:// stores must live under the app's data folder ({self.config.stores}); "
                                "relative paths are placed there (start the app with --allow-any-store to lift this)")
             return f"fs://{folder}"
-        host = url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+        host = url.split("://", 1)[1].rpartition("@")[2].rsplit(":", 1)[0].strip("[]")
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise UserError(f"{scheme}:// stores on other hosts are off for web users: start the app with "
                            "--store-url (or HYPERRAG_STORE_URL) pointing at it, or with --allow-any-store")
@@ -367,7 +369,7 @@ class Workbench:
                     old_store = base.store
                     base.store = open_store(new, base.reranker)
                     old_store.close()
-                    notes.append(f"store re-opened: {base.store.url} ({codec})")
+                    notes.append(f"store re-opened: {redact_url(base.store.url)} ({codec})")
                     notes += base.store.take_warnings()
                     for entry in list(self._corpora.values()):
                         entry.report = None
@@ -384,10 +386,10 @@ class Workbench:
             return "Loading models and index…"
         s, store = self.settings, self._base.store
         text = (f"**Model** {s.model}{' + ' + Path(s.adapter).name if s.adapter else ''} · "
-                f"**device** {self._base.reranker.decoder.device} · **store** `{store.url}` ({store.codec.name}) · "
+                f"**device** {self._base.reranker.decoder.device} · **store** `{redact_url(store.url)}` ({store.codec.name}) · "
                 f"**batch** {s.batch_size}")
         if store.url != s.store_url:
-            text += f" · ⚠ `{s.store_url}` could not be used: an in-process store stands in"
+            text += f" · ⚠ `{redact_url(s.store_url)}` could not be used: an in-process store stands in"
         elif not store.available:
             text += " · ⚠ the store is unreachable: document KV is computed per query until it is back"
         return text
@@ -714,7 +716,7 @@ def cb_apply_settings(codec: str, store_url: str, batch_size: float, key: str | 
         gr.Warning(w)
     entry = wb.entry(key)
     text = corpus_markdown(entry, wb.estimate(entry))
-    return wb.status(), "; ".join(notes), text, banner(warnings), wb.settings.store_url
+    return wb.status(), "; ".join(notes), text, banner(warnings), redact_url(wb.settings.store_url)
 
 
 def _gold(entry: CorpusEntry, question: str) -> Query | None:
@@ -931,7 +933,7 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
                 with gr.Accordion("Store and reranker settings (shared by every user of this app)", open=False):
                     with gr.Row():
                         codec = gr.Dropdown(list(CODECS), value=s.codec, label="KV codec")
-                        store_url = gr.Textbox(s.store_url, label="Store URL",
+                        store_url = gr.Textbox(redact_url(s.store_url), label="Store URL",
                                                info="fs://DIR (embedded) · memory:// · lm://HOST:PORT · "
                                                     "redis://HOST:PORT")
                         batch = gr.Slider(1, MAX_BATCH_SIZE, value=min(s.batch_size, MAX_BATCH_SIZE), step=1,

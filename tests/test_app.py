@@ -225,6 +225,17 @@ def test_apply_settings_reopens_store_and_refuses_unsafe_urls(wb):
     assert wb.settings.store_url == original[1] and wb.wait_ready().store.codec.name == original[0]
 
 
+def test_store_passwords_never_reach_the_page(wb, monkeypatch):
+    secret = "redis://:s3cret@10.1.2.3:6379"
+    monkeypatch.setattr(wb, "startup_store_url", secret)  # as if started with HYPERRAG_STORE_URL=<secret>
+    shown = ui.redact_url(secret)
+    assert "s3cret" not in shown
+    assert wb.check_store_url(shown) == secret  # applying the field unchanged keeps the configured store
+    assert wb.check_store_url("redis://:pw@127.0.0.1:6379") == "redis://:pw@127.0.0.1:6379"  # loopback + password
+    with pytest.raises(gr.Error, match="other hosts"):
+        wb.check_store_url("redis://:pw@10.9.9.9:6379")
+
+
 @pytest.mark.slow
 def test_shipped_corpus_load_precompute_ask_batch(cache_dir, tmp_path):
     """The whole flow on the shipped corpus (309 paragraphs: minutes on 2 cores)."""
