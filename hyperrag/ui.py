@@ -386,8 +386,8 @@ class Workbench:
             return "Loading models and index…"
         s, store = self.settings, self._base.store
         text = (f"**Model** {s.model}{' + ' + Path(s.adapter).name if s.adapter else ''} · "
-                f"**device** {self._base.reranker.decoder.device} · **store** `{redact_url(store.url)}` ({store.codec.name}) · "
-                f"**batch** {s.batch_size}")
+                f"**device** {self._base.reranker.decoder.device} · "
+                f"**store** `{redact_url(store.url)}` ({store.codec.name}) · **batch** {s.batch_size}")
         if store.url != s.store_url:
             text += f" · ⚠ `{redact_url(s.store_url)}` could not be used: an in-process store stands in"
         elif not store.available:
