@@ -31,7 +31,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -54,7 +54,6 @@ WORDINGS = {
                "Answer Yes or No.",
 }
 RANK_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10")
-ADAPTER_META = "hyperrag.json"  # beside the adapter weights: training facts, fusion weight
 
 
 class MemorySource:
@@ -203,11 +202,6 @@ def ranking_agreement(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]
     return {"questions": len(a), "max_abs_score_diff": max_diff, "identical_rankings": same}
 
 
-def read_adapter_meta(adapter: str | Path) -> dict:
-    path = Path(adapter) / ADAPTER_META
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 # -- command line ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     from hyperrag.corpus import load_corpus
     from hyperrag.generate import Generator
-    from hyperrag.models import load_embedder, load_llm
+    from hyperrag.models import adapter_meta, load_embedder, load_llm
     from hyperrag.retrieval import DenseIndex
     from hyperrag.settings import settings_from_args
 
@@ -331,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     full = rerank_scores(reranker, part[: args.check_full], by_id, "full")
                     report["full_check"]["trained"] = ranking_agreement(run.scores[: args.check_full], full)
             if name == "trained+retrieval":
-                w = float(read_adapter_meta(adapter).get("retrieval_weight", 0.0))
+                w = float(adapter_meta(adapter).get("retrieval_weight", 0.0))
                 report["retrieval_weight"] = w
                 run.scores = [[x + w * cos for x, cos in zip(sc, c.cosine)] for sc, c in zip(run.scores, part)]
         else:
@@ -348,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 SystemRun(name, run.scores[:subset]), cands[:subset])
     if args.generate:
         generator = Generator(base, s.max_new_tokens, s.max_doc_tokens)
-        report["generator_template"] = vars(generator.template) if hasattr(generator.template, "__dict__") else {}
+        report["generator_template"] = asdict(generator.prompt.template)
         cache: dict = {}
         n = min(args.generate, len(cands))
         wanted = {x.strip() for x in args.generate_systems.split(",") if x.strip()} or set(runs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -143,6 +144,16 @@ def adapter_hash(adapter: str | Path) -> str:
         digest.update(p.name.encode())
         digest.update(p.read_bytes())
     return digest.hexdigest()[:16]
+
+
+ADAPTER_META = "hyperrag.json"  # written by hyperrag.train_reranker beside the adapter weights
+
+
+def adapter_meta(adapter: str | Path) -> dict:
+    """What the training script recorded beside an adapter (data, steps, metrics and the tuned
+    ``retrieval_weight``); ``{}`` when there is no such file."""
+    path = Path(adapter) / ADAPTER_META
+    return json.loads(path.read_text()) if adapter and path.is_file() else {}
 
 
 @dataclass

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from hyperrag.corpus import Corpus, load_corpus
 from hyperrag.generate import Generator
 from hyperrag.kv.store import KVStore, StoreError
-from hyperrag.models import load_embedder, load_llm
+from hyperrag.models import adapter_meta, load_embedder, load_llm
 from hyperrag.precompute import PrecomputeReport, precompute
 from hyperrag.rerank import Reranker, RerankResult
 from hyperrag.retrieval import DenseIndex
@@ -42,7 +42,7 @@ class RankedDoc:
     id: str
     title: str
     text: str
-    score: float  # reranker score (retrieval mode: cosine similarity)
+    score: float  # reranker score (+ retrieval_weight x cosine); retrieval mode: cosine similarity
     rank: int  # 1-based rank after reranking
     retrieval_rank: int  # 1-based rank from the retriever
 
@@ -84,6 +84,7 @@ class Engine:
         self.reranker = reranker
         self.generator = generator
         self.store = store
+        self.retrieval_weight = retrieval_weight(settings)
         self._corpus_lock = threading.Lock()
 
     @classmethod
@@ -136,6 +137,8 @@ class Engine:
             rerank = self.reranker.score(question, [d.text for d in docs], RERANK_MODE[mode],
                                          self.store if mode == "reuse" else None)
             scores = rerank.scores
+            if self.retrieval_weight:  # score fusion: w tuned with the adapter, on SQuAD train
+                scores = [x + self.retrieval_weight * cos for x, (_, cos) in zip(scores, hits)]
             order = sorted(range(len(docs)), key=lambda i: -scores[i])
             timings["kv_load"] = rerank.load_s
             timings["rerank"] = rerank.compute_s
@@ -154,8 +157,24 @@ class Engine:
             log.warning("%s", warning)
         return RAGResult(question, mode, answer, ranked, top_n, timings, warnings, rerank)
 
+    def zero_shot(self, hot_cache_gb: float) -> "Engine":
+        """This engine with the base model as a zero-shot reranker (no adapter, no score fusion)
+        and its own in-process KV store of ``hot_cache_gb``: the reference a trained adapter is
+        measured against. Shares the corpus, index and generator."""
+        s = replace(self.settings, adapter="", retrieval_weight=0.0, store_url="memory://", hot_cache_gb=hot_cache_gb)
+        base = self.generator.llm if self.generator is not None else None
+        reranker = load_reranker(s, base)
+        return Engine(s, self.corpus, self.index, reranker, self.generator, open_store(s, reranker))
+
     def close(self) -> None:
         self.store.close()
+
+
+def retrieval_weight(s: Settings) -> float:
+    """``w`` in the ranking score ``reranker + w x cosine``: the setting, or (-1) the adapter's own."""
+    if s.retrieval_weight >= 0:
+        return s.retrieval_weight
+    return float(adapter_meta(s.adapter).get("retrieval_weight", 0.0)) if s.adapter else 0.0
 
 
 def load_reranker(s: Settings, base=None) -> Reranker:

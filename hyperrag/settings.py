@@ -33,8 +33,14 @@ class Settings:
         metadata={"help": "LLM id from hyperrag.models.MODELS (reranker base and generator)"},
     )
     adapter: str = field(
-        default="",
-        metadata={"help": "LoRA adapter folder for the reranker; '' for the zero-shot base model"},
+        default=str(REPO_ROOT / "models" / "reranker-lora"),
+        metadata={"help": "LoRA adapter folder for the reranker (default: the shipped trained one); "
+                          "'' for the zero-shot base model"},
+    )
+    retrieval_weight: float = field(
+        default=-1.0,
+        metadata={"help": "rank by reranker score + w x retriever cosine; -1 = the adapter's w tuned on "
+                          "SQuAD train (its hyperrag.json; 0 without adapter), 0 = reranker score alone"},
     )
     embedder: str = field(
         default="all-minilm-l6-v2", metadata={"help": "embedder id from hyperrag.models.EMBEDDERS"}

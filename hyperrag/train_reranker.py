@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from hyperrag.models import ADAPTER_META
 from hyperrag.prompts import RerankPrompt, RerankTemplate
 
 log = logging.getLogger("hyperrag.train")
@@ -527,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         log.info("validation: retrieval %s | trained %s | best fusion w=%s",
                  summary["validation"]["retrieval"], summary["validation"]["trained"], summary["retrieval_weight"])
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "hyperrag.json").write_text(json.dumps(summary, indent=1))
+    (out / ADAPTER_META).write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("train_articles", "loss_curve")}, indent=1))
     return summary
 

@@ -1,0 +1,123 @@
+"""The trained reranker: the shipped LoRA adapter loads, ranks gold paragraphs first, keys the KV
+store; the training script runs, writes a loadable adapter and resumes from its checkpoint."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from hyperrag.settings import REPO_ROOT, Settings
+from tests.conftest import SHIPPED
+
+ADAPTER = REPO_ROOT / "models" / "reranker-lora"
+
+
+@pytest.fixture(scope="module")
+def trained_llm(cache_dir):
+    from hyperrag.models import load_llm
+
+    return load_llm("smollm2-135m", cache_dir, device="cpu", dtype="float32", adapter=str(ADAPTER))
+
+
+@pytest.fixture(scope="module")
+def dev():
+    docs = {d["id"]: d for d in map(json.loads, (SHIPPED / "docs.jsonl").read_text().splitlines())}
+    queries = {q["id"]: q for q in map(json.loads, (SHIPPED / "queries.jsonl").read_text().splitlines())}
+    return docs, queries
+
+
+def test_shipped_adapter_is_the_default_and_loads(trained_llm):
+    from hyperrag.models import adapter_hash
+
+    assert Settings().adapter == str(ADAPTER)
+    assert (ADAPTER / "adapter_model.safetensors").stat().st_size < 20 * 2**20
+    config = json.loads((ADAPTER / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert trained_llm.fingerprint == f"smollm2-135m+lora-{adapter_hash(ADAPTER)}"
+    assert (ADAPTER / "README.md").exists()
+
+
+# Held-out dev questions where the retriever ranks another paragraph first and the zero-shot model
+# is wrong too: (question id, gold paragraph, negatives = the retriever's top two non-gold candidates
+# and, where retrieved, a paragraph of another article). Picked from `python -m hyperrag.evaluate`.
+CASES = [
+    ("57265aaf5951b619008f706c", "ctenophora-016", ["ctenophora-019", "ctenophora-014", "rhine-037"]),
+    ("572673f5708984140094c69e", "geology-012", ["geology-018", "geology-014", "ctenophora-006"]),
+    ("571163172419e314009555e8", "steam-engine-040", ["steam-engine-012", "steam-engine-008"]),
+    ("572985011d04691400779501", "prime-number-014", ["prime-number-001", "prime-number-000"]),
+]
+
+
+def test_trained_reranker_scores_gold_above_negatives(trained_llm, dev):
+    from hyperrag.rerank import Reranker
+
+    docs, queries = dev
+    reranker = Reranker(trained_llm, batch_size=4)
+    for qid, gold, negatives in CASES:
+        question = queries[qid]["question"]
+        assert queries[qid]["doc_ids"] == [gold]
+        scores = reranker.score(question, [docs[d]["text"] for d in [gold, *negatives]], "full").scores
+        assert scores[0] > max(scores[1:]), (question, scores)
+
+
+def test_store_key_changes_with_the_adapter(llm, trained_llm, tmp_path):
+    from hyperrag.kv.store import content_address
+    from hyperrag.models import adapter_hash
+    from hyperrag.prompts import RerankTemplate
+
+    assert llm.fingerprint == "smollm2-135m"  # no adapter: the plain model id
+    assert "+lora-" in trained_llm.fingerprint
+
+    def identity(fingerprint: str) -> str:  # what Reranker.kv_identity builds from an LLM's fingerprint
+        return f"{fingerprint}|torch.float32|{RerankTemplate().digest}|448"
+
+    text = "The Normans gave their name to Normandy."
+    base_key = content_address(identity(llm.fingerprint), "fp16", text)
+    trained_key = content_address(identity(trained_llm.fingerprint), "fp16", text)
+    assert base_key != trained_key
+    # Any change to the adapter's weights changes its hash, hence every document's key.
+    other = tmp_path / "adapter"
+    shutil.copytree(ADAPTER, other, ignore=shutil.ignore_patterns("checkpoint"))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(other / "adapter_model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] * 1.01
+    save_file(weights, other / "adapter_model.safetensors")
+    assert adapter_hash(other) != adapter_hash(ADAPTER)
+    changed = f"smollm2-135m+lora-{adapter_hash(other)}"
+    assert content_address(identity(changed), "fp16", text) != trained_key
+
+
+def test_reranker_identity_carries_the_fingerprint(reranker):
+    assert reranker.kv_identity.startswith(reranker.llm.fingerprint + "|")
+
+
+TINY = ["--articles", "2", "--paragraphs-per-article", "4", "--val-articles", "0", "--docs", "3", "--hard", "1",
+        "--questions", "2", "--gold-questions", "1", "--max-doc-tokens", "24", "--pool", "8", "--mine-k", "4",
+        "--rank", "2", "--lora-layers", "2", "--save-every", "1", "--threads", "1"]
+
+
+def test_training_runs_writes_a_loadable_adapter_and_resumes(tmp_path, cache_dir):
+    from hyperrag.models import adapter_hash, load_llm
+    from hyperrag.train_reranker import main
+
+    out, data = tmp_path / "lora", tmp_path / "data"
+    common = TINY + ["--out", str(out), "--data-dir", str(data), "--cache-dir", cache_dir]
+    first = main(common + ["--steps", "2"])
+    assert first["steps"] == 2
+    assert first["check"]["max_diff_train_forward_vs_reranker_full"] < 1e-4  # train and inference agree
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    history = json.loads((out / "checkpoint" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2]
+
+    second = main(common + ["--steps", "3", "--no-check"])  # resumes at step 2, runs one more
+    assert second["steps"] == 3
+    resumed = json.loads((out / "checkpoint" / "history.json").read_text())
+    assert [h["step"] for h in resumed] == [1, 2, 3]
+    assert resumed[:2] == history  # the first two steps were not redone
+    llm = load_llm("smollm2-135m", cache_dir, device="cpu", dtype="float32", adapter=str(out))
+    assert llm.fingerprint.endswith(adapter_hash(out))
+    assert all(torch.isfinite(p).all() for p in llm.model.parameters())
