@@ -5,8 +5,9 @@
     python -m hyperrag.bench --codecs fp32,fp16,int8,int4 --frontier --queries 8
 
 Every sampled question is asked in every mode (retrieval only, baseline = full-prefill rerank,
-prefix-cached rerank, KV reuse) with the same retrieved candidates, the mode order rotating per
-question (interleaved A/B) so that drift on a noisy machine hits every mode alike. Model load,
+prefix-cached rerank, KV reuse, and with an adapter set the zero-shot base model in reuse mode)
+with the same retrieved candidates, the mode order rotating per question (interleaved A/B) so
+that drift on a noisy machine hits every mode alike. Model load,
 index build and precompute are timed separately and never count in query timings. By default the
 document KV goes to a temporary fs:// store that is deleted at the end (the user's store is
 never touched); --store uses a given one.
@@ -37,6 +38,9 @@ from typing import Any, Sequence
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# LMCache logs every failed attempt while it evicts from a full CPU tier; the store reports what
+# matters (misses, errors) through its own warnings, which the bench prints.
+os.environ.setdefault("LMCACHE_LOG_LEVEL", "ERROR")
 
 log = logging.getLogger("hyperrag.bench")
 
@@ -83,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="measure nothing: print the table of a saved --json result and write its --html")
     bench.add_argument("--no-generate", action="store_true",
                        help="skip answer generation (e2e rows then measure retrieve + rerank only)")
+    bench.add_argument("--no-zero-shot", action="store_true",
+                       help="skip the zero-shot row (the base model without the adapter, reuse mode, its "
+                            "document KV held in memory), which runs by default when an adapter is set")
     add_cli_args(parser, skip=("store_url",))
     return parser
 
@@ -291,13 +298,15 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
         ref_rank = sorted(ids, key=lambda d: -ref[d])
         for name in order:
             res = reranker.score(q["question"], texts, "reuse", sources[name])
+            # the engine's ranking score: reranker + w x cosine (w = 0 without a fusion weight)
+            scores = [s + engine.retrieval_weight * c for s, c in zip(res.scores, q["candidate_cosine"])]
             row = rows[name]
             row["secs"] += res.load_s + res.compute_s
             row["pairs"] += res.pairs
             row["encoded"] += res.encoded_docs
             row["queries"] += 1
-            row["diffs"] += [abs(s - ref[d]) for d, s in zip(ids, res.scores)]
-            rank = [ids[j] for j in sorted(range(len(ids)), key=lambda j: -res.scores[j])]
+            row["diffs"] += [abs(s - ref[d]) for d, s in zip(ids, scores)]
+            rank = [ids[j] for j in sorted(range(len(ids)), key=lambda j: -scores[j])]
             row["same"] += rank == ref_rank
             row["same_top"] += set(rank[:top_n]) == set(ref_rank[:top_n])
             if gold.get(q["id"]):
@@ -356,7 +365,8 @@ def frontier_points(results: dict) -> list[dict]:
     e2e, quality, rerank = results.get("e2e", {}), results.get("quality", {}), results.get("rerank", {})
     codec = results.get("config", {}).get("codec", "")
     points = []
-    labels = {"retrieval_only": "retrieval only", "baseline": "baseline (full rerank)", "reuse": f"reuse {codec}"}
+    labels = {"retrieval_only": "retrieval only", "zero_shot": f"zero-shot reranker, reuse {codec}",
+              "baseline": "baseline (full rerank)", "reuse": f"reuse {codec}"}
     for key, label in labels.items():
         if key in e2e and key in quality:
             points.append({"label": label, "kind": "e2e", "queries_per_s": e2e[key]["queries_per_s"],
@@ -430,7 +440,7 @@ def run(args: argparse.Namespace) -> dict:
     bar_opts = {"file": sys.stderr, "dynamic_ncols": True, "leave": False}
     wall0 = time.perf_counter()
     setup: dict[str, float] = {}
-    engine = None
+    engine = zero_shot = None
     try:
         t0 = time.perf_counter()
         corpus = load_corpus(settings.corpus)
@@ -444,7 +454,8 @@ def run(args: argparse.Namespace) -> dict:
                   "questions; the quality block is skipped", file=sys.stderr)
         top_k, top_n = settings.top_k, min(settings.top_n, settings.top_k)
         for q in questions:
-            q["candidate_ids"] = [doc_id for doc_id, _ in engine.retrieve(q["question"], top_k)]
+            hits = engine.retrieve(q["question"], top_k)
+            q["candidate_ids"], q["candidate_cosine"] = [d for d, _ in hits], [c for _, c in hits]
         candidate_texts = [[corpus.by_id[d].text for d in q["candidate_ids"]] for q in questions]
 
         # -- precompute (timed apart) ---------------------------------------------------------
@@ -463,10 +474,29 @@ def run(args: argparse.Namespace) -> dict:
         setup["precompute_s"] = report.seconds
         warnings = list(report.warnings)
 
+        # -- the zero-shot reference: base model, no adapter, its own in-memory KV (timed apart) --
+        modes = MODES_ORDER
+        if settings.adapter and not args.no_zero_shot:
+            union = list(dict.fromkeys(t for ts in candidate_texts for t in ts))
+            need = sum(engine.store.codec.nbytes(kv_shape(engine.reranker, engine.reranker.doc_tokens(t)))
+                       for t in union)
+            zero_shot = engine.zero_shot(hot_cache_gb=need * 1.25 / 1e9 + 0.05)
+            bar = tqdm(total=len(union), desc="precompute zero-shot", unit="doc", **bar_opts)
+            zs_report = precompute(zero_shot.reranker, zero_shot.store, union,
+                                   lambda done, total: bar.update(done - bar.n))
+            bar.close()
+            setup["zero_shot_precompute_s"] = zs_report.seconds
+            modes = ("zero_shot", *MODES_ORDER)
+
+        def ask(question: str, mode: str, **kw):
+            if mode == "zero_shot":
+                return zero_shot.ask(question, "reuse", **kw)
+            return engine.ask(question, mode, **kw)
+
         # -- warm-up (not timed): one question through every mode ------------------------------
         t0 = time.perf_counter()
-        for mode in MODES_ORDER:
-            engine.ask(questions[0]["question"], mode, generate=mode != "prefix" and not args.no_generate)
+        for mode in modes:
+            ask(questions[0]["question"], mode, generate=mode != "prefix" and not args.no_generate)
         setup["warmup_s"] = time.perf_counter() - t0
         stats0 = dict(vars(engine.store.stats))
         warnings += engine.store.take_warnings()
@@ -478,13 +508,14 @@ def run(args: argparse.Namespace) -> dict:
         bar = tqdm(total=len(questions), desc="queries", unit="q", **bar_opts)
         loads: list[float] = []
         for i, q in enumerate(questions):
-            order = MODES_ORDER[i % 4:] + MODES_ORDER[: i % 4]
+            order = modes[i % len(modes):] + modes[: i % len(modes)]
             for mode in order:
                 generate = mode != "prefix" and not args.no_generate
-                result = engine.ask(q["question"], mode, top_k=top_k, top_n=top_n, generate=generate)
+                result = ask(q["question"], mode, top_k=top_k, top_n=top_n, generate=generate)
                 if sorted(result.ranked_ids) != sorted(q["candidate_ids"]):
                     same_candidates = False
                 rec = record_from_result(result, q["query"], q["id"], generated=generate)
+                rec["mode"] = mode
                 records.append(rec)
                 encoded_at_query_time += rec.get("encoded_docs", 0) if mode == "reuse" else 0
                 warnings += [w for w in result.warnings if w not in warnings]
@@ -511,7 +542,9 @@ def run(args: argparse.Namespace) -> dict:
                 "max_new_tokens": settings.max_new_tokens, "max_doc_tokens": settings.max_doc_tokens,
                 "generate": not args.no_generate, "quick": args.quick, "precompute": args.precompute,
                 "codecs": args.codec_list, "same_candidates_every_mode": same_candidates,
-                "mode_order": "rotating per question: " + ", ".join(MODES_ORDER),
+                "mode_order": "rotating per question: " + ", ".join(modes),
+                "zero_shot": "base model without the adapter, no score fusion, reuse mode, document KV in memory"
+                             if "zero_shot" in modes else "not run (no adapter, or --no-zero-shot)",
             },
             "setup": setup,
             **summary,
@@ -565,6 +598,8 @@ def run(args: argparse.Namespace) -> dict:
         results["records"] = [{k: v for k, v in r.items() if k not in ("prompt_tokens",)} for r in records]
         return results
     finally:
+        if zero_shot is not None:
+            zero_shot.close()
         if engine is not None:
             engine.close()
         if tmp is not None:
@@ -591,7 +626,7 @@ def print_table(results: dict, out=None) -> None:
     q = results.get("quality", {})
     if any(m in q for m in ("retrieval_only", "baseline", "reuse")):
         print("  quality        recall@1 recall@5  mrr@10 ndcg@10      em      f1", file=out)
-        for m in ("retrieval_only", "baseline", "reuse"):
+        for m in ("retrieval_only", "zero_shot", "baseline", "reuse"):
             if m in q:
                 print(f"  {m:<14}" + "".join(f"{q[m].get(k) if q[m].get(k) is not None else float('nan'):8.3f}"
                                              for k in ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")), file=out)

@@ -19,12 +19,12 @@ from plotly.subplots import make_subplots
 
 STAGES = ("retrieve", "kv_load", "rerank", "generate")
 STAGE_COLORS = {"retrieve": "#9aa5b1", "kv_load": "#f2b134", "rerank": "#d64545", "generate": "#3d7ea6"}
-E2E_MODES = ("retrieval_only", "baseline", "prefix_cached", "reuse")
-RERANK_MODES = ("full", "prefix_cached", "reuse")
+E2E_MODES = ("retrieval_only", "zero_shot", "baseline", "prefix_cached", "reuse")
+RERANK_MODES = ("zero_shot", "full", "prefix_cached", "reuse")
 MODE_COLORS = {"retrieval_only": "#9aa5b1", "baseline": "#d64545", "full": "#d64545",
-               "prefix_cached": "#f28c28", "reuse": "#2e9e6a"}
+               "prefix_cached": "#f28c28", "reuse": "#2e9e6a", "zero_shot": "#8e6cc7"}
 LABELS = {"retrieval_only": "retrieval only", "baseline": "baseline (full rerank)", "full": "full prefill",
-          "prefix_cached": "prefix cached", "reuse": "KV reuse"}
+          "prefix_cached": "prefix cached", "reuse": "KV reuse", "zero_shot": "zero-shot reranker (reuse)"}
 QUALITY_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")
 TEMPLATE = "plotly_white"
 
@@ -277,7 +277,7 @@ def ratio_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     layout = _get(results, "layout", default={})
     rows = [
         ("reranker pairs/s: full / prefix cached / reuse",
-         " / ".join(_fmt(_get(rerank, m, "pairs_per_s")) for m in RERANK_MODES), ""),
+         " / ".join(_fmt(_get(rerank, m, "pairs_per_s")) for m in ("full", "prefix_cached", "reuse")), ""),
         ("reuse vs full (pairs/s)", _x(_get(rerank, "speedup_vs_full")), ">= 5x"),
         ("reuse vs prefix cached (pairs/s)", _x(_get(rerank, "speedup_vs_prefix_cached")), ">= 3x"),
         ("token-ratio limit (prefix+doc+query+suffix)/(query+suffix)", _x(_get(rerank, "token_ratio_limit")), ""),
@@ -318,7 +318,7 @@ def _mode_table(results: Mapping[str, Any]) -> str:
     for m in E2E_MODES:
         if not isinstance(_get(e2e, m), Mapping) and not isinstance(_get(quality, m), Mapping):
             continue
-        rm = {"baseline": "full", "prefix_cached": "prefix_cached", "reuse": "reuse"}.get(m)
+        rm = {"baseline": "full", "prefix_cached": "prefix_cached", "reuse": "reuse", "zero_shot": "zero_shot"}.get(m)
         rows.append([LABELS[m], _fmt(_get(e2e, m, "queries_per_s")), _fmt(_get(e2e, m, "p50_ms")),
                      _fmt(_get(e2e, m, "p95_ms")), _fmt(_get(rerank, rm, "pairs_per_s")) if rm else "–"]
                     + [_fmt(_get(quality, m, k)) for k in QUALITY_KEYS])

@@ -6,12 +6,12 @@ numbers the same way. No plotting here (engine side): :mod:`hyperrag.figures` dr
 Result schema (the whole dict; this module builds ``e2e``, ``rerank`` and ``quality``)::
 
     config   {...}                       how the run was made (bench only)
-    rerank   {full, prefix_cached, reuse: {pairs, pairs_per_s, p50_ms, p95_ms, mean_ms},
+    rerank   {full, prefix_cached, reuse, zero_shot: {pairs, pairs_per_s, p50_ms, p95_ms, mean_ms},
               speedup_vs_full, speedup_vs_prefix_cached, token_ratio_limit, limit_fraction,
               mean_prompt_tokens, mean_query_tokens}
-    e2e      {retrieval_only, baseline, reuse: {queries, queries_per_s, p50_ms, p95_ms, mean_ms,
+    e2e      {retrieval_only, zero_shot, baseline, reuse: {queries, queries_per_s, p50_ms, p95_ms, mean_ms,
               stage_ms {retrieve, kv_load, rerank, generate}}, speedup_vs_baseline}
-    quality  {retrieval_only, baseline, reuse: {queries, recall@1, recall@5, mrr@10, ndcg@10, em, f1},
+    quality  {retrieval_only, zero_shot, baseline, reuse: {queries, recall@1, recall@5, mrr@10, ndcg@10, em, f1},
               max_abs_score_diff, ranking_agreement, top_n_agreement, answer_agreement}
     storage  {codec, docs, tokens, bytes, bytes_per_token, precompute_docs_per_s, load_gb_per_s}
     machine  {cpu, cores, threads, torch, device, ...}
@@ -22,7 +22,8 @@ Result schema (the whole dict; this module builds ``e2e``, ``rerank`` and ``qual
 
 Mode names: records use the engine's modes (``retrieval``, ``baseline``, ``prefix``, ``reuse``);
 the schema uses ``retrieval_only``, ``baseline``, ``prefix_cached``, ``reuse`` for end to end and
-``full``, ``prefix_cached``, ``reuse`` for the reranker.
+``full``, ``prefix_cached``, ``reuse`` for the reranker. ``zero_shot`` (both) is the base model
+without the trained adapter, in reuse mode: the reference that shows what training bought.
 """
 from __future__ import annotations
 
@@ -33,11 +34,9 @@ from hyperrag.metrics import exact_match, f1_score, latency_summary, ranking_met
 
 STAGES = ("retrieve", "kv_load", "rerank", "generate")
 E2E_KEY = {"retrieval": "retrieval_only", "retrieval_only": "retrieval_only", "baseline": "baseline",
-           "full": "baseline", "prefix": "prefix_cached", "prefix_cached": "prefix_cached", "reuse": "reuse"}
-RERANK_KEY = {"baseline": "full", "full": "full", "prefix": "prefix_cached", "prefix_cached": "prefix_cached",
-              "reuse": "reuse"}
-E2E_ORDER = ("retrieval_only", "baseline", "prefix_cached", "reuse")
-RERANK_ORDER = ("full", "prefix_cached", "reuse")
+           "full": "baseline", "prefix": "prefix_cached", "prefix_cached": "prefix_cached", "reuse": "reuse",
+           "zero_shot": "zero_shot"}
+E2E_ORDER = ("retrieval_only", "zero_shot", "baseline", "prefix_cached", "reuse")
 QUALITY_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")
 
 
@@ -167,7 +166,8 @@ def _rerank(by_mode: dict) -> dict:
     ratios: list[float] = []
     prompt_tokens: list[int] = []
     query_tokens: list[int] = []
-    for mode_key, key in (("baseline", "full"), ("prefix_cached", "prefix_cached"), ("reuse", "reuse")):
+    for mode_key, key in (("baseline", "full"), ("prefix_cached", "prefix_cached"), ("reuse", "reuse"),
+                          ("zero_shot", "zero_shot")):
         recs = [r for r in by_mode.get(mode_key, []) if r.get("pairs")]
         if not recs:
             continue

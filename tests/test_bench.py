@@ -123,7 +123,12 @@ def test_quick_bench_schema_and_numbers(quick_run, capsys):
     assert all(row["pairs_per_s"] > 0 and row["encoded_docs"] == 0 for row in saved["codecs"])
     assert {p["kind"] for p in saved["frontier"]} == {"e2e", "rerank"}
     assert not [w for w in saved["warnings"] if "machine was busy" not in w], saved["warnings"]
-    assert len(results["records"]) == 2 * 4
+    # The shipped adapter is the default reranker, so the zero-shot base model runs beside it.
+    assert saved["config"]["adapter"] and "zero_shot" in saved["config"]["mode_order"]
+    assert saved["rerank"]["zero_shot"]["pairs_per_s"] > 0 and saved["e2e"]["zero_shot"]["queries_per_s"] > 0
+    for k in QUALITY:
+        assert 0.0 <= saved["quality"]["zero_shot"][k] <= 1.0, k
+    assert len(results["records"]) == 2 * 5
 
 
 def test_quick_bench_html_is_self_contained(quick_run):
