@@ -43,7 +43,7 @@ from hyperrag.kv.codec import CODECS
 from hyperrag.kv.store import StoreError, parse_store_url, redact_url
 from hyperrag.metrics import exact_match, f1_score
 from hyperrag.pipeline import MODES, Engine, QuestionError, RAGResult, clean_question, open_store
-from hyperrag.precompute import PrecomputeReport
+from hyperrag.precompute import PrecomputeReport, precompute
 from hyperrag.rerank import Reranker
 from hyperrag.settings import REPO_ROOT, Settings
 
@@ -57,7 +57,9 @@ MODE_TITLES = {
     "baseline": "Baseline rerank (full prefill)",
     "prefix": "Prefix-cached rerank",
     "reuse": "KV-reuse rerank (HyperRAG)",
+    "zero_shot": "Zero-shot rerank (base model, no adapter; KV reuse)",
 }
+ZERO_SHOT = "zero_shot"  # batch-only mode: what the trained adapter is measured against
 MAX_GOLD_CHOICES = 400
 MAX_BATCH_QUERIES = 200
 MAX_TOP_K, MAX_TOP_N = 50, 10  # per request: bounds the work (and memory) one request can ask for
@@ -194,6 +196,7 @@ class Workbench:
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._base: Engine | None = None
+        self._zero_shot: Engine | None = None
         self._corpora: OrderedDict[str, CorpusEntry] = OrderedDict()
         self._loader: threading.Thread | None = None
 
@@ -240,6 +243,8 @@ class Workbench:
         return self._base is not None
 
     def close(self) -> None:
+        if self._zero_shot is not None:
+            self._zero_shot.close()
         if self._base is not None:
             self._base.close()
 
@@ -304,6 +309,17 @@ class Workbench:
                 view.set_corpus(entry.corpus, progress)
                 entry.index = view.index
         return Engine(self.settings, entry.corpus, entry.index, base.reranker, base.generator, base.store)
+
+    def zero_shot_engine(self, entry: CorpusEntry) -> Engine:
+        """The base model without the adapter as reranker over this corpus: the reference the
+        trained adapter is measured against. Made on first use; its document KV lives in its own
+        in-process store (``hot_cache_gb``, at least 1 GB), computed when first needed."""
+        view = self.engine(entry)
+        with self._lock:
+            if self._zero_shot is None:
+                self._zero_shot = view.zero_shot(max(1.0, self.settings.hot_cache_gb))
+            zs = self._zero_shot
+        return Engine(zs.settings, view.corpus, view.index, zs.reranker, zs.generator, zs.store)
 
     # -- storage estimate ---------------------------------------------------------------------
     def estimate(self, entry: CorpusEntry, codecs: Sequence[str] | None = None) -> dict:
@@ -739,7 +755,10 @@ def _ask(wb: Workbench, entry: CorpusEntry, question: str, mode: str, top_k: int
     if not 1 <= top_k <= MAX_TOP_K or not 1 <= top_n <= MAX_TOP_N:
         raise UserError(f"top-k must be between 1 and {MAX_TOP_K} and top-n between 1 and {MAX_TOP_N}")
     with wb.gate.use():
-        engine = wb.engine(entry)
+        if mode == ZERO_SHOT:
+            engine, mode = wb.zero_shot_engine(entry), "reuse"
+        else:
+            engine = wb.engine(entry)
         try:
             return engine.ask(question, mode, int(top_k), int(top_n))
         except QuestionError as err:
@@ -827,6 +846,11 @@ def write_exports(folder: Path, result: dict, records: list[dict]) -> list[str]:
     return [str(json_path), str(csv_path)]
 
 
+def batch_modes(settings: Settings) -> tuple[str, ...]:
+    """Modes a batch can run: the engine's, plus the zero-shot reference when an adapter is set."""
+    return (*MODES, ZERO_SHOT) if settings.adapter else MODES
+
+
 def cb_run_batch(n_queries: float, modes: Sequence[str], seed: float, top_k: float, top_n: float,
                  key: str | None):
     """Run gold queries in the chosen modes (interleaved per query); yield updated dashboards.
@@ -834,7 +858,7 @@ def cb_run_batch(n_queries: float, modes: Sequence[str], seed: float, top_k: flo
     Yields (status, banner, 5 figures, per-query table, export files)."""
     wb = get_workbench()
     entry = wb.entry(key)
-    modes = [m for m in MODES if m in (modes or [])]
+    modes = [m for m in batch_modes(wb.settings) if m in (modes or [])]
     if not modes:
         raise UserError("choose at least one mode")
     if not entry.corpus.queries:
@@ -845,11 +869,18 @@ def cb_run_batch(n_queries: float, modes: Sequence[str], seed: float, top_k: flo
     warnings: list[str] = []
     t0 = time.perf_counter()
     result: dict = {}
+    if ZERO_SHOT in modes:  # its document KV first, so that its timings are query time only
+        yield (f"Computing the zero-shot reranker's document KV for the candidates of {n} queries…",
+               banner([]), *[gr.update()] * (len(DASHBOARDS) + 2))
+        with wb.gate.use():
+            zs = wb.zero_shot_engine(entry)
+            texts = [entry.corpus.by_id[d].text for q in queries for d, _ in zs.retrieve(q.question, int(top_k))]
+            precompute(zs.reranker, zs.store, list(dict.fromkeys(texts)))
     for i, query in enumerate(queries, 1):
         for mode in modes:
             res = _ask(wb, entry, query.question, mode, int(top_k), int(top_n))
             warnings += res.warnings
-            records.append(report.record_from_result(res, query))
+            records.append({**report.record_from_result(res, query), "mode": mode})
         result = batch_results(wb, entry, records)
         status = f"{i}/{n} queries × {len(modes)} modes in {time.perf_counter() - t0:.0f} s"
         if i < n:
@@ -973,8 +1004,8 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
             with gr.Tab("3 · Batch & dashboards", id="batch"):
                 with gr.Row():
                     n_queries = gr.Slider(1, MAX_BATCH_QUERIES, value=10, step=1, label="Gold queries")
-                    batch_modes = gr.CheckboxGroup([(MODE_TITLES[m], m) for m in MODES],
-                                                   value=list(COMPARE_MODES), label="Modes")
+                    mode_box = gr.CheckboxGroup([(MODE_TITLES[m], m) for m in batch_modes(s)],
+                                                value=list(COMPARE_MODES), label="Modes")
                     seed = gr.Number(s.seed, label="Seed", precision=0)
                 with gr.Row():
                     run = gr.Button("Run batch", variant="primary")
@@ -1007,7 +1038,7 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
         ask.click(**ask_event, api_name="compare")
         question.submit(**ask_event, api_visibility="private")
         gr.api(api_ask, api_name="ask")
-        batch_event = run.click(cb_run_batch, [n_queries, batch_modes, seed, top_k, top_n, corpus_key],
+        batch_event = run.click(cb_run_batch, [n_queries, mode_box, seed, top_k, top_n, corpus_key],
                                 [batch_status, warn, *plots, batch_table, exports], api_name="run_batch",
                                 concurrency_id="batch", concurrency_limit=1)
         stop.click(None, None, None, cancels=[batch_event], api_visibility="private")

@@ -201,6 +201,21 @@ def test_batch_dashboards_and_exports(wb):
         last(ui.cb_run_batch(2, [], 0, 3, 1, ui.DEFAULT_KEY))
 
 
+def test_batch_with_the_zero_shot_reference(wb):
+    """With the shipped adapter, a batch can add the untrained base model as a fourth row."""
+    assert wb.settings.adapter and ui.ZERO_SHOT in ui.batch_modes(wb.settings)
+    steps = list(ui.cb_run_batch(2, ["retrieval", "zero_shot", "reuse"], 0, 3, 1, ui.DEFAULT_KEY))
+    assert "zero-shot" in steps[0][0]  # its document KV is computed before any query is timed
+    status, _, *plots, table, files = steps[-1]
+    assert status.startswith("**Done:**") and set(table["mode"]) == {"retrieval", "zero_shot", "reuse"}
+    data = json.loads(Path(files[0]).read_text())
+    assert data["rerank"]["zero_shot"]["pairs_per_s"] > 0 and "ndcg@10" in data["quality"]["zero_shot"]
+    assert all(r["encoded_docs"] == 0 for r in data["records"] if r["mode"] == "zero_shot")
+    zs = wb.zero_shot_engine(wb.entry(ui.DEFAULT_KEY))
+    assert zs.reranker.llm.fingerprint == "smollm2-135m" and zs.retrieval_weight == 0
+    assert zs.store.identity != wb.wait_ready().store.identity  # never the trained model's KV
+
+
 def test_apply_settings_reopens_store_and_refuses_unsafe_urls(wb):
     original = (wb.settings.codec, wb.settings.store_url, wb.settings.batch_size)
     reranker = wb.wait_ready().reranker
