@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -102,21 +102,11 @@ def throughput_figure(results: Mapping[str, Any]) -> go.Figure:
         return _empty("Throughput", "no throughput measurements")
     fig = make_subplots(rows=1, cols=2, subplot_titles=("End to end: queries/s", "Reranker: pairs/s"))
     if e_modes:
-        qps = [_num(_get(e2e, m, "queries_per_s")) for m in e_modes]
-        base = _num(_get(e2e, "baseline", "queries_per_s"))
-        fig.add_bar(x=[LABELS[m] for m in e_modes], y=qps, marker_color=[MODE_COLORS[m] for m in e_modes],
-                    text=[f"{q:.3g}" + (f" ({q / base:.1f}x)" if base and m != "baseline" else "")
-                          for q, m in zip(qps, e_modes)],
-                    textposition="outside", showlegend=False, row=1, col=1,
-                    hovertemplate="%{x}: %{y:.3g} queries/s<extra></extra>")
+        _rate_bars(fig, e2e, e_modes, "queries_per_s", "baseline", "queries/s", 1, textposition="outside")
     if r_modes:
-        pps = [_num(_get(rerank, m, "pairs_per_s")) for m in r_modes]
+        _rate_bars(fig, rerank, r_modes, "pairs_per_s", "full", "pairs/s", 2, textposition="auto",
+                   insidetextanchor="middle")
         full = _num(_get(rerank, "full", "pairs_per_s"))
-        fig.add_bar(x=[LABELS[m] for m in r_modes], y=pps, marker_color=[MODE_COLORS[m] for m in r_modes],
-                    text=[f"{p:.3g}" + (f" ({p / full:.1f}x)" if full and m != "full" else "")
-                          for p, m in zip(pps, r_modes)],
-                    textposition="auto", insidetextanchor="middle", showlegend=False, row=1, col=2,
-                    hovertemplate="%{x}: %{y:.3g} pairs/s<extra></extra>")
         limit = _num(_get(rerank, "token_ratio_limit"))
         if limit and full and "reuse" in r_modes:
             # the token-ratio limit drawn as a tick over the reuse bar
@@ -132,6 +122,16 @@ def throughput_figure(results: Mapping[str, Any]) -> go.Figure:
     fig.update_layout(title="Throughput (higher is better)", template=TEMPLATE, height=420,
                       legend={"orientation": "h", "y": -0.15})
     return fig
+
+
+def _rate_bars(fig: go.Figure, block: Any, modes: Sequence[str], key: str, reference: str, unit: str, col: int,
+               **bar: Any) -> None:
+    """One bar per mode of ``block[mode][key]``, labelled with its ratio to the ``reference`` mode."""
+    values = [_num(_get(block, m, key)) for m in modes]
+    ref = _num(_get(block, reference, key))
+    fig.add_bar(x=[LABELS[m] for m in modes], y=values, marker_color=[MODE_COLORS[m] for m in modes],
+                text=[f"{v:.3g}" + (f" ({v / ref:.1f}x)" if ref and m != reference else "") for v, m in zip(values, modes)],
+                showlegend=False, row=1, col=col, hovertemplate=f"%{{x}}: %{{y:.3g}} {unit}<extra></extra>", **bar)
 
 
 def quality_figure(results: Mapping[str, Any]) -> go.Figure:

@@ -94,21 +94,28 @@ def cut_paragraphs(articles: list[dict], per_article: int) -> list[dict]:
     return [{**a, "paragraphs": a["paragraphs"][:per_article]} for a in articles]
 
 
-def prepare_data(args, prompt: RerankPrompt, embedder) -> TrainData:
-    """Sampled train articles, their paragraph index (cached) and each anchor's mined pool."""
+def indexed_articles(articles: list[dict], name: str, key_extra: list, args, embedder):
+    """SQuAD articles as a corpus folder in ``--data-dir`` (named by their titles, written once)
+    and its retrieval index (cached like the engine's)."""
     from hyperrag.corpus import load_corpus
     from hyperrag.retrieval import DenseIndex
     from hyperrag.squad import articles_to_corpus, write_corpus
 
-    train_articles, val_articles = pick_articles(args.articles, args.val_articles, args.seed, args.cache_dir)
-    train_articles = cut_paragraphs(train_articles, args.paragraphs_per_article)
-    key = hashlib.sha256(json.dumps([a["title"] for a in train_articles] + [args.paragraphs_per_article]).encode())
-    folder = Path(args.data_dir) / f"train-{key.hexdigest()[:12]}"
+    key = hashlib.sha256(json.dumps([a["title"] for a in articles] + key_extra).encode()).hexdigest()[:12]
+    folder = Path(args.data_dir) / f"{name}-{key}"
     if not (folder / "queries.jsonl").exists():
-        write_corpus(folder, *articles_to_corpus(train_articles))
+        write_corpus(folder, *articles_to_corpus(articles))
     corpus = load_corpus(folder)
     index = DenseIndex.load_or_build(corpus, embedder, "all-minilm-l6-v2", args.cache_dir,
-                                     progress=_bar("embed train paragraphs"))
+                                     progress=_bar(f"embed {name} paragraphs"))
+    return corpus, index
+
+
+def prepare_data(args, prompt: RerankPrompt, embedder) -> TrainData:
+    """Sampled train articles, their paragraph index (cached) and each anchor's mined pool."""
+    train_articles, val_articles = pick_articles(args.articles, args.val_articles, args.seed, args.cache_dir)
+    train_articles = cut_paragraphs(train_articles, args.paragraphs_per_article)
+    corpus, index = indexed_articles(train_articles, "train", [args.paragraphs_per_article], args, embedder)
     texts = [d.text for d in corpus.docs]
     row = {d.id: i for i, d in enumerate(corpus.docs)}
     tail = len(prompt.tail_ids)
@@ -340,22 +347,13 @@ def check_against_reranker(args, model, prompt: RerankPrompt, score_vec, data: T
 def validate(args, out: Path, embedder) -> dict:
     """Held-out train articles: retrieval vs the trained reranker (engine settings), and the fusion
     weight ``w`` (score + w * cosine) that maximizes MRR@10 there."""
-    from hyperrag.corpus import load_corpus
     from hyperrag.evaluate import SystemRun, rerank_scores, retrieve, ranking_summary, sample_queries
     from hyperrag.models import load_llm
     from hyperrag.rerank import Reranker
-    from hyperrag.retrieval import DenseIndex
     from hyperrag.settings import Settings
-    from hyperrag.squad import articles_to_corpus, write_corpus
 
     _, val_articles = pick_articles(args.articles, args.val_articles, args.seed, args.cache_dir)
-    key = hashlib.sha256(json.dumps([a["title"] for a in val_articles]).encode()).hexdigest()[:12]
-    folder = Path(args.data_dir) / f"val-{key}"
-    if not (folder / "queries.jsonl").exists():
-        write_corpus(folder, *articles_to_corpus(val_articles))
-    corpus = load_corpus(folder)
-    index = DenseIndex.load_or_build(corpus, embedder, "all-minilm-l6-v2", args.cache_dir,
-                                     progress=_bar("embed validation paragraphs"))
+    corpus, index = indexed_articles(val_articles, "val", [], args, embedder)
     s = Settings()
     cands = retrieve(index, sample_queries(corpus, args.val_questions, args.seed), s.top_k)
     llm = load_llm(args.model, args.cache_dir, "cpu", "float32", adapter=str(out))
