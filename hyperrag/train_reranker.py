@@ -132,7 +132,7 @@ def prepare_data(args, prompt: RerankPrompt, embedder) -> TrainData:
     anchors = list(usable)
     random.Random(args.seed + 1).shuffle(anchors)
     anchors = anchors[: args.pool]
-    mined_file = folder / f"mined-{args.mine_k}-{args.seed}-{args.pool}.json"
+    mined_file = Path(corpus.root) / f"mined-{args.mine_k}-{args.seed}-{args.pool}.json"
     if mined_file.exists():
         mined = {int(k): v for k, v in json.loads(mined_file.read_text()).items()}
     else:

@@ -327,7 +327,7 @@ def test_killed_precompute_resumes(tmp_path, reranker, tiny_corpus_dir, cache_di
     write_jsonl(folder / "docs.jsonl", [{"id": d.id, "title": d.title, "text": d.text} for d in docs])
     kv_dir = tmp_path / "kv"
     cmd = [sys.executable, "-m", "hyperrag.precompute", "--corpus", str(folder), "--store", f"fs://{kv_dir}",
-           "--codec", "fp16", "--dtype", "float32", "--batch-size", "1"]
+           "--codec", "fp16", "--dtype", "float32", "--batch-size", "1", "--adapter", ""]  # the `reranker` fixture's model
     env = {**os.environ, "HYPERRAG_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": "1"}
     monkeypatch.setenv("HYPERRAG_CACHE_DIR", cache_dir)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

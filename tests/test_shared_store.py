@@ -22,6 +22,7 @@ def test_second_worker_finds_everything(reranker, tiny_corpus_dir, cache_dir, tm
     docs = sorted((d.text for d in corpus.docs), key=len)[:6]
     questions = [{"question": q.question, "docs": docs} for q in corpus.queries[:2]]
     settings = {"dtype": "float32", "codec": "fp16", "batch_size": reranker.batch_size, "hot_cache_gb": 0.05,
+                "adapter": "",  # the `reranker` fixture's model: the zero-shot base
                 "store_timeout_s": 5.0, "cache_dir": cache_dir}
     urls = [lm_server.url, redis_server.url]
     mine = {}
