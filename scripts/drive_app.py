@@ -223,19 +223,20 @@ class Chromium:
             raise LookupError(f"no button labelled {label!r}")
 
     def fill(self, label: str, value: str) -> None:
-        """Type into the textbox whose label is ``label`` (as a user would: input events)."""
+        """Type into the textbox whose label is ``label`` as a user would: focus it, select what is
+        there, insert the text through the browser's input pipeline (real input events), leave it."""
         found = self.js(f"""(() => {{
             const labels = [...document.querySelectorAll('label')].filter(
                 l => l.innerText.trim().startsWith({json.dumps(label)}));
             for (const l of labels) {{
                 const box = l.querySelector('textarea, input') || (l.htmlFor && document.getElementById(l.htmlFor));
-                if (box) {{ box.focus(); box.value = {json.dumps(value)};
-                    box.dispatchEvent(new Event('input', {{bubbles: true}}));
-                    box.dispatchEvent(new Event('change', {{bubbles: true}})); box.blur(); return true; }}
+                if (box) {{ box.scrollIntoView(); box.focus(); box.select(); return true; }}
             }}
             return false; }})()""")
         if not found:
             raise LookupError(f"no textbox labelled {label!r}")
+        self.send("Input.insertText", {"text": value}, session=True)
+        self.js("document.activeElement && document.activeElement.blur()")
 
     def screenshot(self, path: str | Path, full_page: bool = True) -> bytes:
         params: dict = {"format": "png"}
@@ -275,11 +276,18 @@ def ask_in_browser(browser: Chromium, url: str, question: str, timeout_s: float 
     browser.fill("Question", question)
     time.sleep(0.5)  # let the page take the typed value before the click reads it
     browser.click_button("Ask in all three modes")
+    done = ("document.body.innerText.includes('faster than the baseline')"
+            " && document.body.innerText.split('Answer:').length > 3")
+    toasts = "[...document.querySelectorAll('[data-testid=\"toast-body\"]')].map(t => t.innerText).join(' | ')"
     try:
-        browser.wait_for("document.body.innerText.includes('faster than the baseline')"
-                         " && document.body.innerText.split('Answer:').length > 3", timeout_s)
+        browser.wait_for(f"({done}) || ({toasts}).includes('Error')", timeout_s)
+        errors = browser.js(toasts)
+        if "Error" in (errors or "") and not browser.js(done):
+            raise RuntimeError(f"the app answered with an error: {errors}")
     except TimeoutError as err:
-        raise TimeoutError(f"{err}\npage text:\n{browser.text()[:3000]}") from None
+        text = browser.text()
+        tail = f"\n[...]\n{text[-1500:]}" if len(text) > 3000 else ""  # error toasts sit at the end
+        raise TimeoutError(f"{err}\npage text:\n{text[:3000]}{tail}") from None
     time.sleep(1.0)  # let the tables finish rendering
     return browser.text()
 
