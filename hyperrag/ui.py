@@ -739,8 +739,10 @@ def _gold(entry: CorpusEntry, question: str) -> Query | None:
     return entry.gold.get(question.strip())
 
 
-def cb_pick_gold(gold: str | None) -> str:
-    return gold or ""
+def cb_pick_gold(gold: str | None):
+    """A picked gold question goes into the question box; a reset list (page load, another
+    corpus) leaves whatever the user typed there."""
+    return gold if gold else gr.update()
 
 
 def cb_random_gold(key: str | None, seed: float | None = None) -> tuple[str, dict]:

@@ -201,6 +201,12 @@ def test_batch_dashboards_and_exports(wb):
         last(ui.cb_run_batch(2, [], 0, 3, 1, ui.DEFAULT_KEY))
 
 
+def test_gold_list_reset_keeps_a_typed_question():
+    """The page-load event refills the gold list; that must not wipe what the user typed."""
+    assert ui.cb_pick_gold("Who ruled the duchy of Normandy?") == "Who ruled the duchy of Normandy?"
+    assert "value" not in ui.cb_pick_gold(None) and "value" not in ui.cb_pick_gold("")
+
+
 def test_batch_with_the_zero_shot_reference(wb):
     """With the shipped adapter, a batch can add the untrained base model as a fourth row."""
     assert wb.settings.adapter and ui.ZERO_SHOT in ui.batch_modes(wb.settings)
