@@ -45,20 +45,23 @@ def _die_with_parent(command: list[str]) -> list[str]:
 class Server:
     """One server process on a fixed port; kill / freeze / restart keep the port (and URL)."""
 
-    def __init__(self, kind: str, port: int | None = None):
+    def __init__(self, kind: str, port: int | None = None, password: str = ""):
         self.kind = kind
         self.port = port or free_port()
+        self.password = password  # redis only: --requirepass
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"{self.kind}://{HOST}:{self.port}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"{self.kind}://{auth}{HOST}:{self.port}"
 
     def command(self) -> list[str]:
         if self.kind == "lm":
             return [lmcache_server_binary() or "lmcache_server", HOST, str(self.port), "cpu"]
         return ["redis-server", "--bind", HOST, "--port", str(self.port), "--save", "", "--appendonly", "no",
-                "--protected-mode", "yes", "--loglevel", "warning"]
+                "--protected-mode", "yes", "--loglevel", "warning",
+                *(["--requirepass", self.password] if self.password else [])]
 
     def start(self, timeout_s: float = 30.0) -> "Server":
         env = {**os.environ, "LMCACHE_TRACK_USAGE": "false", "LMCACHE_LOG_LEVEL": "WARNING"}

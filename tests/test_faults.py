@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -143,6 +144,31 @@ def test_store_unreachable_at_start_up(reranker, batch, make_store):
         assert wait_until(lambda: store.available, 20)
         assert store.flush(20)
         assert all(make_store(server.url).contains(d, durable=True) for d in docs)
+    finally:
+        server.kill()
+
+
+@pytest.mark.servers
+def test_redis_refuses_the_password(reranker, batch, make_store):
+    """A Redis that wants a password: none or a wrong one degrades the store with a clear reason
+    (and never the password); scores stay exact; the right password stores and loads."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed (./run.sh test installs it with apt-get)")
+    question, docs, kvs, reference = batch
+    server = Server("redis", free_port(), password="s3cret-pw").start()
+    try:
+        for url in (server.url.replace(":s3cret-pw@", ""), server.url.replace("s3cret-pw", "wrong-pw")):
+            store = make_store(url)
+            assert not store.available
+            result = reranker.score(question, docs, "reuse", store)
+            assert exact(result.scores, reference) and result.encoded_docs == len(docs)
+            warnings = store.take_warnings()
+            assert warned(warnings, "AuthenticationError"), warnings
+            assert not any("s3cret" in w or "wrong-pw" in w for w in warnings), warnings  # redacted
+        store = make_store(server.url)
+        assert store.available
+        reranker.score(question, docs, "reuse", store)
+        assert store.flush(10) and all(make_store(server.url).contains(d, durable=True) for d in docs)
     finally:
         server.kill()
 
