@@ -271,6 +271,7 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
 
     from hyperrag.kv.codec import get_codec
     from hyperrag.metrics import ndcg_at_k
+    from hyperrag.rerank import fuse_scores
 
     reranker = engine.reranker
     union = list(dict.fromkeys(t for texts in candidate_texts for t in texts))
@@ -299,7 +300,7 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
         for name in order:
             res = reranker.score(q["question"], texts, "reuse", sources[name])
             # the engine's ranking score: reranker + w x cosine (w = 0 without a fusion weight)
-            scores = [s + engine.retrieval_weight * c for s, c in zip(res.scores, q["candidate_cosine"])]
+            scores = fuse_scores(res.scores, q["candidate_cosine"], engine.retrieval_weight)
             row = rows[name]
             row["secs"] += res.load_s + res.compute_s
             row["pairs"] += res.pairs
@@ -409,6 +410,15 @@ def machine_info(engine) -> dict:
     return info
 
 
+def _tqdm_progress(bar):
+    """A precompute progress callback ``(done, total)`` that drives a tqdm bar."""
+    def report(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    return report
+
+
 def _loadavg() -> float:
     try:
         return os.getloadavg()[0]
@@ -464,12 +474,7 @@ def run(args: argparse.Namespace) -> dict:
         else:
             texts = list(dict.fromkeys(t for ts in candidate_texts for t in ts))
         bar = tqdm(total=len(texts), desc="precompute", unit="doc", **bar_opts)
-
-        def on_progress(done: int, total: int) -> None:
-            bar.total, bar.n = total, done
-            bar.refresh()
-
-        report = precompute(engine.reranker, engine.store, texts, on_progress)
+        report = precompute(engine.reranker, engine.store, texts, _tqdm_progress(bar))
         bar.close()
         setup["precompute_s"] = report.seconds
         warnings = list(report.warnings)
@@ -482,8 +487,7 @@ def run(args: argparse.Namespace) -> dict:
                        for t in union)
             zero_shot = engine.zero_shot(hot_cache_gb=need * 1.25 / 1e9 + 0.05)
             bar = tqdm(total=len(union), desc="precompute zero-shot", unit="doc", **bar_opts)
-            zs_report = precompute(zero_shot.reranker, zero_shot.store, union,
-                                   lambda done, total: bar.update(done - bar.n))
+            zs_report = precompute(zero_shot.reranker, zero_shot.store, union, _tqdm_progress(bar))
             bar.close()
             setup["zero_shot_precompute_s"] = zs_report.seconds
             modes = ("zero_shot", *MODES_ORDER)

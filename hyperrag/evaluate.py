@@ -43,7 +43,7 @@ import torch
 
 from hyperrag.metrics import exact_match, f1_score, ranking_metrics
 from hyperrag.prompts import ASSISTANT, SYSTEM, RerankTemplate
-from hyperrag.rerank import Reranker, length_batches
+from hyperrag.rerank import Reranker, fuse_scores, length_batches
 
 log = logging.getLogger("hyperrag.evaluate")
 
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if name == "trained+retrieval":
                 w = float(adapter_meta(adapter).get("retrieval_weight", 0.0))
                 report["retrieval_weight"] = w
-                run.scores = [[x + w * cos for x, cos in zip(sc, c.cosine)] for sc, c in zip(run.scores, part)]
+                run.scores = [fuse_scores(sc, c.cosine, w) for sc, c in zip(run.scores, part)]
         else:
             raise SystemExit(f"unknown system {name!r}")
         bar.close()

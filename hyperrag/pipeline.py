@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Callable
 
 from hyperrag.corpus import Corpus, load_corpus
@@ -22,7 +23,7 @@ from hyperrag.generate import Generator
 from hyperrag.kv.store import KVStore, StoreError
 from hyperrag.models import adapter_meta, load_embedder, load_llm
 from hyperrag.precompute import PrecomputeReport, precompute
-from hyperrag.rerank import Reranker, RerankResult
+from hyperrag.rerank import Reranker, RerankResult, fuse_scores
 from hyperrag.retrieval import DenseIndex
 from hyperrag.settings import Settings
 
@@ -138,7 +139,7 @@ class Engine:
                                          self.store if mode == "reuse" else None)
             scores = rerank.scores
             if self.retrieval_weight:  # score fusion: w tuned with the adapter, on SQuAD train
-                scores = [x + self.retrieval_weight * cos for x, (_, cos) in zip(scores, hits)]
+                scores = fuse_scores(scores, [cos for _, cos in hits], self.retrieval_weight)
             order = sorted(range(len(docs)), key=lambda i: -scores[i])
             timings["kv_load"] = rerank.load_s
             timings["rerank"] = rerank.compute_s
@@ -174,7 +175,14 @@ def retrieval_weight(s: Settings) -> float:
     """``w`` in the ranking score ``reranker + w x cosine``: the setting, or (-1) the adapter's own."""
     if s.retrieval_weight >= 0:
         return s.retrieval_weight
-    return float(adapter_meta(s.adapter).get("retrieval_weight", 0.0)) if s.adapter else 0.0
+    return _adapter_retrieval_weight(s.adapter) if s.adapter else 0.0
+
+
+@lru_cache(maxsize=8)
+def _adapter_retrieval_weight(adapter: str) -> float:
+    """Read once per process: engine views are made per request (the app), the file never changes
+    under a loaded adapter."""
+    return float(adapter_meta(adapter).get("retrieval_weight", 0.0))
 
 
 def load_reranker(s: Settings, base=None) -> Reranker:

@@ -65,6 +65,12 @@ def length_batches(lengths: Sequence[int], max_batch: int, max_waste: float = 0.
     return batches
 
 
+def fuse_scores(scores: Sequence[float], cosines: Sequence[float], weight: float) -> list[float]:
+    """The ranking score: reranker score + ``weight`` x the retriever's cosine similarity (the
+    weight is tuned with a trained adapter; 0 ranks by the reranker alone)."""
+    return [s + weight * c for s, c in zip(scores, cosines)]
+
+
 class Reranker:
     """Scores (question, document) pairs with a decoder LLM; thread-safe (one batch at a time)."""
 

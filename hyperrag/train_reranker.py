@@ -349,7 +349,7 @@ def validate(args, out: Path, embedder) -> dict:
     weight ``w`` (score + w * cosine) that maximizes MRR@10 there."""
     from hyperrag.evaluate import SystemRun, rerank_scores, retrieve, ranking_summary, sample_queries
     from hyperrag.models import load_llm
-    from hyperrag.rerank import Reranker
+    from hyperrag.rerank import Reranker, fuse_scores
     from hyperrag.settings import Settings
 
     _, val_articles = pick_articles(args.articles, args.val_articles, args.seed, args.cache_dir)
@@ -366,8 +366,8 @@ def validate(args, out: Path, embedder) -> dict:
               "retrieval": ranking_summary(SystemRun("retrieval", cos), cands),
               "trained": ranking_summary(SystemRun("trained", scores), cands)}
     grid = [0.0, 1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 100]
-    fused = {w: ranking_summary(SystemRun("f", [[x + w * c for x, c in zip(sc, cs)] for sc, cs in zip(scores, cos)]),
-                                cands) for w in grid}
+    fused = {w: ranking_summary(SystemRun("f", [fuse_scores(sc, cs, w) for sc, cs in zip(scores, cos)]), cands)
+             for w in grid}
     best = max(grid, key=lambda w: (fused[w]["mrr@10"], -w))
     result["fusion_grid"] = {str(w): {k: round(v, 4) for k, v in m.items()} for w, m in fused.items()}
     result["retrieval_weight"] = best

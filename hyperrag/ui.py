@@ -391,6 +391,11 @@ class Workbench:
                         entry.report = None
                 self.settings = new
                 base.settings = new
+                with self._lock:  # the zero-shot reference is remade with a new codec or batch size
+                    zs = self._zero_shot
+                    if zs is not None and (zs.settings.codec, zs.settings.batch_size) != (codec, batch_size):
+                        zs.close()
+                        self._zero_shot = None
         except TimeoutError as err:
             raise UserError(f"settings not changed: {err}; try again when it ends") from None
         return notes or ["nothing changed"]

@@ -220,6 +220,12 @@ def test_batch_with_the_zero_shot_reference(wb):
     zs = wb.zero_shot_engine(wb.entry(ui.DEFAULT_KEY))
     assert zs.reranker.llm.fingerprint == "smollm2-135m" and zs.retrieval_weight == 0
     assert zs.store.identity != wb.wait_ready().store.identity  # never the trained model's KV
+    original = (wb.settings.codec, wb.settings.store_url, wb.settings.batch_size)
+    try:  # a settings change reaches the zero-shot reference too
+        ui.cb_apply_settings("int8", original[1], original[2], ui.DEFAULT_KEY)
+        assert wb.zero_shot_engine(wb.entry(ui.DEFAULT_KEY)).store.codec.name == "int8"
+    finally:
+        ui.cb_apply_settings(*original, ui.DEFAULT_KEY)
 
 
 def test_apply_settings_reopens_store_and_refuses_unsafe_urls(wb):
