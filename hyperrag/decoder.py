@@ -2,12 +2,15 @@
 
 Why not ``model(...)``: KV reuse needs control the generic API does not give cheaply: the caller
 owns one preallocated KV buffer ``[layers, 2, batch, kv_heads, columns, head_dim]``, every row
-has its own positions, attention follows an explicit mask over buffer columns, and only the
-requested output rows go through the final norm (the LM head is the caller's business). The
+has its own positions, groups of rows may put their new tokens at different columns,
+attention follows an explicit mask over buffer columns, and only the requested output rows go through the final norm (the LM head is the caller's business). The
 same forward serves full prefill, document encoding, KV reuse and greedy decoding, so the
 modes can only differ in what they feed it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +23,18 @@ def causal_mask(n_new: int, start: int, device: torch.device | str = "cpu") -> t
     j = torch.arange(n_new, device=device)
     cols = torch.arange(start + n_new, device=device)
     return ((cols[None, :] < start) | (cols[None, :] - start <= j[:, None]))[None, None]
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Batch rows ``[lo, hi)`` whose new tokens go to cache column ``start`` and attend under
+    ``mask`` [hi - lo, 1, T, start + T] (None: causal from column 0, or one token over a fully
+    valid prefix)."""
+
+    lo: int
+    hi: int
+    start: int
+    mask: torch.Tensor | None = None
 
 
 class Decoder:
@@ -46,7 +61,6 @@ class Decoder:
     def new_kv(self, batch: int, columns: int) -> torch.Tensor:
         return torch.zeros(self.kv_shape(batch, columns), device=self.device, dtype=self.dtype)
 
-    @torch.inference_mode()
     def forward(
         self,
         ids: torch.Tensor,
@@ -63,11 +77,29 @@ class Decoder:
         from column 0 or decodes one token over a fully valid prefix. Returns the final-normed
         hidden states [B, T, H], or [B, H] at ``out_index`` [B] (one position per row).
         """
+        return self.forward_groups(ids, pos, kv, [RowGroup(0, ids.shape[0], start, mask)], out_index)
+
+    @torch.inference_mode()
+    def forward_groups(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        kv: torch.Tensor,
+        groups: Sequence[RowGroup],
+        out_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`forward` for a batch whose row groups put their new tokens at different
+        columns (KV reuse: rows with short documents attend over fewer columns). The groups
+        cover the rows in order; only the K/V writes and attention run per group."""
         bsz, n_new = ids.shape
-        end = start + n_new
-        causal = mask is None and start == 0 and n_new > 1
-        if mask is None and not causal and n_new > 1:
-            raise ValueError("a mask is needed for several new tokens after column 0")
+        if groups[0].lo != 0 or groups[-1].hi != bsz or any(a.hi != b.lo for a, b in zip(groups, groups[1:])):
+            raise ValueError("row groups must cover the batch rows in order")
+        causal = []
+        for g in groups:
+            causal.append(g.mask is None and g.start == 0 and n_new > 1)
+            if g.mask is None and not causal[-1] and n_new > 1:
+                raise ValueError("a mask is needed for several new tokens after column 0")
+        gqa = self.n_heads != self.n_kv_heads
         x = self.body.embed_tokens(ids)
         cos, sin = self.body.rotary_emb(x, pos)
         for i, layer in enumerate(self.body.layers):
@@ -77,12 +109,16 @@ class Decoder:
             k = attn.k_proj(h).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2)
             v = attn.v_proj(h).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            kv[i, 0, :bsz, :, start:end] = k
-            kv[i, 1, :bsz, :, start:end] = v
-            o = F.scaled_dot_product_attention(
-                q, kv[i, 0, :bsz, :, :end], kv[i, 1, :bsz, :, :end],
-                attn_mask=mask, is_causal=causal, enable_gqa=self.n_heads != self.n_kv_heads,
-            )
+            outs = []
+            for g, is_causal in zip(groups, causal):
+                rows, end = slice(g.lo, g.hi), g.start + n_new
+                kv[i, 0, rows, :, g.start : end] = k[rows]
+                kv[i, 1, rows, :, g.start : end] = v[rows]
+                outs.append(F.scaled_dot_product_attention(
+                    q[rows], kv[i, 0, rows, :, :end], kv[i, 1, rows, :, :end],
+                    attn_mask=g.mask, is_causal=is_causal, enable_gqa=gqa,
+                ))
+            o = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, n_new, self.n_heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if out_index is not None:

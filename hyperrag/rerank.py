@@ -28,11 +28,18 @@ MODES = ("full", "prefix", "reuse")
 
 
 class DocKVSource(Protocol):
-    """Where reuse reads document KV from (the LMCache-backed store implements it)."""
+    """Where reuse reads document KV from (the LMCache-backed store implements it). A source
+    may also offer ``load_many(texts, outs) -> list[bool]`` to overlap its reads in a batch."""
 
     def load_into(self, doc_text: str, out: torch.Tensor) -> bool: ...
 
     def put(self, doc_text: str, kv: torch.Tensor) -> None: ...
+
+
+def load_batch(source: DocKVSource, texts: Sequence[str], outs: Sequence[torch.Tensor]) -> list[bool]:
+    """Which of ``texts`` the source decoded into ``outs`` (one call when it has ``load_many``)."""
+    many = getattr(source, "load_many", None)
+    return many(texts, outs) if many is not None else [source.load_into(t, o) for t, o in zip(texts, outs)]
 
 
 @dataclass
@@ -185,11 +192,14 @@ class Reranker:
     def _score_reuse(self, query: QueryTokens, docs: Sequence[str], source: DocKVSource, result: RerankResult) -> None:
         layout, device = self.layout, self.decoder.device
         n_query = len(query.ids)
+        order = sorted(range(len(docs)), key=lambda i: self.doc_tokens(docs[i]))  # rows by length
         for first in range(0, len(docs), self.batch_size):
-            chunk = list(docs[first : first + self.batch_size])
+            rows = order[first : first + self.batch_size]
+            chunk = [docs[i] for i in rows]
             lens = [self.doc_tokens(d) for d in chunk]
             t0 = time.perf_counter()
-            missing = [r for r, d in enumerate(chunk) if not source.load_into(d, layout.doc_view(r, lens[r]))]
+            found = load_batch(source, chunk, [layout.doc_view(r, n) for r, n in enumerate(lens)])
+            missing = [r for r, ok in enumerate(found) if not ok]
             result.load_s += time.perf_counter() - t0
             t1 = time.perf_counter()
             if missing:
@@ -198,12 +208,12 @@ class Reranker:
                     layout.doc_view(r, lens[r]).copy_(kv)
                     source.put(chunk[r], kv)
                 result.encoded_docs += len(missing)
-            slots = layout.slots_for(lens)
-            pos, mask = layout.query_inputs(lens, slots, n_query)
+            pos, groups = layout.query_groups(lens, n_query)
             ids = torch.tensor([query.ids], device=device).expand(len(chunk), -1)
             last = torch.full((len(chunk),), n_query - 1, device=device)
-            hidden = self.decoder.forward(ids, pos, layout.kv, layout.prefix_len + slots, mask, out_index=last)
-            result.scores[first : first + len(chunk)] = self._score_hidden(hidden)
+            hidden = self.decoder.forward_groups(ids, pos, layout.kv, groups, out_index=last)
+            for i, score in zip(rows, self._score_hidden(hidden)):
+                result.scores[i] = score
             result.compute_s += time.perf_counter() - t1
         if result.encoded_docs:
             result.warnings.append(f"{result.encoded_docs} document KV(s) were not in the store: computed and stored")

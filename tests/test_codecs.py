@@ -18,6 +18,7 @@ import json
 import pytest
 import torch
 
+from hyperrag.decoder import RowGroup
 from hyperrag.kv.codec import CODECS, QuantCodec, get_codec
 from tests.conftest import SHIPPED
 
@@ -131,12 +132,14 @@ def test_scores_per_codec_within_bounds(reranker, real_batch):
 
 
 def test_static_layout_matches_concat_and_per_document(reranker, real_batch):
-    """The preallocated static buffer and the padded concatenation hold the same KV and give
+    """The preallocated static buffer (rows in two groups, each running the question right after
+    its own longest document) and the padded concatenation (one group) hold the same KV and give
     the same scores; both equal full prefill of each (question, document) pair."""
     from hyperrag.kv.layout import concat_layout
 
     question, candidates, kvs = real_batch
-    docs = candidates[:5]
+    docs = sorted(candidates, key=lambda d: kvs[d].shape[3])  # the layout's row order
+    docs = docs[:3] + docs[-2:]  # short and long ones: two row groups
     layout, dec = reranker.layout, reranker.decoder
     query = reranker.prompt.query(question)
     n_query = len(query.ids)
@@ -149,15 +152,16 @@ def test_static_layout_matches_concat_and_per_document(reranker, real_batch):
     for r, n in enumerate(lens):  # same prefix and document columns, row by row
         assert torch.equal(layout.kv[:, :, r, :, : p + n], concat[:, :, r, :, : p + n])
 
-    def scores(buffer, slots):
-        pos, mask = layout.query_inputs(lens, slots, n_query)
+    def scores(buffer, groups):
         ids = torch.tensor([query.ids]).expand(len(docs), -1)
         last = torch.full((len(docs),), n_query - 1)
-        hidden = dec.forward(ids, pos, buffer, p + slots, mask, out_index=last)
+        hidden = dec.forward_groups(ids, layout.positions(lens, n_query), buffer, groups, out_index=last)
         return (hidden.float() @ reranker.score_vec).tolist()
 
-    static = scores(layout.kv, layout.slots_for(lens))
-    dynamic = scores(concat, longest)
+    groups = layout.query_groups(lens, n_query)[1]
+    assert [(g.lo, g.hi) for g in groups] == [(0, 3), (3, 5)], (lens, groups)
+    static = scores(layout.kv, groups)
+    dynamic = scores(concat, [RowGroup(0, len(docs), p + longest, layout.query_mask(lens, longest, n_query))])
     full = reranker.score(question, docs, "full").scores
     assert max(abs(a - b) for a, b in zip(static, dynamic)) <= 1e-5
     assert max(abs(a - b) for a, b in zip(static, full)) <= 1e-4

@@ -42,10 +42,10 @@ import socket
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import google_crc32c
 import torch
@@ -59,6 +59,7 @@ log = logging.getLogger("hyperrag.store")
 MAGIC = b"HRKV\x02"
 ALIGN = 64
 SCHEMES = ("fs", "lm", "redis", "memory")
+READ_WINDOW = 4  # backend reads in flight while a batch of entries is checked and decoded
 STALE_TMP_S = 600  # fs://: leftover ``*.tmp`` files of killed writers older than this are removed
 T = TypeVar("T")
 
@@ -260,9 +261,9 @@ class KVStore:
             return asyncio.run_coroutine_threadsafe(close_redis(), self._loop)  # not awaited here
         return None
 
-    def _run(self, coro, serialize: bool = True):
-        """Run a coroutine on LMCache's event loop with a timeout (serialized on lm://, whose
-        connector shares one socket and can interleave a reply with another request's)."""
+    def _schedule(self, coro, serialize: bool = True) -> cf.Future:
+        """Start a coroutine on LMCache's event loop (serialized on lm://, whose connector shares
+        one socket and can interleave a reply with another request's)."""
         lock = self._io_lock if serialize else None
 
         async def guarded():
@@ -271,23 +272,43 @@ class KVStore:
             async with lock:
                 return await coro
 
-        future = asyncio.run_coroutine_threadsafe(guarded(), self._loop)
+        return asyncio.run_coroutine_threadsafe(guarded(), self._loop)
+
+    def _run(self, coro, serialize: bool = True):
+        """Run a coroutine on LMCache's event loop, bounded by ``timeout_s``."""
+        future = self._schedule(coro, serialize)
         try:
             return future.result(timeout=self.timeout_s)
         except cf.TimeoutError as err:
             future.cancel()
             raise TimeoutError(f"no answer within {self.timeout_s:g} s") from err
 
-    def _call(self, what: str, op: Callable[[Any], Any]):
-        """One backend operation: ``op(connector)`` returns a coroutine. Raises StoreUnavailable."""
+    def _wait(self, what: str, future: cf.Future):
+        """The result of a scheduled backend operation. Raises StoreUnavailable (store marked down)."""
+        try:
+            return future.result(timeout=self.timeout_s)
+        except Exception as err:  # timeout, refused, reset, anything the connector raises
+            future.cancel()
+            if isinstance(err, cf.TimeoutError):
+                err = TimeoutError(f"no answer within {self.timeout_s:g} s")
+            self._mark_down(what, err)
+            raise StoreUnavailable(self._down_message()) from err
+
+    def _start(self, what: str, op: Callable[[Any], Any]) -> cf.Future:
+        """Start one backend operation (``op(connector)`` returns a coroutine); its result comes
+        from :meth:`_wait`. Raises StoreUnavailable."""
         conn = self._conn
         if not self._up or conn is None:
             raise StoreUnavailable(self._down_message())
         try:
-            return self._run(op(conn))
-        except Exception as err:  # timeout, refused, reset, anything the connector raises
+            return self._schedule(op(conn))
+        except Exception as err:  # noqa: BLE001 - a connector that cannot even start the call
             self._mark_down(what, err)
             raise StoreUnavailable(self._down_message()) from err
+
+    def _call(self, what: str, op: Callable[[Any], Any]):
+        """One backend operation, waited for. Raises StoreUnavailable."""
+        return self._wait(what, self._start(what, op))
 
     # -- health, warnings ---------------------------------------------------------------------
     def _mark_down(self, what: str, err: BaseException) -> None:
@@ -542,56 +563,104 @@ class KVStore:
     def _fetch(self, address: str, hot: bool = True):
         """The stored MemoryObj for ``address`` (caller drops the reference) or None; raises
         StoreUnavailable when the backend cannot be asked."""
-        key = self._key(address)
         if hot and self._hot:
-            obj = self._cpu.get_blocking(key)
+            obj = self._cpu.get_blocking(self._key(address))
             if obj is not None:
                 return obj, True
         if self.scheme == "memory":
             return None, False
+        obj = self._call("get", lambda c: c.get(self._key(address)))
+        return (obj if obj is not None else self._read_again(address)), False
+
+    def _read_again(self, address: str):
+        """After a get found nothing: the entry may have been written by another process just
+        now, or be there but unreadable (short file, bad metadata); a second read tells which."""
+        key = self._key(address)
+        if not self._call("exists", lambda c: c.exists(key)):
+            return None
         obj = self._call("get", lambda c: c.get(key))
-        if obj is None and self._call("exists", lambda c: c.exists(key)):
-            # Written by another process just now, or there but unreadable (short file, bad
-            # metadata): a second read tells which.
-            obj = self._call("get", lambda c: c.get(key))
-            if obj is None:
-                self._evict(address, "unreadable entry (truncated or damaged)")
-        return obj, False
+        if obj is None:
+            self._evict(address, "unreadable entry (truncated or damaged)")
+        return obj
 
     def load_into(self, text: str, out: torch.Tensor) -> bool:
         """Decode a stored document KV into ``out``; False on a miss, a bad entry or a down store."""
-        address = self.address(text)
+        return self.load_many([text], [out])[0]
+
+    def load_many(self, texts: Sequence[str], outs: Sequence[torch.Tensor]) -> list[bool]:
+        """:meth:`load_into` for a batch. Entries in the CPU tier are decoded at once; backend
+        reads are kept ``READ_WINDOW`` in flight, so reading the next entries overlaps checking
+        and decoding the one that arrived."""
         t0 = time.perf_counter()
+        addresses = [self.address(t) for t in texts]
+        loaded = [0] * len(texts)  # bytes decoded per entry, 0 = not loaded
+        cold = []
+        for i, address in enumerate(addresses):
+            obj = self._cpu.get_blocking(self._key(address)) if self._hot else None
+            if obj is None:
+                cold.append(i)
+            else:
+                loaded[i] = self._decode(address, obj, outs[i], from_hot=True)
+        hot_hits = sum(n > 0 for n in loaded)
+        misses = len(cold) if self.scheme == "memory" else self._load_cold(addresses, outs, cold, loaded)
+        with self._lock:
+            self.stats.misses += misses
+            self.stats.hot_hits += hot_hits
+            if any(loaded):
+                self.stats.hits += sum(n > 0 for n in loaded)
+                self.stats.load_bytes += sum(loaded)
+                self.stats.load_s += time.perf_counter() - t0
+        return [n > 0 for n in loaded]
+
+    def _load_cold(self, addresses: list[str], outs: Sequence[torch.Tensor], todo: list[int], loaded: list[int]) -> int:
+        """Read entries ``todo`` from the backend into ``outs``; returns the number not found
+        (a down store: every one not read yet)."""
+        futures: deque[cf.Future] = deque()
+
+        def start(n: int) -> None:
+            if n < len(todo):
+                key = self._key(addresses[todo[n]])
+                futures.append(self._start("get", lambda c: c.get(key)))
+
+        misses = done = 0
         try:
-            obj, from_hot = self._fetch(address)
+            for n in range(READ_WINDOW):
+                start(n)
+            for n, i in enumerate(todo):
+                obj = self._wait("get", futures.popleft())
+                start(n + READ_WINDOW)
+                if obj is None:
+                    obj = self._read_again(addresses[i])
+                if obj is None:
+                    misses += 1
+                else:
+                    loaded[i] = self._decode(addresses[i], obj, outs[i], from_hot=False)
+                done += 1
         except StoreUnavailable:
-            with self._lock:
-                self.stats.misses += 1
-            return False
-        if obj is None:
-            with self._lock:
-                self.stats.misses += 1
-            return False
+            misses += len(todo) - done
+        finally:
+            for future in futures:  # abandoned reads: release what they bring back
+                future.cancel()
+                future.add_done_callback(_release_result)
+        return misses
+
+    def _decode(self, address: str, obj, out: torch.Tensor, from_hot: bool) -> int:
+        """Check an entry (CPU-tier copies too: RAM can flip bits) and decode it into ``out``;
+        returns its stored bytes (0: bad entry, evicted). Drops the caller's reference to ``obj``."""
         try:
             data = obj.tensor.view(-1)
             shape, payload = self._check_frame(address, data)
             if shape != tuple(out.shape):
                 raise ValueError(f"shape {shape}, expected {tuple(out.shape)}")
             self.codec.decode_into(payload, shape, out)
-            nbytes = payload.storage_offset() - data.storage_offset() + payload.numel()
             if not from_hot and self._hot:
                 self._cpu.submit_put_task(self._key(address), obj)  # promote (validated) entry
+            return payload.storage_offset() - data.storage_offset() + payload.numel()
         except (ValueError, KeyError, TypeError, RuntimeError) as err:
             self._evict(address, str(err))
-            return False
+            return 0
         finally:
             obj.ref_count_down()
-        with self._lock:
-            self.stats.hits += 1
-            self.stats.hot_hits += from_hot
-            self.stats.load_bytes += nbytes
-            self.stats.load_s += time.perf_counter() - t0
-        return True
 
     def check(self, text: str) -> bool:
         """Whether the backend holds a complete, valid entry (frame and checksum, no decode); a
@@ -719,6 +788,12 @@ class _GuardedAllocator:
         if not 0 < size <= self._capacity:
             raise ValueError(f"stored metadata asks for {size} bytes (CPU tier: {self._capacity})")
         return self._backend.allocate(shapes, dtypes, fmt, eviction=eviction, busy_loop=False)
+
+
+def _release_result(future: cf.Future) -> None:
+    """Done-callback of an abandoned read: drop the reference to the object it returned."""
+    if not future.cancelled() and future.exception() is None and future.result() is not None:
+        future.result().ref_count_down()
 
 
 def _in_daemon_thread(fn: Callable[[], T], timeout_s: float, what: str) -> T:
