@@ -6,8 +6,8 @@
   mean |score - fp32 score| over real reranker batches (SQuAD questions, their retriever top-k
   from the shipped corpus), full-ranking and top-3 agreement with fp32, decode ms/doc;
 - precompute: documents/s and tokens/s into an fs:// store (fp16), model time included;
-- load: GB/s of stored bytes through ``KVStore.load_into`` (fetch + frame/CRC check + decode
-  into the static batch buffer) per backend (fs, lm, redis, memory), cold (a fresh store, no CPU
+- load: GB/s of stored bytes through ``KVStore.load_many`` in batches of the reranker's size
+  (fetch + frame/CRC check + decode into the static batch buffer) per backend (fs, lm, redis, memory), cold (a fresh store, no CPU
   tier: every read goes to the backend; for fs:// the OS page cache is warm) and hot (served
   by the in-process CPU tier), fp16, plus fs:// per codec.
 
@@ -147,8 +147,9 @@ def main() -> None:
         def load_all(st) -> tuple[float, int]:
             t0 = time.perf_counter()
             nbytes0 = st.stats.load_bytes
-            for i, text in enumerate(fits):
-                assert st.load_into(text, layout.doc_view(i % layout.max_batch, lens[text])), text
+            for first in range(0, len(fits), layout.max_batch):  # batches, as the reranker loads
+                chunk = fits[first : first + layout.max_batch]
+                assert all(st.load_many(chunk, [layout.doc_view(r, lens[t]) for r, t in enumerate(chunk)])), chunk
             return time.perf_counter() - t0, st.stats.load_bytes - nbytes0
 
         loads = []
