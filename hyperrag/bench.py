@@ -235,41 +235,19 @@ def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repea
     }
 
 
-class CodecSource:
-    """Document KVs held encoded by one codec in this process: ``put`` encodes, ``load_into``
-    decodes into the batch row, with the same codec functions the KV store uses (the LMCache
-    round trip is left out: it is the same for every codec and the main reuse row measures it)."""
-
-    def __init__(self, codec):
-        self.codec = codec
-        self.entries: dict[str, tuple[tuple[int, ...], Any]] = {}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(payload.numel() for _, payload in self.entries.values())
-
-    def put(self, text: str, kv) -> None:
-        self.entries[text] = (tuple(kv.shape), self.codec.encode(kv))
-
-    def load_into(self, text: str, out) -> bool:
-        entry = self.entries.get(text)
-        if entry is None or entry[0] != tuple(out.shape):
-            return False
-        self.codec.decode_into(entry[1], entry[0], out)
-        return True
-
-
 def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_texts: list[list[str]],
                 reference: dict[str, dict[str, float]], gold: dict[str, list[str]], all_texts: Sequence[str],
                 progress=None) -> list[dict]:
     """Reuse scoring with each codec on the same candidates; errors against fp32 full prefill.
 
     Each candidate's exact KV (compute dtype: read from the main store if it is fp32, else
-    encoded again) is encoded by every codec and held in memory (:class:`CodecSource`); the
-    codec order rotates per query so drift hits every codec alike."""
+    encoded again) is encoded by every codec and held in memory (``LocalKV``: the LMCache round
+    trip is the same for every codec and the main reuse row measures it); the codec order
+    rotates per query so drift hits every codec alike."""
     import gc
 
     from hyperrag.kv.codec import get_codec
+    from hyperrag.kv.local import LocalKV
     from hyperrag.metrics import ndcg_at_k
     from hyperrag.rerank import fuse_scores
 
@@ -277,7 +255,7 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
     union = list(dict.fromkeys(t for texts in candidate_texts for t in texts))
     dec = reranker.decoder
     corpus_tokens = [reranker.doc_tokens(t) for t in all_texts]
-    sources = {name: CodecSource(get_codec(name)) for name in codecs}
+    sources = {name: LocalKV(get_codec(name)) for name in codecs}
     for text, kv in _exact_kvs(engine, union):  # one document at a time when the store is exact
         for source in sources.values():
             source.put(text, kv)

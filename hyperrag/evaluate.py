@@ -41,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from hyperrag.kv.local import LocalKV
 from hyperrag.metrics import exact_match, f1_score, ranking_metrics
 from hyperrag.prompts import ASSISTANT, SYSTEM, RerankTemplate
 from hyperrag.rerank import Reranker, fuse_scores, length_batches
@@ -54,23 +55,6 @@ WORDINGS = {
                "Answer Yes or No.",
 }
 RANK_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10")
-
-
-class MemorySource:
-    """Exact (fp32, in-process) document KVs for reuse mode; implements ``DocKVSource``."""
-
-    def __init__(self):
-        self.kv: dict[str, torch.Tensor] = {}
-
-    def load_into(self, text: str, out: torch.Tensor) -> bool:
-        kv = self.kv.get(text)
-        if kv is None:
-            return False
-        out.copy_(kv)
-        return True
-
-    def put(self, text: str, kv: torch.Tensor) -> None:
-        self.kv[text] = kv
 
 
 @dataclass
@@ -114,10 +98,10 @@ def retrieve(index, queries, k: int) -> list[Candidates]:
 
 
 def rerank_scores(reranker: Reranker, cands: Sequence[Candidates], by_id: dict, mode: str = "reuse",
-                  source: MemorySource | None = None, progress: Callable[[int, int], None] | None = None
+                  source: LocalKV | None = None, progress: Callable[[int, int], None] | None = None
                   ) -> list[list[float]]:
     """The reranker's score of every candidate of every question (``reuse`` fills ``source``)."""
-    source = source if source is not None else MemorySource()
+    source = source if source is not None else LocalKV()
     out = []
     for i, c in enumerate(cands):
         texts = [by_id[d].text for d in c.doc_ids]

@@ -6,23 +6,8 @@ import json
 import pytest
 import torch
 
+from hyperrag.kv.local import LocalKV
 from tests.conftest import SHIPPED
-
-
-class MemorySource:
-    """A plain dict of document KVs, to test the reranker apart from the LMCache store."""
-
-    def __init__(self):
-        self.kv: dict[str, torch.Tensor] = {}
-
-    def load_into(self, text, out):
-        if text not in self.kv:
-            return False
-        out.copy_(self.kv[text])
-        return True
-
-    def put(self, text, kv):
-        self.kv[text] = kv
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +35,13 @@ def test_decoder_matches_transformers(llm):
 
 
 def test_reuse_equals_full_prefill(reranker, squad_batch):
-    source = MemorySource()
+    source = LocalKV()
     lengths = {reranker.doc_tokens(d) for _, docs in squad_batch for d in docs}
     assert max(lengths) > 3 * min(lengths), "candidates must differ in length"
+    question, docs = squad_batch[0]
+    lens = sorted(reranker.doc_tokens(d) for d in docs)
+    groups = reranker.layout.query_groups(lens, len(reranker.prompt.query(question).ids))[1]
+    assert len(groups) == 2, "the reuse batch must run in two row groups (short and long documents)"
     for question, docs in squad_batch:
         full = reranker.score(question, docs, "full")
         prefix = reranker.score(question, docs, "prefix")
@@ -71,7 +60,7 @@ def test_reuse_batches_larger_than_buffer(reranker, squad_batch):
     """More candidates than the batch size: chunks through the same buffer, same scores."""
     question, docs = squad_batch[1]
     many = docs + [d[::-1] for d in docs] + docs[:3]  # 15 candidates > batch_size 8
-    source = MemorySource()
+    source = LocalKV()
     full = reranker.score(question, many, "full").scores
     reuse = reranker.score(question, many, "reuse", source).scores
     assert max(abs(a - b) for a, b in zip(full, reuse)) <= 1e-4
