@@ -59,6 +59,11 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{v:.{digits}g}"
 
 
+def _title(main: str, detail: str) -> str:
+    """A title with its detail on a smaller second line: one long line is cut in narrow panels."""
+    return f"{main}<br><sup>{html.escape(detail)}</sup>"
+
+
 def _mib(n: Any) -> str:
     v = _num(n)
     return "–" if v is None else f"{v / 2**20:,.1f} MiB"
@@ -86,7 +91,7 @@ def latency_figure(results: Mapping[str, Any]) -> go.Figure:
                     hoverinfo="skip")
     speedup = _num(_get(e2e, "speedup_vs_baseline"))
     if speedup:
-        title += f" — reuse {speedup:.1f}x faster than baseline"
+        title = _title(title, f"reuse {speedup:.1f}x faster than baseline")
     fig.update_layout(barmode="stack", title=title, yaxis_title="ms per query", template=TEMPLATE,
                       legend_title="stage", height=420, yaxis_range=[0, max(totals) * 1.18 or 1])
     return fig
@@ -150,9 +155,8 @@ def quality_figure(results: Mapping[str, Any]) -> go.Figure:
     agreement = _num(_get(quality, "ranking_agreement"))
     diff = _num(_get(quality, "max_abs_score_diff"))
     if agreement is not None:
-        title += f" — reuse vs baseline: identical rankings {agreement:.0%}"
-        if diff is not None:
-            title += f", max |score diff| {diff:.2g}"
+        title = _title(title, f"reuse vs baseline: identical rankings {agreement:.0%}"
+                       + (f", max |score diff| {diff:.2g}" if diff is not None else ""))
     fig.update_layout(barmode="group", title=title, yaxis_range=[0, 1.1], template=TEMPLATE, height=420,
                       legend={"orientation": "h", "y": -0.15})
     return fig
@@ -200,7 +204,7 @@ def storage_figure(results: Mapping[str, Any]) -> go.Figure:
     storage = _get(results, "storage", default={})
     title = "Storage per codec"
     if storage.get("docs"):
-        title += f" — {storage['docs']} docs, {_fmt(storage.get('tokens'))} tokens"
+        title = _title(title, f"{storage['docs']} docs, {_fmt(storage.get('tokens'))} tokens")
     fig.update_layout(title=title, template=TEMPLATE, height=420, legend={"orientation": "h", "y": -0.15})
     return fig
 
