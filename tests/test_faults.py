@@ -327,6 +327,35 @@ def test_bad_cpu_tier_copy_is_evicted_everywhere(tmp_path, reranker, batch, make
     assert store.load_into(docs[0], torch.empty_like(kvs[docs[0]])) and store.stats.corrupt == 1
 
 
+def test_batch_load_mixes_hot_cold_missing_and_damaged(tmp_path, make_store):
+    """One ``load_many`` over an entry in the CPU tier, more disk-only entries than reads kept in
+    flight, one never stored and one damaged on disk: exact data where stored, the damaged one
+    never used and deleted, each outcome counted once."""
+    from hyperrag.kv.store import READ_WINDOW
+
+    url = f"fs://{tmp_path / 'kv'}"
+    kvs = {f"document {i}": torch.randn(30, 2, 3, 9 + 5 * i, 64) for i in range(READ_WINDOW + 4)}
+    writer = make_store(url, hot_cache_gb=0)
+    for text, kv in kvs.items():
+        writer.put(text, kv)
+    assert writer.flush(10)
+    texts = list(kvs)
+    hot, damaged = texts[0], texts[3]
+    flip(entry_file(writer, damaged), entry_file(writer, damaged).stat().st_size - 3)
+    reader = make_store(url, hot_cache_gb=0.05)
+    assert reader.load_into(hot, torch.empty_like(kvs[hot]))  # now in the CPU tier
+    stats0 = dict(vars(reader.stats))
+    batch = texts[:2] + ["never stored"] + texts[2:]
+    outs = [torch.full_like(kvs.get(t, kvs[hot]), 7.0) for t in batch]
+    loaded = reader.load_many(batch, outs)
+    assert loaded == [t in kvs and t != damaged for t in batch]
+    assert all(torch.equal(out, kvs[text]) for text, out, ok in zip(batch, outs, loaded) if ok)
+    stats = vars(reader.stats)
+    assert stats["hits"] - stats0["hits"] == len(kvs) - 1 and stats["hot_hits"] - stats0["hot_hits"] == 1
+    assert stats["misses"] - stats0["misses"] == 1 and stats["corrupt"] - stats0["corrupt"] == 1
+    assert not entry_file(reader, damaged).exists()
+
+
 def test_precompute_skips_verified_and_replaces_damaged(tmp_path, reranker, batch, make_store):
     from hyperrag.precompute import precompute
 
