@@ -3,9 +3,10 @@
 Why not ``model(...)``: KV reuse needs control the generic API does not give cheaply: the caller
 owns one preallocated KV buffer ``[layers, 2, batch, kv_heads, columns, head_dim]``, every row
 has its own positions, groups of rows may put their new tokens at different columns,
-attention follows an explicit mask over buffer columns, and only the requested output rows go through the final norm (the LM head is the caller's business). The
-same forward serves full prefill, document encoding, KV reuse and greedy decoding, so the
-modes can only differ in what they feed it.
+attention follows an explicit mask over buffer columns, and only the requested output rows go
+through the final norm (the LM head is the caller's business). The same forward serves full
+prefill, document encoding, KV reuse and greedy decoding, so the modes can only differ in what
+they feed it.
 """
 from __future__ import annotations
 

@@ -194,8 +194,8 @@ class Reranker:
         n_query = len(query.ids)
         order = sorted(range(len(docs)), key=lambda i: self.doc_tokens(docs[i]))  # rows by length
         for first in range(0, len(docs), self.batch_size):
-            rows = order[first : first + self.batch_size]
-            chunk = [docs[i] for i in rows]
+            picked = order[first : first + self.batch_size]  # batch row r holds docs[picked[r]]
+            chunk = [docs[i] for i in picked]
             lens = [self.doc_tokens(d) for d in chunk]
             t0 = time.perf_counter()
             found = load_batch(source, chunk, [layout.doc_view(r, n) for r, n in enumerate(lens)])
@@ -212,7 +212,7 @@ class Reranker:
             ids = torch.tensor([query.ids], device=device).expand(len(chunk), -1)
             last = torch.full((len(chunk),), n_query - 1, device=device)
             hidden = self.decoder.forward_groups(ids, pos, layout.kv, groups, out_index=last)
-            for i, score in zip(rows, self._score_hidden(hidden)):
+            for i, score in zip(picked, self._score_hidden(hidden)):
                 result.scores[i] = score
             result.compute_s += time.perf_counter() - t1
         if result.encoded_docs:
