@@ -159,6 +159,7 @@ def storage_block(engine, texts: Sequence[str], report, load_stats: dict) -> dic
         "encoded": report.encoded, "skipped": report.skipped, "failed": report.failed,
         "load_gb_per_s": load_stats.get("gb_per_s", 0.0), "load_bytes": load_stats.get("bytes", 0),
         "loads": load_stats.get("hits", 0), "misses": load_stats.get("misses", 0),
+        "cpu_tier_gb": engine.store.hot_cache_gb, "cpu_tier_loads": load_stats.get("hot_hits", 0),
         "store": engine.store.scheme, "prefix_tokens": reranker.prefix_len,
         "prefix_bytes_once": codec.nbytes(kv_shape(reranker, reranker.prefix_len)),
     }
@@ -508,7 +509,8 @@ def run(args: argparse.Namespace) -> dict:
         load_bytes = stats1["load_bytes"] - stats0["load_bytes"]
         load_s = stats1["load_s"] - stats0["load_s"]
         load_stats = {"bytes": load_bytes, "gb_per_s": load_bytes / load_s / 1e9 if load_s else 0.0,
-                      "hits": stats1["hits"] - stats0["hits"], "misses": stats1["misses"] - stats0["misses"]}
+                      "hits": stats1["hits"] - stats0["hits"], "misses": stats1["misses"] - stats0["misses"],
+                      "hot_hits": stats1["hot_hits"] - stats0["hot_hits"]}
         if encoded_at_query_time:
             warnings.append(f"{encoded_at_query_time} document KV(s) were missing from the store at query time "
                             "and computed inside the reuse timings")
@@ -589,6 +591,14 @@ def run(args: argparse.Namespace) -> dict:
             tmp.cleanup()
 
 
+def _tier_note(storage: dict) -> str:
+    """How many loads the in-process CPU tier served (reports older than this field: nothing)."""
+    if "cpu_tier_gb" not in storage:
+        return ""
+    served = storage["cpu_tier_loads"] / storage["loads"] if storage.get("loads") else 0.0
+    return f" ({served:.0%} of loads from the {storage['cpu_tier_gb']:.2f} GB CPU tier)"
+
+
 def print_table(results: dict, out=None) -> None:
     from hyperrag.figures import ratio_rows
 
@@ -605,7 +615,7 @@ def print_table(results: dict, out=None) -> None:
     if st:
         print(f"  storage: {st['docs']} docs, {st['tokens']} tokens, {st['bytes'] / 2**20:.1f} MiB "
               f"({st['bytes_per_token']:.0f} B/token, {st['codec']}); precompute {st['precompute_docs_per_s']:.2f} docs/s; "
-              f"KV load {st['load_gb_per_s']:.2f} GB/s", file=out)
+              f"KV load {st['load_gb_per_s']:.2f} GB/s{_tier_note(st)}", file=out)
     q = results.get("quality", {})
     if any(m in q for m in ("retrieval_only", "baseline", "reuse")):
         print("  quality        recall@1 recall@5  mrr@10 ndcg@10      em      f1", file=out)

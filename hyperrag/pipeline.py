@@ -16,10 +16,11 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Sequence
 
 from hyperrag.corpus import Corpus, load_corpus
 from hyperrag.generate import Generator
+from hyperrag.kv import planner
 from hyperrag.kv.store import KVStore, StoreError
 from hyperrag.models import adapter_meta, load_embedder, load_llm
 from hyperrag.precompute import PrecomputeReport, precompute
@@ -99,7 +100,7 @@ class Engine:
         base = load_llm(s.model, s.cache_dir, s.device, s.dtype)
         reranker = load_reranker(s, base)
         generator = Generator(base, s.max_new_tokens, s.max_doc_tokens) if with_generator else None
-        store = open_store(s, reranker)
+        store = open_store(s, reranker, [d.text for d in corpus.docs])
         return cls(s, corpus, index, reranker, generator, store)
 
     def set_corpus(self, corpus: Corpus, progress: Progress | None = None) -> None:
@@ -193,16 +194,20 @@ def load_reranker(s: Settings, base=None) -> Reranker:
                     batch_size=s.batch_size)
 
 
-def open_store(settings: Settings, reranker: Reranker) -> KVStore:
-    """The configured KV store. An unreachable lm:// or redis:// server does not stop it: the
+def open_store(settings: Settings, reranker: Reranker, texts: Sequence[str] = ()) -> KVStore:
+    """The configured KV store, its CPU tier sized to hold ``texts`` (the corpus) when
+    ``hot_cache_gb`` is -1. An unreachable lm:// or redis:// server does not stop it: the
     store starts degraded (warning kept on it), reconnects every ``2 x store_timeout_s`` and
     writes what was computed meanwhile. Only a store that cannot be used at all (bad URL,
     folder that cannot be created) falls back to an in-process one, with a warning."""
+    hot_gb = settings.hot_cache_gb
+    if hot_gb < 0:
+        hot_gb = planner.hot_tier_gb(planner.plan_corpus(reranker, texts, settings.codec).total_bytes)
     try:
-        return KVStore(settings.store_url, settings.codec, reranker.kv_identity, settings.hot_cache_gb,
+        return KVStore(settings.store_url, settings.codec, reranker.kv_identity, hot_gb,
                        settings.store_timeout_s, backoff_s=max(1.0, 2 * settings.store_timeout_s))
     except StoreError as err:
-        fallback = KVStore("memory://", settings.codec, reranker.kv_identity, max(settings.hot_cache_gb, 1.0))
+        fallback = KVStore("memory://", settings.codec, reranker.kv_identity, max(hot_gb, 1.0))
         fallback._warn(f"{err}; using an in-process store until restarted")
         log.warning("%s; falling back to an in-process store", err)
         return fallback

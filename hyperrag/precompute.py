@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     corpus = load_corpus(settings.corpus)
     reranker = load_reranker(settings)  # only what keys and fills the store: no index, no generator
     # Writes go through to the backend: a CPU tier (resident memory) would only hold copies.
-    store = open_store(settings if settings.store_url.startswith("memory://") else settings.replace(hot_cache_gb=0.0),
-                       reranker)
     texts = [d.text for d in corpus.docs]
+    store = open_store(settings if settings.store_url.startswith("memory://") else settings.replace(hot_cache_gb=0.0),
+                       reranker, texts)
     bar = tqdm(total=len(texts), desc="precompute", unit="doc")
 
     def progress(done: int, total: int) -> None:

@@ -313,11 +313,12 @@ class Workbench:
     def zero_shot_engine(self, entry: CorpusEntry) -> Engine:
         """The base model without the adapter as reranker over this corpus: the reference the
         trained adapter is measured against. Made on first use; its document KV lives in its own
-        in-process store (``hot_cache_gb``, at least 1 GB), computed when first needed."""
+        in-process store (as big as the main store's CPU tier, at least 1 GB), computed when
+        first needed."""
         view = self.engine(entry)
         with self._lock:
             if self._zero_shot is None:
-                self._zero_shot = view.zero_shot(max(1.0, self.settings.hot_cache_gb))
+                self._zero_shot = view.zero_shot(max(1.0, view.store.hot_cache_gb))
             zs = self._zero_shot
         return Engine(zs.settings, view.corpus, view.index, zs.reranker, zs.generator, zs.store)
 
@@ -815,7 +816,8 @@ def batch_results(wb: Workbench, entry: CorpusEntry, records: list[dict]) -> dic
     store = wb.wait_ready().store.describe()
     result["storage"] = {"codec": estimate["codec"], "docs": estimate["docs"], "tokens": estimate["tokens"],
                          "bytes": chosen["bytes"], "bytes_per_token": chosen["bytes_per_token"],
-                         "load_gb_per_s": store.get("load_gb_per_s", 0.0), "store": store.get("url")}
+                         "load_gb_per_s": store.get("load_gb_per_s", 0.0), "store": store.get("url"),
+                         "cpu_tier_gb": store.get("cpu_tier_gb", 0.0)}
     result["codecs"] = estimate["codecs"]
     planner = [{"label": f"estimate ({estimate['codec']})", "bytes": chosen["bytes"]}]
     if entry.report is not None and entry.report.encoded and not entry.report.skipped:

@@ -181,3 +181,34 @@ def test_planner_matches_store(make_store):
         estimate(2, [10], "fp16")
     with pytest.raises(ValueError, match="no KV geometry"):
         estimate(1, 10, "fp16", model="gpt-9")
+
+
+def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
+    """``hot_cache_gb = -1`` (the default) sizes the CPU tier to the corpus's entries, so a
+    server's steady-state loads never wait on the backend; bounded by a quarter of memory."""
+    from hyperrag.corpus import load_corpus
+    from hyperrag.kv.planner import hot_tier_gb, memory_bytes, plan_corpus
+    from hyperrag.pipeline import open_store
+    from hyperrag.settings import Settings
+
+    gib = 2**30
+    assert hot_tier_gb(1 * gib, memory=64 * gib) == pytest.approx(1.1)
+    assert hot_tier_gb(10 * 2**20, memory=64 * gib) == 0.5  # small corpora keep room for uploads
+    assert hot_tier_gb(100 * gib, memory=16 * gib) == 4.0  # never more than a quarter of memory
+    assert 0 < memory_bytes() <= 2**60
+
+    settings = Settings.from_env(store_url=f"fs://{tmp_path / 'kv'}", codec="fp16")
+    assert settings.hot_cache_gb == -1
+    texts = [d.text for d in load_corpus(settings.corpus).docs]  # the shipped corpus, ~1.2 GB in fp16
+    need = plan_corpus(reranker, texts, "fp16").total_bytes / gib
+    store = open_store(settings, reranker, texts)
+    try:
+        assert store.hot_cache_gb == pytest.approx(hot_tier_gb(need * gib)) and store.hot_cache_gb >= min(need, memory_bytes() / 4 / gib)
+        assert store.describe()["cpu_tier_gb"] == store.hot_cache_gb
+    finally:
+        store.close()
+    store = open_store(settings.replace(hot_cache_gb=0.2), reranker, texts)  # a set size is kept
+    try:
+        assert store.hot_cache_gb == 0.2
+    finally:
+        store.close()

@@ -21,11 +21,13 @@ Functions:
 - :func:`entry_bytes` / :func:`bytes_per_token`: one document / per token, codec + frame;
 - :func:`estimate`: N documents of L tokens (or a list of token counts);
 - :func:`plan_corpus`: a real corpus, counted with the reranker's tokenizer and truncation;
-- :func:`codec_table`: :func:`estimate` for every codec, for a comparison table.
+- :func:`codec_table`: :func:`estimate` for every codec, for a comparison table;
+- :func:`hot_tier_gb`: the default size of the in-process CPU tier for a corpus.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
@@ -33,6 +35,9 @@ from hyperrag.kv.codec import CODECS, Codec, get_codec
 
 ALIGN = 64  # the store pads the frame header so the payload starts 64-byte aligned
 MAGIC_BYTES = 5 + 4  # magic + header length
+AUTO_TIER_MIN_GB = 0.5  # the automatic CPU tier never goes below this (room for uploaded corpora)
+AUTO_TIER_HEADROOM = 1.10  # ... and holds the corpus's entries plus 10%
+AUTO_TIER_MEMORY_SHARE = 0.25  # ... within a quarter of the memory this process may use
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,31 @@ def codec_table(n_docs: int, doc_tokens: int | Sequence[int], model: str | KVGeo
                 codecs: Sequence[str] | None = None) -> list[StorePlan]:
     """:func:`estimate` for each codec (default: all), in CODECS order."""
     return [estimate(n_docs, doc_tokens, name, model) for name in (codecs or list(CODECS))]
+
+
+def memory_bytes() -> int:
+    """Memory this process may use: physical RAM, or the container's (cgroup) limit when lower,
+    since a Space or a pod reports the host's RAM but is killed at its own limit."""
+    limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                raw = f.read().strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            limit = min(limit, int(raw))
+    return limit
+
+
+def hot_tier_gb(corpus_bytes: int, memory: int | None = None) -> float:
+    """The automatic size of the in-process CPU tier (``hot_cache_gb = -1``): big enough to hold
+    the corpus's entries, so steady-state loads never wait on the backend (a tier smaller than
+    the working set serves a share and reads the rest), but at most a quarter of ``memory``
+    (default :func:`memory_bytes`), since LMCache reserves the whole tier when the store opens."""
+    want = max(AUTO_TIER_MIN_GB, corpus_bytes * AUTO_TIER_HEADROOM / 2**30)
+    cap = (memory_bytes() if memory is None else memory) * AUTO_TIER_MEMORY_SHARE / 2**30
+    return round(min(want, cap), 3)
 
 
 def format_bytes(n: float) -> str:

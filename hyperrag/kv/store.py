@@ -149,6 +149,7 @@ class KVStore:
         self._idle = threading.Condition(self._lock)  # notified when writes finish
         self._events: list[str] = []
         self._hot = hot_cache_gb > 0 or self.scheme == "memory"
+        self.hot_cache_gb = max(hot_cache_gb, 0.0)  # the CPU tier's size for entries (GB)
         self._manager = self._make_manager(hot_cache_gb, max_inflight_mb)
         self._loop: asyncio.AbstractEventLoop = self._manager.loop
         self._cpu = self._manager.local_cpu_backend
@@ -732,7 +733,8 @@ class KVStore:
     def describe(self) -> dict:
         with self._lock:
             return {"url": self.display_url, "codec": self.codec.spec, "available": self._up, "queued": len(self._retry),
-                    "in_flight": len(self._inflight), **asdict(self.stats), "load_gb_per_s": self.stats.load_gb_per_s}
+                    "in_flight": len(self._inflight), "cpu_tier_gb": self.hot_cache_gb, **asdict(self.stats),
+                    "load_gb_per_s": self.stats.load_gb_per_s}
 
     def close(self) -> None:
         if self._closed:
