@@ -3,8 +3,8 @@
 Why not ``model(...)``: KV reuse needs control the generic API does not give cheaply: the caller
 owns one preallocated KV buffer ``[layers, 2, batch, kv_heads, columns, head_dim]``, every row
 has its own positions, groups of rows may put their new tokens at different columns,
-attention follows an explicit mask over buffer columns, and only the requested output rows go
-through the final norm (the LM head is the caller's business). The same forward serves full
+attention follows an explicit mask over buffer columns, and only the requested output positions
+run the last layer's queries, MLP and the final norm (the LM head is the caller's business). The same forward serves full
 prefill, document encoding, KV reuse and greedy decoding, so the modes can only differ in what
 they feed it.
 """
@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import rotate_half
 
 
 def causal_mask(n_new: int, start: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -103,28 +103,53 @@ class Decoder:
         gqa = self.n_heads != self.n_kv_heads
         x = self.body.embed_tokens(ids)
         cos, sin = self.body.rotary_emb(x, pos)
+        last = len(self.body.layers) - 1
         for i, layer in enumerate(self.body.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(bsz, n_new, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            k = _rope(attn.k_proj(h).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
             v = attn.v_proj(h).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            masks = [g.mask for g in groups]
+            if i == last and out_index is not None and n_new > 1:
+                # Only the output positions go on from here: every token's K/V is still written
+                # (a decode step reads it), but queries, o_proj and the MLP run for one token per row.
+                b = torch.arange(bsz, device=x.device)
+                x, h = x[b, out_index][:, None], h[b, out_index][:, None]
+                q = _rope(attn.q_proj(h).view(bsz, 1, self.n_heads, self.head_dim).transpose(1, 2),
+                          cos[b, out_index][:, None], sin[b, out_index][:, None])
+                masks = [_output_mask(g, out_index[g.lo : g.hi], n_new) for g in groups]
+                causal = [False] * len(groups)
+            else:
+                q = _rope(attn.q_proj(h).view(bsz, n_new, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
             outs = []
-            for g, is_causal in zip(groups, causal):
+            for g, mask, is_causal in zip(groups, masks, causal):
                 rows, end = slice(g.lo, g.hi), g.start + n_new
                 kv[i, 0, rows, :, g.start : end] = k[rows]
                 kv[i, 1, rows, :, g.start : end] = v[rows]
                 outs.append(F.scaled_dot_product_attention(
                     q[rows], kv[i, 0, rows, :, :end], kv[i, 1, rows, :, :end],
-                    attn_mask=g.mask, is_causal=is_causal, enable_gqa=gqa,
+                    attn_mask=mask, is_causal=is_causal, enable_gqa=gqa,
                 ))
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, n_new, self.n_heads * self.head_dim))
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, -1, self.n_heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if out_index is not None:
-            x = x[torch.arange(bsz, device=x.device), out_index]
+            x = x[:, -1] if x.shape[1] == 1 else x[torch.arange(bsz, device=x.device), out_index]
         return self.body.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.lm_head.T
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` [B, heads, T, head_dim] with ``cos``/``sin`` [B, T, head_dim]."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def _output_mask(g: RowGroup, out_index: torch.Tensor, n_new: int) -> torch.Tensor:
+    """The mask row [rows, 1, 1, start + T] of each row's output position in group ``g``."""
+    if g.mask is not None:
+        mask = g.mask.expand(g.hi - g.lo, *g.mask.shape[1:])  # a mask may be shared by all rows
+        return mask[torch.arange(g.hi - g.lo, device=out_index.device), :, out_index][:, :, None]
+    cols = torch.arange(g.start + n_new, device=out_index.device)
+    return (cols[None, :] <= g.start + out_index[:, None])[:, None, None]

@@ -34,6 +34,30 @@ def test_decoder_matches_transformers(llm):
     assert (dec.logits(hidden)[0] - expected).abs().max().item() < 1e-4
 
 
+def test_output_positions_skip_nothing_they_need(llm):
+    """With ``out_index`` the last layer runs queries, MLP and norm for one position per row:
+    the same hidden states as the whole forward, and the same K/V written for every token
+    (causal from column 0, and with a mask after cached columns)."""
+    from hyperrag.decoder import Decoder, causal_mask
+
+    dec = Decoder(llm.model)
+    ids = llm.tokenizer(["The Normans gave their name to Normandy, a region in France.",
+                         "Water boils at one hundred degrees Celsius at sea level, said the teacher."],
+                        return_tensors="pt", padding=True).input_ids
+    bsz, n = ids.shape
+    pos = torch.arange(n).expand(bsz, -1)
+    every_kv = dec.new_kv(bsz, n)
+    every = dec.forward(ids, pos, every_kv, start=0)
+    out = torch.tensor([n - 1, 6])
+    picked_kv = dec.new_kv(bsz, n)
+    picked = dec.forward(ids, pos, picked_kv, start=0, out_index=out)
+    assert torch.allclose(picked, every[torch.arange(bsz), out], atol=1e-5)
+    assert torch.allclose(picked_kv, every_kv, atol=1e-5)
+    p = 4  # the first tokens cached, the rest under a mask, as prefix caching runs them
+    tail = dec.forward(ids[:, p:], pos[:, p:], picked_kv, start=p, mask=causal_mask(n - p, p), out_index=out - p)
+    assert torch.allclose(tail, picked, atol=1e-5)
+
+
 def test_reuse_equals_full_prefill(reranker, squad_batch):
     source = LocalKV()
     lengths = {reranker.doc_tokens(d) for _, docs in squad_batch for d in docs}
