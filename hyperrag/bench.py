@@ -580,7 +580,7 @@ def run(args: argparse.Namespace) -> dict:
         results["machine"]["loadavg_end"] = _loadavg()
         setup["bench_wall_s"] = time.perf_counter() - wall0
         results["warnings"] = list(dict.fromkeys(warnings))
-        results["records"] = [{k: v for k, v in r.items() if k not in ("prompt_tokens",)} for r in records]
+        results["records"] = records
         return results
     finally:
         if zero_shot is not None:

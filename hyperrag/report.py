@@ -8,7 +8,8 @@ Result schema (the whole dict; this module builds ``e2e``, ``rerank`` and ``qual
     config   {...}                       how the run was made (bench only)
     rerank   {full, prefix_cached, reuse, zero_shot: {pairs, pairs_per_s, p50_ms, p95_ms, mean_ms},
               speedup_vs_full, speedup_vs_prefix_cached, token_ratio_limit, limit_fraction,
-              token_ratio_of_totals, fraction_of_totals_ratio, mean_prompt_tokens, mean_query_tokens}
+              limit_fraction_ci95 [lo, hi], token_ratio_of_totals, fraction_of_totals_ratio,
+              mean_prompt_tokens, mean_query_tokens}
     e2e      {retrieval_only, zero_shot, baseline, reuse: {queries, queries_per_s, p50_ms, p95_ms, mean_ms,
               stage_ms {retrieve, kv_load, rerank, generate}}, speedup_vs_baseline}
     quality  {retrieval_only, zero_shot, baseline, reuse: {queries, recall@1, recall@5, mrr@10, ndcg@10, em, f1},
@@ -28,6 +29,7 @@ without the trained adapter, in reuse mode: the reference that shows what traini
 from __future__ import annotations
 
 import math
+import random
 from typing import Any, Iterable, Mapping, Sequence
 
 from hyperrag.metrics import exact_match, f1_score, latency_summary, ranking_metrics
@@ -38,6 +40,7 @@ E2E_KEY = {"retrieval": "retrieval_only", "retrieval_only": "retrieval_only", "b
            "zero_shot": "zero_shot"}
 E2E_ORDER = ("retrieval_only", "zero_shot", "baseline", "prefix_cached", "reuse")
 QUALITY_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")
+BOOTSTRAP_DRAWS = 2000
 
 
 def record_from_result(result: Any, query: Any = None, query_id: str | None = None,
@@ -204,7 +207,38 @@ def _rerank(by_mode: dict) -> dict:
         if rerank["speedup_vs_full"]:
             rerank["limit_fraction"] = rerank["speedup_vs_full"] / rerank["token_ratio_limit"]
             rerank["fraction_of_totals_ratio"] = rerank["speedup_vs_full"] / rerank["token_ratio_of_totals"]
+            interval = limit_fraction_interval(by_mode.get("baseline", []), by_mode.get("reuse", []))
+            if interval:
+                rerank["limit_fraction_ci95"] = interval
     return rerank
+
+
+def limit_fraction_interval(full: Sequence[Mapping[str, Any]], reuse: Sequence[Mapping[str, Any]],
+                            draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> list[float] | None:
+    """A 95% bootstrap interval of ``limit_fraction`` over the questions of one run: how far the
+    figure could move with other questions and this machine's timing noise (per question, each
+    mode's time and the token ratios are resampled together). None under 5 paired questions."""
+    def per_question(recs):
+        return {r["query_id"]: r for r in recs if r.get("pairs") and r.get("query_tokens") and r.get("prompt_tokens")}
+
+    f, u = per_question(full), per_question(reuse)
+    rows = []
+    for qid in [q for q in f if q in u]:  # in record order: the interval is the same in every process
+        secs = [float(r["timings"].get("kv_load", 0.0)) + float(r["timings"].get("rerank", 0.0)) for r in (f[qid], u[qid])]
+        ratios = [p / int(u[qid]["query_tokens"]) for p in u[qid]["prompt_tokens"]]
+        rows.append((int(f[qid]["pairs"]), secs[0], int(u[qid]["pairs"]), secs[1], sum(ratios), len(ratios)))
+    if len(rows) < 5:
+        return None
+    rng = random.Random(seed)
+    fractions = []
+    for _ in range(draws):
+        sample = [rows[rng.randrange(len(rows))] for _ in rows]
+        full_pps = sum(r[0] for r in sample) / sum(r[1] for r in sample)
+        reuse_pps = sum(r[2] for r in sample) / sum(r[3] for r in sample)
+        limit = sum(r[4] for r in sample) / sum(r[5] for r in sample)
+        fractions.append(reuse_pps / full_pps / limit)
+    fractions.sort()
+    return [fractions[int(0.025 * draws)], fractions[int(0.975 * draws) - 1]]
 
 
 def _quality(by_mode: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -65,6 +66,30 @@ def test_summarize_and_figures_without_a_model():
         for _, fn in figures.FIGURES:
             assert fn(res).to_dict()["layout"]
         assert "<html>" in figures.html_report(res)
+
+
+def test_limit_fraction_interval_over_questions():
+    """The bootstrap interval of the share of the limit: none for under 5 questions, a point
+    when every question measured the same, and around the estimate when they differ."""
+    from hyperrag.report import limit_fraction_interval
+
+    assert "limit_fraction_ci95" not in summarize(_records())["rerank"]  # 3 questions
+
+    def run(reuse_s):
+        recs = []
+        for q, secs in enumerate(reuse_s):
+            for mode, t in (("baseline", 4.0), ("reuse", secs)):
+                recs.append({"query_id": f"q{q}", "mode": mode, "timings": {"rerank": t}, "pairs": 5,
+                             "query_tokens": 20, "prompt_tokens": [220] * 5})
+        return recs
+
+    same = summarize(run([0.4] * 6))["rerank"]
+    assert same["limit_fraction"] == pytest.approx(4.0 / 0.4 / 11.0)
+    assert same["limit_fraction_ci95"] == pytest.approx([same["limit_fraction"]] * 2)
+    noisy = run([0.3, 0.5] * 5)
+    lo, hi = limit_fraction_interval([r for r in noisy if r["mode"] == "baseline"], [r for r in noisy if r["mode"] == "reuse"])
+    point = summarize(noisy)["rerank"]["limit_fraction"]
+    assert lo < point < hi and lo >= 4.0 / 0.5 / 11.0 and hi <= 4.0 / 0.3 / 11.0
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +186,20 @@ def test_corpus_without_gold_queries_skips_quality(tmp_path, cache_dir, capsys):
     assert "retrieval_only" not in results["quality"] and "note" in results["quality"]
     assert results["rerank"]["reuse"]["pairs_per_s"] > 0
     assert "no gold" in capsys.readouterr().err
+
+
+def test_saved_runs_pool_into_one_estimate(quick_run, capsys):
+    """A saved run keeps what re-summarizing needs (prompt tokens per pair); two runs pooled
+    give the same ratios as one run timed twice."""
+    import importlib.util
+
+    results, out = quick_run
+    saved = json.loads((out / "bench.json").read_text())
+    assert all(r.get("prompt_tokens") for r in saved["records"] if r.get("pairs"))
+    assert summarize(saved["records"])["rerank"]["limit_fraction"] == pytest.approx(results["rerank"]["limit_fraction"])
+    spec = importlib.util.spec_from_file_location("pool_runs", Path(__file__).parents[1] / "scripts" / "pool_runs.py")
+    pool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pool)
+    assert pool.main([str(out / "bench.json")] * 2) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("2 runs") and f"{results['rerank']['speedup_vs_full']:.2f}x" in line
