@@ -412,6 +412,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from hyperrag.corpus import load_corpus
+    from hyperrag.kv.planner import plan_corpus
     from hyperrag.pipeline import Engine
     from hyperrag.precompute import precompute
     from hyperrag.report import record_from_result, summarize
@@ -462,8 +463,7 @@ def run(args: argparse.Namespace) -> dict:
         modes = MODES_ORDER
         if settings.adapter and not args.no_zero_shot:
             union = list(dict.fromkeys(t for ts in candidate_texts for t in ts))
-            need = sum(engine.store.codec.nbytes(kv_shape(engine.reranker, engine.reranker.doc_tokens(t)))
-                       for t in union)
+            need = plan_corpus(engine.reranker, union, engine.store.codec).payload_bytes
             zero_shot = engine.zero_shot(hot_cache_gb=need * 1.25 / 1e9 + 0.05)
             bar = tqdm(total=len(union), desc="precompute zero-shot", unit="doc", **bar_opts)
             zs_report = precompute(zero_shot.reranker, zero_shot.store, union, _tqdm_progress(bar))

@@ -4,9 +4,9 @@ Why not ``model(...)``: KV reuse needs control the generic API does not give che
 owns one preallocated KV buffer ``[layers, 2, batch, kv_heads, columns, head_dim]``, every row
 has its own positions, groups of rows may put their new tokens at different columns,
 attention follows an explicit mask over buffer columns, and only the requested output positions
-run the last layer's queries, MLP and the final norm (the LM head is the caller's business). The same forward serves full
-prefill, document encoding, KV reuse and greedy decoding, so the modes can only differ in what
-they feed it.
+run the last layer's queries, MLP and the final norm (the LM head is the caller's business).
+The same forward serves full prefill, document encoding, KV reuse and greedy decoding, so the
+modes can only differ in what they feed it.
 """
 from __future__ import annotations
 
@@ -100,6 +100,7 @@ class Decoder:
             causal.append(g.mask is None and g.start == 0 and n_new > 1)
             if g.mask is None and not causal[-1] and n_new > 1:
                 raise ValueError("a mask is needed for several new tokens after column 0")
+        masks = [g.mask for g in groups]
         gqa = self.n_heads != self.n_kv_heads
         x = self.body.embed_tokens(ids)
         cos, sin = self.body.rotary_emb(x, pos)
@@ -109,7 +110,6 @@ class Decoder:
             h = layer.input_layernorm(x)
             k = _rope(attn.k_proj(h).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
             v = attn.v_proj(h).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            masks = [g.mask for g in groups]
             if i == last and out_index is not None and n_new > 1:
                 # Only the output positions go on from here: every token's K/V is still written
                 # (a decode step reads it), but queries, o_proj and the MLP run for one token per row.

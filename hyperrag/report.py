@@ -164,6 +164,11 @@ def _e2e(by_mode: dict) -> dict:
     return e2e
 
 
+def _rerank_s(rec: Mapping[str, Any]) -> float:
+    """A record's reranker time: reading document KV (reuse) plus model time."""
+    return float(rec["timings"].get("kv_load", 0.0)) + float(rec["timings"].get("rerank", 0.0))
+
+
 def _rerank(by_mode: dict) -> dict:
     rerank: dict[str, Any] = {}
     ratios: list[float] = []
@@ -174,7 +179,7 @@ def _rerank(by_mode: dict) -> dict:
         recs = [r for r in by_mode.get(mode_key, []) if r.get("pairs")]
         if not recs:
             continue
-        secs = [float(r["timings"].get("kv_load", 0.0)) + float(r["timings"].get("rerank", 0.0)) for r in recs]
+        secs = [_rerank_s(r) for r in recs]
         pairs = sum(int(r["pairs"]) for r in recs)
         rerank[key] = {"queries": len(recs), "pairs": pairs,
                        "pairs_per_s": pairs / sum(secs) if sum(secs) > 0 else 0.0,
@@ -224,7 +229,7 @@ def limit_fraction_interval(full: Sequence[Mapping[str, Any]], reuse: Sequence[M
     f, u = per_question(full), per_question(reuse)
     rows = []
     for qid in [q for q in f if q in u]:  # in record order: the interval is the same in every process
-        secs = [float(r["timings"].get("kv_load", 0.0)) + float(r["timings"].get("rerank", 0.0)) for r in (f[qid], u[qid])]
+        secs = [_rerank_s(f[qid]), _rerank_s(u[qid])]
         ratios = [p / int(u[qid]["query_tokens"]) for p in u[qid]["prompt_tokens"]]
         rows.append((int(f[qid]["pairs"]), secs[0], int(u[qid]["pairs"]), secs[1], sum(ratios), len(ratios)))
     if len(rows) < 5:
