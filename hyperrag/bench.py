@@ -377,7 +377,8 @@ def machine_info(engine) -> dict:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "device": str(engine.reranker.decoder.device), "dtype": str(engine.reranker.decoder.dtype).replace("torch.", ""),
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            "linear": engine.reranker.decoder.linear.__name__.strip("_").replace("_linear", "")}
     if torch.cuda.is_available() and engine.reranker.decoder.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(engine.reranker.decoder.device)
     for module in ("transformers", "lmcache"):
@@ -522,6 +523,7 @@ def run(args: argparse.Namespace) -> dict:
                 "queries": len(questions), "query_source": source, "top_k": top_k, "top_n": top_n,
                 "codec": settings.codec, "store": settings.store_url if tmp is None else "fs://<temporary folder>",
                 "store_temporary": tmp is not None, "batch_size": settings.batch_size, "seed": settings.seed,
+                "rerank_streams": engine.reranker.rows.size,
                 "model": settings.model, "adapter": settings.adapter, "dtype": settings.dtype,
                 "max_new_tokens": settings.max_new_tokens, "max_doc_tokens": settings.max_doc_tokens,
                 "generate": not args.no_generate, "quick": args.quick, "precompute": args.precompute,

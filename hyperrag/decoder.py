@@ -7,11 +7,15 @@ attention follows an explicit mask over buffer columns, and only the requested o
 run the last layer's queries, MLP and the final norm (the LM head is the caller's business).
 The same forward serves full prefill, document encoding, KV reuse and greedy decoding, so the
 modes can only differ in what they feed it.
+
+On CPU the projections go through oneDNN rather than ``F.linear`` (MKL): on the AMD EPYC CI
+machine that is ~20% faster for every mode (full prefill and reuse alike), scores within 1e-4.
+Boolean masks become additive float masks once per forward, not once per layer inside SDPA.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +57,10 @@ class Decoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size = cfg.hidden_size
         self.lm_head = model.lm_head.weight  # [vocab, hidden]
+        self.eps = cfg.rms_norm_eps
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.linear = pick_linear(self.device, self.dtype)
 
     def kv_shape(self, batch: int, columns: int) -> tuple[int, ...]:
         return (self.n_layers, 2, batch, self.n_kv_heads, columns, self.head_dim)
@@ -100,27 +106,28 @@ class Decoder:
             causal.append(g.mask is None and g.start == 0 and n_new > 1)
             if g.mask is None and not causal[-1] and n_new > 1:
                 raise ValueError("a mask is needed for several new tokens after column 0")
-        masks = [g.mask for g in groups]
+        masks = [_additive(g.mask, self.dtype) for g in groups]
         gqa = self.n_heads != self.n_kv_heads
+        lin = self.linear
         x = self.body.embed_tokens(ids)
         cos, sin = self.body.rotary_emb(x, pos)
         last = len(self.body.layers) - 1
         for i, layer in enumerate(self.body.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            k = _rope(attn.k_proj(h).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            v = attn.v_proj(h).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            attn, mlp = layer.self_attn, layer.mlp
+            h = self._norm(layer.input_layernorm, x)
+            k = _rope(lin(h, attn.k_proj).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            v = lin(h, attn.v_proj).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2)
             if i == last and out_index is not None and n_new > 1:
                 # Only the output positions go on from here: every token's K/V is still written
                 # (a decode step reads it), but queries, o_proj and the MLP run for one token per row.
                 b = torch.arange(bsz, device=x.device)
                 x, h = x[b, out_index][:, None], h[b, out_index][:, None]
-                q = _rope(attn.q_proj(h).view(bsz, 1, self.n_heads, self.head_dim).transpose(1, 2),
+                q = _rope(lin(h, attn.q_proj).view(bsz, 1, self.n_heads, self.head_dim).transpose(1, 2),
                           cos[b, out_index][:, None], sin[b, out_index][:, None])
-                masks = [_output_mask(g, out_index[g.lo : g.hi], n_new) for g in groups]
+                masks = [_additive(_output_mask(g, out_index[g.lo : g.hi], n_new), self.dtype) for g in groups]
                 causal = [False] * len(groups)
             else:
-                q = _rope(attn.q_proj(h).view(bsz, n_new, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+                q = _rope(lin(h, attn.q_proj).view(bsz, n_new, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
             outs = []
             for g, mask, is_causal in zip(groups, masks, causal):
                 rows, end = slice(g.lo, g.hi), g.start + n_new
@@ -131,14 +138,52 @@ class Decoder:
                     attn_mask=mask, is_causal=is_causal, enable_gqa=gqa,
                 ))
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, -1, self.n_heads * self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + lin(o.transpose(1, 2).reshape(bsz, -1, self.n_heads * self.head_dim), attn.o_proj)
+            h = self._norm(layer.post_attention_layernorm, x)
+            x = x + lin(mlp.act_fn(lin(h, mlp.gate_proj)) * lin(h, mlp.up_proj), mlp.down_proj)
         if out_index is not None:
             x = x[:, -1] if x.shape[1] == 1 else x[torch.arange(bsz, device=x.device), out_index]
-        return self.body.norm(x)
+        return self._norm(self.body.norm, x)
+
+    def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm as one fused op (the module's own forward is six)."""
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.lm_head.T
+
+
+Linear = Callable[[torch.Tensor, torch.nn.Linear], torch.Tensor]
+
+
+def _torch_linear(x: torch.Tensor, proj: torch.nn.Linear) -> torch.Tensor:
+    return F.linear(x, proj.weight, proj.bias)
+
+
+def _onednn_linear(x: torch.Tensor, proj: torch.nn.Linear) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, proj.weight, proj.bias, "none", [], "")
+
+
+def pick_linear(device: torch.device, dtype: torch.dtype) -> Linear:
+    """oneDNN's linear on CPU when this torch build has it (it is an internal op, so it is tried
+    once and must agree with ``F.linear``), else ``F.linear``. Why: torch's CPU matmul calls MKL,
+    which on AMD EPYC runs 20-40% below oneDNN for these shapes."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return _torch_linear
+    try:
+        proj = torch.nn.Linear(8, 4).to(dtype)
+        x = torch.randn(2, 3, 8, dtype=dtype)
+        ok = torch.allclose(_onednn_linear(x, proj), _torch_linear(x, proj), rtol=1e-2, atol=1e-2)
+    except (RuntimeError, AttributeError):
+        ok = False
+    return _onednn_linear if ok else _torch_linear
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask (True = may attend) as the additive float mask SDPA would build per call."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def make_reranker(llm, instruction: str | None = None) -> Reranker:
         template = RerankTemplate(instruction=instruction) if instruction else RerankTemplate()
         return Reranker(llm, template, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
-                        batch_size=s.batch_size)
+                        batch_size=s.batch_size, streams=s.rerank_streams)
 
     previous: dict[str, list[list[float]]] = {}
     if args.scores_from:

@@ -191,7 +191,7 @@ def load_reranker(s: Settings, base=None) -> Reranker:
     set). Its ``kv_identity`` keys the store, so precompute builds it here too."""
     llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=s.adapter) if s.adapter or base is None else base
     return Reranker(llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
-                    batch_size=s.batch_size)
+                    batch_size=s.batch_size, streams=s.rerank_streams)
 
 
 def open_store(settings: Settings, reranker: Reranker, texts: Sequence[str] = ()) -> KVStore:

@@ -23,6 +23,7 @@ from hyperrag.decoder import Decoder, causal_mask
 from hyperrag.kv.layout import StaticLayout
 from hyperrag.models import LLM
 from hyperrag.prompts import QueryTokens, RerankPrompt, RerankTemplate
+from hyperrag.rowsplit import row_streams
 
 MODES = ("full", "prefix", "reuse")
 
@@ -82,12 +83,14 @@ class Reranker:
     """Scores (question, document) pairs with a decoder LLM; thread-safe (one batch at a time)."""
 
     def __init__(self, llm: LLM, template: RerankTemplate | None = None, max_doc_tokens: int = 448,
-                 max_question_tokens: int = 64, batch_size: int = 20):
+                 max_question_tokens: int = 64, batch_size: int = 20, streams: int = 2):
         self.llm = llm
         self.template = template or RerankTemplate()
         self.prompt = RerankPrompt(llm.tokenizer, self.template, max_doc_tokens, max_question_tokens)
         self.decoder = Decoder(llm.model)
         self.batch_size = batch_size
+        # On CPU a batch's rows run as concurrent streams (see rowsplit); one stream on GPU.
+        self.rows = row_streams(streams if self.decoder.device.type == "cpu" else 1)
         head = self.decoder.lm_head
         self.score_vec = (head[self.prompt.yes_id] - head[self.prompt.no_id]).float()
         self._lock = threading.Lock()
@@ -115,16 +118,21 @@ class Reranker:
         self.decoder.forward(ids, pos, self._scratch, start=0)
         return self._scratch[:, :, 0, :, : self.prefix_len].clone()
 
-    def _encode_rows(self, token_lists: list[Sequence[int]]) -> None:
-        """Run documents on the cached prefix into scratch rows ``0..m-1`` (columns ``P..``)."""
-        p, longest = self.prefix_len, max(len(t) for t in token_lists)
-        ids = torch.full((len(token_lists), longest), 0, dtype=torch.long)
-        for r, toks in enumerate(token_lists):
+    def _batch_ids(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded token ids [B, longest] and each row's last position [B]."""
+        ids = torch.zeros((len(seqs), max(len(t) for t in seqs)), dtype=torch.long)
+        for r, toks in enumerate(seqs):
             ids[r, : len(toks)] = torch.tensor(toks)
-        ids = ids.to(self.decoder.device)
-        self._scratch[:, :, : len(token_lists), :, :p] = self.prefix_kv.unsqueeze(2)
-        pos = (p + torch.arange(longest, device=ids.device)).expand(len(token_lists), -1)
-        self.decoder.forward(ids, pos, self._scratch, start=p, mask=causal_mask(longest, p, ids.device))
+        device = self.decoder.device
+        return ids.to(device), torch.tensor([len(t) - 1 for t in seqs], device=device)
+
+    def _encode_rows(self, token_lists: Sequence[Sequence[int]], kv: torch.Tensor) -> None:
+        """Run documents on the cached prefix into rows ``0..m-1`` of ``kv`` (columns ``P..``)."""
+        p = self.prefix_len
+        ids, _ = self._batch_ids(token_lists)
+        kv[:, :, : len(token_lists), :, :p] = self.prefix_kv.unsqueeze(2)
+        pos = (p + torch.arange(ids.shape[1], device=ids.device)).expand(len(token_lists), -1)
+        self.decoder.forward(ids, pos, kv, start=p, mask=causal_mask(ids.shape[1], p, ids.device))
 
     def encode_docs(self, texts: Sequence[str]) -> list[torch.Tensor]:
         """Document KVs ``[layers, 2, kv_heads, n, head_dim]`` on the shared prefix (precompute)."""
@@ -136,9 +144,13 @@ class Reranker:
         out: list[torch.Tensor | None] = [None] * len(texts)
         p = self.prefix_len
         for batch in length_batches([len(t) for t in toks], self.batch_size):
-            self._encode_rows([toks[i] for i in batch])
-            for r, i in enumerate(batch):
-                out[i] = self._scratch[:, :, r, :, p : p + len(toks[i])].clone()
+            def encode(part: slice) -> list[torch.Tensor]:
+                rows, kv = batch[part], self._scratch[:, :, part]
+                self._encode_rows([toks[i] for i in rows], kv)
+                return [kv[:, :, r, :, p : p + len(toks[i])].clone() for r, i in enumerate(rows)]
+
+            for i, kv in zip(batch, self.rows.run(len(batch), encode)):
+                out[i] = kv
         return out  # type: ignore[return-value]
 
     # -- scoring ------------------------------------------------------------------------------
@@ -173,19 +185,18 @@ class Reranker:
                 for d in docs]
         device = self.decoder.device
         for batch in length_batches([len(s) for s in seqs], self.batch_size):
-            longest = max(len(seqs[i]) for i in batch)
-            ids = torch.zeros((len(batch), longest), dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
-            pos = (start + torch.arange(longest)).expand(len(batch), -1).to(device)
-            last = torch.tensor([len(seqs[i]) - 1 for i in batch], device=device)
-            if mode == "full":
-                mask = None  # causal from column 0; right padding never touches real tokens
-            else:
-                self._scratch[:, :, : len(batch), :, :start] = self.prefix_kv.unsqueeze(2)
-                mask = causal_mask(longest, start, device)
-            hidden = self.decoder.forward(ids.to(device), pos, self._scratch, start, mask, out_index=last)
-            for i, s in zip(batch, self._score_hidden(hidden)):
+            def score(part: slice) -> list[float]:
+                rows, kv = batch[part], self._scratch[:, :, part]
+                ids, last = self._batch_ids([seqs[i] for i in rows])
+                pos = (start + torch.arange(ids.shape[1], device=device)).expand(len(rows), -1)
+                if mode == "full":
+                    mask = None  # causal from column 0; right padding never touches real tokens
+                else:
+                    kv[:, :, : len(rows), :, :start] = self.prefix_kv.unsqueeze(2)
+                    mask = causal_mask(ids.shape[1], start, device)
+                return self._score_hidden(self.decoder.forward(ids, pos, kv, start, mask, out_index=last))
+
+            for i, s in zip(batch, self.rows.run(len(batch), score)):
                 result.scores[i] = s
         result.compute_s += time.perf_counter() - t0
 
@@ -208,12 +219,15 @@ class Reranker:
                     layout.doc_view(r, lens[r]).copy_(kv)
                     source.put(chunk[r], kv)
                 result.encoded_docs += len(missing)
-            pos, groups = layout.query_groups(lens, n_query)
-            ids = torch.tensor([query.ids], device=device).expand(len(chunk), -1)
-            last = torch.full((len(chunk),), n_query - 1, device=device)
-            hidden = self.decoder.forward_groups(ids, pos, layout.kv, groups, out_index=last)
-            for i, score in zip(picked, self._score_hidden(hidden)):
-                result.scores[i] = score
+
+            def score(part: slice) -> list[float]:
+                pos, groups = layout.query_groups(lens[part], n_query)
+                ids = torch.tensor([query.ids], device=device).expand(len(pos), -1)
+                last = torch.full((len(pos),), n_query - 1, device=device)
+                return self._score_hidden(self.decoder.forward_groups(ids, pos, layout.kv[:, :, part], groups, out_index=last))
+
+            for i, s in zip(picked, self.rows.run(len(chunk), score)):
+                result.scores[i] = s
             result.compute_s += time.perf_counter() - t1
         if result.encoded_docs:
             result.warnings.append(f"{result.encoded_docs} document KV(s) were not in the store: computed and stored")

@@ -157,7 +157,9 @@ def test_static_layout_matches_concat_and_per_document(reranker, real_batch):
     static = scores(layout.kv, groups)
     dynamic = scores(concat, [RowGroup(0, len(docs), p + longest, layout.query_mask(lens, longest, n_query))])
     full = reranker.score(question, docs, "full").scores
-    assert max(abs(a - b) for a, b in zip(static, dynamic)) <= 1e-5
+    # The KV is asserted equal above; the scores differ only in float32 rounding (attention sums
+    # run over a different number of masked columns, then 30 layers): ~1e-5 with oneDNN's GEMMs.
+    assert max(abs(a - b) for a, b in zip(static, dynamic)) <= 5e-5
     assert max(abs(a - b) for a, b in zip(static, full)) <= 1e-4
 
 

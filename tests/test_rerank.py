@@ -90,6 +90,32 @@ def test_reuse_batches_larger_than_buffer(reranker, squad_batch):
     assert max(abs(a - b) for a, b in zip(full, reuse)) <= 1e-4
 
 
+def test_row_streams_keep_row_order():
+    from hyperrag.rowsplit import row_streams
+
+    streams = row_streams(2)
+    assert streams.slices(7) == [slice(0, 7, 2), slice(1, 7, 2)]
+    assert streams.slices(3) == [slice(0, 3, 1)]  # one row per stream is not worth a hand-off
+    assert streams.run(7, lambda part: [row * 10 for row in range(7)[part]]) == [row * 10 for row in range(7)]
+
+
+def test_row_streams_score_as_one_batch(llm, squad_batch):
+    """Rows run as two concurrent streams score as one batch does, in every mode, and encode
+    the same document KV."""
+    from hyperrag.rerank import Reranker
+
+    one, two = Reranker(llm, batch_size=8, streams=1), Reranker(llm, batch_size=8, streams=2)
+    assert (one.rows.size, two.rows.size) == (1, 2)
+    source = LocalKV()
+    for question, docs in squad_batch[:2]:
+        for mode in ("full", "prefix", "reuse"):
+            a, b = one.score(question, docs, mode, source).scores, two.score(question, docs, mode, source).scores
+            assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, mode
+    docs = squad_batch[0][1]
+    for a, b in zip(one.encode_docs(docs), two.encode_docs(docs)):
+        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-4
+
+
 def test_long_question_is_truncated_with_notice(reranker, squad_batch):
     _, docs = squad_batch[0]
     result = reranker.score("why " * 500, docs[:2], "full")
