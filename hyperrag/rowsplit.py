@@ -5,7 +5,9 @@ serial parts (Python dispatch, small elementwise ops, the threads meeting at the
 threads that each run an interleaved half of the rows keep the cores busy through the other's
 serial parts. On the 2-core CI machine that made full prefill 23% and KV reuse 15% faster
 (scores within 1e-4). Giving each stream a single OpenMP thread instead was slower (+3% full,
--4.5% reuse): the two halves do not finish together and a core sits idle.
+-4.5% reuse): the two halves do not finish together and a core sits idle. Each stream thread
+gets its own OpenMP team; ``hyperrag/__init__`` shortens OpenMP's idle spin so those teams do
+not keep the cores busy after a batch.
 """
 from __future__ import annotations
 
