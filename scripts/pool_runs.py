@@ -1,6 +1,6 @@
 """Pool several saved bench runs of the same command into one estimate of the rerank ratios.
 
-    ./run.sh python scripts/pool_runs.py docs/bench/bench-default.json docs/bench/bench-default-repeat.json ...
+    ./run.sh python scripts/pool_runs.py run-1.json run-2.json ...
 
 Each run's records are kept apart (a question timed in three runs counts three times), then
 summarized as one run: pairs/s ratios, the share of the token-ratio limit and its bootstrap
