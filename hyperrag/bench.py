@@ -523,7 +523,7 @@ def run(args: argparse.Namespace) -> dict:
                 "queries": len(questions), "query_source": source, "top_k": top_k, "top_n": top_n,
                 "codec": settings.codec, "store": settings.store_url if tmp is None else "fs://<temporary folder>",
                 "store_temporary": tmp is not None, "batch_size": settings.batch_size, "seed": settings.seed,
-                "rerank_streams": engine.reranker.rows.size,
+                "cpu_streams": engine.reranker.rows.size,
                 "model": settings.model, "adapter": settings.adapter, "dtype": settings.dtype,
                 "max_new_tokens": settings.max_new_tokens, "max_doc_tokens": settings.max_doc_tokens,
                 "generate": not args.no_generate, "quick": args.quick, "precompute": args.precompute,

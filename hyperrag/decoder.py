@@ -14,6 +14,7 @@ Boolean masks become additive float masks once per forward, not once per layer i
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -94,10 +95,13 @@ class Decoder:
         kv: torch.Tensor,
         groups: Sequence[RowGroup],
         out_index: torch.Tensor | None = None,
+        after_kv: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """:meth:`forward` for a batch whose row groups put their new tokens at different
         columns (KV reuse: rows with short documents attend over fewer columns). The groups
-        cover the rows in order; only the K/V writes and attention run per group."""
+        cover the rows in order; only the K/V writes and attention run per group.
+        ``after_kv(layer)`` runs once each layer's new K/V are written, before attention (two
+        calls over consecutive token chunks can so run at once, see :class:`LayerSync`)."""
         bsz, n_new = ids.shape
         if groups[0].lo != 0 or groups[-1].hi != bsz or any(a.hi != b.lo for a, b in zip(groups, groups[1:])):
             raise ValueError("row groups must cover the batch rows in order")
@@ -128,11 +132,15 @@ class Decoder:
                 causal = [False] * len(groups)
             else:
                 q = _rope(lin(h, attn.q_proj).view(bsz, n_new, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-            outs = []
-            for g, mask, is_causal in zip(groups, masks, causal):
+            for g in groups:
                 rows, end = slice(g.lo, g.hi), g.start + n_new
                 kv[i, 0, rows, :, g.start : end] = k[rows]
                 kv[i, 1, rows, :, g.start : end] = v[rows]
+            if after_kv is not None:
+                after_kv(i)
+            outs = []
+            for g, mask, is_causal in zip(groups, masks, causal):
+                rows, end = slice(g.lo, g.hi), g.start + n_new
                 outs.append(F.scaled_dot_product_attention(
                     q[rows], kv[i, 0, rows, :, :end], kv[i, 1, rows, :, :end],
                     attn_mask=mask, is_causal=is_causal, enable_gqa=gqa,
@@ -151,6 +159,31 @@ class Decoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.lm_head.T
+
+
+class LayerSync:
+    """Lets a prompt's second token chunk run its forward alongside the first one's, in another
+    thread: the first chunk marks each layer once its K/V are written, the second waits for
+    that before attending. Why: on CPU one sequence is a chain of ops with serial parts; two
+    chunks at once keep the cores busy, as the reranker's row streams do for a batch."""
+
+    def __init__(self, n_layers: int):
+        self._ready = [threading.Event() for _ in range(n_layers)]
+        self._failed = False
+
+    def written(self, layer: int) -> None:
+        self._ready[layer].set()
+
+    def wait(self, layer: int) -> None:
+        self._ready[layer].wait()
+        if self._failed:
+            raise RuntimeError("the first chunk of the prompt failed")
+
+    def fail(self) -> None:
+        """The first chunk stopped: release the second rather than leave it waiting."""
+        self._failed = True
+        for event in self._ready:
+            event.set()
 
 
 Linear = Callable[[torch.Tensor, torch.nn.Linear], torch.Tensor]

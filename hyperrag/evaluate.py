@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def make_reranker(llm, instruction: str | None = None) -> Reranker:
         template = RerankTemplate(instruction=instruction) if instruction else RerankTemplate()
         return Reranker(llm, template, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
-                        batch_size=s.batch_size, streams=s.rerank_streams)
+                        batch_size=s.batch_size, streams=s.cpu_streams)
 
     previous: dict[str, list[list[float]]] = {}
     if args.scores_from:
@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             report["systems"][name]["ranking_subset"] = ranking_summary(
                 SystemRun(name, run.scores[:subset]), cands[:subset])
     if args.generate:
-        generator = Generator(base, s.max_new_tokens, s.max_doc_tokens)
+        generator = Generator(base, s.max_new_tokens, s.max_doc_tokens, streams=s.cpu_streams)
         report["generator_template"] = asdict(generator.prompt.template)
         cache: dict = {}
         n = min(args.generate, len(cands))

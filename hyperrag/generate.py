@@ -1,15 +1,20 @@
 """Answer generation: greedy decoding over the top-n documents with a short answer prompt."""
 from __future__ import annotations
 
+import concurrent.futures as cf
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from hyperrag.decoder import Decoder, causal_mask
+from hyperrag.decoder import Decoder, LayerSync, RowGroup, causal_mask
 from hyperrag.models import LLM
 from hyperrag.prompts import GenerateTemplate, GenerationPrompt
+
+
+MIN_CHUNK_TOKENS = 64  # shorter prompts prefill in one piece: two threads would not pay
 
 
 @dataclass
@@ -27,7 +32,7 @@ class Generator:
     the buffer's first columns; each answer prefills only its documents and question."""
 
     def __init__(self, llm: LLM, max_new_tokens: int = 24, max_doc_tokens: int = 448,
-                 template: GenerateTemplate | None = None, max_prompt_tokens: int = 2048):
+                 template: GenerateTemplate | None = None, max_prompt_tokens: int = 2048, streams: int = 2):
         self.llm = llm
         self.decoder = Decoder(llm.model)
         self.prompt = GenerationPrompt(llm.tokenizer, template or GenerateTemplate(), max_doc_tokens)
@@ -41,6 +46,9 @@ class Generator:
         tok = llm.tokenizer
         self.stop_ids = {tok.eos_token_id, *tok.encode("\n", add_special_tokens=False)}
         self._lock = threading.Lock()
+        # On CPU a long prompt prefills as two chunks at once (see LayerSync); one on GPU.
+        cpu = self.decoder.device.type == "cpu" and streams > 1
+        self._helper = cf.ThreadPoolExecutor(1, "hyperrag-prefill") if cpu else None
 
     def answer(self, question: str, docs: list[str]) -> Generation:
         ids = self.prompt.question_ids(question, docs)[-(self.max_prompt_tokens - self.head_len) :]
@@ -54,9 +62,7 @@ class Generator:
         """Prefill ``ids`` after the cached head, then decode greedily until a stop token."""
         device = self.decoder.device
         h, m = self.head_len, len(ids)
-        hidden = self.decoder.forward(torch.tensor([ids], device=device), torch.arange(h, h + m, device=device)[None],
-                                      self.kv, start=h, mask=causal_mask(m, h, device),
-                                      out_index=torch.tensor([m - 1], device=device))
+        hidden = self._prefill(ids, h)
         n = h + m
         new: list[int] = []
         for step in range(self.max_new_tokens):
@@ -69,3 +75,31 @@ class Generator:
             pos = torch.tensor([[n + step]], device=device)
             hidden = self.decoder.forward(torch.tensor([[token]], device=device), pos, self.kv, start=n + step)[:, -1]
         return new
+
+    def _prefill(self, ids: list[int], start: int) -> torch.Tensor:
+        """Run ``ids`` after column ``start``; the final hidden state of the last token. A long
+        prompt runs as two chunks in two threads, the second attending over the first's K/V."""
+        if self._helper is None or len(ids) < 2 * MIN_CHUNK_TOKENS:
+            return self._run_chunk(ids, start)
+        half = len(ids) // 2
+        sync = LayerSync(self.decoder.n_layers)
+
+        def first_chunk() -> None:
+            try:
+                self._run_chunk(ids[:half], start, sync.written)
+            except BaseException:
+                sync.fail()
+                raise
+
+        first = self._helper.submit(first_chunk)
+        try:
+            return self._run_chunk(ids[half:], start + half, sync.wait)
+        finally:
+            first.result()
+
+    def _run_chunk(self, ids: list[int], start: int, after_kv: Callable[[int], None] | None = None) -> torch.Tensor:
+        device, m = self.decoder.device, len(ids)
+        group = RowGroup(0, 1, start, causal_mask(m, start, device))
+        return self.decoder.forward_groups(torch.tensor([ids], device=device),
+                                           torch.arange(start, start + m, device=device)[None], self.kv, [group],
+                                           out_index=torch.tensor([m - 1], device=device), after_kv=after_kv)

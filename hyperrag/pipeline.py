@@ -99,7 +99,7 @@ class Engine:
         index = DenseIndex.load_or_build(corpus, embedder, s.embedder, s.cache_dir, progress)
         base = load_llm(s.model, s.cache_dir, s.device, s.dtype)
         reranker = load_reranker(s, base)
-        generator = Generator(base, s.max_new_tokens, s.max_doc_tokens) if with_generator else None
+        generator = Generator(base, s.max_new_tokens, s.max_doc_tokens, streams=s.cpu_streams) if with_generator else None
         store = open_store(s, reranker, [d.text for d in corpus.docs])
         return cls(s, corpus, index, reranker, generator, store)
 
@@ -191,7 +191,7 @@ def load_reranker(s: Settings, base=None) -> Reranker:
     set). Its ``kv_identity`` keys the store, so precompute builds it here too."""
     llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=s.adapter) if s.adapter or base is None else base
     return Reranker(llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
-                    batch_size=s.batch_size, streams=s.rerank_streams)
+                    batch_size=s.batch_size, streams=s.cpu_streams)
 
 
 def open_store(settings: Settings, reranker: Reranker, texts: Sequence[str] = ()) -> KVStore:

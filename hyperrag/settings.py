@@ -53,10 +53,11 @@ class Settings:
     top_k: int = field(default=20, metadata={"help": "candidates retrieved per question"})
     top_n: int = field(default=3, metadata={"help": "reranked documents given to the generator"})
     batch_size: int = field(default=20, metadata={"help": "(question, document) pairs per reranker batch"})
-    rerank_streams: int = field(
+    cpu_streams: int = field(
         default=2,
-        metadata={"help": "CPU threads that each run an interleaved share of a reranker batch's rows at once "
-                          "(every op still uses torch's threads); 1 = one stream. Ignored on GPU"},
+        metadata={"help": "CPU threads that run at once on one model call (every op still uses torch's "
+                          "threads): a reranker batch's rows split between them, a long answer prompt "
+                          "prefills as two chunks; 1 = one stream. Ignored on GPU"},
     )
     max_new_tokens: int = field(default=16, metadata={"help": "answer length limit (greedy decoding)"})
     max_question_tokens: int = field(
@@ -89,7 +90,7 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.store_url:
             self.store_url = f"fs://{Path(self.cache_dir) / 'kv'}"
-        for name in ("top_k", "top_n", "batch_size", "rerank_streams", "max_new_tokens", "max_question_tokens", "max_doc_tokens"):
+        for name in ("top_k", "top_n", "batch_size", "cpu_streams", "max_new_tokens", "max_question_tokens", "max_doc_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
 

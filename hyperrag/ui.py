@@ -381,7 +381,7 @@ class Workbench:
                     old = base.reranker
                     base.reranker = Reranker(old.llm, template=old.template, max_doc_tokens=new.max_doc_tokens,
                                              max_question_tokens=new.max_question_tokens, batch_size=batch_size,
-                                             streams=new.rerank_streams)
+                                             streams=new.cpu_streams)
                     notes.append(f"reranker batch size {self.settings.batch_size} -> {batch_size}")
                 if codec != base.store.codec.name or url != self.settings.store_url or base.store.url != url:
                     old_store = base.store
