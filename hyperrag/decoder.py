@@ -77,6 +77,7 @@ class Decoder:
         start: int,
         mask: torch.Tensor | None = None,
         out_index: torch.Tensor | None = None,
+        after_kv: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Run ``ids`` [B, T] at positions ``pos`` [B, T]; write their K/V into ``kv`` columns
         ``[start, start+T)`` and attend over columns ``[0, start+T)``.
@@ -84,8 +85,9 @@ class Decoder:
         ``mask`` [B, 1, T, start+T] (True = may attend) is required unless the call is causal
         from column 0 or decodes one token over a fully valid prefix. Returns the final-normed
         hidden states [B, T, H], or [B, H] at ``out_index`` [B] (one position per row).
+        ``after_kv`` as in :meth:`forward_groups`.
         """
-        return self.forward_groups(ids, pos, kv, [RowGroup(0, ids.shape[0], start, mask)], out_index)
+        return self.forward_groups(ids, pos, kv, [RowGroup(0, ids.shape[0], start, mask)], out_index, after_kv)
 
     @torch.inference_mode()
     def forward_groups(

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from hyperrag.decoder import Decoder, LayerSync, RowGroup, causal_mask
+from hyperrag.decoder import Decoder, LayerSync, causal_mask
 from hyperrag.models import LLM
 from hyperrag.prompts import GenerateTemplate, GenerationPrompt
 
@@ -46,7 +46,9 @@ class Generator:
         tok = llm.tokenizer
         self.stop_ids = {tok.eos_token_id, *tok.encode("\n", add_special_tokens=False)}
         self._lock = threading.Lock()
-        # On CPU a long prompt prefills as two chunks at once (see LayerSync); one on GPU.
+        # On CPU a long prompt prefills as two chunks at once (see LayerSync); one on GPU. The
+        # first chunk gets a thread of its own: in a shared pool it could queue behind the chunk
+        # that waits for it.
         cpu = self.decoder.device.type == "cpu" and streams > 1
         self._helper = cf.ThreadPoolExecutor(1, "hyperrag-prefill") if cpu else None
 
@@ -99,7 +101,6 @@ class Generator:
 
     def _run_chunk(self, ids: list[int], start: int, after_kv: Callable[[int], None] | None = None) -> torch.Tensor:
         device, m = self.decoder.device, len(ids)
-        group = RowGroup(0, 1, start, causal_mask(m, start, device))
-        return self.decoder.forward_groups(torch.tensor([ids], device=device),
-                                           torch.arange(start, start + m, device=device)[None], self.kv, [group],
-                                           out_index=torch.tensor([m - 1], device=device), after_kv=after_kv)
+        return self.decoder.forward(torch.tensor([ids], device=device), torch.arange(start, start + m, device=device)[None],
+                                    self.kv, start, causal_mask(m, start, device),
+                                    out_index=torch.tensor([m - 1], device=device), after_kv=after_kv)

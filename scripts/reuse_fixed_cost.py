@@ -45,8 +45,7 @@ def main() -> None:
     settings = Settings.from_env(store_url="memory://")
     engine = Engine.load(settings, with_generator=False)
     reranker, corpus = engine.reranker, engine.corpus
-    first = corpus.queries[0]
-    question = first["question"] if isinstance(first, dict) else first.question
+    question = corpus.queries[0].question
     docs = [corpus.by_id[doc_id].text for doc_id, _ in engine.retrieve(question, 20)]
     reranker.score(question, docs, "reuse", engine.store)  # encodes and stores the 20 caches
     questions = [" ".join(WORDS[:n]) for n in (1, 6, 14, 20, 26)]
