@@ -149,7 +149,7 @@ class Reranker:
                 self._encode_rows([toks[i] for i in rows], kv)
                 return [kv[:, :, r, :, p : p + len(toks[i])].clone() for r, i in enumerate(rows)]
 
-            for i, kv in zip(batch, self.rows.run(len(batch), encode)):
+            for i, kv in zip(batch, self.rows.run(len(batch), encode, max(len(toks[i]) for i in batch))):
                 out[i] = kv
         return out  # type: ignore[return-value]
 
@@ -196,7 +196,7 @@ class Reranker:
                     mask = causal_mask(ids.shape[1], start, device)
                 return self._score_hidden(self.decoder.forward(ids, pos, kv, start, mask, out_index=last))
 
-            for i, s in zip(batch, self.rows.run(len(batch), score)):
+            for i, s in zip(batch, self.rows.run(len(batch), score, max(len(seqs[i]) for i in batch))):
                 result.scores[i] = s
         result.compute_s += time.perf_counter() - t0
 
@@ -226,7 +226,7 @@ class Reranker:
                 last = torch.full((len(pos),), n_query - 1, device=device)
                 return self._score_hidden(self.decoder.forward_groups(ids, pos, layout.kv[:, :, part], groups, out_index=last))
 
-            for i, s in zip(picked, self.rows.run(len(chunk), score)):
+            for i, s in zip(picked, self.rows.run(len(chunk), score, n_query)):
                 result.scores[i] = s
             result.compute_s += time.perf_counter() - t1
         if result.encoded_docs:

@@ -4,10 +4,16 @@ Why: on CPU a batch is a chain of ops, each split over torch's intra-op threads 
 serial parts (Python dispatch, small elementwise ops, the threads meeting at the op's end). Two
 threads that each run an interleaved half of the rows keep the cores busy through the other's
 serial parts. On the 2-core CI machine that made full prefill 23% and KV reuse 15% faster
-(scores within 1e-4). Giving each stream a single OpenMP thread instead was slower (+3% full,
--4.5% reuse): the two halves do not finish together and a core sits idle. Each stream thread
-gets its own OpenMP team; ``hyperrag/__init__`` shortens OpenMP's idle spin so those teams do
-not keep the cores busy after a batch.
+(scores within 1e-4).
+
+How many OpenMP threads a stream gets depends on its work. A small stream (KV reuse: ~10 rows
+x ~20 query tokens) runs on one thread: its ops are too short for a team to pay for meeting at
+every op's end, and two streams on two cores need no team at all (reuse 7-13% faster in
+in-process A/Bs). A big one (full prefill, document encoding) keeps the calling thread's count:
+its streams do not finish together (uneven batches), and with one thread each a core would sit
+idle (full prefill 3% slower). Each stream thread has its own OpenMP team;
+``hyperrag/__init__`` shortens OpenMP's idle spin so those teams do not keep the cores busy
+after a batch.
 """
 from __future__ import annotations
 
@@ -15,7 +21,11 @@ import concurrent.futures as cf
 import functools
 from typing import Callable, Sequence, TypeVar
 
+import torch
+from threadpoolctl import ThreadpoolController
+
 MIN_ROWS_PER_STREAM = 2  # a stream of one row is too thin to pay for the hand-off
+SMALL_STREAM_TOKENS = 1024  # a stream running fewer new tokens gets one OpenMP thread (measured crossover)
 
 T = TypeVar("T")
 
@@ -32,14 +42,34 @@ class RowStreams:
         k = max(1, min(self.size, n_rows // MIN_ROWS_PER_STREAM))
         return [slice(i, n_rows, k) for i in range(k)]
 
-    def run(self, n_rows: int, fn: Callable[[slice], Sequence[T]]) -> list[T]:
-        """``fn(part)`` returns one value per row of ``part``; the values come back in row order."""
+    def run(self, n_rows: int, fn: Callable[[slice], Sequence[T]], tokens_per_row: int) -> list[T]:
+        """``fn(part)`` returns one value per row of ``part``; the values come back in row order.
+        Streams of fewer than ``SMALL_STREAM_TOKENS`` new tokens (``tokens_per_row`` x their
+        rows) run on one OpenMP thread each, others on as many as the calling thread has."""
         parts = self.slices(n_rows)
-        outs = [fn(parts[0])] if len(parts) == 1 else list(self._pool.map(fn, parts))
+        if len(parts) == 1:
+            outs = [fn(parts[0])]
+        else:
+            small = -(-n_rows // len(parts)) * tokens_per_row < SMALL_STREAM_TOKENS
+            threads = 1 if small else torch.get_num_threads()
+            outs = list(self._pool.map(functools.partial(_on_threads, threads, fn), parts))
         values: list = [None] * n_rows
         for part, out in zip(parts, outs):
             values[part] = list(out)
         return values
+
+
+def _on_threads(threads: int, fn: Callable[[slice], Sequence[T]], part: slice) -> Sequence[T]:
+    if torch.get_num_threads() != threads:  # also torch's per-thread set-up, which must come first
+        _openmp().limit(limits=threads, user_api="openmp")
+    return fn(part)
+
+
+@functools.lru_cache(maxsize=None)
+def _openmp() -> ThreadpoolController:
+    """Sets OpenMP's team size for the calling thread only. Why not ``torch.set_num_threads``:
+    it also changes the size every thread created later starts with, and clears oneDNN's cache."""
+    return ThreadpoolController()
 
 
 @functools.lru_cache(maxsize=None)

@@ -96,7 +96,31 @@ def test_row_streams_keep_row_order():
     streams = row_streams(2)
     assert streams.slices(7) == [slice(0, 7, 2), slice(1, 7, 2)]
     assert streams.slices(3) == [slice(0, 3, 1)]  # one row per stream is not worth a hand-off
-    assert streams.run(7, lambda part: [row * 10 for row in range(7)[part]]) == [row * 10 for row in range(7)]
+    assert streams.run(7, lambda part: [row * 10 for row in range(7)[part]], 1) == [row * 10 for row in range(7)]
+
+
+def test_row_streams_size_openmp_teams_by_work():
+    """Small streams run on one OpenMP thread, big ones on the caller's count; neither changes
+    the caller's count nor the one threads started later begin with."""
+    import threading
+
+    import torch
+
+    from hyperrag.rowsplit import SMALL_STREAM_TOKENS, row_streams
+
+    streams, caller = row_streams(2), torch.get_num_threads()
+
+    def seen(part: slice) -> list[int]:
+        return [torch.get_num_threads()] * len(range(4)[part])
+
+    assert streams.run(4, seen, 1) == [1] * 4
+    assert streams.run(4, seen, SMALL_STREAM_TOKENS) == [caller] * 4
+    assert streams.run(4, seen, 1) == [1] * 4
+    later: list[int] = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert torch.get_num_threads() == caller and later == [caller]
 
 
 def test_row_streams_score_as_one_batch(llm, squad_batch):
