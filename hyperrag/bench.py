@@ -549,8 +549,8 @@ def run(args: argparse.Namespace) -> dict:
         results["machine"] = machine
         if loads:
             machine["loadavg_queries"] = sum(loads) / len(loads)
-            # the bench's own threads count in the load average (each reranker row stream runs a team
-            # of torch's threads): warn only when others added to it
+            # the bench's own threads count in the load average (each reranker row stream runs up to
+            # torch's thread count): warn only when others added to it
             own = (machine.get("threads") or 1) * engine.reranker.rows.size
             if machine["loadavg_queries"] > max(machine.get("cores") or 1, own) + 0.75:
                 warnings.append(f"the machine was busy during the queries (load average "

@@ -113,6 +113,7 @@ class Decoder:
             if g.mask is None and not causal[-1] and n_new > 1:
                 raise ValueError("a mask is needed for several new tokens after column 0")
         masks = [_additive(g.mask, self.dtype) for g in groups]
+        spans = [(slice(g.lo, g.hi), g.start, g.start + n_new) for g in groups]  # rows, new columns
         gqa = self.n_heads != self.n_kv_heads
         lin = self.linear
         x = self.body.embed_tokens(ids)
@@ -134,15 +135,13 @@ class Decoder:
                 causal = [False] * len(groups)
             else:
                 q = _rope(lin(h, attn.q_proj).view(bsz, n_new, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-            for g in groups:
-                rows, end = slice(g.lo, g.hi), g.start + n_new
-                kv[i, 0, rows, :, g.start : end] = k[rows]
-                kv[i, 1, rows, :, g.start : end] = v[rows]
+            for rows, begin, end in spans:
+                kv[i, 0, rows, :, begin:end] = k[rows]
+                kv[i, 1, rows, :, begin:end] = v[rows]
             if after_kv is not None:
                 after_kv(i)
             outs = []
-            for g, mask, is_causal in zip(groups, masks, causal):
-                rows, end = slice(g.lo, g.hi), g.start + n_new
+            for (rows, _, end), mask, is_causal in zip(spans, masks, causal):
                 outs.append(F.scaled_dot_product_attention(
                     q[rows], kv[i, 0, rows, :, :end], kv[i, 1, rows, :, :end],
                     attn_mask=mask, is_causal=is_causal, enable_gqa=gqa,

@@ -8,12 +8,12 @@ serial parts. On the 2-core CI machine that made full prefill 23% and KV reuse 1
 
 How many OpenMP threads a stream gets depends on its work. A small stream (KV reuse: ~10 rows
 x ~20 query tokens) runs on one thread: its ops are too short for a team to pay for meeting at
-every op's end, and two streams on two cores need no team at all (reuse 7-13% faster in
-in-process A/Bs). A big one (full prefill, document encoding) keeps the calling thread's count:
-its streams do not finish together (uneven batches), and with one thread each a core would sit
-idle (full prefill 3% slower). Each stream thread has its own OpenMP team;
-``hyperrag/__init__`` shortens OpenMP's idle spin so those teams do not keep the cores busy
-after a batch.
+every op's end, and two streams on two cores need no team at all (reuse 8-14% faster in four
+of five in-process A/Bs, no gain in the fifth). A big one (full prefill, document encoding)
+keeps the calling thread's count: its streams do not finish together (uneven batches), and with
+one thread each a core would sit idle (full prefill 3% slower). Each stream thread has its own
+OpenMP team; ``hyperrag/__init__`` shortens OpenMP's idle spin so those teams do not keep the
+cores busy after a batch.
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ import torch
 from threadpoolctl import ThreadpoolController
 
 MIN_ROWS_PER_STREAM = 2  # a stream of one row is too thin to pay for the hand-off
-SMALL_STREAM_TOKENS = 1024  # a stream running fewer new tokens gets one OpenMP thread (measured crossover)
+# A stream running fewer new tokens gets one OpenMP thread. Reuse streams run ~200-400, full
+# prefill ~2,500; with equal-length rows one thread was never slower up to 4,000 (a safe cut).
+SMALL_STREAM_TOKENS = 1024
 
 T = TypeVar("T")
 
