@@ -2,7 +2,9 @@
 
 A corpus is a folder holding ``docs.jsonl`` (``{"id","title","text"}`` per line) and optionally
 ``queries.jsonl`` (``{"id","question","answers":[...],"doc_ids":[...]}``), or a folder of plain
-``.txt``/``.md`` files (one document each, no gold queries).
+``.txt``/``.md`` files (one document each, no gold queries). A docs.jsonl line may also carry
+``"source": {"file","page","start","end"}`` (written by :mod:`hyperrag.ingest`) so a passage can be
+traced back to where it was cut from; corpora without it load as before.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ class Doc:
     id: str
     title: str
     text: str
+    # Where the passage came from; left out of ==/hash so Docs compare as they did before.
+    source: dict | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -127,10 +131,28 @@ def _load_docs_jsonl(path: Path, max_file_bytes: int) -> list[Doc]:
         if doc_id in first_line:
             raise CorpusError(f"{path}:{lineno}: duplicate id {doc_id!r} (first on line {first_line[doc_id]})")
         first_line[doc_id] = lineno
-        docs.append(Doc(doc_id, title, text.strip()))
+        docs.append(Doc(doc_id, title, text.strip(), _source(path, lineno, rec)))
         if len(docs) > MAX_DOCS:
             raise CorpusError(f"{path}:{lineno}: more than {MAX_DOCS} documents")
     return docs
+
+
+SOURCE_FIELDS = {"file": (str,), "page": (int,), "start": (int,), "end": (int,), "line": (int,)}
+
+
+def _source(path: Path, lineno: int, record: dict) -> dict | None:
+    """The optional ``source`` object, checked lightly: known keys must have the right type or be null."""
+    source = record.get("source")
+    if source is None:
+        return None
+    if not isinstance(source, dict):
+        raise CorpusError(f"{path}:{lineno}: field 'source' must be an object, got {type(source).__name__}")
+    for key, kinds in SOURCE_FIELDS.items():
+        value = source.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise CorpusError(f"{path}:{lineno}: source.{key} must be {kinds[0].__name__} or null, "
+                              f"got {type(value).__name__}")
+    return source
 
 
 def _load_queries_jsonl(path: Path, doc_ids: set[str], max_file_bytes: int) -> list[Query]:
