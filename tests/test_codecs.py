@@ -21,10 +21,12 @@ import torch
 from hyperrag.decoder import RowGroup
 from hyperrag.kv.codec import CODECS, QuantCodec, get_codec
 from hyperrag.kv.local import LocalKV
+from hyperrag.rerank import FP32_SCORE_BOUND
 from tests.conftest import SHIPPED
 
 REL_BOUND = {"fp32": 0.0, "fp16": 1e-3, "bf16": 8e-3, "int8": 0.01, "int4": 0.08}
-SCORE_BOUND = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 0.05, "int8": 0.06, "int4": 0.4}
+# fp32 stores exact bytes; its scores still move by the kernels' rounding (FP32_SCORE_BOUND).
+SCORE_BOUND = {"fp32": FP32_SCORE_BOUND, "fp16": 5e-3, "bf16": 0.05, "int8": 0.06, "int4": 0.4}
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +162,7 @@ def test_static_layout_matches_concat_and_per_document(reranker, real_batch):
     # The KV is asserted equal above; the scores differ only in float32 rounding (attention sums
     # run over a different number of masked columns, then 30 layers): ~1e-5 with oneDNN's GEMMs.
     assert max(abs(a - b) for a, b in zip(static, dynamic)) <= 5e-5
-    assert max(abs(a - b) for a, b in zip(static, full)) <= 1e-4
+    assert max(abs(a - b) for a, b in zip(static, full)) <= FP32_SCORE_BOUND
 
 
 def test_codec_errors():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hyperrag.kv.local import LocalKV
+from hyperrag.rerank import FP32_SCORE_BOUND
 from tests.conftest import SHIPPED
 
 
@@ -31,7 +32,7 @@ def test_decoder_matches_transformers(llm):
         expected = llm.model(ids).logits[0]
     dec = Decoder(llm.model)
     hidden = dec.forward(ids, torch.arange(ids.shape[1])[None], dec.new_kv(1, ids.shape[1]), start=0)
-    assert (dec.logits(hidden)[0] - expected).abs().max().item() < 1e-4
+    assert (dec.logits(hidden)[0] - expected).abs().max().item() < FP32_SCORE_BOUND
 
 
 def test_output_positions_skip_nothing_they_need(llm):
@@ -51,11 +52,12 @@ def test_output_positions_skip_nothing_they_need(llm):
     out = torch.tensor([n - 1, 6])
     picked_kv = dec.new_kv(bsz, n)
     picked = dec.forward(ids, pos, picked_kv, start=0, out_index=out)
-    assert torch.allclose(picked, every[torch.arange(bsz), out], atol=1e-5)
-    assert torch.allclose(picked_kv, every_kv, atol=1e-5)
+    # Fewer rows in the last layer's GEMMs may round differently: the fp32 bound, not 1e-5.
+    assert torch.allclose(picked, every[torch.arange(bsz), out], atol=FP32_SCORE_BOUND)
+    assert torch.allclose(picked_kv, every_kv, atol=FP32_SCORE_BOUND)
     p = 4  # the first tokens cached, the rest under a mask, as prefix caching runs them
     tail = dec.forward(ids[:, p:], pos[:, p:], picked_kv, start=p, mask=causal_mask(n - p, p), out_index=out - p)
-    assert torch.allclose(tail, picked, atol=1e-5)
+    assert torch.allclose(tail, picked, atol=FP32_SCORE_BOUND)
 
 
 def test_reuse_equals_full_prefill(reranker, squad_batch):
@@ -72,7 +74,7 @@ def test_reuse_equals_full_prefill(reranker, squad_batch):
         reuse = reranker.score(question, docs, "reuse", source)
         for other in (prefix, reuse):
             diff = max(abs(a - b) for a, b in zip(full.scores, other.scores))
-            assert diff <= 1e-4, diff
+            assert diff <= FP32_SCORE_BOUND, diff
             assert sorted(range(len(docs)), key=lambda i: -full.scores[i]) == \
                 sorted(range(len(docs)), key=lambda i: -other.scores[i])
     # the second pass over the same documents loaded everything from the source
@@ -87,7 +89,7 @@ def test_reuse_batches_larger_than_buffer(reranker, squad_batch):
     source = LocalKV()
     full = reranker.score(question, many, "full").scores
     reuse = reranker.score(question, many, "reuse", source).scores
-    assert max(abs(a - b) for a, b in zip(full, reuse)) <= 1e-4
+    assert max(abs(a - b) for a, b in zip(full, reuse)) <= FP32_SCORE_BOUND
 
 
 def test_row_streams_keep_row_order():
@@ -134,10 +136,10 @@ def test_row_streams_score_as_one_batch(llm, squad_batch):
     for question, docs in squad_batch[:2]:
         for mode in ("full", "prefix", "reuse"):
             a, b = one.score(question, docs, mode, source).scores, two.score(question, docs, mode, source).scores
-            assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, mode
+            assert max(abs(x - y) for x, y in zip(a, b)) <= FP32_SCORE_BOUND, mode
     docs = squad_batch[0][1]
     for a, b in zip(one.encode_docs(docs), two.encode_docs(docs)):
-        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-4
+        assert a.shape == b.shape and (a - b).abs().max().item() <= FP32_SCORE_BOUND
 
 
 def test_long_question_is_truncated_with_notice(reranker, squad_batch):
