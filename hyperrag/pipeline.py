@@ -1,12 +1,18 @@
-"""The RAG pipeline: retrieve -> rerank -> generate, one engine object for every front door.
+"""The RAG pipeline: retrieve -> rerank -> answer, one engine object for every front door.
 
-Modes (one parameter, same candidates, same generator):
+Modes (:mod:`hyperrag.modes`; one parameter, same candidates):
 
 - ``retrieval``: traditional RAG, the retriever's top-n go straight to the generator;
 - ``baseline``: the reranker runs full prefill on every (question, document) pair;
 - ``prefix``: full prefill with the shared instruction prefix cached (prefix caching);
-- ``reuse``: the reranker loads each document's stored KV and runs only the question.
+- ``reuse``: the reranker loads each document's stored KV and runs only the question;
+- ``reader_full``: full-prefill rerank, then the reader over the top-n documents, computing
+  their KV (no store);
+- ``reader_kv``: KV-reuse rerank, then the reader on the same stored document KV: no document
+  token is computed at query time.
 
+The first four answer with the traditional generator over the concatenated top-n; the reader
+modes read each document in its own row and pick one answer (:mod:`hyperrag.reader`).
 Every answer carries its stage timings (retrieve, kv_load, rerank, generate) and warnings.
 """
 from __future__ import annotations
@@ -23,14 +29,15 @@ from hyperrag.generate import Generator
 from hyperrag.kv import planner
 from hyperrag.kv.store import KVStore, StoreError
 from hyperrag.models import adapter_meta, load_embedder, load_llm
+from hyperrag.modes import ENGINE_MODES, mode as mode_spec
 from hyperrag.precompute import PrecomputeReport, precompute
+from hyperrag.reader import Reader, Reading
 from hyperrag.rerank import Reranker, RerankResult, fuse_scores
 from hyperrag.retrieval import DenseIndex
 from hyperrag.settings import Settings
 
 log = logging.getLogger("hyperrag")
-MODES = ("retrieval", "baseline", "prefix", "reuse")
-RERANK_MODE = {"baseline": "full", "prefix": "prefix", "reuse": "reuse"}
+MODES = ENGINE_MODES
 MAX_QUESTION_CHARS = 2000
 Progress = Callable[[int, int], None]
 
@@ -59,6 +66,7 @@ class RAGResult:
     timings: dict[str, float]  # seconds: retrieve, kv_load, rerank, generate, total
     warnings: list[str] = field(default_factory=list)
     rerank: RerankResult | None = None
+    reading: Reading | None = None  # reader modes: every row's candidate answer, the chosen span
 
     @property
     def ranked_ids(self) -> list[str]:
@@ -76,15 +84,16 @@ def clean_question(question: str) -> tuple[str, list[str]]:
 
 
 class Engine:
-    """Models, index, reranker, generator and KV store, loaded once per process; thread-safe."""
+    """Models, index, reranker, reader, generator and KV store, loaded once per process; thread-safe."""
 
     def __init__(self, settings: Settings, corpus: Corpus, index: DenseIndex, reranker: Reranker,
-                 generator: Generator | None, store: KVStore):
+                 generator: Generator | None, store: KVStore, reader: Reader | None = None):
         self.settings = settings
         self.corpus = corpus
         self.index = index
         self.reranker = reranker
         self.generator = generator
+        self.reader = reader
         self.store = store
         self.retrieval_weight = retrieval_weight(settings)
         self._corpus_lock = threading.Lock()
@@ -101,7 +110,7 @@ class Engine:
         reranker = load_reranker(s, base)
         generator = Generator(base, s.max_new_tokens, s.max_doc_tokens, streams=s.cpu_streams) if with_generator else None
         store = open_store(s, reranker, [d.text for d in corpus.docs])
-        return cls(s, corpus, index, reranker, generator, store)
+        return cls(s, corpus, index, reranker, generator, store, load_reader(s, reranker) if with_generator else None)
 
     def set_corpus(self, corpus: Corpus, progress: Progress | None = None) -> None:
         """Switch to another corpus (the index is built or loaded; stored KV stays valid)."""
@@ -119,8 +128,10 @@ class Engine:
     def ask(self, question: str, mode: str = "reuse", top_k: int | None = None, top_n: int | None = None,
             generate: bool = True) -> RAGResult:
         """Answer one question in one mode, timing each stage."""
-        if mode not in MODES:
+        spec = mode_spec(mode)
+        if spec.name not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        mode = spec.name
         question, warnings = clean_question(question)
         top_k = top_k or self.settings.top_k
         top_n = min(top_n or self.settings.top_n, top_k)
@@ -131,13 +142,13 @@ class Engine:
         hits = index.search(question, top_k)
         timings["retrieve"] = time.perf_counter() - t0
         docs = [corpus.by_id[doc_id] for doc_id, _ in hits]
-        rerank = None
-        if mode == "retrieval":
+        rerank = reading = None
+        if spec.rerank is None:
             order = list(range(len(docs)))
             scores = [score for _, score in hits]
         else:
-            rerank = self.reranker.score(question, [d.text for d in docs], RERANK_MODE[mode],
-                                         self.store if mode == "reuse" else None)
+            rerank = self.reranker.score(question, [d.text for d in docs], spec.rerank,
+                                         self.store if spec.rerank == "reuse" else None)
             scores = rerank.scores
             if self.retrieval_weight:  # score fusion: w tuned with the adapter, on SQuAD train
                 scores = fuse_scores(scores, [cos for _, cos in hits], self.retrieval_weight)
@@ -145,19 +156,30 @@ class Engine:
             timings["kv_load"] = rerank.load_s
             timings["rerank"] = rerank.compute_s
             warnings += rerank.warnings
-            if mode == "reuse":
-                warnings += self.store.take_warnings()
         ranked = [RankedDoc(docs[i].id, docs[i].title, docs[i].text, scores[i], rank, i + 1)
                   for rank, i in enumerate(order, 1)]
         answer = ""
-        if generate and self.generator is not None:
+        if spec.read is not None and generate:
+            if self.reader is None:
+                raise ValueError(f"mode {mode!r} needs the reader, which this engine was loaded without")
+            t1 = time.perf_counter()
+            top = ranked[:top_n]
+            reading = self.reader.read(question, [d.text for d in top], [d.score for d in top], spec.read,
+                                       self.store if spec.read == "kv" else None)
+            answer = reading.answer
+            timings["kv_load"] += reading.load_s
+            timings["generate"] = time.perf_counter() - t1 - reading.load_s
+            warnings += reading.warnings
+        elif generate and self.generator is not None:
             t1 = time.perf_counter()
             answer = self.generator.answer(question, [d.text for d in ranked[:top_n]]).text
             timings["generate"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
+        if spec.rerank == "reuse" or spec.read == "kv":
+            warnings += self.store.take_warnings()
         for warning in warnings:
             log.warning("%s", warning)
-        return RAGResult(question, mode, answer, ranked, top_n, timings, warnings, rerank)
+        return RAGResult(question, mode, answer, ranked, top_n, timings, warnings, rerank, reading)
 
     def zero_shot(self, hot_cache_gb: float) -> "Engine":
         """This engine with the base model as a zero-shot reranker (no adapter, no score fusion)
@@ -184,6 +206,17 @@ def _adapter_retrieval_weight(adapter: str) -> float:
     """Read once per process: engine views are made per request (the app), the file never changes
     under a loaded adapter."""
     return float(adapter_meta(adapter).get("retrieval_weight", 0.0))
+
+
+def load_reader(s: Settings, reranker: Reranker) -> Reader | None:
+    """The reader on the reranker's model (one adapter does both jobs), or None without an
+    adapter (the base model was never taught to read from the doc-first prompt)."""
+    if not s.adapter:
+        return None
+    meta = adapter_meta(s.adapter)
+    weight = s.selection_weight if s.selection_weight >= 0 else float(meta.get("selection_weight", 1.0))
+    return Reader(reranker, max_rows=max(s.top_n, 8), max_new_tokens=s.max_new_tokens, span=bool(s.reader_span),
+                  selection_weight=weight)
 
 
 def load_reranker(s: Settings, base=None) -> Reranker:

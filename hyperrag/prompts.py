@@ -29,6 +29,12 @@ class RerankTemplate:
     suffix: str = ASSISTANT
     yes: str = "Yes"
     no: str = "No"
+    # The reader's prompt is the reranker's plus this cue: ``[prefix][doc][question][suffix]
+    # Answer:`` -> `` <span><|im_end|>``. Sharing everything up to the suffix means one stored
+    # document KV (and one adapter) serves both jobs; the answer starts with a space, as the
+    # same words do inside the document, so a span of the document has the same tokens.
+    answer_cue: str = "Answer:"
+    answer_end: str = "<|im_end|>"
 
     @property
     def digest(self) -> str:
@@ -74,6 +80,11 @@ class RerankPrompt:
         if len(yes) != 1 or len(no) != 1:
             raise ValueError(f"yes/no words must be single tokens, got {yes} and {no}")
         self.yes_id, self.no_id = yes[0], no[0]
+        self.answer_cue_ids = self._encode(template.answer_cue)
+        end = self._encode(template.answer_end)
+        if len(end) != 1:
+            raise ValueError(f"the answer end must be a single token, got {end}")
+        self.answer_end_id = end[0]
         self.doc_ids = lru_cache(maxsize=65536)(self._doc_ids)
 
     def _encode(self, text: str) -> list[int]:
@@ -89,8 +100,14 @@ class RerankPrompt:
         truncated = len(ids) > self.max_question_tokens
         return QueryTokens(ids[: self.max_question_tokens] + self.suffix_ids, truncated)
 
-    def full_ids(self, doc_text: str, query: QueryTokens) -> list[int]:
-        return self.prefix_ids + list(self.doc_ids(doc_text)) + query.ids
+    def read_query(self, question: str) -> QueryTokens:
+        """The reader's run after the stored document: question, suffix and the answer cue."""
+        query = self.query(question)
+        return QueryTokens(query.ids + self.answer_cue_ids, query.truncated)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """A target answer as the reader emits it: `` {answer}`` then the end token."""
+        return self._encode(" " + answer.strip()) + [self.answer_end_id]
 
 
 class GenerationPrompt:

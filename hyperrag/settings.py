@@ -33,9 +33,9 @@ class Settings:
         metadata={"help": "LLM id from hyperrag.models.MODELS (reranker base and generator)"},
     )
     adapter: str = field(
-        default=str(REPO_ROOT / "models" / "reranker-lora"),
-        metadata={"help": "LoRA adapter folder for the reranker (default: the shipped trained one); "
-                          "'' for the zero-shot base model"},
+        default=str(REPO_ROOT / "models" / "hyperrag-lora"),
+        metadata={"help": "LoRA adapter folder for the reranker and reader (default: the shipped trained "
+                          "one); '' for the zero-shot base model (no reader)"},
     )
     retrieval_weight: float = field(
         default=-1.0,
@@ -60,6 +60,15 @@ class Settings:
                           "prefills as two chunks; 1 = one stream. Ignored on GPU"},
     )
     max_new_tokens: int = field(default=16, metadata={"help": "answer length limit (greedy decoding)"})
+    selection_weight: float = field(
+        default=-1.0,
+        metadata={"help": "reader: the answer is the top-n candidate with the best ranking score + w x its "
+                          "log-likelihood; -1 = the adapter's w tuned on SQuAD train (its hyperrag.json)"},
+    )
+    reader_span: int = field(
+        default=1, metadata={"help": "reader: 1 = each answer must be a span of its document (constrained "
+                                     "decoding), 0 = free greedy decoding"},
+    )
     max_question_tokens: int = field(
         default=64, metadata={"help": "longer questions are truncated, with a notice"}
     )

@@ -182,24 +182,46 @@ def make_group(data: TrainData, step: int, args) -> Group:
 
 # -- the packed doc-first forward -----------------------------------------------------------------
 
-def packed_inputs(prompt: RerankPrompt, doc_texts: Sequence[str], questions: Sequence[str]):
+@dataclass
+class Packed:
+    """A packed batch: one row per document (see :func:`packed_inputs`)."""
+
+    ids: torch.Tensor  # [D, T]
+    pos: torch.Tensor  # [D, T]
+    mask: torch.Tensor  # [D, 1, T, T] bool
+    last: torch.Tensor  # [D, Q]: each question block's scored (last suffix) token
+    answer_at: torch.Tensor  # [A, 2]: (row, column) of hidden states that predict an answer token
+    answer_ids: torch.Tensor  # [A]: the answer token each of them should predict
+
+
+def packed_inputs(prompt: RerankPrompt, doc_texts: Sequence[str], questions: Sequence[str],
+                  answers: dict[tuple[int, int], str] | None = None) -> Packed:
     """One row per document: ``[prefix][doc + tail][q1 + suffix][q2 + suffix]...``.
 
     Each question block sits at the positions it has in its own full prompt and attends to the
     prefix, the document and (causally) itself only, so every block's last hidden state equals a
-    full prefill of ``[prefix][doc][question][suffix]``. Returns ids, positions [D, T], the
-    attention mask [D, 1, T, T] and the index of each block's last token [D, Q].
+    full prefill of ``[prefix][doc][question][suffix]``. ``answers[(doc, question)]`` appends the
+    reader's cue and that answer to the block (after the scored token, so the score is
+    unchanged): the block is then the reader's prompt and its target, ``[...][suffix] Answer:
+    <span><end>``, and the hidden states before each answer token are trained to predict it.
     """
+    answers = answers or {}
     queries = [prompt.query(q).ids for q in questions]
-    rows, blocks, lasts, positions = [], [], [], []
-    for text in doc_texts:
+    rows, blocks, lasts, positions, targets = [], [], [], [], []
+    for d, text in enumerate(doc_texts):
         head = prompt.prefix_ids + list(prompt.doc_ids(text))
         ids, block, pos, last = list(head), [0] * len(head), list(range(len(head))), []
         for b, q in enumerate(queries, 1):
+            first = len(ids)
             ids += q
-            block += [b] * len(q)
-            pos += range(len(head), len(head) + len(q))
             last.append(len(ids) - 1)
+            if (d, b - 1) in answers:
+                target = prompt.answer_ids(answers[(d, b - 1)])
+                ids += prompt.answer_cue_ids
+                targets += [(d, len(ids) - 1 + j, t) for j, t in enumerate(target)]
+                ids += target[:-1]  # the end token is only predicted
+            block += [b] * (len(ids) - first)
+            pos += range(len(head), len(head) + len(ids) - first)
         rows.append(ids), blocks.append(block), positions.append(pos), lasts.append(last)
     width = max(len(r) for r in rows)
     n = len(rows)
@@ -215,17 +237,20 @@ def packed_inputs(prompt: RerankPrompt, doc_texts: Sequence[str], questions: Seq
     causal = t[None, :] <= t[:, None]  # [T(query), T(key)]
     same = (blk[:, None, :] == 0) | (blk[:, None, :] == blk[:, :, None])  # [D, Tq, Tk]
     mask = (causal[None] & same)[:, None]
-    return ids, pos, mask, torch.tensor(lasts)
+    at = torch.tensor([(r, c) for r, c, _ in targets], dtype=torch.long).reshape(-1, 2)
+    return Packed(ids, pos, mask, torch.tensor(lasts), at, torch.tensor([t for *_, t in targets], dtype=torch.long))
 
 
-def forward_scores(model, score_vec: torch.Tensor, ids, pos, mask, last) -> torch.Tensor:
-    """Scores [D, Q] of the packed rows through a (LoRA-wrapped) Llama ``*ForCausalLM``."""
+def forward_packed(model, score_vec: torch.Tensor, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores [D, Q] and answer-token logits [A, vocab] of a packed batch through a
+    (LoRA-wrapped) Llama ``*ForCausalLM``."""
     body, cfg = model.model, model.config
     n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    ids = packed.ids
     bsz, width = ids.shape
     x = body.embed_tokens(ids)
-    cos, sin = body.rotary_emb(x, pos)
+    cos, sin = body.rotary_emb(x, packed.pos)
     for layer in body.layers:
         attn = layer.self_attn
         h = layer.input_layernorm(x)
@@ -233,14 +258,32 @@ def forward_scores(model, score_vec: torch.Tensor, ids, pos, mask, last) -> torc
         k = attn.k_proj(h).view(bsz, width, n_kv, head_dim).transpose(1, 2)
         v = attn.v_proj(h).view(bsz, width, n_kv, head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_heads != n_kv)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=packed.mask, enable_gqa=n_heads != n_kv)
         x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, width, n_heads * head_dim))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    picked = x[torch.arange(bsz)[:, None], last]  # [D, Q, H]
-    return body.norm(picked) @ score_vec
+    picked = x[torch.arange(bsz)[:, None], packed.last]  # [D, Q, H]
+    scores = body.norm(picked) @ score_vec
+    logits = model.lm_head(body.norm(x[packed.answer_at[:, 0], packed.answer_at[:, 1]]))
+    return scores, logits
 
 
-def group_loss(scores_dq: torch.Tensor, group: Group, bce_weight: float) -> tuple[torch.Tensor, dict]:
+def group_answers(data: TrainData, group: Group) -> dict[tuple[int, int], str]:
+    """The reading targets of a group: each question's first answer found in its gold document
+    (as the reranker sees it), to be read from that document's row."""
+    out = {}
+    for i, q in enumerate(group.questions):
+        d = group.target[i]
+        found = [a for a in data.answers[q] if a.lower() in data.short[group.docs[d]]]
+        if found:
+            out[(d, i)] = found[0]
+    return out
+
+
+def group_loss(scores_dq: torch.Tensor, answer_logits: torch.Tensor, answer_ids: torch.Tensor, group: Group,
+               args) -> tuple[torch.Tensor, dict]:
+    """Relevance (listwise CE + ``--bce`` x pointwise BCE) + ``--answer-weight`` x the answer
+    tokens' cross-entropy."""
+    bce_weight = args.bce
     s = scores_dq.T  # [Q, D]
     target = torch.tensor(group.target)
     masked = s.masked_fill(~group.valid, float("-inf"))
@@ -248,9 +291,16 @@ def group_loss(scores_dq: torch.Tensor, group: Group, bce_weight: float) -> tupl
     labels = torch.zeros_like(s)
     labels[torch.arange(len(target)), target] = 1.0
     bce = F.binary_cross_entropy_with_logits(s[group.valid], labels[group.valid])
+    loss = ce + bce_weight * bce
+    info = {"ce": ce.item(), "bce": bce.item()}
+    if len(answer_ids):
+        read = F.cross_entropy(answer_logits, answer_ids)
+        loss = loss + args.answer_weight * read
+        info["read"] = read.item()
+        info["read_acc"] = (answer_logits.argmax(-1) == answer_ids).float().mean().item()
     with torch.no_grad():
-        top1 = (masked.argmax(1) == target).float().mean().item()
-    return ce + bce_weight * bce, {"ce": ce.item(), "bce": bce.item(), "top1": top1}
+        info["top1"] = (masked.argmax(1) == target).float().mean().item()
+    return loss, info
 
 
 # -- model, checkpoints ---------------------------------------------------------------------------
@@ -266,7 +316,16 @@ def build_model(args, base_folder: Path):
                         target_modules=list(args.targets.split(",")),
                         layers_to_transform=list(range(n_layers - k, n_layers)),
                         layers_pattern="layers", bias="none", base_model_name_or_path=BASE_MODEL_NAME)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if args.init_adapter:  # warm start: an earlier adapter's LoRA weights where its layers overlap
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(args.init_adapter) / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise SystemExit(f"{args.init_adapter}: LoRA weights for modules this model lacks: {result.unexpected_keys[:3]}")
+    return model
 
 
 def lr_at(step: int, args) -> float:
@@ -336,8 +395,8 @@ def check_against_reranker(args, model, prompt: RerankPrompt, score_vec, data: T
     questions = [data.questions[q] for q in group.questions[:2]]
     model.eval()
     with torch.no_grad():
-        packed = forward_scores(model.get_base_model(), score_vec, *packed_inputs(prompt, docs, questions)).T
-        merged_packed = forward_scores(llm.model, score_vec, *packed_inputs(prompt, docs, questions)).T
+        packed = forward_packed(model.get_base_model(), score_vec, packed_inputs(prompt, docs, questions))[0].T
+        merged_packed = forward_packed(llm.model, score_vec, packed_inputs(prompt, docs, questions))[0].T
     full = torch.tensor([reranker.score(q, docs, "full").scores for q in questions])
     return {"pairs": full.numel(),
             "max_diff_train_forward_vs_reranker_full": (packed - full).abs().max().item(),
@@ -381,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m hyperrag.train_reranker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(REPO_ROOT / "models" / "reranker-lora"),
+    p.add_argument("--out", default=str(REPO_ROOT / "models" / "hyperrag-lora"),
                    help="adapter folder (checkpoints in <out>/checkpoint; default: the shipped one)")
     p.add_argument("--cache-dir", default=_default_cache_dir(), help="model and SQuAD cache (as the engine's)")
     p.add_argument("--data-dir", default="",
@@ -395,11 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-questions", type=int, default=80, help="validation questions (0 = skip validation)")
     d.add_argument("--pool", type=int, default=600, help="anchor questions mined (one anchor per step)")
     d.add_argument("--mine-k", type=int, default=30, help="retrieved paragraphs per anchor (negative pool)")
-    d.add_argument("--docs", type=int, default=8, help="documents per group: the gold + docs-1 negatives")
-    d.add_argument("--hard", type=int, default=4, help="of which the retriever's best-ranked non-gold ones")
-    d.add_argument("--questions", type=int, default=10, help="questions per group (each scored on every doc)")
-    d.add_argument("--gold-questions", type=int, default=3, help="of which questions of the anchor's paragraph")
-    d.add_argument("--max-doc-tokens", type=int, default=200, help="document truncation in training")
+    d.add_argument("--docs", type=int, default=4, help="documents per group: the gold + docs-1 negatives")
+    d.add_argument("--hard", type=int, default=2, help="of which the retriever's best-ranked non-gold ones")
+    d.add_argument("--questions", type=int, default=8, help="questions per group (each scored on every doc)")
+    d.add_argument("--gold-questions", type=int, default=4, help="of which questions of the anchor's paragraph")
+    d.add_argument("--max-doc-tokens", type=int, default=256, help="document truncation in training")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=50, help="optimizer steps (one group each)")
     t.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (AdamW; warmup then cosine to 10%%)")
@@ -408,7 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rank", type=int, default=16, help="LoRA rank")
     t.add_argument("--alpha", type=float, default=32, help="LoRA alpha")
     t.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
-    t.add_argument("--lora-layers", type=int, default=10, help="LoRA on the top N layers (0 = all)")
+    t.add_argument("--lora-layers", type=int, default=20, help="LoRA on the top N layers (0 = all)")
+    t.add_argument("--answer-weight", type=float, default=1.0,
+                   help="weight of the reading loss (answer tokens after the answer cue, gold document); "
+                        "0 trains the reranker alone")
+    t.add_argument("--init-adapter", default=str(REPO_ROOT / "models" / "reranker-lora"),
+                   help="start from this adapter's LoRA weights where its layers overlap ('' = fresh init)")
     t.add_argument("--targets", default=",".join(TARGETS), help="projections that get LoRA")
     t.add_argument("--bce", type=float, default=0.5, help="weight of the pointwise BCE term")
     t.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps")
@@ -421,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Settings a checkpoint must agree with to be resumed (--steps may grow: train longer).
 CONFIG_KEYS = ("seed", "articles", "paragraphs_per_article", "pool", "mine_k", "docs", "hard", "questions",
                "gold_questions", "max_doc_tokens", "lr", "warmup", "weight_decay", "rank", "alpha",
-               "dropout", "lora_layers", "targets", "bce", "model")
+               "dropout", "lora_layers", "targets", "bce", "model", "answer_weight", "init_adapter")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -477,9 +541,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, args)
         inputs = packed_inputs(prompt, [data.texts[d] for d in group.docs],
-                               [data.questions[q] for q in group.questions])
-        scores = forward_scores(lm, score_vec, *inputs)
-        loss, info = group_loss(scores, group, args.bce)
+                               [data.questions[q] for q in group.questions],
+                               group_answers(data, group) if args.answer_weight else None)
+        scores, answer_logits = forward_packed(lm, score_vec, inputs)
+        loss, info = group_loss(scores, answer_logits, inputs.answer_ids, group, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
@@ -487,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         step += 1
         record = {"step": step, "loss": loss.item(), **info, "lr": lr_at(step - 1, args), "grad_norm": grad_norm,
                   "pairs": int(group.valid.sum()), "questions": len(group.questions),
-                  "tokens": int(inputs[0].numel()), "seconds": time.perf_counter() - t0}
+                  "tokens": int(inputs.ids.numel()), "answer_tokens": len(inputs.answer_ids), "seconds": time.perf_counter() - t0}
         history.append(record)
         recent = history[-10:]
         bar.set_postfix(loss=f"{sum(r['loss'] for r in recent) / len(recent):.3f}",
@@ -540,7 +605,8 @@ def loss_curve(history: list[dict], points: int = 12) -> list[dict]:
     for start in range(0, len(history), size):
         w = history[start : start + size]
         out.append({"steps": f"{w[0]['step']}-{w[-1]['step']}",
-                    **{k: round(sum(r[k] for r in w) / len(w), 4) for k in ("loss", "ce", "bce", "top1")}})
+                    **{k: round(sum(r.get(k, 0.0) for r in w) / len(w), 4)
+                       for k in ("loss", "ce", "bce", "top1", "read", "read_acc")}})
     return out
 
 

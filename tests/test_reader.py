@@ -1,0 +1,115 @@
+"""The reader: answers read from stored document KV equal a full prefill of the same prompt.
+
+- every row's greedy tokens equal Hugging Face's greedy decoding of the whole prompt
+  ``[prefix][doc][question][suffix][cue]``, and their log-likelihood equals the one the plain
+  model gives those tokens, within the documented fp32 bound per token;
+- reading from stored KV (``kv``) and computing the documents (``full``) give the same answers;
+- span decoding only ever emits a span of the row's document; the selection rule;
+- the engine's reader modes end to end, with timings and the answer's place in its document.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hyperrag.kv.local import LocalKV
+from hyperrag.reader import Candidate, Reader, SpanConstraint, select
+from hyperrag.rerank import FP32_SCORE_BOUND
+from tests.conftest import SHIPPED
+
+
+@pytest.fixture(scope="module")
+def docs_and_question():
+    docs = [json.loads(line) for line in (SHIPPED / "docs.jsonl").read_text().splitlines()]
+    normans = [d["text"] for d in docs if d["id"].startswith("normans-")]
+    # different lengths, so the rows form two groups and attend over different columns
+    picked = sorted(normans[:6], key=len)
+    return [picked[0], picked[-1], picked[2]], "Who was the leader of the Norse raiders?"
+
+
+def hf_greedy(llm, ids: list[int], steps: int, stop: set[int]) -> tuple[list[int], float]:
+    """Greedy tokens and their summed log-probability from the plain model on the whole prompt."""
+    seq, total = list(ids), 0.0
+    with torch.no_grad():
+        for step in range(steps + 1):  # as the reader: the token after the last one is scored, not kept
+            logp = torch.log_softmax(llm.model(torch.tensor([seq])).logits[0, -1].float(), -1)
+            token = int(logp.argmax())
+            total += float(logp[token])
+            if token in stop or step == steps:
+                break
+            seq.append(token)
+    return seq[len(ids):], total
+
+
+def test_reading_stored_kv_equals_full_prompt(llm, reranker, docs_and_question):
+    docs, question = docs_and_question
+    reader = Reader(reranker, max_rows=4, max_new_tokens=6, span=False)
+    source = LocalKV()
+    for text, kv in zip(docs, reranker.encode_docs(docs)):
+        source.put(text, kv)
+    from_kv = reader.read(question, docs, [0.0] * len(docs), "kv", source)
+    computed = reader.read(question, docs, [0.0] * len(docs), "full")
+    assert from_kv.encoded_docs == 0 and from_kv.load_s > 0
+    prompt = reranker.prompt
+    query = prompt.read_query(question).ids
+    for kv_c, full_c in zip(from_kv.candidates, computed.candidates):
+        assert (kv_c.doc, kv_c.text) == (full_c.doc, full_c.text)
+        assert abs(kv_c.logprob - full_c.logprob) <= FP32_SCORE_BOUND * (kv_c.tokens + 1)
+        ids = prompt.prefix_ids + list(prompt.doc_ids(docs[kv_c.doc])) + query
+        tokens, logprob = hf_greedy(llm, ids, reader.max_new_tokens, reader.stop_ids)
+        assert llm.tokenizer.decode(tokens, skip_special_tokens=True).strip() == kv_c.text
+        # each step's log-probability within the fp32 bound of the plain model's
+        assert abs(logprob - kv_c.logprob) <= FP32_SCORE_BOUND * (len(tokens) + 1), (logprob, kv_c.logprob)
+
+
+def test_a_missing_document_is_computed_and_stored(reranker, docs_and_question):
+    docs, question = docs_and_question
+    reader = Reader(reranker, max_rows=4, max_new_tokens=3)
+    source = LocalKV()
+    first = reader.read(question, docs, [0.0] * 3, "kv", source)
+    assert first.encoded_docs == 3 and len(source.entries) == 3 and first.warnings
+    again = reader.read(question, docs, [0.0] * 3, "kv", source)
+    assert again.encoded_docs == 0 and [c.text for c in again.candidates] == [c.text for c in first.candidates]
+
+
+def test_span_decoding_emits_spans_of_the_row_document(reranker, docs_and_question):
+    docs, question = docs_and_question
+    reader = Reader(reranker, max_rows=4, max_new_tokens=8, span=True)
+    reading = reader.read(question, docs, [3.0, 2.0, 1.0], "full")
+    tail = len(reranker.prompt.tail_ids)
+    for c in reading.candidates:
+        doc_ids = list(reranker.prompt.doc_ids(docs[c.doc]))[:-tail]
+        ids = reranker.llm.tokenizer.encode(" " + c.text, add_special_tokens=False) if c.text else []
+        answer = reranker.llm.tokenizer.decode(ids)
+        assert c.text == "" or answer.strip() in reranker.llm.tokenizer.decode(doc_ids)
+        assert c.start < 0 or docs[c.doc][c.start : c.end] == c.text
+
+
+def test_span_constraint():
+    span = SpanConstraint([5, 6, 7, 5, 8], end_id=0)
+    assert span.allowed() == [5, 6, 7, 8]  # any token of the document may start; no empty answer
+    span.advance(5)
+    assert span.allowed() == [0, 6, 8]  # continue either occurrence of 5, or stop
+    span.advance(8)
+    assert span.allowed() == [0]  # the document ends there: only stopping is left
+
+
+def test_selection_combines_ranking_and_likelihood():
+    cands = [Candidate(0, "Rollo", -4.0, 2), Candidate(1, "Paris", -0.5, 2), Candidate(2, "", 0.0, 0)]
+    assert select(cands, [2.0, 1.0, 9.0], weight=0.0) == 0  # ranking alone; an empty answer never wins
+    assert select(cands, [2.0, 1.0, 9.0], weight=1.0) == 1  # 1 - 0.5 beats 2 - 4
+    assert select([], [], 1.0) == -1
+
+
+@pytest.mark.slow
+def test_engine_reader_modes(tiny_engine):
+    q = next(q for q in tiny_engine.corpus.queries if q.doc_ids)
+    kv = tiny_engine.ask(q.question, "reader_kv")
+    full = tiny_engine.ask(q.question, "reader_full")
+    assert kv.answer == full.answer and kv.reading.doc == full.reading.doc
+    assert kv.timings["generate"] > 0 and kv.reading.encoded_docs == 0
+    assert kv.ranked_ids == full.ranked_ids
+    doc = kv.docs[kv.reading.doc]
+    assert kv.reading.start < 0 or doc.text[kv.reading.start : kv.reading.end] == kv.answer
