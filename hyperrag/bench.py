@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from hyperrag.modes import E2E_KEYS, ENGINE_MODES, MODE_TABLE, MODES
+
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -46,7 +48,6 @@ log = logging.getLogger("hyperrag.bench")
 
 DEFAULT_QUERIES = 24
 QUICK = {"queries": 3, "top_k": 8, "top_n": 2, "max_new_tokens": 8, "precompute": "candidates", "layout_repeats": 2}
-MODES_ORDER = ("retrieval", "baseline", "prefix", "reuse")
 HEADER_BYTES = 256  # upper bound of a store entry's frame header (magic, length, JSON, alignment)
 
 
@@ -345,8 +346,8 @@ def frontier_points(results: dict) -> list[dict]:
     e2e, quality, rerank = results.get("e2e", {}), results.get("quality", {}), results.get("rerank", {})
     codec = results.get("config", {}).get("codec", "")
     points = []
-    labels = {"retrieval_only": "retrieval only", "zero_shot": f"zero-shot reranker, reuse {codec}",
-              "baseline": "baseline (full rerank)", "reuse": f"reuse {codec}"}
+    labels = {m.e2e_key: m.label + (f" {codec}" if "kv" in (m.rerank, m.read) or m.rerank == "reuse" else "")
+              for m in MODE_TABLE if m.e2e_key != "prefix_cached"}
     for key, label in labels.items():
         if key in e2e and key in quality:
             points.append({"label": label, "kind": "e2e", "queries_per_s": e2e[key]["queries_per_s"],
@@ -461,7 +462,8 @@ def run(args: argparse.Namespace) -> dict:
         warnings = list(report.warnings)
 
         # -- the zero-shot reference: base model, no adapter, its own in-memory KV (timed apart) --
-        modes = MODES_ORDER
+        # every engine mode; the reader's two when the engine has a reader (an adapter) and answers
+        modes = tuple(m for m in ENGINE_MODES if MODES[m].read is None or engine.reader is not None)
         if settings.adapter and not args.no_zero_shot:
             union = list(dict.fromkeys(t for ts in candidate_texts for t in ts))
             need = plan_corpus(engine.reranker, union, engine.store.codec).payload_bytes
@@ -470,7 +472,7 @@ def run(args: argparse.Namespace) -> dict:
             zs_report = precompute(zero_shot.reranker, zero_shot.store, union, _tqdm_progress(bar))
             bar.close()
             setup["zero_shot_precompute_s"] = zs_report.seconds
-            modes = ("zero_shot", *MODES_ORDER)
+            modes = ("zero_shot", *modes)
 
         def ask(question: str, mode: str, **kw):
             if mode == "zero_shot":
@@ -501,7 +503,7 @@ def run(args: argparse.Namespace) -> dict:
                 rec = record_from_result(result, q["query"], q["id"], generated=generate)
                 rec["mode"] = mode
                 records.append(rec)
-                encoded_at_query_time += rec.get("encoded_docs", 0) if mode == "reuse" else 0
+                encoded_at_query_time += rec.get("encoded_docs", 0) if MODES[mode].rerank == "reuse" else 0
                 warnings += [w for w in result.warnings if w not in warnings]
             bar.update(1)
             loads.append(_loadavg())
@@ -604,7 +606,7 @@ def _tier_note(storage: dict) -> str:
 
 
 def print_table(results: dict, out=None) -> None:
-    from hyperrag.figures import ratio_rows
+    from hyperrag.report import ratio_rows
 
     out = out or sys.stdout
     cfg = results.get("config", {})
@@ -621,9 +623,9 @@ def print_table(results: dict, out=None) -> None:
               f"({st['bytes_per_token']:.0f} B/token, {st['codec']}); precompute {st['precompute_docs_per_s']:.2f} docs/s; "
               f"KV load {st['load_gb_per_s']:.2f} GB/s{_tier_note(st)}", file=out)
     q = results.get("quality", {})
-    if any(m in q for m in ("retrieval_only", "baseline", "reuse")):
+    if any(m in q for m in E2E_KEYS):
         print("  quality        recall@1 recall@5  mrr@10 ndcg@10      em      f1", file=out)
-        for m in ("retrieval_only", "zero_shot", "baseline", "reuse"):
+        for m in E2E_KEYS:
             if m in q:
                 print(f"  {m:<14}" + "".join(f"{q[m].get(k) if q[m].get(k) is not None else float('nan'):8.3f}"
                                              for k in ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")), file=out)
@@ -650,6 +652,9 @@ def check_results(results: dict) -> list[str]:
         "e2e": ["retrieval_only", "baseline", "reuse"],
         "storage": ["codec", "docs", "tokens", "bytes", "bytes_per_token", "precompute_docs_per_s", "load_gb_per_s"],
     }
+    if results.get("config", {}).get("adapter") and results.get("config", {}).get("generate"):
+        required["e2e"] = required["e2e"] + ["reader_full", "reader_kv", "reader_speedup"]
+        required["quality"] = ["reader_full", "reader_kv"]
     for key, subkeys in required.items():
         if key not in results:
             problems.append(f"missing {key}")

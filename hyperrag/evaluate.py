@@ -3,12 +3,22 @@
     python -m hyperrag.evaluate --queries 300 --json /tmp/eval.json
     python -m hyperrag.evaluate --queries 300 --systems retrieval,zero-shot,trained --generate 200
     python -m hyperrag.evaluate --queries 100 --systems zero-shot,wording:relevant,query-first
+    python -m hyperrag.evaluate --queries 300 --systems retrieval,trained,trained+retrieval \\
+        --generate 300 --generate-systems retrieval,trained+retrieval --read 300
 
 One code path for every system, before and after training: the retriever's top-k candidates of
 a fixed random sample of questions (``--seed``) are reordered by each system and scored with
-recall@1/5, MRR@10 and NDCG@10 (binary relevance: the question's gold paragraph); with
-``--generate N`` the first N sampled questions are answered by the engine's generator from each
-system's top-n documents (SQuAD EM/F1). Systems:
+recall@1/5, MRR@10 and NDCG@10 (binary relevance: the question's gold paragraph), each with a
+95% bootstrap interval over the questions. Answers (SQuAD EM/F1, with intervals):
+
+- ``--generate N``: the first N questions answered by the traditional generator from each
+  system's top-n documents, concatenated (``retrieval+generator`` is retrieval-only RAG);
+- ``--read N``: answered by the reader from the top-n of each of ``--read-systems``, one
+  document per row, from the trained model's stored (exact fp32) document KV, as ``reader_kv``
+  reads; ``oracle`` reads the gold paragraph alone (the reader's ceiling).
+
+Every answer row also gets a paired interval of "row minus retrieval-only RAG" on the same
+questions. Systems:
 
 - ``retrieval``: MiniLM + faiss order (cosine similarity);
 - ``zero-shot``: the base model as a doc-first reranker (the default :class:`RerankTemplate`);
@@ -42,7 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from hyperrag.kv.local import LocalKV
-from hyperrag.metrics import exact_match, f1_score, ranking_metrics
+from hyperrag.metrics import exact_match, f1_score, mean_interval, ranking_metrics
 from hyperrag.prompts import ASSISTANT, SYSTEM, RerankTemplate
 from hyperrag.rerank import Reranker, fuse_scores, length_batches
 
@@ -149,30 +159,65 @@ class QueryFirstScorer:
         return out
 
 
-def ranking_summary(run: SystemRun, cands: Sequence[Candidates]) -> dict[str, float]:
-    totals = dict.fromkeys(RANK_KEYS, 0.0)
+def ranking_per_question(run: SystemRun, cands: Sequence[Candidates]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {k: [] for k in RANK_KEYS}
     for i, c in enumerate(cands):
-        ranked = [c.doc_ids[j] for j in run.order(i)]
-        for key, value in ranking_metrics(ranked, c.gold).items():
-            totals[key] += value
-    return {k: v / len(cands) for k, v in totals.items()} | {"questions": len(cands)}
+        for key, value in ranking_metrics([c.doc_ids[j] for j in run.order(i)], c.gold).items():
+            out[key].append(value)
+    return out
+
+
+def ranking_summary(run: SystemRun, cands: Sequence[Candidates]) -> dict[str, float]:
+    per = ranking_per_question(run, cands)
+    return {k: sum(v) / len(cands) for k, v in per.items()} | {"questions": len(cands)}
+
+
+def with_intervals(per_question: dict[str, list[float]]) -> dict[str, float | list[float]]:
+    """Each metric's mean over the questions and its 95% bootstrap interval (``<key>_ci95``)."""
+    out: dict[str, float | list[float]] = {}
+    for key, values in per_question.items():
+        out[key] = sum(values) / max(1, len(values))
+        out[key + "_ci95"] = mean_interval(values)
+    return out
+
+
+def answer_scores(answers: Sequence[str], cands: Sequence[Candidates]) -> dict[str, list[float]]:
+    return {"em": [exact_match(a, c.answers) for a, c in zip(answers, cands)],
+            "f1": [f1_score(a, c.answers) for a, c in zip(answers, cands)]}
 
 
 def generate_answers(generator, run: SystemRun, cands: Sequence[Candidates], by_id: dict, top_n: int,
-                     cache: dict, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """Answer each question from the system's top-n; answers for an identical top-n are reused."""
-    em = f1 = 0.0
+                     cache: dict, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """The traditional generator's answer to each question from the system's top-n documents,
+    concatenated; answers for an identical top-n are reused."""
+    out = []
     for i, c in enumerate(cands):
         top = tuple(c.doc_ids[j] for j in run.order(i)[:top_n])
         key = (c.question, top)
         if key not in cache:
             cache[key] = generator.answer(c.question, [by_id[d].text for d in top]).text
-        run.answers[c.qid] = cache[key]
-        em += exact_match(cache[key], c.answers)
-        f1 += f1_score(cache[key], c.answers)
+        out.append(cache[key])
         if progress:
             progress(i + 1, len(cands))
-    return {"em": em / len(cands), "f1": f1 / len(cands), "questions": len(cands), "top_n": top_n}
+    return out
+
+
+def read_answers(reader, run: SystemRun | None, cands: Sequence[Candidates], by_id: dict, top_n: int, source,
+                 progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """The reader's answer to each question from the system's top-n documents (their KV from
+    ``source``, as ``reader_kv`` reads them); ``run=None`` reads the gold paragraph alone (the
+    oracle: the reader's ceiling)."""
+    out = []
+    for i, c in enumerate(cands):
+        if run is None:
+            texts, scores = [by_id[c.gold[0]].text], [0.0]
+        else:
+            top = run.order(i)[:top_n]
+            texts, scores = [by_id[c.doc_ids[j]].text for j in top], [run.scores[i][j] for j in top]
+        out.append(reader.read(c.question, texts, scores, "kv", source).answer)
+        if progress:
+            progress(i + 1, len(cands))
+    return out
 
 
 def ranking_agreement(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> dict:
@@ -206,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--generate", type=int, default=0,
                    help="answer the first N sampled questions with each system's top-n (EM/F1)")
     g.add_argument("--generate-systems", default="", help="comma list: answer only for these systems (default all)")
+    g.add_argument("--read", type=int, default=0,
+                   help="answer the first N sampled questions with the reader (one document per row, its KV "
+                        "exact fp32) from the top-n of each of --read-systems")
+    g.add_argument("--read-systems", default="trained+retrieval,oracle",
+                   help="comma list of ranked systems the reader reads from; 'oracle' = the gold paragraph alone")
     g.add_argument("--json", default="", help="write metrics and per-question scores here")
     g.add_argument("--scores-from", default="",
                    help="a previous --json of the same sample: take the ranking scores of the systems it has "
@@ -238,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     retrieve_s = time.perf_counter() - t0
     base = load_llm(s.model, s.cache_dir, s.device, s.dtype)
     adapter = s.adapter
-    trained_llm = None
+    trained_llm = trained_reranker = None
+    trained_kv = LocalKV()  # exact fp32 document KV of the trained model: reranking and reading share it
     report: dict = {"corpus": str(s.corpus), "queries": len(cands), "seed": s.seed, "top_k": s.top_k,
                     "top_n": s.top_n, "mode": args.mode, "max_doc_tokens": s.max_doc_tokens,
                     "adapter": adapter, "systems": {}, "full_check": {}}
@@ -303,8 +354,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if "trained" in runs:
                 run.scores = [list(x) for x in runs["trained"].scores]
             else:
-                reranker = make_reranker(trained_llm)
-                run.scores = rerank_scores(reranker, part, by_id, args.mode, progress=tick)
+                trained_reranker = reranker = make_reranker(trained_llm)
+                run.scores = rerank_scores(reranker, part, by_id, args.mode, trained_kv, progress=tick)
                 if args.check_full:
                     full = rerank_scores(reranker, part[: args.check_full], by_id, "full")
                     report["full_check"]["trained"] = ranking_agreement(run.scores[: args.check_full], full)
@@ -317,13 +368,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         bar.close()
         run.seconds = time.perf_counter() - t1 + (retrieve_s if name == "retrieval" else 0.0)
         runs[name] = run
-        metrics = ranking_summary(run, part)
+        metrics = with_intervals(ranking_per_question(run, part)) | {"questions": len(part)}
         report["systems"][name] = {"ranking": metrics, "seconds": run.seconds,
                                    "seconds_per_question": run.seconds / max(1, len(part))}
-        log.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
+        log.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items() if not k.endswith("_ci95")})
         if name == "retrieval":  # same questions, for a paired comparison with subset systems
             report["systems"][name]["ranking_subset"] = ranking_summary(
                 SystemRun(name, run.scores[:subset]), cands[:subset])
+    answered: dict[str, list[str]] = {}  # answer row -> answer per question (the first n)
     if args.generate:
         generator = Generator(base, s.max_new_tokens, s.max_doc_tokens, streams=s.cpu_streams)
         report["generator_template"] = asdict(generator.prompt.template)
@@ -331,17 +383,44 @@ def main(argv: Sequence[str] | None = None) -> dict:
         n = min(args.generate, len(cands))
         wanted = {x.strip() for x in args.generate_systems.split(",") if x.strip()} or set(runs)
         for name, run in runs.items():
-            if len(run.scores) < n or name not in wanted:
-                continue
-            bar = tqdm(total=n, desc=f"answers {name}", mininterval=10)
-            gen = generate_answers(generator, SystemRun(name, run.scores[:n]), cands[:n], by_id, s.top_n, cache,
-                                   lambda i, t: bar.update(1))
+            if len(run.scores) >= n and name in wanted:
+                bar = tqdm(total=n, desc=f"generator {name}", mininterval=10)
+                answered[f"{name}+generator"] = generate_answers(generator, SystemRun(name, run.scores[:n]), cands[:n],
+                                                                 by_id, s.top_n, cache, lambda i, t: bar.update(1))
+                bar.close()
+    if args.read:
+        from hyperrag.pipeline import load_reader
+
+        if trained_reranker is None:
+            raise SystemExit("--read needs a trained system (trained or trained+retrieval) in --systems")
+        reader = load_reader(s, trained_reranker)
+        report["reader"] = {"span": reader.span, "selection_weight": reader.selection_weight}
+        n = min(args.read, len(cands))
+        for name in [x.strip() for x in args.read_systems.split(",") if x.strip()]:
+            run = None if name == "oracle" else runs.get(name)
+            if name != "oracle" and (run is None or len(run.scores) < n):
+                raise SystemExit(f"--read-systems: {name!r} is not among the ranked systems {sorted(runs)}")
+            bar = tqdm(total=n, desc=f"reader {name}", mininterval=10)
+            answered[f"{name}+reader"] = read_answers(reader, run, cands[:n], by_id, s.top_n, trained_kv,
+                                                      lambda i, t: bar.update(1))
             bar.close()
-            report["systems"][name]["answers"] = gen
-            log.info("%s answers: %s", name, gen)
+    reference = answered.get("retrieval+generator")  # retrieval-only RAG: what the others are paired against
+    for row, answers in answered.items():
+        per = answer_scores(answers, cands)
+        entry = with_intervals(per) | {"questions": len(answers), "top_n": 1 if row.startswith("oracle") else s.top_n}
+        if reference is not None and row != "retrieval+generator":
+            ref = answer_scores(reference, cands)
+            m = min(len(answers), len(reference))
+            for key in ("em", "f1"):
+                diff = [a - b for a, b in zip(per[key][:m], ref[key][:m])]
+                entry[f"{key}_minus_retrieval"] = sum(diff) / max(1, m)
+                entry[f"{key}_minus_retrieval_ci95"] = mean_interval(diff)
+        report.setdefault("answers", {})[row] = entry
+        log.info("%s: EM %.3f F1 %.3f", row, entry["em"], entry["f1"])
     report["per_question"] = [
         {"qid": c.qid, "gold": c.gold, "doc_ids": c.doc_ids, "cosine": c.cosine,
-         "scores": {name: run.scores[i] for name, run in runs.items() if i < len(run.scores)}}
+         "scores": {name: run.scores[i] for name, run in runs.items() if i < len(run.scores)},
+         "answers": {row: answers[i] for row, answers in answered.items() if i < len(answers)}}
         for i, c in enumerate(cands)
     ]
     print(format_table(report))
@@ -351,25 +430,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report
 
 
+def _ci(row: dict, key: str) -> str:
+    lo, hi = row.get(key + "_ci95", (row[key], row[key]))
+    return f"{row[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def format_table(report: dict) -> str:
+    """The ranking table (recall, MRR, NDCG with 95% intervals), then the answer table."""
     lines = [f"{report['queries']} questions, top-{report['top_k']} candidates, answers from top-{report['top_n']}",
-             f"{'system':22s} {'n':>4s} " + " ".join(f"{k:>9s}" for k in RANK_KEYS)
-             + f" {'EM':>6s} {'F1':>6s} {'s/q':>6s}"]
+             f"{'system':22s} {'n':>4s} {'recall@1 [95% CI]':>22s} {'recall@5':>9s} {'mrr@10':>9s} "
+             f"{'ndcg@10 [95% CI]':>22s} {'s/q':>6s}"]
     for name, row in report["systems"].items():
         r = row["ranking"]
-        a = row.get("answers", {})
-        em = f"{a['em']:6.3f}" if a else "     -"
-        f1 = f"{a['f1']:6.3f}" if a else "     -"
-        lines.append(f"{name:22s} {r['questions']:4d} " + " ".join(f"{r[k]:9.4f}" for k in RANK_KEYS)
-                     + f" {em} {f1} {row['seconds_per_question']:6.2f}")
-        if "ranking_subset" in row and row["ranking_subset"]["questions"] != r["questions"]:
-            rs = row["ranking_subset"]
-            lines.append(f"{name + ' (subset)':22s} {rs['questions']:4d} "
-                         + " ".join(f"{rs[k]:9.4f}" for k in RANK_KEYS))
+        lines.append(f"{name:22s} {r['questions']:4d} {_ci(r, 'recall@1'):>22s} {r['recall@5']:9.4f} "
+                     f"{r['mrr@10']:9.4f} {_ci(r, 'ndcg@10'):>22s} {row['seconds_per_question']:6.2f}")
     for name, chk in report.get("full_check", {}).items():
         lines.append(f"{name}: reuse vs full on {chk['questions']} questions: max |diff| "
                      f"{chk['max_abs_score_diff']:.2e}, identical rankings "
                      f"{chk['identical_rankings']}/{chk['questions']}")
+    if report.get("answers"):
+        lines.append(f"{'answers (system+answerer)':30s} {'n':>4s} {'EM [95% CI]':>22s} {'F1 [95% CI]':>22s} "
+                     f"{'F1 - retrieval-only [95% CI]':>30s}")
+        for name, row in report["answers"].items():
+            paired = ""
+            if "f1_minus_retrieval" in row:
+                lo, hi = row["f1_minus_retrieval_ci95"]
+                paired = f"{row['f1_minus_retrieval']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            lines.append(f"{name:30s} {row['questions']:4d} {_ci(row, 'em'):>22s} {_ci(row, 'f1'):>22s} {paired:>30s}")
     return "\n".join(lines)
 
 

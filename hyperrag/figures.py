@@ -17,28 +17,16 @@ from typing import Any, Mapping, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-STAGES = ("retrieve", "kv_load", "rerank", "generate")
+from hyperrag.modes import E2E_KEYS, MODE_TABLE, MODES, RERANK_KEYS
+from hyperrag.report import (QUALITY_KEYS, STAGES, as_number, fmt_number, fmt_ratio, fmt_share, get_path,
+                             ratio_rows)
+
 STAGE_COLORS = {"retrieve": "#9aa5b1", "kv_load": "#f2b134", "rerank": "#d64545", "generate": "#3d7ea6"}
-E2E_MODES = ("retrieval_only", "zero_shot", "baseline", "prefix_cached", "reuse")
-RERANK_MODES = ("zero_shot", "full", "prefix_cached", "reuse")
-MODE_COLORS = {"retrieval_only": "#9aa5b1", "baseline": "#d64545", "full": "#d64545",
-               "prefix_cached": "#f28c28", "reuse": "#2e9e6a", "zero_shot": "#8e6cc7"}
-LABELS = {"retrieval_only": "retrieval only", "baseline": "baseline (full rerank)", "full": "full prefill",
-          "prefix_cached": "prefix cached", "reuse": "KV reuse", "zero_shot": "zero-shot reranker (reuse)"}
-QUALITY_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")
+E2E_MODES = E2E_KEYS
+RERANK_MODES = RERANK_KEYS
+MODE_COLORS = {**{m.e2e_key: m.color for m in MODE_TABLE}, "full": MODES["baseline"].color}
+LABELS = {**{m.e2e_key: m.label for m in MODE_TABLE}, "full": "full prefill"}
 TEMPLATE = "plotly_white"
-
-
-def _get(d: Any, *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if not isinstance(d, Mapping) or k not in d or d[k] is None:
-            return default
-        d = d[k]
-    return d
-
-
-def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
 def _empty(title: str, why: str) -> go.Figure:
@@ -50,22 +38,13 @@ def _empty(title: str, why: str) -> go.Figure:
     return fig
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    v = _num(x)
-    if v is None:
-        return "–"
-    if abs(v) >= 100:
-        return f"{v:,.0f}"
-    return f"{v:.{digits}g}"
-
-
 def _title(main: str, detail: str) -> str:
     """A title with its detail on a smaller second line: one long line is cut in narrow panels."""
     return f"{main}<br><sup>{html.escape(detail)}</sup>"
 
 
 def _mib(n: Any) -> str:
-    v = _num(n)
+    v = as_number(n)
     return "–" if v is None else f"{v / 2**20:,.1f} MiB"
 
 
@@ -74,22 +53,22 @@ def _mib(n: Any) -> str:
 def latency_figure(results: Mapping[str, Any]) -> go.Figure:
     """Stacked mean latency per stage (retrieve, KV load, rerank, generate) for each e2e mode."""
     title = "End-to-end latency per stage (mean ms per query)"
-    e2e = _get(results, "e2e", default={})
-    modes = [m for m in E2E_MODES if isinstance(_get(e2e, m), Mapping)]
+    e2e = get_path(results, "e2e", default={})
+    modes = [m for m in E2E_MODES if isinstance(get_path(e2e, m), Mapping)]
     if not modes:
         return _empty(title, "no end-to-end measurements")
     names = [LABELS[m] for m in modes]
     fig = go.Figure()
     for stage in STAGES:
-        values = [_num(_get(e2e, m, "stage_ms", stage)) or 0.0 for m in modes]
+        values = [as_number(get_path(e2e, m, "stage_ms", stage)) or 0.0 for m in modes]
         fig.add_bar(name=stage.replace("_", " "), x=names, y=values, marker_color=STAGE_COLORS[stage],
                     hovertemplate="%{x}<br>" + stage + ": %{y:.1f} ms<extra></extra>")
-    totals = [sum(_num(_get(e2e, m, "stage_ms", s)) or 0.0 for s in STAGES) for m in modes]
-    p50 = [_num(_get(e2e, m, "p50_ms")) for m in modes]
+    totals = [sum(as_number(get_path(e2e, m, "stage_ms", s)) or 0.0 for s in STAGES) for m in modes]
+    p50 = [as_number(get_path(e2e, m, "p50_ms")) for m in modes]
     fig.add_scatter(x=names, y=totals, mode="text", showlegend=False, textposition="top center",
                     text=[f"{t:,.0f} ms" + (f"<br>(p50 {p:,.0f})" if p else "") for t, p in zip(totals, p50)],
                     hoverinfo="skip")
-    speedup = _num(_get(e2e, "speedup_vs_baseline"))
+    speedup = as_number(get_path(e2e, "speedup_vs_baseline"))
     if speedup:
         title = _title(title, f"reuse {speedup:.1f}x faster than baseline")
     fig.update_layout(barmode="stack", title=title, yaxis_title="ms per query", template=TEMPLATE,
@@ -99,10 +78,10 @@ def latency_figure(results: Mapping[str, Any]) -> go.Figure:
 
 def throughput_figure(results: Mapping[str, Any]) -> go.Figure:
     """Queries/s per end-to-end mode and reranker pairs/s per rerank mode, side by side."""
-    e2e = _get(results, "e2e", default={})
-    rerank = _get(results, "rerank", default={})
-    e_modes = [m for m in E2E_MODES if _num(_get(e2e, m, "queries_per_s")) is not None]
-    r_modes = [m for m in RERANK_MODES if _num(_get(rerank, m, "pairs_per_s")) is not None]
+    e2e = get_path(results, "e2e", default={})
+    rerank = get_path(results, "rerank", default={})
+    e_modes = [m for m in E2E_MODES if as_number(get_path(e2e, m, "queries_per_s")) is not None]
+    r_modes = [m for m in RERANK_MODES if as_number(get_path(rerank, m, "pairs_per_s")) is not None]
     if not e_modes and not r_modes:
         return _empty("Throughput", "no throughput measurements")
     fig = make_subplots(rows=1, cols=2, subplot_titles=("End to end: queries/s", "Reranker: pairs/s"))
@@ -111,17 +90,17 @@ def throughput_figure(results: Mapping[str, Any]) -> go.Figure:
     if r_modes:
         _rate_bars(fig, rerank, r_modes, "pairs_per_s", "full", "pairs/s", 2, textposition="auto",
                    insidetextanchor="middle")
-        full = _num(_get(rerank, "full", "pairs_per_s"))
-        limit = _num(_get(rerank, "token_ratio_limit"))
+        full = as_number(get_path(rerank, "full", "pairs_per_s"))
+        limit = as_number(get_path(rerank, "token_ratio_limit"))
         if limit and full and "reuse" in r_modes:
             # the token-ratio limit drawn as a tick over the reuse bar
             fig.add_scatter(x=[LABELS["reuse"]], y=[full * limit], mode="markers",
                             marker={"symbol": "line-ew-open", "size": 60, "color": "#333", "line": {"width": 3}},
                             name=f"token-ratio limit: {limit:.1f}x full", row=1, col=2,
                             hovertemplate=f"token-ratio limit {limit:.1f}x full = %{{y:.3g}} pairs/s<extra></extra>")
-    for col, values in ((1, [_num(_get(e2e, m, "queries_per_s")) for m in e_modes]),
-                        (2, [_num(_get(rerank, m, "pairs_per_s")) for m in r_modes]
-                         + [(_num(_get(rerank, "full", "pairs_per_s")) or 0) * (_num(_get(rerank, "token_ratio_limit")) or 0)])):
+    for col, values in ((1, [as_number(get_path(e2e, m, "queries_per_s")) for m in e_modes]),
+                        (2, [as_number(get_path(rerank, m, "pairs_per_s")) for m in r_modes]
+                         + [(as_number(get_path(rerank, "full", "pairs_per_s")) or 0) * (as_number(get_path(rerank, "token_ratio_limit")) or 0)])):
         top = max([v for v in values if v] or [1.0])
         fig.update_yaxes(range=[0, top * 1.2], row=1, col=col)
     fig.update_layout(title="Throughput (higher is better)", template=TEMPLATE, height=420,
@@ -132,8 +111,8 @@ def throughput_figure(results: Mapping[str, Any]) -> go.Figure:
 def _rate_bars(fig: go.Figure, block: Any, modes: Sequence[str], key: str, reference: str, unit: str, col: int,
                **bar: Any) -> None:
     """One bar per mode of ``block[mode][key]``, labelled with its ratio to the ``reference`` mode."""
-    values = [_num(_get(block, m, key)) for m in modes]
-    ref = _num(_get(block, reference, key))
+    values = [as_number(get_path(block, m, key)) for m in modes]
+    ref = as_number(get_path(block, reference, key))
     fig.add_bar(x=[LABELS[m] for m in modes], y=values, marker_color=[MODE_COLORS[m] for m in modes],
                 text=[f"{v:.3g}" + (f" ({v / ref:.1f}x)" if ref and m != reference else "") for v, m in zip(values, modes)],
                 showlegend=False, row=1, col=col, hovertemplate=f"%{{x}}: %{{y:.3g}} {unit}<extra></extra>", **bar)
@@ -142,18 +121,18 @@ def _rate_bars(fig: go.Figure, block: Any, modes: Sequence[str], key: str, refer
 def quality_figure(results: Mapping[str, Any]) -> go.Figure:
     """Recall@1/5, MRR@10, NDCG@10, EM and F1 per mode (grouped bars)."""
     title = "Quality per mode"
-    quality = _get(results, "quality", default={})
-    modes = [m for m in E2E_MODES if isinstance(_get(quality, m), Mapping)]
+    quality = get_path(results, "quality", default={})
+    modes = [m for m in E2E_MODES if isinstance(get_path(quality, m), Mapping)]
     if not modes:
-        return _empty(title, _get(quality, "note", default="no quality measurements (no gold queries)"))
+        return _empty(title, get_path(quality, "note", default="no quality measurements (no gold queries)"))
     fig = go.Figure()
     for m in modes:
-        values = [_num(_get(quality, m, k)) for k in QUALITY_KEYS]
+        values = [as_number(get_path(quality, m, k)) for k in QUALITY_KEYS]
         fig.add_bar(name=LABELS[m], x=list(QUALITY_KEYS), y=values, marker_color=MODE_COLORS[m],
-                    text=[_fmt(v, 2) for v in values], textposition="outside",
+                    text=[fmt_number(v, 2) for v in values], textposition="outside",
                     hovertemplate=LABELS[m] + " %{x}: %{y:.3f}<extra></extra>")
-    agreement = _num(_get(quality, "ranking_agreement"))
-    diff = _num(_get(quality, "max_abs_score_diff"))
+    agreement = as_number(get_path(quality, "ranking_agreement"))
+    diff = as_number(get_path(quality, "max_abs_score_diff"))
     if agreement is not None:
         title = _title(title, f"reuse vs baseline: identical rankings {agreement:.0%}"
                        + (f", max |score diff| {diff:.2g}" if diff is not None else ""))
@@ -163,11 +142,11 @@ def quality_figure(results: Mapping[str, Any]) -> go.Figure:
 
 
 def _codec_rows(results: Mapping[str, Any]) -> list[dict]:
-    rows = [r for r in (_get(results, "codecs", default=[]) or []) if isinstance(r, Mapping) and r.get("codec")]
+    rows = [r for r in (get_path(results, "codecs", default=[]) or []) if isinstance(r, Mapping) and r.get("codec")]
     if rows:
         return [dict(r) for r in rows]
-    storage = _get(results, "storage", default={})
-    if storage.get("codec") and _num(storage.get("bytes_per_token")):
+    storage = get_path(results, "storage", default={})
+    if storage.get("codec") and as_number(storage.get("bytes_per_token")):
         return [{"codec": storage["codec"], "bytes_per_token": storage["bytes_per_token"],
                  "bytes": storage.get("bytes")}]
     return []
@@ -180,18 +159,18 @@ def storage_figure(results: Mapping[str, Any]) -> go.Figure:
         return _empty("Storage", "no storage measurements")
     names = [r["codec"] for r in rows]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("bytes per token", "corpus total (MiB)"))
-    bpt = [_num(r.get("bytes_per_token")) for r in rows]
-    fig.add_bar(x=names, y=bpt, marker_color="#3d7ea6", text=[_fmt(v) for v in bpt], textposition="outside",
+    bpt = [as_number(r.get("bytes_per_token")) for r in rows]
+    fig.add_bar(x=names, y=bpt, marker_color="#3d7ea6", text=[fmt_number(v) for v in bpt], textposition="outside",
                 showlegend=False, row=1, col=1, hovertemplate="%{x}: %{y:,.0f} B/token<extra></extra>")
-    totals = [(_num(r.get("bytes")) or 0) / 2**20 for r in rows]
+    totals = [(as_number(r.get("bytes")) or 0) / 2**20 for r in rows]
     fig.add_bar(x=names, y=totals, marker_color="#6c5fc7", text=[f"{t:,.1f}" for t in totals],
                 textposition="outside", showlegend=False, row=1, col=2,
                 hovertemplate="%{x}: %{y:,.1f} MiB<extra></extra>")
-    planner = _get(results, "planner")
+    planner = get_path(results, "planner")
     plans = planner if isinstance(planner, list) else [planner] if isinstance(planner, Mapping) else []
     top = max(totals + [0.0])
     for plan in plans:
-        value = _num(_get(plan, "bytes"))
+        value = as_number(get_path(plan, "bytes"))
         if value is None:
             continue
         top = max(top, value / 2**20)
@@ -201,23 +180,23 @@ def storage_figure(results: Mapping[str, Any]) -> go.Figure:
                         name=f"{plan.get('label', 'planner')}: {value / 2**20:,.1f} MiB")
     fig.update_yaxes(range=[0, max([v for v in bpt if v] + [1.0]) * 1.2], row=1, col=1)
     fig.update_yaxes(range=[0, (top or 1.0) * 1.2], row=1, col=2)
-    storage = _get(results, "storage", default={})
+    storage = get_path(results, "storage", default={})
     title = "Storage per codec"
     if storage.get("docs"):
-        title = _title(title, f"{storage['docs']} docs, {_fmt(storage.get('tokens'))} tokens")
+        title = _title(title, f"{storage['docs']} docs, {fmt_number(storage.get('tokens'))} tokens")
     fig.update_layout(title=title, template=TEMPLATE, height=420, legend={"orientation": "h", "y": -0.15})
     return fig
 
 
 def _frontier_points(results: Mapping[str, Any]) -> list[dict]:
-    points = [dict(p) for p in (_get(results, "frontier", default=[]) or []) if isinstance(p, Mapping)]
+    points = [dict(p) for p in (get_path(results, "frontier", default=[]) or []) if isinstance(p, Mapping)]
     if points:
         return points
-    e2e, quality = _get(results, "e2e", default={}), _get(results, "quality", default={})
+    e2e, quality = get_path(results, "e2e", default={}), get_path(results, "quality", default={})
     for m in E2E_MODES:  # derive the e2e points when no explicit frontier was measured
-        if _num(_get(e2e, m, "queries_per_s")) and isinstance(_get(quality, m), Mapping):
-            points.append({"label": LABELS[m], "queries_per_s": _get(e2e, m, "queries_per_s"),
-                           "ndcg@10": _get(quality, m, "ndcg@10"), "f1": _get(quality, m, "f1")})
+        if as_number(get_path(e2e, m, "queries_per_s")) and isinstance(get_path(quality, m), Mapping):
+            points.append({"label": LABELS[m], "queries_per_s": get_path(e2e, m, "queries_per_s"),
+                           "ndcg@10": get_path(quality, m, "ndcg@10"), "f1": get_path(quality, m, "f1")})
     return points
 
 
@@ -225,9 +204,9 @@ def frontier_figure(results: Mapping[str, Any]) -> go.Figure:
     """Quality (NDCG@10) against throughput for every measured configuration: end-to-end points
     (queries/s) on the left, reranker-only points (pairs/s) on the right."""
     title = "Quality vs throughput (up and right is better)"
-    points = [p for p in _frontier_points(results) if _num(p.get("ndcg@10")) is not None]
-    e2e = [p for p in points if _num(p.get("queries_per_s"))]
-    rr = [p for p in points if not _num(p.get("queries_per_s")) and _num(p.get("pairs_per_s"))]
+    points = [p for p in _frontier_points(results) if as_number(p.get("ndcg@10")) is not None]
+    e2e = [p for p in points if as_number(p.get("queries_per_s"))]
+    rr = [p for p in points if not as_number(p.get("queries_per_s")) and as_number(p.get("pairs_per_s"))]
     if not e2e and not rr:
         return _empty(title, "no frontier points (need quality and throughput)")
     panels = [(pts, key, unit) for pts, key, unit in ((e2e, "queries_per_s", "queries/s"), (rr, "pairs_per_s", "pairs/s"))
@@ -236,8 +215,8 @@ def frontier_figure(results: Mapping[str, Any]) -> go.Figure:
     for col, (pts, key, unit) in enumerate(panels, 1):
         xs = [float(p[key]) for p in pts]
         for p in pts:  # one trace per configuration: the legend names them, labels never overlap
-            hover = (f"{p.get('label')}<br>{_fmt(p.get(key))} {unit}<br>NDCG@10 {_fmt(p.get('ndcg@10'))}"
-                     + (f"<br>F1 {_fmt(p.get('f1'))}" if _num(p.get("f1")) is not None else ""))
+            hover = (f"{p.get('label')}<br>{fmt_number(p.get(key))} {unit}<br>NDCG@10 {fmt_number(p.get('ndcg@10'))}"
+                     + (f"<br>F1 {fmt_number(p.get('f1'))}" if as_number(p.get("f1")) is not None else ""))
             fig.add_scatter(x=[p[key]], y=[p["ndcg@10"]], mode="markers", name=str(p.get("label", "")),
                             marker={"size": 13, "color": _point_color(p), "symbol": _point_symbol(p),
                                     "line": {"width": 1, "color": "#333"}},
@@ -275,50 +254,6 @@ FIGURES = (("Latency", latency_figure), ("Throughput", throughput_figure), ("Qua
 
 # -- tables and the HTML report -----------------------------------------------------------------
 
-def _interval(ci) -> str:
-    """`` (95% CI lo-hi%)`` for a bootstrap interval of a fraction; nothing without one."""
-    return f" (95% CI {ci[0]:.1%}-{ci[1]:.1%})".replace("%-", "-") if ci else ""
-
-
-def ratio_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """(what, value, target) rows: the headline ratios (also printed by the bench)."""
-    rerank, e2e, quality = (_get(results, k, default={}) for k in ("rerank", "e2e", "quality"))
-    layout = _get(results, "layout", default={})
-    rows = [
-        ("reranker pairs/s: full / prefix cached / reuse",
-         " / ".join(_fmt(_get(rerank, m, "pairs_per_s")) for m in ("full", "prefix_cached", "reuse")), ""),
-        ("reuse vs full (pairs/s)", _x(_get(rerank, "speedup_vs_full")), ">= 5x"),
-        ("reuse vs prefix cached (pairs/s)", _x(_get(rerank, "speedup_vs_prefix_cached")), ">= 3x"),
-        ("token-ratio limit (prefix+doc+query+suffix)/(query+suffix)", _x(_get(rerank, "token_ratio_limit")), ""),
-        ("fraction of the limit reached", _pct(_get(rerank, "limit_fraction"), 1) + _interval(_get(rerank, "limit_fraction_ci95")),
-         ">= 90%"),
-        ("same against the ratio of token totals (sum prompt / sum query)",
-         f"{_pct(_get(rerank, 'fraction_of_totals_ratio'), 1)} of {_x(_get(rerank, 'token_ratio_of_totals'))}", ""),
-        ("e2e queries/s: retrieval only / baseline / reuse",
-         " / ".join(_fmt(_get(e2e, m, "queries_per_s")) for m in ("retrieval_only", "baseline", "reuse")), ""),
-        ("e2e reuse vs baseline (queries/s)", _x(_get(e2e, "speedup_vs_baseline")), ">= 3x"),
-        ("reuse vs full: identical rankings", _pct(_get(quality, "ranking_agreement")), "100% (fp32)"),
-        ("reuse vs full: max |score diff|", _fmt(_get(quality, "max_abs_score_diff")), "<= 1e-4 (fp32)"),
-        ("reuse vs baseline: identical answers", _pct(_get(quality, "answer_agreement")), ""),
-    ]
-    if layout:
-        rows.append(("static layout vs concatenation (ms per query to fill the batch)",
-                     f"{_fmt(_get(layout, 'static_ms'))} vs {_fmt(_get(layout, 'concat_ms'))} ms "
-                     f"({_x(_get(layout, 'ratio'))})", ""))
-    return rows
-
-
-def _x(v: Any) -> str:
-    n = _num(v)
-    return "–" if n is None else f"{n:.2f}x"
-
-
-def _pct(v: Any, decimals: int = 0) -> str:
-    """A share as a percentage; compared with a target, a decimal keeps 89.5% from reading 90%."""
-    n = _num(v)
-    return "–" if n is None else f"{n:.{decimals}%}"
-
-
 def _table(head: list[str], rows: list[list[Any]]) -> str:
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
@@ -326,32 +261,32 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
 
 
 def _mode_table(results: Mapping[str, Any]) -> str:
-    e2e, quality, rerank = (_get(results, k, default={}) for k in ("e2e", "quality", "rerank"))
+    e2e, quality, rerank = (get_path(results, k, default={}) for k in ("e2e", "quality", "rerank"))
     rows = []
     for m in E2E_MODES:
-        if not isinstance(_get(e2e, m), Mapping) and not isinstance(_get(quality, m), Mapping):
+        if not isinstance(get_path(e2e, m), Mapping) and not isinstance(get_path(quality, m), Mapping):
             continue
         rm = {"baseline": "full", "prefix_cached": "prefix_cached", "reuse": "reuse", "zero_shot": "zero_shot"}.get(m)
-        rows.append([LABELS[m], _fmt(_get(e2e, m, "queries_per_s")), _fmt(_get(e2e, m, "p50_ms")),
-                     _fmt(_get(e2e, m, "p95_ms")), _fmt(_get(rerank, rm, "pairs_per_s")) if rm else "–"]
-                    + [_fmt(_get(quality, m, k)) for k in QUALITY_KEYS])
+        rows.append([LABELS[m], fmt_number(get_path(e2e, m, "queries_per_s")), fmt_number(get_path(e2e, m, "p50_ms")),
+                     fmt_number(get_path(e2e, m, "p95_ms")), fmt_number(get_path(rerank, rm, "pairs_per_s")) if rm else "–"]
+                    + [fmt_number(get_path(quality, m, k)) for k in QUALITY_KEYS])
     return _table(["mode", "queries/s", "p50 ms", "p95 ms", "rerank pairs/s", *QUALITY_KEYS], rows)
 
 
 def _codec_table(results: Mapping[str, Any]) -> str:
-    rows = _get(results, "codecs", default=[]) or []
+    rows = get_path(results, "codecs", default=[]) or []
     if not rows:
         return ""
     return "<h2>Codec sweep</h2>" + _table(
         ["codec", "bytes/token", "corpus bytes", "max |score diff| vs fp32 full", "identical rankings", "pairs/s"],
-        [[r.get("codec"), _fmt(r.get("bytes_per_token")), _mib(r.get("bytes")), _fmt(r.get("max_abs_score_diff")),
-          _pct(r.get("ranking_agreement")), _fmt(r.get("pairs_per_s"))] for r in rows])
+        [[r.get("codec"), fmt_number(r.get("bytes_per_token")), _mib(r.get("bytes")), fmt_number(r.get("max_abs_score_diff")),
+          fmt_share(r.get("ranking_agreement")), fmt_number(r.get("pairs_per_s"))] for r in rows])
 
 
 def _kv_table(title: str, block: Any) -> str:
     if not isinstance(block, Mapping) or not block:
         return ""
-    rows = [[k, json.dumps(v) if isinstance(v, (list, dict)) else _fmt(v, 4) if _num(v) is not None else v]
+    rows = [[k, json.dumps(v) if isinstance(v, (list, dict)) else fmt_number(v, 4) if as_number(v) is not None else v]
             for k, v in block.items()]
     return f"<h2>{html.escape(title)}</h2>" + _table(["key", "value"], rows)
 
@@ -369,7 +304,7 @@ def html_report(results: Mapping[str, Any], title: str = "HyperRAG benchmark") -
                                   config={"displaylogo": False, "responsive": True})
                     + "</section>")
     ratios = _table(["measure", "value", "target"], [list(r) for r in ratio_rows(results)])
-    config = _get(results, "config", default={})
+    config = get_path(results, "config", default={})
     subtitle = ", ".join(f"{k} {config[k]}" for k in ("corpus", "queries", "top_k", "top_n", "codec", "model")
                          if k in config)
     style = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}"
@@ -381,8 +316,8 @@ def html_report(results: Mapping[str, Any], title: str = "HyperRAG benchmark") -
             f"<h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>"
             f"<h2>Ratios</h2>{ratios}<h2>Per mode</h2>{_mode_table(results)}"
             + "".join(figs) + _codec_table(results)
-            + _kv_table("Storage", _get(results, "storage")) + _kv_table("Static layout vs concatenation",
-                                                                          _get(results, "layout"))
-            + _kv_table("Setup (excluded from query timings)", _get(results, "setup"))
-            + _kv_table("Config", config) + _kv_table("Machine", _get(results, "machine"))
+            + _kv_table("Storage", get_path(results, "storage")) + _kv_table("Static layout vs concatenation",
+                                                                          get_path(results, "layout"))
+            + _kv_table("Setup (excluded from query timings)", get_path(results, "setup"))
+            + _kv_table("Config", config) + _kv_table("Machine", get_path(results, "machine"))
             + "</body></html>")

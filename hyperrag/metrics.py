@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 import string
 from collections import Counter
@@ -75,3 +76,15 @@ def ranking_metrics(ranked: Sequence[str], gold: Iterable[str]) -> dict[str, flo
     gold = list(gold)
     return {"recall@1": recall_at_k(ranked, gold, 1), "recall@5": recall_at_k(ranked, gold, 5),
             "mrr@10": mrr_at_k(ranked, gold, 10), "ndcg@10": ndcg_at_k(ranked, gold, 10)}
+
+
+def mean_interval(values: Sequence[float], draws: int = 2000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean of per-question ``values``. For a paired
+    comparison of two systems on the same questions, pass the per-question differences."""
+    if not values:
+        return [0.0, 0.0]
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(draws))
+    tail = (1 - level) / 2 * 100
+    return [percentile(means, tail), percentile(means, 100 - tail)]

@@ -215,7 +215,8 @@ def load_reader(s: Settings, reranker: Reranker) -> Reader | None:
         return None
     meta = adapter_meta(s.adapter)
     weight = s.selection_weight if s.selection_weight >= 0 else float(meta.get("selection_weight", 1.0))
-    return Reader(reranker, max_rows=max(s.top_n, 8), max_new_tokens=s.max_new_tokens, span=bool(s.reader_span),
+    span = bool(s.reader_span) if s.reader_span >= 0 else bool(meta.get("reader_span", True))
+    return Reader(reranker, max_rows=max(s.top_n, 8), max_new_tokens=s.max_new_tokens, span=span,
                   selection_weight=weight)
 
 

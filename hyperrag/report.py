@@ -10,9 +10,9 @@ Result schema (the whole dict; this module builds ``e2e``, ``rerank`` and ``qual
               speedup_vs_full, speedup_vs_prefix_cached, token_ratio_limit, limit_fraction,
               limit_fraction_ci95 [lo, hi], token_ratio_of_totals, fraction_of_totals_ratio,
               mean_prompt_tokens, mean_query_tokens}
-    e2e      {retrieval_only, zero_shot, baseline, reuse: {queries, queries_per_s, p50_ms, p95_ms, mean_ms,
+    e2e      {retrieval_only, zero_shot, baseline, reuse, reader_full, reader_kv: {queries, queries_per_s, p50_ms, p95_ms, mean_ms,
               stage_ms {retrieve, kv_load, rerank, generate}}, speedup_vs_baseline}
-    quality  {retrieval_only, zero_shot, baseline, reuse: {queries, recall@1, recall@5, mrr@10, ndcg@10, em, f1},
+    quality  {retrieval_only, zero_shot, baseline, reuse, reader_full, reader_kv: {queries, recall@1, recall@5, mrr@10, ndcg@10, em, f1},
               max_abs_score_diff, ranking_agreement, top_n_agreement, answer_agreement}
     storage  {codec, docs, tokens, bytes, bytes_per_token, precompute_docs_per_s, load_gb_per_s}
     machine  {cpu, cores, threads, torch, device, ...}
@@ -21,10 +21,10 @@ Result schema (the whole dict; this module builds ``e2e``, ``rerank`` and ``qual
     layout   {static_ms, concat_ms, ratio, saved_ms, ...}              (optional)
     planner  {label, bytes} or a list of them                          (optional)
 
-Mode names: records use the engine's modes (``retrieval``, ``baseline``, ``prefix``, ``reuse``);
-the schema uses ``retrieval_only``, ``baseline``, ``prefix_cached``, ``reuse`` for end to end and
-``full``, ``prefix_cached``, ``reuse`` for the reranker. ``zero_shot`` (both) is the base model
-without the trained adapter, in reuse mode: the reference that shows what training bought.
+Mode names come from the one mode table, :mod:`hyperrag.modes`: records use the engine's names,
+the schema each mode's ``e2e_key`` (end to end and quality) and ``rerank_key`` (reranker rows).
+``e2e.reader_speedup`` is reader_kv's queries/s over reader_full's (the same reader, documents
+loaded vs computed); ``quality.reader_kv_vs_full`` says whether they answered alike.
 """
 from __future__ import annotations
 
@@ -33,12 +33,13 @@ import random
 from typing import Any, Iterable, Mapping, Sequence
 
 from hyperrag.metrics import exact_match, f1_score, latency_summary, ranking_metrics
+from hyperrag.modes import E2E_KEYS, MODE_TABLE
 
 STAGES = ("retrieve", "kv_load", "rerank", "generate")
-E2E_KEY = {"retrieval": "retrieval_only", "retrieval_only": "retrieval_only", "baseline": "baseline",
-           "full": "baseline", "prefix": "prefix_cached", "prefix_cached": "prefix_cached", "reuse": "reuse",
-           "zero_shot": "zero_shot"}
-E2E_ORDER = ("retrieval_only", "zero_shot", "baseline", "prefix_cached", "reuse")
+# Records may name a mode by its engine name or its report key (and "full" for the baseline).
+E2E_KEY = {**{m.name: m.e2e_key for m in MODE_TABLE}, **{m.e2e_key: m.e2e_key for m in MODE_TABLE},
+           "full": "baseline"}
+E2E_ORDER = E2E_KEYS
 QUALITY_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")
 BOOTSTRAP_DRAWS = 2000
 
@@ -161,6 +162,8 @@ def _e2e(by_mode: dict) -> dict:
         e2e["speedup_vs_baseline"] = _ratio(e2e["reuse"]["queries_per_s"], e2e["baseline"]["queries_per_s"])
     if "retrieval_only" in e2e and "reuse" in e2e:
         e2e["reuse_overhead_vs_retrieval_ms"] = e2e["reuse"]["mean_ms"] - e2e["retrieval_only"]["mean_ms"]
+    if "reader_full" in e2e and "reader_kv" in e2e:  # the same reader: the ratio is KV reuse's alone
+        e2e["reader_speedup"] = _ratio(e2e["reader_kv"]["queries_per_s"], e2e["reader_full"]["queries_per_s"])
     return e2e
 
 
@@ -262,6 +265,9 @@ def _quality(by_mode: dict) -> dict:
     if not quality and any(by_mode.values()):
         quality["note"] = "no gold queries: ranking and answer quality not measured"
     quality.update(agreement(by_mode.get("baseline", []), by_mode.get("reuse", [])))
+    reader = agreement(by_mode.get("reader_full", []), by_mode.get("reader_kv", []))
+    if reader:
+        quality["reader_kv_vs_full"] = reader
     return quality
 
 
@@ -322,3 +328,77 @@ def storage_rows(doc_tokens: Sequence[int], layers: int, kv_heads: int, head_dim
         rows.append({"codec": name, "bytes_per_token": codec.bytes_per_token(layers, kv_heads, head_dim),
                      "bytes": total, "tokens": int(sum(doc_tokens)), "docs": len(doc_tokens)})
     return rows
+
+
+# -- numbers as text (the bench's table and the HTML report share these; no plotly here) --------
+
+def get_path(d: Any, *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if not isinstance(d, Mapping) or k not in d or d[k] is None:
+            return default
+        d = d[k]
+    return d
+
+
+def as_number(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def fmt_number(x: Any, digits: int = 3) -> str:
+    v = as_number(x)
+    if v is None:
+        return "–"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def fmt_interval(ci) -> str:
+    """`` (95% CI lo-hi%)`` for a bootstrap interval of a fraction; nothing without one."""
+    return f" (95% CI {ci[0]:.1%}-{ci[1]:.1%})".replace("%-", "-") if ci else ""
+
+
+def ratio_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(what, value, target) rows: the headline ratios (also printed by the bench)."""
+    rerank, e2e, quality = (get_path(results, k, default={}) for k in ("rerank", "e2e", "quality"))
+    layout = get_path(results, "layout", default={})
+    rows = [
+        ("reranker pairs/s: full / prefix cached / reuse",
+         " / ".join(fmt_number(get_path(rerank, m, "pairs_per_s")) for m in ("full", "prefix_cached", "reuse")), ""),
+        ("reuse vs full (pairs/s)", fmt_ratio(get_path(rerank, "speedup_vs_full")), ">= 5x"),
+        ("reuse vs prefix cached (pairs/s)", fmt_ratio(get_path(rerank, "speedup_vs_prefix_cached")), ">= 3x"),
+        ("token-ratio limit (prefix+doc+query+suffix)/(query+suffix)", fmt_ratio(get_path(rerank, "token_ratio_limit")), ""),
+        ("fraction of the limit reached", fmt_share(get_path(rerank, "limit_fraction"), 1) + fmt_interval(get_path(rerank, "limit_fraction_ci95")),
+         ">= 90%"),
+        ("same against the ratio of token totals (sum prompt / sum query)",
+         f"{fmt_share(get_path(rerank, 'fraction_of_totals_ratio'), 1)} of {fmt_ratio(get_path(rerank, 'token_ratio_of_totals'))}", ""),
+        ("e2e queries/s: retrieval only / baseline / reuse",
+         " / ".join(fmt_number(get_path(e2e, m, "queries_per_s")) for m in ("retrieval_only", "baseline", "reuse")), ""),
+        ("e2e reuse vs baseline (queries/s)", fmt_ratio(get_path(e2e, "speedup_vs_baseline")), ">= 3x"),
+        ("reuse vs full: identical rankings", fmt_share(get_path(quality, "ranking_agreement")), "100% (fp32)"),
+        ("reuse vs full: max |score diff|", fmt_number(get_path(quality, "max_abs_score_diff")), "<= 1e-4 (fp32)"),
+        ("reuse vs baseline: identical answers", fmt_share(get_path(quality, "answer_agreement")), ""),
+        ("e2e queries/s: reader full prefill / reader from stored KV",
+         " / ".join(fmt_number(get_path(e2e, m, "queries_per_s")) for m in ("reader_full", "reader_kv")), ""),
+        ("reader from stored KV vs full prefill (queries/s)", fmt_ratio(get_path(e2e, "reader_speedup")), ">= 6x"),
+        ("reader from stored KV vs full prefill: identical answers",
+         fmt_share(get_path(quality, "reader_kv_vs_full", "answer_agreement")), "100% (fp32)"),
+        ("answer F1: retrieval only / reuse + generator / reader from stored KV",
+         " / ".join(fmt_number(get_path(quality, m, "f1")) for m in ("retrieval_only", "reuse", "reader_kv")), ""),
+    ]
+    if layout:
+        rows.append(("static layout vs concatenation (ms per query to fill the batch)",
+                     f"{fmt_number(get_path(layout, 'static_ms'))} vs {fmt_number(get_path(layout, 'concat_ms'))} ms "
+                     f"({fmt_ratio(get_path(layout, 'ratio'))})", ""))
+    return rows
+
+
+def fmt_ratio(v: Any) -> str:
+    n = as_number(v)
+    return "–" if n is None else f"{n:.2f}x"
+
+
+def fmt_share(v: Any, decimals: int = 0) -> str:
+    """A share as a percentage; compared with a target, a decimal keeps 89.5% from reading 90%."""
+    n = as_number(v)
+    return "–" if n is None else f"{n:.{decimals}%}"

@@ -66,8 +66,9 @@ class Settings:
                           "log-likelihood; -1 = the adapter's w tuned on SQuAD train (its hyperrag.json)"},
     )
     reader_span: int = field(
-        default=1, metadata={"help": "reader: 1 = each answer must be a span of its document (constrained "
-                                     "decoding), 0 = free greedy decoding"},
+        default=-1, metadata={"help": "reader: 1 = each answer must be a span of its document (constrained "
+                                      "decoding), 0 = free greedy decoding, -1 = the adapter's choice, measured "
+                                      "on SQuAD train (span if it has none)"},
     )
     max_question_tokens: int = field(
         default=64, metadata={"help": "longer questions are truncated, with a notice"}

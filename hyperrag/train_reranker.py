@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from hyperrag.models import ADAPTER_META
+from hyperrag.models import ADAPTER_META, adapter_meta
 from hyperrag.prompts import RerankPrompt, RerankTemplate
 
 log = logging.getLogger("hyperrag.train")
@@ -407,6 +407,7 @@ def validate(args, out: Path, embedder) -> dict:
     """Held-out train articles: retrieval vs the trained reranker (engine settings), and the fusion
     weight ``w`` (score + w * cosine) that maximizes MRR@10 there."""
     from hyperrag.evaluate import SystemRun, rerank_scores, retrieve, ranking_summary, sample_queries
+    from hyperrag.kv.local import LocalKV
     from hyperrag.models import load_llm
     from hyperrag.rerank import Reranker, fuse_scores
     from hyperrag.settings import Settings
@@ -418,7 +419,8 @@ def validate(args, out: Path, embedder) -> dict:
     llm = load_llm(args.model, args.cache_dir, "cpu", "float32", adapter=str(out))
     reranker = Reranker(llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
                         batch_size=s.batch_size)
-    scores = rerank_scores(reranker, cands, corpus.by_id, "reuse", progress=_bar("validate"))
+    kv = LocalKV()
+    scores = rerank_scores(reranker, cands, corpus.by_id, "reuse", kv, progress=_bar("validate"))
     cos = [c.cosine for c in cands]
     result = {"articles": [a["title"] for a in val_articles], "paragraphs": len(corpus.docs),
               "questions": len(cands), "top_k": s.top_k,
@@ -430,7 +432,42 @@ def validate(args, out: Path, embedder) -> dict:
     best = max(grid, key=lambda w: (fused[w]["mrr@10"], -w))
     result["fusion_grid"] = {str(w): {k: round(v, 4) for k, v in m.items()} for w, m in fused.items()}
     result["retrieval_weight"] = best
+    if args.answer_weight:
+        ranked = [fuse_scores(sc, c.cosine, best) for sc, c in zip(scores, cands)]
+        result["reader"] = tune_reader(reranker, cands, ranked, corpus.by_id, kv, s)
     return result
+
+
+SELECTION_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 1000.0)
+
+
+def tune_reader(reranker, cands, ranked: list[list[float]], by_id: dict, kv, s) -> dict:
+    """Span-constrained vs free decoding, and the selection weight ``w`` (ranking score + w x
+    answer log-likelihood), by answer F1 on the held-out train questions: the reader reads each
+    question's top-n once per decoding, and every ``w`` picks among the same candidates."""
+    from hyperrag.metrics import exact_match, f1_score
+    from hyperrag.reader import Reader, select
+
+    grid: dict[str, dict] = {}
+    for span in (True, False):
+        reader = Reader(reranker, max_rows=s.top_n, max_new_tokens=s.max_new_tokens, span=span)
+        readings = []
+        bar = _bar(f"reader ({'span' if span else 'free'})")
+        for i, (c, sc) in enumerate(zip(cands, ranked)):
+            top = sorted(range(len(sc)), key=lambda j: -sc[j])[: s.top_n]
+            tops = [sc[j] for j in top]
+            readings.append((reader.read(c.question, [by_id[c.doc_ids[j]].text for j in top], tops, "kv", kv).candidates,
+                             tops))
+            bar(i + 1, len(cands))
+        for w in SELECTION_GRID:
+            answers = [cs[select(cs, tops, w)].text if cs else "" for cs, tops in readings]
+            grid[f"{'span' if span else 'free'} w={w:g}"] = {
+                "span": span, "weight": w,
+                "f1": sum(f1_score(a, c.answers) for a, c in zip(answers, cands)) / len(cands),
+                "em": sum(exact_match(a, c.answers) for a, c in zip(answers, cands)) / len(cands)}
+    best = max(grid.values(), key=lambda r: (r["f1"], r["span"], -r["weight"]))
+    return {"questions": len(cands), "top_n": s.top_n, "grid": grid, "span": best["span"],
+            "selection_weight": best["weight"], "f1": best["f1"], "em": best["em"]}
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -479,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     t.add_argument("--no-check", action="store_true", help="skip the train-vs-reranker score check")
+    t.add_argument("--validate-only", action="store_true",
+                   help="no training: validate the adapter in --out and update its hyperrag.json "
+                        "(fusion weight, reader decoding and selection weight)")
     return p
 
 
@@ -499,6 +539,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     args.data_dir = args.data_dir or str(Path(args.cache_dir) / "train-reranker")
     out = Path(args.out)
+    if args.validate_only:
+        return record_validation(args, out, {**adapter_meta(out)}, load_embedder("all-minilm-l6-v2", args.cache_dir, "cpu"))
     ckpt = out / "checkpoint"
     config = {k: getattr(args, k) for k in CONFIG_KEYS}  # what a resumed checkpoint must match
     t_start = time.perf_counter()
@@ -585,12 +627,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not args.no_check:
         summary["check"] = check_against_reranker(args, model, prompt, score_vec, data, out)
         log.info("check: %s", summary["check"])
-    if args.val_questions and args.val_articles:
-        summary["validation"] = validate(args, out, embedder)
-        summary["retrieval_weight"] = summary["validation"]["retrieval_weight"]
-        log.info("validation: retrieval %s | trained %s | best fusion w=%s",
-                 summary["validation"]["retrieval"], summary["validation"]["trained"], summary["retrieval_weight"])
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    return record_validation(args, out, summary, embedder)
+
+
+def record_validation(args, out: Path, summary: dict, embedder) -> dict:
+    """Validate (when asked) and write the adapter's ``hyperrag.json``: the tuned fusion weight,
+    the reader's decoding and selection weight are read from it by the engine."""
+    if args.val_questions and args.val_articles:
+        summary["validation"] = validation = validate(args, out, embedder)
+        summary["retrieval_weight"] = validation["retrieval_weight"]
+        if "reader" in validation:
+            summary["selection_weight"] = validation["reader"]["selection_weight"]
+            summary["reader_span"] = validation["reader"]["span"]
+        log.info("validation: retrieval %s | trained %s | best fusion w=%s | reader %s",
+                 validation["retrieval"], validation["trained"], summary["retrieval_weight"],
+                 {k: v for k, v in validation.get("reader", {}).items() if k != "grid"})
     (out / ADAPTER_META).write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("train_articles", "loss_curve")}, indent=1))
     return summary

@@ -17,6 +17,7 @@ components:
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import logging
@@ -42,7 +43,8 @@ from hyperrag.kv import planner
 from hyperrag.kv.codec import CODECS
 from hyperrag.kv.store import StoreError, parse_store_url, redact_url
 from hyperrag.metrics import exact_match, f1_score
-from hyperrag.pipeline import MODES, Engine, QuestionError, RAGResult, clean_question, open_store
+from hyperrag.modes import MODE_TABLE, MODES as MODE_SPECS
+from hyperrag.pipeline import MODES, Engine, QuestionError, RAGResult, clean_question, load_reader, open_store
 from hyperrag.precompute import PrecomputeReport, precompute
 from hyperrag.rerank import Reranker
 from hyperrag.settings import REPO_ROOT, Settings
@@ -51,14 +53,10 @@ log = logging.getLogger("hyperrag.ui")
 ASSETS = REPO_ROOT / "assets"
 DEFAULT_KEY = "default"
 SHIPPED, UPLOAD = "Shipped corpus", "Upload my own"
-COMPARE_MODES = ("retrieval", "baseline", "reuse")
-MODE_TITLES = {
-    "retrieval": "Retrieval only (traditional RAG)",
-    "baseline": "Baseline rerank (full prefill)",
-    "prefix": "Prefix-cached rerank",
-    "reuse": "KV-reuse rerank (HyperRAG)",
-    "zero_shot": "Zero-shot rerank (base model, no adapter; KV reuse)",
-}
+# The Ask tab's columns: traditional RAG, the full-prefill and KV-reuse rerankers with the
+# traditional generator, and HyperRAG's reader on the same stored KV (reader_full: batch tab).
+COMPARE_MODES = ("retrieval", "baseline", "reuse", "reader_kv")
+MODE_TITLES = {m.name: m.title for m in MODE_TABLE}
 ZERO_SHOT = "zero_shot"  # batch-only mode: what the trained adapter is measured against
 MAX_GOLD_CHOICES = 400
 MAX_BATCH_QUERIES = 200
@@ -305,10 +303,12 @@ class Workbench:
         base = self.wait_ready()
         with entry.lock:
             if entry.index is None:
-                view = Engine(self.settings, base.corpus, base.index, base.reranker, base.generator, base.store)
+                view = Engine(self.settings, base.corpus, base.index, base.reranker, base.generator, base.store,
+                              base.reader)
                 view.set_corpus(entry.corpus, progress)
                 entry.index = view.index
-        return Engine(self.settings, entry.corpus, entry.index, base.reranker, base.generator, base.store)
+        return Engine(self.settings, entry.corpus, entry.index, base.reranker, base.generator, base.store,
+                      base.reader)
 
     def zero_shot_engine(self, entry: CorpusEntry) -> Engine:
         """The base model without the adapter as reranker over this corpus: the reference the
@@ -382,6 +382,7 @@ class Workbench:
                     base.reranker = Reranker(old.llm, template=old.template, max_doc_tokens=new.max_doc_tokens,
                                              max_question_tokens=new.max_question_tokens, batch_size=batch_size,
                                              streams=new.cpu_streams)
+                    base.reader = load_reader(new, base.reranker)  # it reads with the reranker's model and lock
                     notes.append(f"reranker batch size {self.settings.batch_size} -> {batch_size}")
                 if codec != base.store.codec.name or url != self.settings.store_url or base.store.url != url:
                     old_store = base.store
@@ -564,6 +565,8 @@ def judge(result: RAGResult, gold: Query | None) -> dict:
 def answer_markdown(result: RAGResult, gold: Query | None) -> str:
     answer = result.answer.strip() or "_(empty answer)_"
     lines = [f"**Answer:** {answer}"]
+    if result.reading is not None:
+        lines.append(source_markdown(result))
     verdict = judge(result, gold)
     if "em" in verdict:
         ok = "✓ right" if verdict["em"] else ("≈ partly right" if verdict["f1"] >= 0.5 else "✗ wrong")
@@ -579,14 +582,35 @@ def answer_markdown(result: RAGResult, gold: Query | None) -> str:
     return "\n\n".join(lines)
 
 
+def source_markdown(result: RAGResult, context: int = 160) -> str:
+    """Where the reader found its answer: the document, and the answer highlighted in its text."""
+    reading = result.reading
+    if reading is None or reading.doc < 0:
+        return "_(no answer read)_"
+    doc = result.docs[reading.doc]
+    where = f"Read from **{doc.title or doc.id}** (`{doc.id}`, rank {doc.rank})"
+    if reading.start < 0:
+        return where + " — the answer is not a verbatim span of it."
+    lo, hi = max(0, reading.start - context), min(len(doc.text), reading.end + context)
+    before, span, after = doc.text[lo:reading.start], doc.text[reading.start:reading.end], doc.text[reading.end:hi]
+    return (f"{where}:\n\n> {'…' if lo else ''}{_md(before)}<mark>**{_md(span)}**</mark>{_md(after)}"
+            f"{'…' if hi < len(doc.text) else ''}")
+
+
+def _md(text: str) -> str:
+    """Plain text safe inside markdown (no accidental emphasis, links or HTML)."""
+    return html.escape(text).replace("*", "\\*").replace("_", "\\_").replace("[", "\\[").replace("\n", " ")
+
+
 def timing_markdown(result: RAGResult) -> str:
     t = result.timings
+    spec = MODE_SPECS[result.mode]
     parts = [f"retrieve {seconds_text(t['retrieve'])}"]
-    if result.mode != "retrieval":
-        if result.mode == "reuse":
+    if spec.rerank is not None:
+        if "reuse" == spec.rerank:
             parts.append(f"KV load {seconds_text(t['kv_load'])}")
         parts.append(f"rerank {seconds_text(t['rerank'])}")
-    parts.append(f"generate {seconds_text(t['generate'])}")
+    parts.append(f"{'read' if spec.read else 'generate'} {seconds_text(t['generate'])}")
     return " · ".join(parts) + f" · **total {seconds_text(t['total'])}**"
 
 
@@ -609,6 +633,11 @@ def summary_markdown(results: dict[str, RAGResult]) -> str:
             same = (f"Same top-{reuse.top_n} {'✓' if top else '✗'}; the full ranking differs (near-tied scores, "
                     f"max difference {diff:.1e})")
         lines[-1] += f" {same} · same answer {'✓' if base.answer == reuse.answer else '✗'}"
+    reader = results.get("reader_kv")
+    if reader and base:
+        ratio = base.timings["total"] / reader.timings["total"] if reader.timings["total"] else float("inf")
+        lines.append(f"**The reader answered from the stored KV in {seconds_text(reader.timings['total'])}**, "
+                     f"{ratio:.1f}× faster end to end than the baseline; no document token was computed.")
     if retr:
         lines.append(f"Retrieval only (no reranker): {seconds_text(retr.timings['total'])}.")
     return "  \n".join(lines)
@@ -775,9 +804,9 @@ def _ask(wb: Workbench, entry: CorpusEntry, question: str, mode: str, top_k: int
 
 
 def cb_compare(question: str, top_k: float, top_n: float, key: str | None):
-    """Ask one question in retrieval-only, baseline and reuse mode; yields after each mode.
+    """Ask one question in each of ``COMPARE_MODES``; yields after each mode.
 
-    Yields (summary, banner, then answer/timings/docs for each of the three modes)."""
+    Yields (summary, banner, then answer/timings/docs for each mode)."""
     wb = get_workbench()
     entry = wb.entry(key)
     try:
@@ -857,8 +886,11 @@ def write_exports(folder: Path, result: dict, records: list[dict]) -> list[str]:
 
 
 def batch_modes(settings: Settings) -> tuple[str, ...]:
-    """Modes a batch can run: the engine's, plus the zero-shot reference when an adapter is set."""
-    return (*MODES, ZERO_SHOT) if settings.adapter else MODES
+    """Modes a batch can run: the engine's, plus the zero-shot reference when an adapter is set
+    (without one there is no reader either)."""
+    if not settings.adapter:
+        return tuple(m for m in MODES if MODE_SPECS[m].read is None)
+    return (*MODES, ZERO_SHOT)
 
 
 def cb_run_batch(n_queries: float, modes: Sequence[str], seed: float, top_k: float, top_n: float,
@@ -997,7 +1029,7 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
                                       label="top-k (retrieved candidates)")
                     top_n = gr.Slider(1, MAX_TOP_N, value=min(s.top_n, MAX_TOP_N), step=1,
                                       label="top-n (documents given to the generator)")
-                    ask = gr.Button("Ask in all three modes", variant="primary")
+                    ask = gr.Button("Ask in all four modes", variant="primary")
                 summary = gr.Markdown("", elem_id="hr-summary")
                 mode_outputs: list[gr.components.Component] = []
                 with gr.Row(equal_height=False):

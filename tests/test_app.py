@@ -170,10 +170,12 @@ def test_compare_gold_question(wb):
     entry = wb.entry(ui.DEFAULT_KEY)
     query = next(q for q in entry.corpus.queries if q.doc_ids[0] == "normans-002")
     steps = list(ui.cb_compare(query.question, 3, 1, ui.DEFAULT_KEY))
-    assert len(steps) == 3  # one update per mode: retrieval first, then baseline, then reuse
+    assert len(steps) == len(ui.COMPARE_MODES)  # one update per mode: retrieval, baseline, reuse, reader
     out = steps[-1]
     assert ("Same ranking ✓" in out[0] or "Same top-1" in out[0]) and "same answer" in out[0]
-    for i in range(3):
+    assert "The reader answered from the stored KV" in out[0]
+    assert "Read from" in out[2 + 3 * ui.COMPARE_MODES.index("reader_kv")]  # where the answer was found
+    for i in range(len(ui.COMPARE_MODES)):
         answer, frame = out[2 + 3 * i], out[4 + 3 * i]
         assert "EM" in answer and "Gold paragraph" in answer
         assert frame["gold"].tolist().count("✓") == 1

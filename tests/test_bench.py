@@ -12,6 +12,7 @@ import pytest
 from hyperrag.report import finite_numbers, summarize
 
 MODES3 = ("retrieval_only", "baseline", "reuse")
+ANSWERING = (*MODES3, "reader_full", "reader_kv")
 QUALITY = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")
 
 
@@ -32,7 +33,8 @@ def _records():
     for q in range(3):
         ids = [f"d{i}" for i in range(5)]
         for mode, t in (("retrieval", (0.02, 0, 0, 1.0)), ("baseline", (0.02, 0, 4.0, 1.0)),
-                        ("prefix", (0.02, 0, 3.5, 0)), ("reuse", (0.02, 0.03, 0.3, 1.0))):
+                        ("prefix", (0.02, 0, 3.5, 0)), ("reuse", (0.02, 0.03, 0.3, 1.0)),
+                        ("reader_full", (0.02, 0.01, 4.0, 0.4)), ("reader_kv", (0.02, 0.05, 0.3, 0.2))):
             scores = {d: float(i) for i, d in enumerate(reversed(ids))}
             records.append({"query_id": f"q{q}", "mode": mode, "timings": dict(zip(("retrieve", "kv_load", "rerank",
                                                                                     "generate"), t)),
@@ -52,6 +54,9 @@ def test_summarize_and_figures_without_a_model():
     assert result["rerank"]["speedup_vs_full"] == pytest.approx(4.0 / 0.33)
     assert result["quality"]["ranking_agreement"] == 1.0 and result["quality"]["max_abs_score_diff"] == 0.0
     assert result["quality"]["reuse"]["em"] == 1.0 and result["quality"]["reuse"]["mrr@10"] == 0.5
+    assert result["e2e"]["reader_speedup"] == pytest.approx(4.43 / 0.57)  # same questions, kv vs full
+    assert result["quality"]["reader_kv_vs_full"]["answer_agreement"] == 1.0
+    assert result["quality"]["reader_kv"]["f1"] == 1.0
     no_gold = summarize([{k: v for k, v in r.items() if k not in ("gold_ids", "answers")} for r in _records()])
     assert "note" in no_gold["quality"] and "reuse" not in no_gold["quality"]
     from hyperrag.report import storage_rows
@@ -119,7 +124,7 @@ def test_quick_bench_schema_and_numbers(quick_run, capsys):
     for k in ("speedup_vs_full", "speedup_vs_prefix_cached"):
         assert saved["rerank"][k] > 0
     assert saved["rerank"]["token_ratio_limit"] > 1
-    for mode in MODES3:
+    for mode in ANSWERING:
         e2e = saved["e2e"][mode]
         assert e2e["queries_per_s"] > 0 and e2e["p50_ms"] > 0 and e2e["p95_ms"] > 0
         assert set(e2e["stage_ms"]) == {"retrieve", "kv_load", "rerank", "generate"}
@@ -142,6 +147,9 @@ def test_quick_bench_schema_and_numbers(quick_run, capsys):
     assert saved["quality"]["ranking_agreement"] == 1.0
     assert saved["quality"]["max_abs_score_diff"] <= 1e-4
     assert saved["quality"]["answer_agreement"] == 1.0
+    # the reader from stored KV answers exactly as the reader on computed KV, and faster
+    assert saved["quality"]["reader_kv_vs_full"]["answer_agreement"] == 1.0
+    assert saved["e2e"]["reader_speedup"] > 1
     codecs = {row["codec"]: row for row in saved["codecs"]}
     assert codecs["fp32"]["ranking_agreement"] == 1.0 and codecs["fp32"]["max_abs_score_diff"] <= 1e-4
     assert codecs["int8"]["bytes_per_token"] < codecs["fp32"]["bytes_per_token"] / 3
@@ -153,7 +161,7 @@ def test_quick_bench_schema_and_numbers(quick_run, capsys):
     assert saved["rerank"]["zero_shot"]["pairs_per_s"] > 0 and saved["e2e"]["zero_shot"]["queries_per_s"] > 0
     for k in QUALITY:
         assert 0.0 <= saved["quality"]["zero_shot"][k] <= 1.0, k
-    assert len(results["records"]) == 2 * 5
+    assert len(results["records"]) == 2 * 7  # zero-shot, retrieval, baseline, prefix, reuse, two reader modes
 
 
 def test_quick_bench_html_is_self_contained(quick_run):

@@ -1,0 +1,15 @@
+"""The engine and the headless front doors never import the UI's libraries (gradio, plotly)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_engine_imports_neither_gradio_nor_plotly():
+    code = ("import sys, hyperrag, hyperrag.pipeline, hyperrag.reader, hyperrag.bench, hyperrag.report, "
+            "hyperrag.evaluate, hyperrag.precompute, hyperrag.kv.store, hyperrag.kv.planner, hyperrag.modes; "
+            "hyperrag.bench.print_table({'rerank': {}, 'e2e': {}, 'quality': {}}); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('gradio', 'plotly')); "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
