@@ -1,0 +1,56 @@
+"""The index kind follows the corpus size (exact, then HNSW), persists and reloads; the scale
+bench reports build time, memory, latency and recall; the planner prints 1M-passage figures."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from hyperrag import retrieval
+from hyperrag.corpus import Corpus, Doc
+from hyperrag.retrieval import DenseIndex
+
+
+class HashEmbedder:
+    """A stand-in embedder (no model): a fixed random unit vector per text."""
+
+    def encode(self, texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False):
+        out = np.stack([np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(32) for t in texts])
+        return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _corpus(root, n):
+    return Corpus(root, [Doc(f"d{i}", "", f"passage number {i}") for i in range(n)])
+
+
+def test_index_kind_by_size_persists_and_resumes(tmp_path, monkeypatch):
+    embedder, seen = HashEmbedder(), []
+    small = DenseIndex.build(_corpus(tmp_path / "a", 30), embedder, batch_size=8, progress=lambda d, t: seen.append(d))
+    assert isinstance(small.index, faiss.IndexFlatIP) and seen == [8, 16, 24, 30]
+    monkeypatch.setattr(retrieval, "HNSW_MIN_VECTORS", 20)
+    corpus = _corpus(tmp_path / "b", 200)
+    big = DenseIndex.load_or_build(corpus, embedder, "hash", tmp_path / "cache")
+    assert isinstance(big.index, faiss.IndexHNSWFlat) and big.index.hnsw.efSearch == retrieval.HNSW_EF_SEARCH
+    assert big.search("passage number 7", 3)[0][0] == "d7"
+    again = DenseIndex.load_or_build(corpus, embedder, "hash", tmp_path / "cache",
+                                     progress=lambda *_: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    assert isinstance(faiss.downcast_index(again.index), faiss.IndexHNSWFlat) and again.doc_ids == big.doc_ids
+    assert again.search("passage number 42", 1)[0][0] == "d42"
+
+
+def test_scale_bench_small():
+    from hyperrag.scale import scale_bench
+
+    r = scale_bench(3000, dim=32, queries=50)
+    for kind in ("exact", "hnsw"):
+        x = r[kind]
+        assert x["build_s"] >= 0 and x["peak_rss_bytes"] > 0 and 0 < x["query_ms_p50"] <= x["query_ms_p95"]
+    assert r["hnsw"]["recall_at_k"] >= 0.9 and r["engine_choice"] == "exact"
+
+
+def test_planner_cli_million(capsys):
+    from hyperrag.kv import planner
+
+    assert planner.main(["--docs", "1000000", "--tokens-per-doc", "200", "--docs-per-s", "3.67", "--workers", "1,16"]) == 0
+    out = capsys.readouterr().out
+    assert "fp16      4.61 TB" in out and "int4" in out
+    assert f"{1e6 / 3.67 / 3600:,.1f} h" in out and f"{1e6 / 3.67 / 16 / 3600:,.1f} h" in out
