@@ -54,6 +54,7 @@ import torch
 from hyperrag.kv.local import LocalKV
 from hyperrag.metrics import exact_match, f1_score, mean_interval, ranking_metrics
 from hyperrag.prompts import ASSISTANT, SYSTEM, RerankTemplate
+from hyperrag.decoder import causal_mask
 from hyperrag.rerank import Reranker, fuse_scores, length_batches
 
 log = logging.getLogger("hyperrag.evaluate")
@@ -122,8 +123,11 @@ def rerank_scores(reranker: Reranker, cands: Sequence[Candidates], by_id: dict, 
 
 
 class QueryFirstScorer:
-    """``[instruction][question][document][suffix]``, full prefill only (the question comes before
-    the document, so no document KV can be shared across questions). Same yes/no score."""
+    """``[instruction][question][document][suffix]``: the usual prompt, question before document,
+    so no document KV can be shared across questions. Same yes/no score. ``cached=True`` is the
+    strongest prefix-caching baseline a vLLM user gets (automatic prefix caching): the
+    ``[instruction][question]`` KV is computed once per question and shared by its candidates,
+    and only each document's tokens and the suffix run."""
 
     def __init__(self, reranker: Reranker):
         self.r = reranker
@@ -135,26 +139,38 @@ class QueryFirstScorer:
         self.suffix = enc(ASSISTANT)
         self.max_doc, self.max_q = p.max_doc_tokens, p.max_question_tokens
 
-    def ids(self, question: str, doc: str) -> list[int]:
+    def split_ids(self, question: str, doc: str) -> tuple[list[int], list[int]]:
+        """(the question's shared prefix, the document's part) of the query-first prompt."""
         q = self.enc(" " + question)[: self.max_q]
         d = self.enc("\n" + doc)[: self.max_doc]
-        return self.head + q + self.between + d + self.suffix
+        return self.head + q + self.between, d + self.suffix
 
-    def score(self, question: str, docs: Sequence[str]) -> list[float]:
-        r = self.r
-        seqs = [self.ids(question, d) for d in docs]
+    def score(self, question: str, docs: Sequence[str], cached: bool = False) -> list[float]:
+        r, dec = self.r, self.r.decoder
+        parts = [self.split_ids(question, d) for d in docs]
+        shared = parts[0][0] if parts else []
+        start = len(shared) if cached else 0
+        seqs = [tail if cached else head + tail for head, tail in parts]
+        prefix_kv = None
+        if cached:  # the question's prefix once, as a prefix cache would hold it
+            kv = dec.new_kv(1, start)
+            dec.forward(torch.tensor([shared], device=dec.device), torch.arange(start, device=dec.device)[None], kv, 0)
+            prefix_kv = kv[:, :, 0]
         out = [0.0] * len(seqs)
-        dec = r.decoder
         for batch in length_batches([len(s) for s in seqs], r.batch_size):
             longest = max(len(seqs[i]) for i in batch)
-            ids = torch.zeros((len(batch), longest), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-            pos = torch.arange(longest)[None].expand(len(batch), -1)
-            last = torch.tensor([len(seqs[i]) - 1 for i in batch])
-            kv = dec.new_kv(len(batch), longest)
-            hidden = dec.forward(ids.to(dec.device), pos.to(dec.device), kv, 0, None, out_index=last.to(dec.device))
-            for i, s in zip(batch, (hidden.float() @ r.score_vec).tolist()):
+            kv = dec.new_kv(len(batch), start + longest)
+            if cached:
+                kv[:, :, :, :, :start] = prefix_kv.unsqueeze(2)
+
+            def run(part: slice) -> list[float]:  # as the reranker runs a batch: rows in streams
+                rows = batch[part]
+                ids, last = r._batch_ids([seqs[i] for i in rows])
+                pos = (start + torch.arange(ids.shape[1], device=dec.device)).expand(len(rows), -1)
+                mask = causal_mask(ids.shape[1], start, dec.device) if cached else None
+                return r._score_hidden(dec.forward(ids, pos, kv[:, :, part], start, mask, out_index=last))
+
+            for i, s in zip(batch, r.rows.run(len(batch), run, longest)):
                 out[i] = s
         return out
 
@@ -389,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                                  by_id, s.top_n, cache, lambda i, t: bar.update(1))
                 bar.close()
     if args.read:
-        from hyperrag.pipeline import load_reader
+        from hyperrag.runtime import load_reader
 
         if trained_reranker is None:
             raise SystemExit("--read needs a trained system (trained or trained+retrieval) in --systems")

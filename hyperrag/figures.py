@@ -17,15 +17,17 @@ from typing import Any, Mapping, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from hyperrag.modes import E2E_KEYS, MODE_TABLE, MODES, RERANK_KEYS
+from hyperrag.modes import BENCH_ONLY_RERANK, E2E_KEYS, MODE_TABLE, MODES, RERANK_KEYS
 from hyperrag.report import (QUALITY_KEYS, STAGES, as_number, fmt_number, fmt_ratio, fmt_share, get_path,
                              ratio_rows)
 
 STAGE_COLORS = {"retrieve": "#9aa5b1", "kv_load": "#f2b134", "rerank": "#d64545", "generate": "#3d7ea6"}
 E2E_MODES = E2E_KEYS
 RERANK_MODES = RERANK_KEYS
-MODE_COLORS = {**{m.e2e_key: m.color for m in MODE_TABLE}, "full": MODES["baseline"].color}
-LABELS = {**{m.e2e_key: m.label for m in MODE_TABLE}, "full": "full prefill"}
+MODE_COLORS = {**{m.e2e_key: m.color for m in MODE_TABLE}, "full": MODES["baseline"].color,
+               **{k: color for k, (_, color) in BENCH_ONLY_RERANK.items()}}
+LABELS = {**{m.e2e_key: m.label for m in MODE_TABLE}, "full": "full prefill",
+          **{k: label for k, (label, _) in BENCH_ONLY_RERANK.items()}}
 TEMPLATE = "plotly_white"
 
 

@@ -43,7 +43,11 @@ MODES: dict[str, Mode] = {m.name: m for m in MODE_TABLE}
 BY_E2E_KEY: dict[str, Mode] = {m.e2e_key: m for m in MODE_TABLE}
 ENGINE_MODES: tuple[str, ...] = tuple(m.name for m in MODE_TABLE if m.name != "zero_shot")
 E2E_KEYS: tuple[str, ...] = tuple(m.e2e_key for m in MODE_TABLE)
-RERANK_KEYS: tuple[str, ...] = ("zero_shot", "full", "prefix_cached", "reuse")
+# Reranker rows the bench measures that no engine mode runs: (label, color).
+BENCH_ONLY_RERANK: dict[str, tuple[str, str]] = {
+    "query_first_cached": ("query-first, question cached (vLLM-style)", "#c9a227"),
+}
+RERANK_KEYS: tuple[str, ...] = ("zero_shot", "full", "prefix_cached", "query_first_cached", "reuse")
 
 
 def mode(name: str) -> Mode:

@@ -1,6 +1,7 @@
 """Fill a KV store with every document of a corpus, ahead of queries; resumable.
 
     python -m hyperrag.precompute --corpus DIR --store URL --codec C [--no-verify]
+    python -m hyperrag.precompute --ray [ADDRESS] [--workers W] --store redis://HOST:PORT ...
 
 Documents already stored are skipped (the key is a content address), so a rerun after an
 interruption only does what is left. Entries appear whole or not at all (``fs://`` writes a
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from hyperrag.corpus import load_corpus
-    from hyperrag.pipeline import load_reranker, open_store
+    from hyperrag.runtime import load_reranker, open_store
     from hyperrag.settings import add_cli_args, settings_from_args
 
     parser = argparse.ArgumentParser(prog="python -m hyperrag.precompute", description=__doc__,
@@ -112,11 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", dest="store_url", default=None, help="KV store URL (same as --store-url)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip documents already stored without reading them back")
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="fan the documents out to Ray workers (a local Ray without ADDRESS); needs a shared store")
+    parser.add_argument("--workers", type=int, default=None, help="--ray: actors (default: one per cluster CPU)")
     add_cli_args(parser, skip=("store_url",))
     parser.add_argument("--store-url", dest="store_url", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
     corpus = load_corpus(settings.corpus)
+    if args.ray is not None:  # hyperrag.ray_precompute: same entries, written by a pool of Ray actors
+        from hyperrag.ray_precompute import run_cli
+
+        return run_cli(settings, [d.text for d in corpus.docs], args.ray or None, args.workers, args.verify)
     reranker = load_reranker(settings)  # only what keys and fills the store: no index, no generator
     # Writes go through to the backend: a CPU tier (resident memory) would only hold copies.
     texts = [d.text for d in corpus.docs]

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 from hyperrag.precompute import PrecomputeReport
 from hyperrag.rerank import length_batches
+from hyperrag.runtime import load_reranker, open_store
 from hyperrag.settings import Settings
 
 Progress = Callable[[int, int], None]
@@ -35,19 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "LMCACHE_TRACK_USAGE": "false", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _load_reranker(settings: Settings):
-    try:
-        from hyperrag.runtime import load_reranker
-    except ImportError:  # older layout
-        from hyperrag.pipeline import load_reranker
-    return load_reranker(settings)
-
-
 def _open_store(settings: Settings, reranker):
-    try:
-        from hyperrag.runtime import open_store
-    except ImportError:
-        from hyperrag.pipeline import open_store
     # Writes go through to the backend, as in the single-process precompute: no CPU tier.
     return open_store(settings.replace(hot_cache_gb=0.0), reranker)
 
@@ -59,7 +48,7 @@ class PrecomputeWorker:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.reranker = _load_reranker(settings)
+        self.reranker = load_reranker(settings)
         self.store = _open_store(settings, self.reranker)
 
     def identity(self) -> str:

@@ -367,6 +367,8 @@ def ratio_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
          " / ".join(fmt_number(get_path(rerank, m, "pairs_per_s")) for m in ("full", "prefix_cached", "reuse")), ""),
         ("reuse vs full (pairs/s)", fmt_ratio(get_path(rerank, "speedup_vs_full")), ">= 5x"),
         ("reuse vs prefix cached (pairs/s)", fmt_ratio(get_path(rerank, "speedup_vs_prefix_cached")), ">= 3x"),
+        ("reuse vs query-first prompt, [instruction][question] cached (vLLM-style)",
+         fmt_ratio(get_path(rerank, "speedup_vs_query_first_cached")), ">= 5x"),
         ("token-ratio limit (prefix+doc+query+suffix)/(query+suffix)", fmt_ratio(get_path(rerank, "token_ratio_limit")), ""),
         ("fraction of the limit reached", fmt_share(get_path(rerank, "limit_fraction"), 1) + fmt_interval(get_path(rerank, "limit_fraction_ci95")),
          ">= 90%"),

@@ -44,9 +44,9 @@ from hyperrag.kv.codec import CODECS
 from hyperrag.kv.store import StoreError, parse_store_url, redact_url
 from hyperrag.metrics import exact_match, f1_score
 from hyperrag.modes import MODE_TABLE, MODES as MODE_SPECS
-from hyperrag.pipeline import MODES, Engine, QuestionError, RAGResult, clean_question, load_reader, open_store
+from hyperrag.pipeline import MODES, Engine, QuestionError, RAGResult, clean_question
 from hyperrag.precompute import PrecomputeReport, precompute
-from hyperrag.rerank import Reranker
+from hyperrag.runtime import Runtime
 from hyperrag.settings import REPO_ROOT, Settings
 
 log = logging.getLogger("hyperrag.ui")
@@ -174,6 +174,7 @@ class CorpusEntry:
     doc_tokens: list[int] | None = None
     report: PrecomputeReport | None = None
     sources: tuple[str, ...] = ()  # the uploaded files this entry was staged from
+    upload_errors: tuple[str, ...] = ()  # files (or pages) of the upload that gave no passages, and why
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -194,7 +195,7 @@ class Workbench:
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._base: Engine | None = None
-        self._zero_shot: Engine | None = None
+        self._zero_shot: Runtime | None = None
         self._corpora: OrderedDict[str, CorpusEntry] = OrderedDict()
         self._loader: threading.Thread | None = None
 
@@ -268,11 +269,17 @@ class Workbench:
             for old in uploads[: max(0, len(uploads) - self.max_corpora)]:
                 del self._corpora[old]
 
-    def stage_upload(self, paths: Sequence[str]) -> CorpusEntry:
-        """Check, copy and load uploaded files as a new corpus (no index yet)."""
-        self.wait_ready()
+    def stage_upload(self, paths: Sequence[str], progress: Callable[[int, int], None] | None = None) -> CorpusEntry:
+        """Check, copy and load uploaded files as a new corpus (no index yet). Documents
+        (.txt/.md/.pdf/.html/.docx/.zip) go through :func:`hyperrag.ingest.ingest` into passages
+        with their source (file, page); ``progress(files done, files)`` after each file."""
+        base = self.wait_ready()
         folder = copy_upload(paths, self.config)
+        errors: list[str] = []
         try:
+            if not (folder / "docs.jsonl").exists():
+                errors = ingest_upload(folder, base.reranker.llm.tokenizer, self.settings.max_doc_tokens,
+                                       self.config, progress)
             corpus = load_corpus(folder, max_file_bytes=self.config.upload_max_bytes)
             if len(corpus) > self.config.upload_max_docs:
                 raise UploadError(f"{len(corpus):,} documents: the app takes at most "
@@ -284,7 +291,8 @@ class Workbench:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         key = folder.name
-        entry = CorpusEntry(key, f"upload {key} ({len(corpus)} docs)", corpus, sources=tuple(map(str, paths)))
+        entry = CorpusEntry(key, f"upload {key} ({len(corpus)} docs)", corpus, sources=tuple(map(str, paths)),
+                            upload_errors=tuple(errors))
         self._register(entry)
         with self._lock:
             in_use = {e.corpus.root for e in self._corpora.values()}
@@ -299,16 +307,12 @@ class Workbench:
         return entry.doc_tokens
 
     def engine(self, entry: CorpusEntry, progress: Callable[[int, int], None] | None = None) -> Engine:
-        """An engine view over the shared models and store for this corpus (index built once)."""
+        """A view over the shared runtime for this corpus (its index built once)."""
         base = self.wait_ready()
         with entry.lock:
             if entry.index is None:
-                view = Engine(self.settings, base.corpus, base.index, base.reranker, base.generator, base.store,
-                              base.reader)
-                view.set_corpus(entry.corpus, progress)
-                entry.index = view.index
-        return Engine(self.settings, entry.corpus, entry.index, base.reranker, base.generator, base.store,
-                      base.reader)
+                entry.index = base.runtime.index(entry.corpus, progress)
+        return Engine(base.runtime, entry.corpus, entry.index)
 
     def zero_shot_engine(self, entry: CorpusEntry) -> Engine:
         """The base model without the adapter as reranker over this corpus: the reference the
@@ -318,9 +322,9 @@ class Workbench:
         view = self.engine(entry)
         with self._lock:
             if self._zero_shot is None:
-                self._zero_shot = view.zero_shot(max(1.0, view.store.hot_cache_gb))
-            zs = self._zero_shot
-        return Engine(zs.settings, view.corpus, view.index, zs.reranker, zs.generator, zs.store)
+                self._zero_shot = view.runtime.zero_shot(max(1.0, view.store.hot_cache_gb))
+            zero_shot = self._zero_shot
+        return Engine(zero_shot, view.corpus, view.index)
 
     # -- storage estimate ---------------------------------------------------------------------
     def estimate(self, entry: CorpusEntry, codecs: Sequence[str] | None = None) -> dict:
@@ -377,23 +381,11 @@ class Workbench:
         try:
             with self.gate.exclusive(timeout_s):
                 new = self.settings.replace(codec=codec, store_url=url, batch_size=batch_size)
-                if batch_size != self.settings.batch_size:
-                    old = base.reranker
-                    base.reranker = Reranker(old.llm, template=old.template, max_doc_tokens=new.max_doc_tokens,
-                                             max_question_tokens=new.max_question_tokens, batch_size=batch_size,
-                                             streams=new.cpu_streams)
-                    base.reader = load_reader(new, base.reranker)  # it reads with the reranker's model and lock
-                    notes.append(f"reranker batch size {self.settings.batch_size} -> {batch_size}")
-                if codec != base.store.codec.name or url != self.settings.store_url or base.store.url != url:
-                    old_store = base.store
-                    base.store = open_store(new, base.reranker)
-                    old_store.close()
-                    notes.append(f"store re-opened: {redact_url(base.store.url)} ({codec})")
-                    notes += base.store.take_warnings()
+                notes = base.runtime.reconfigure(new)
+                if any(n.startswith("store re-opened") for n in notes):
                     for entry in list(self._corpora.values()):
                         entry.report = None
                 self.settings = new
-                base.settings = new
                 with self._lock:  # the zero-shot reference is remade with a new codec or batch size
                     zs = self._zero_shot
                     if zs is not None and (zs.settings.codec, zs.settings.batch_size) != (codec, batch_size):
@@ -434,14 +426,18 @@ def safe_name(name: str) -> str:
     return clean or "file"
 
 
+UPLOAD_DOC_SUFFIXES = (*TEXT_SUFFIXES, ".pdf", ".html", ".htm", ".docx", ".zip")  # read by hyperrag.ingest
+UPLOAD_KINDS = "docs.jsonl (+ queries.jsonl) or .txt/.md/.pdf/.html/.docx/.zip files"
+
+
 def copy_upload(paths: Sequence[str], config: AppConfig) -> Path:
     """Check sizes and kinds, then copy the files into a fresh ``<data>/uploads/<id>/`` folder.
 
     jsonl uploads become ``docs.jsonl`` (and ``queries.jsonl`` for a file whose name says so);
-    .txt/.md files keep their sanitized names (one document each)."""
+    documents (.txt/.md/.pdf/.html/.docx/.zip) keep their sanitized names, for :func:`ingest_upload`."""
     paths = [str(p) for p in paths or [] if p]
     if not paths:
-        raise UploadError("no files: choose docs.jsonl (+ queries.jsonl) or .txt/.md files")
+        raise UploadError(f"no files: choose {UPLOAD_KINDS}")
     if len(paths) > config.upload_max_files:
         raise UploadError(f"{len(paths)} files: at most {config.upload_max_files} per upload")
     total = 0
@@ -459,13 +455,13 @@ def copy_upload(paths: Sequence[str], config: AppConfig) -> Path:
         suffix = src.suffix.lower()
         if suffix == ".jsonl":
             jsonl.append(src)
-        elif suffix in TEXT_SUFFIXES:
+        elif suffix in UPLOAD_DOC_SUFFIXES:
             texts.append(src)
         else:
-            raise UploadError(f"{name}: unsupported file type {suffix or '(none)'}; upload docs.jsonl "
-                              "(+ queries.jsonl) or .txt/.md files")
+            raise UploadError(f"{name}: unsupported file type {suffix or '(none)'}; upload {UPLOAD_KINDS}")
     if jsonl and texts:
-        raise UploadError("upload either jsonl files (docs.jsonl + optional queries.jsonl) or .txt/.md files, not both")
+        raise UploadError("upload either jsonl files (docs.jsonl + optional queries.jsonl) or documents "
+                          "(.txt/.md/.pdf/.html/.docx/.zip), not both")
     plan: list[tuple[Path, str]] = []
     if jsonl:
         queries = [p for p in jsonl if "quer" in p.name.lower()]
@@ -499,6 +495,23 @@ def copy_upload(paths: Sequence[str], config: AppConfig) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder
+
+
+def ingest_upload(folder: Path, tokenizer, max_tokens: int, config: AppConfig,
+                  progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Cut the uploaded documents in ``folder`` into passages (``folder/docs.jsonl``, each with its
+    source file and page); returns the per-file errors. No passage at all is an :class:`UploadError`
+    that names every file's problem."""
+    from hyperrag.ingest import ingest
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings name no file; the errors returned do
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    report = ingest(files, folder, tokenizer, max_tokens, max_file_bytes=config.upload_max_bytes,
+                    progress=(lambda done, total, _file: progress(done, total)) if progress else None)
+    errors = [_relative_message(e, folder) for e in report.errors]
+    if not report.passages:
+        raise UploadError("no text could be read from the upload: " + "; ".join(errors or ["no passages"]))
+    return errors
 
 
 def _relative_message(message: str, folder: Path) -> str:
@@ -703,8 +716,10 @@ def _gr_progress(progress, desc: str):
     return report
 
 
-def resolve_entry(wb: Workbench, source: str, files: Sequence[str] | None, key: str | None) -> CorpusEntry:
-    """The corpus a Corpus-tab action is about: the default one, the staged upload, or a new upload."""
+def resolve_entry(wb: Workbench, source: str, files: Sequence[str] | None, key: str | None,
+                  progress: Callable[[int, int], None] | None = None) -> CorpusEntry:
+    """The corpus a Corpus-tab action is about: the default one, the staged upload, or a new upload
+    (documents read into passages with ``progress``; files that gave none are shown as warnings)."""
     if source != UPLOAD:
         return wb.entry(DEFAULT_KEY)
     files = [str(f) for f in files or [] if f]
@@ -712,30 +727,35 @@ def resolve_entry(wb: Workbench, source: str, files: Sequence[str] | None, key: 
     if staged is not None and (not files or staged.sources == tuple(files)):
         return staged
     try:
-        return wb.stage_upload(files)
+        entry = wb.stage_upload(files, progress)
     except UploadError as err:
         raise UserError(str(err)) from None
+    for error in entry.upload_errors:
+        gr.Warning(error)
+    return entry
 
 
-def cb_select_corpus(source: str, files: Sequence[str] | None, key: str | None, codec: str | None = None):
+def cb_select_corpus(source: str, files: Sequence[str] | None, key: str | None, codec: str | None = None,
+                     progress=gr.Progress()):
     """Corpus choice or upload changed: validate it, estimate its storage, list its gold questions.
 
     Returns (corpus key, corpus markdown, gold dropdown update, banner update)."""
     wb = get_workbench()
     if source == UPLOAD and not files:
-        return (key or DEFAULT_KEY, "Choose files to upload: `docs.jsonl` (+ `queries.jsonl`) or `.txt`/`.md` files "
+        return (key or DEFAULT_KEY, "Choose files to upload: `docs.jsonl` (+ `queries.jsonl`) or "
+                "`.txt`/`.md`/`.pdf`/`.html`/`.docx`/`.zip` files "
                 f"(at most {wb.config.upload_max_mb:g} MiB in all).", gr.update(), banner([]))
-    entry = resolve_entry(wb, source, files, key)
+    entry = resolve_entry(wb, source, files, key, _gr_progress(progress, "reading uploaded files"))
     estimate = wb.estimate(entry)
     choices = gold_choices(entry)
     return (entry.key, corpus_markdown(entry, estimate),
-            gr.update(choices=choices, value=None), banner([]))
+            gr.update(choices=choices, value=None), banner(list(entry.upload_errors)))
 
 
-def cb_files_changed(files: Sequence[str] | None, key: str | None):
+def cb_files_changed(files: Sequence[str] | None, key: str | None, progress=gr.Progress()):
     """Files dropped in (or cleared): switch the corpus choice to match, then as cb_select_corpus."""
     source = UPLOAD if files else SHIPPED
-    return (source, *cb_select_corpus(source, files, key))
+    return (source, *cb_select_corpus(source, files, key, progress=progress))
 
 
 def cb_prepare(source: str, files: Sequence[str] | None, key: str | None, progress=gr.Progress()):
@@ -746,7 +766,7 @@ def cb_prepare(source: str, files: Sequence[str] | None, key: str | None, progre
     if progress is not None:
         progress(0, desc="loading models")
     wb.wait_ready()
-    entry = resolve_entry(wb, source, files, key)
+    entry = resolve_entry(wb, source, files, key, _gr_progress(progress, "reading uploaded files"))
     estimate = wb.estimate(entry)
     with wb.gate.use():
         engine = wb.engine(entry, _gr_progress(progress, "embedding documents"))
@@ -993,8 +1013,8 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
                     with gr.Column(scale=2):
                         source = gr.Radio([(f"Default: {Path(s.corpus).name}", SHIPPED), (UPLOAD, UPLOAD)],
                                           value=SHIPPED, label="Corpus")
-                        files = gr.File(file_count="multiple", file_types=[".jsonl", ".txt", ".md"],
-                                        label="Upload docs.jsonl (+ queries.jsonl) or .txt/.md files")
+                        files = gr.File(file_count="multiple", file_types=[".jsonl", *UPLOAD_DOC_SUFFIXES],
+                                        label="Upload docs.jsonl (+ queries.jsonl) or .txt/.md/.pdf/.html/.docx/.zip files")
                         gr.Markdown(
                             f"jsonl lines: `{{\"id\", \"title\", \"text\"}}`; gold questions: `{{\"id\", \"question\", "
                             f"\"answers\": [...], \"doc_ids\": [...]}}`. Limits: {wb.config.upload_max_mb:g} MiB per "

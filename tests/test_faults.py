@@ -179,7 +179,7 @@ def test_redis_refuses_the_password(reranker, batch, make_store):
 
 def test_engine_answers_when_store_is_down(tiny_engine):
     """The pipeline keeps answering, computing every candidate's KV, and shows the warning."""
-    from hyperrag.pipeline import open_store
+    from hyperrag.runtime import open_store
 
     url = f"lm://127.0.0.1:{free_port()}"
     down = open_store(tiny_engine.settings.replace(store_url=url, store_timeout_s=1.0), tiny_engine.reranker)

@@ -188,7 +188,7 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     server's steady-state loads never wait on the backend; bounded by a quarter of memory."""
     from hyperrag.corpus import load_corpus
     from hyperrag.kv.planner import hot_tier_gb, memory_bytes, plan_corpus
-    from hyperrag.pipeline import open_store
+    from hyperrag.runtime import open_store
     from hyperrag.settings import Settings
 
     gib = 2**30

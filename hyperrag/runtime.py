@@ -1,0 +1,138 @@
+"""What a process loads once: the models, the reranker and reader on them, the generator, the KV store.
+
+A :class:`Runtime` is made from :class:`~hyperrag.settings.Settings` and shared by every corpus
+view (:class:`hyperrag.pipeline.Engine`) and every user of the app. It is the one place that
+builds a reranker (:func:`load_reranker`, whose ``kv_identity`` keys the store), a reader and a
+store, so precompute, the engine, the app and the bench all key and fill the store alike.
+Settings that change loaded objects go through :meth:`Runtime.reconfigure`; the zero-shot
+reference (the base model without the adapter) is :meth:`Runtime.zero_shot`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Sequence
+
+from hyperrag.corpus import Corpus
+from hyperrag.generate import Generator
+from hyperrag.kv import planner
+from hyperrag.kv.store import KVStore, StoreError, redact_url
+from hyperrag.models import LLM, adapter_meta, load_embedder, load_llm
+from hyperrag.reader import Reader
+from hyperrag.rerank import Reranker
+from hyperrag.retrieval import DenseIndex
+from hyperrag.settings import Settings
+
+log = logging.getLogger("hyperrag")
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    embedder: object
+    reranker: Reranker
+    store: KVStore
+    generator: Generator | None = None
+    reader: Reader | None = None
+
+    @classmethod
+    def load(cls, settings: Settings | None = None, with_generator: bool = True,
+             corpus_texts: Sequence[str] = ()) -> "Runtime":
+        """Load everything for ``settings``; the store's CPU tier is sized for ``corpus_texts``."""
+        s = settings or Settings.from_env()
+        embedder = load_embedder(s.embedder, s.cache_dir, s.device)
+        # The base model (no adapter) answers with the traditional generator, and is the reranker
+        # itself when no adapter is set; with an adapter and no generator it is not loaded at all.
+        base = load_llm(s.model, s.cache_dir, s.device, s.dtype) if with_generator or not s.adapter else None
+        reranker = load_reranker(s, base)
+        generator = Generator(base, s.max_new_tokens, s.max_doc_tokens, streams=s.cpu_streams) if with_generator else None
+        store = open_store(s, reranker, corpus_texts)
+        return cls(s, embedder, reranker, store, generator, load_reader(s, reranker) if with_generator else None)
+
+    @property
+    def retrieval_weight(self) -> float:
+        """``w`` in the ranking score ``reranker + w x cosine``: the setting, or (-1) the adapter's own."""
+        s = self.settings
+        if s.retrieval_weight >= 0:
+            return s.retrieval_weight
+        return _adapter_value(s.adapter, "retrieval_weight", 0.0) if s.adapter else 0.0
+
+    def index(self, corpus: Corpus, progress: Progress | None = None) -> DenseIndex:
+        """The corpus's retrieval index (built once, then loaded from the cache folder)."""
+        return DenseIndex.load_or_build(corpus, self.embedder, self.settings.embedder, self.settings.cache_dir, progress)
+
+    def reconfigure(self, new: Settings) -> list[str]:
+        """Apply changed settings to the loaded objects; what changed, as notes. Another batch
+        size rebuilds the reranker and the reader on the same model; another codec or store URL
+        re-opens the store. The caller makes sure no request runs meanwhile."""
+        old, notes = self.settings, []
+        if new.batch_size != old.batch_size:
+            self.reranker = load_reranker(new, self.reranker.llm)
+            self.reader = load_reader(new, self.reranker) if self.reader is not None else None
+            notes.append(f"reranker batch size {old.batch_size} -> {new.batch_size}")
+        if new.codec != self.store.codec.name or new.store_url != self.store.url:
+            previous = self.store
+            self.store = open_store(new, self.reranker)
+            previous.close()
+            notes.append(f"store re-opened: {redact_url(self.store.url)} ({new.codec})")
+            notes += self.store.take_warnings()
+        self.settings = new
+        return notes
+
+    def zero_shot(self, hot_cache_gb: float) -> "Runtime":
+        """The base model as a zero-shot reranker (no adapter, no score fusion, no reader), with
+        its own in-process store of ``hot_cache_gb``: the reference a trained adapter is
+        measured against. Shares the embedder and the generator (and so the base model)."""
+        s = self.settings.replace(adapter="", retrieval_weight=0.0, store_url="memory://", hot_cache_gb=hot_cache_gb)
+        reranker = load_reranker(s, self.generator.llm if self.generator is not None else None)
+        return Runtime(s, self.embedder, reranker, open_store(s, reranker), self.generator, None)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@lru_cache(maxsize=16)
+def _adapter_value(adapter: str, key: str, default: float) -> float:
+    """A value tuned beside an adapter (its ``hyperrag.json``); read once per process, since the
+    file never changes under a loaded adapter."""
+    return float(adapter_meta(adapter).get(key, default))
+
+
+def load_reranker(s: Settings, base: LLM | None = None) -> Reranker:
+    """The reranker for settings ``s`` (on ``base``, the already loaded LLM, unless an adapter is
+    set). Its ``kv_identity`` keys the store, so precompute builds it here too."""
+    llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=s.adapter) if s.adapter or base is None else base
+    return Reranker(llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
+                    batch_size=s.batch_size, streams=s.cpu_streams)
+
+
+def load_reader(s: Settings, reranker: Reranker) -> Reader | None:
+    """The reader on the reranker's model (one adapter does both jobs), or None without an
+    adapter (the base model was never taught to read from the doc-first prompt)."""
+    if not s.adapter:
+        return None
+    weight = s.selection_weight if s.selection_weight >= 0 else _adapter_value(s.adapter, "selection_weight", 1.0)
+    span = bool(s.reader_span) if s.reader_span >= 0 else bool(_adapter_value(s.adapter, "reader_span", 1.0))
+    return Reader(reranker, max_rows=max(s.top_n, 8), max_new_tokens=s.max_new_tokens, span=span,
+                  selection_weight=weight)
+
+
+def open_store(settings: Settings, reranker: Reranker, texts: Sequence[str] = ()) -> KVStore:
+    """The configured KV store, its CPU tier sized to hold ``texts`` (the corpus) when
+    ``hot_cache_gb`` is -1. An unreachable lm:// or redis:// server does not stop it: the
+    store starts degraded (warning kept on it), reconnects every ``2 x store_timeout_s`` and
+    writes what was computed meanwhile. Only a store that cannot be used at all (bad URL,
+    folder that cannot be created) falls back to an in-process one, with a warning."""
+    hot_gb = settings.hot_cache_gb
+    if hot_gb < 0:
+        hot_gb = planner.hot_tier_gb(planner.plan_corpus(reranker, texts, settings.codec).total_bytes)
+    try:
+        return KVStore(settings.store_url, settings.codec, reranker.kv_identity, hot_gb,
+                       settings.store_timeout_s, backoff_s=max(1.0, 2 * settings.store_timeout_s))
+    except StoreError as err:
+        fallback = KVStore("memory://", settings.codec, reranker.kv_identity, max(hot_gb, 1.0))
+        fallback._warn(f"{err}; using an in-process store until restarted")
+        log.warning("%s; falling back to an in-process store", err)
+        return fallback
