@@ -49,6 +49,7 @@ class RankedDoc:
     score: float  # reranker score (+ retrieval_weight x cosine); retrieval mode: cosine similarity
     rank: int  # 1-based rank after reranking
     retrieval_rank: int  # 1-based rank from the retriever
+    source: dict | None = None  # where an ingested passage came from: file, page (PDF), character span
 
 
 @dataclass
@@ -141,7 +142,7 @@ class Engine:
             timings["kv_load"] = rerank.load_s
             timings["rerank"] = rerank.compute_s
             warnings += rerank.warnings
-        ranked = [RankedDoc(docs[i].id, docs[i].title, docs[i].text, scores[i], rank, i + 1)
+        ranked = [RankedDoc(docs[i].id, docs[i].title, docs[i].text, scores[i], rank, i + 1, docs[i].source)
                   for rank, i in enumerate(order, 1)]
         answer = ""
         if spec.read is not None and generate:

@@ -601,13 +601,21 @@ def source_markdown(result: RAGResult, context: int = 160) -> str:
     if reading is None or reading.doc < 0:
         return "_(no answer read)_"
     doc = result.docs[reading.doc]
-    where = f"Read from **{doc.title or doc.id}** (`{doc.id}`, rank {doc.rank})"
+    where = f"Read from **{doc.title or doc.id}** (`{doc.id}`, rank {doc.rank}{source_text(doc.source)})"
     if reading.start < 0:
         return where + " — the answer is not a verbatim span of it."
     lo, hi = max(0, reading.start - context), min(len(doc.text), reading.end + context)
     before, span, after = doc.text[lo:reading.start], doc.text[reading.start:reading.end], doc.text[reading.end:hi]
     return (f"{where}:\n\n> {'…' if lo else ''}{_md(before)}<mark>**{_md(span)}**</mark>{_md(after)}"
             f"{'…' if hi < len(doc.text) else ''}")
+
+
+def source_text(source: dict | None) -> str:
+    """``, file.pdf page 2`` for an ingested passage; nothing for a corpus without sources."""
+    if not source or not source.get("file"):
+        return ""
+    page = f" page {source['page']}" if source.get("page") else ""
+    return f", {source['file']}{page}"
 
 
 def _md(text: str) -> str:

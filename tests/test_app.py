@@ -326,3 +326,6 @@ def test_upload_documents_are_ingested_with_sources(wb, tmp_path):
     assert warn["visible"] and "broken.pdf" in warn["value"]
     with pytest.raises(gr.Error, match="broken.pdf"):
         ui.resolve_entry(wb, ui.UPLOAD, [files[2]], None)
+    # a question about page 2: the reader's answer line names the file and the page it read
+    result = wb.engine(wb.entry(key)).ask("Which city lies on the lower Loire?", "reader_kv", top_k=3, top_n=1)
+    assert result.docs[0].source["page"] == 2 and "rivers.pdf page 2" in ui.source_markdown(result)
