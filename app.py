@@ -32,9 +32,10 @@ def main(argv=None):
         args.data_dir or env("HYPERRAG_DATA_DIR") or os.path.join(settings.cache_dir, "app")))
     os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(data_dir, "gradio"))  # Gradio's upload cache too
     from hyperrag import ui  # imports gradio: after GRADIO_TEMP_DIR is set
+    from hyperrag.workbench import AppConfig, Workbench
 
-    config = ui.AppConfig.from_env(settings, data_dir, allow_any_store=args.allow_any_store)
-    workbench = ui.Workbench(settings, config)
+    config = AppConfig.from_env(settings, data_dir, allow_any_store=args.allow_any_store)
+    workbench = Workbench(settings, config)
     if not args.no_preload:
         workbench.start_loading()
     demo = ui.build_app(workbench)

@@ -1,57 +1,45 @@
-"""The HyperRAG workbench: a Gradio Blocks app over the engine (``app.py`` launches it).
+"""The HyperRAG workbench's UI: a Gradio Blocks app over the engine (``app.py`` launches it).
 
-All work is engine calls (:class:`hyperrag.pipeline.Engine`) and the bench's figure functions;
-this module only keeps the process-wide state a multi-user app needs and turns results into
-components:
-
-- :class:`Workbench`: the models, reranker, generator and KV store are loaded once per process
-  (module-level cache, guarded by a lock) and shared by every session; each corpus (the shipped
-  one, uploads) gets its own index, and a light ``Engine`` view over the shared parts, so one
-  user's upload never changes another user's answers. Store and reranker settings (codec,
-  store URL, batch size) are process-wide and change only through an explicit *Apply*, which
-  waits for running requests and re-opens the store.
-- uploads are size-limited, copied into ``<data dir>/uploads/<id>/`` under sanitized names and
-  validated with :func:`hyperrag.corpus.load_corpus`; nothing is written outside the data folder.
-- callbacks (``cb_*``) take and return plain component values, so tests call them directly.
+All work is engine calls through the gradio-free :class:`~hyperrag.workbench.Workbench` (one
+runtime, a registry of corpora, settings) and uploads through :mod:`hyperrag.uploads`; this
+module turns results into components (rendering), wires callbacks and lays out the page.
+Callbacks (``cb_*``) take and return plain component values, so tests call them directly; the
+workbench's and the uploads' errors reach the user as messages (:func:`shows_errors`).
 """
 from __future__ import annotations
 
 import csv
+import functools
 import html
+import inspect
 import io
 import json
 import logging
-import os
 import random
-import re
 import secrets
-import shutil
 import threading
 import time
-from collections import OrderedDict
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import gradio as gr
 import pandas as pd
 
 from hyperrag import figures, report
-from hyperrag.corpus import TEXT_SUFFIXES, Corpus, CorpusError, Query, load_corpus
-from hyperrag.kv import planner
+from hyperrag.corpus import Query
 from hyperrag.kv.codec import CODECS
-from hyperrag.kv.store import StoreError, parse_store_url, redact_url
+from hyperrag.kv.store import redact_url
 from hyperrag.metrics import exact_match, f1_score
 from hyperrag.modes import MODE_TABLE, MODES as MODE_SPECS
-from hyperrag.pipeline import MODES, Engine, QuestionError, RAGResult, clean_question
-from hyperrag.precompute import PrecomputeReport, precompute
-from hyperrag.runtime import Runtime
+from hyperrag.pipeline import MODES, QuestionError, RAGResult, clean_question
+from hyperrag.precompute import precompute
 from hyperrag.settings import REPO_ROOT, Settings
+from hyperrag.uploads import UPLOAD_DOC_SUFFIXES, UploadError, prune_folders
+from hyperrag.workbench import (DEFAULT_KEY, MAX_BATCH_SIZE, AppConfig, CorpusEntry, UserError as WorkbenchError,
+                                Workbench)
 
 log = logging.getLogger("hyperrag.ui")
 ASSETS = REPO_ROOT / "assets"
-DEFAULT_KEY = "default"
 SHIPPED, UPLOAD = "Shipped corpus", "Upload my own"
 # The Ask tab's columns: traditional RAG, the full-prefill and KV-reuse rerankers with the
 # traditional generator, and HyperRAG's reader on the same stored KV (reader_full: batch tab).
@@ -61,11 +49,6 @@ ZERO_SHOT = "zero_shot"  # batch-only mode: what the trained adapter is measured
 MAX_GOLD_CHOICES = 400
 MAX_BATCH_QUERIES = 200
 MAX_TOP_K, MAX_TOP_N = 50, 10  # per request: bounds the work (and memory) one request can ask for
-MAX_BATCH_SIZE = 32  # the reranker's buffers grow linearly with it (~55 MB per row for SmolLM2)
-
-
-class UploadError(ValueError):
-    """An upload that cannot be used; the message is shown to the user as is."""
 
 
 def UserError(message: str) -> gr.Error:  # noqa: N802 (reads like the exception it makes)
@@ -73,460 +56,25 @@ def UserError(message: str) -> gr.Error:  # noqa: N802 (reads like the exception
     return gr.Error(message, print_exception=False)
 
 
-# --------------------------------------------------------------------------------------------
-# configuration
-# --------------------------------------------------------------------------------------------
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-
-
-@dataclass
-class AppConfig:
-    """App-side limits and folders (engine settings live in :class:`Settings`)."""
-
-    data_dir: Path
-    upload_max_mb: float = 25.0  # per upload, all files together
-    upload_max_files: int = 1000
-    upload_max_docs: int = 5000
-    keep_uploads: int = 20  # upload folders kept on disk (oldest removed first)
-    keep_exports: int = 20
-    allow_any_store: bool = False  # let users point the app at any store URL (trusted deployments)
-
-    @classmethod
-    def from_env(cls, settings: Settings, data_dir: str | Path | None = None, **overrides: Any) -> "AppConfig":
-        folder = data_dir or os.environ.get("HYPERRAG_DATA_DIR") or Path(settings.cache_dir) / "app"
-        values = dict(
-            upload_max_mb=_env_float("HYPERRAG_UPLOAD_MAX_MB", cls.upload_max_mb),
-            upload_max_docs=int(_env_float("HYPERRAG_UPLOAD_MAX_DOCS", cls.upload_max_docs)),
-            allow_any_store=os.environ.get("HYPERRAG_ALLOW_ANY_STORE", "") in ("1", "true", "yes"),
-        )
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(Path(folder).expanduser().resolve(), **values)
-
-    @property
-    def upload_max_bytes(self) -> int:
-        return int(self.upload_max_mb * 2**20)
-
-    @property
-    def uploads(self) -> Path:
-        return self.data_dir / "uploads"
-
-    @property
-    def exports(self) -> Path:
-        return self.data_dir / "exports"
-
-    @property
-    def stores(self) -> Path:
-        return self.data_dir / "stores"
-
-
-# --------------------------------------------------------------------------------------------
-# process-wide state
-# --------------------------------------------------------------------------------------------
-class _Gate:
-    """Many requests at once, or one reconfiguration alone (it waits for running requests)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._users = 0
-        self._writer = False
-
-    @contextmanager
-    def use(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._writer)
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._users -= 1
-                self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self, timeout_s: float) -> Iterator[None]:
-        with self._cond:
-            if not self._cond.wait_for(lambda: not self._writer, timeout_s):
-                raise TimeoutError("another settings change is in progress")
-            self._writer = True
-            if not self._cond.wait_for(lambda: self._users == 0, timeout_s):
-                self._writer = False
-                self._cond.notify_all()
-                raise TimeoutError("requests are still running (a precompute or a batch?)")
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-@dataclass
-class CorpusEntry:
-    key: str
-    label: str
-    corpus: Corpus
-    index: Any = None  # DenseIndex once built
-    doc_tokens: list[int] | None = None
-    report: PrecomputeReport | None = None
-    sources: tuple[str, ...] = ()  # the uploaded files this entry was staged from
-    upload_errors: tuple[str, ...] = ()  # files (or pages) of the upload that gave no passages, and why
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def gold(self) -> dict[str, Query]:
-        return {q.question: q for q in self.corpus.queries}
-
-
-class Workbench:
-    """Everything one app process shares: models and store (loaded once), corpora, settings."""
-
-    def __init__(self, settings: Settings, config: AppConfig, max_corpora: int = 8):
-        self.settings = settings
-        self.config = config
-        self.max_corpora = max_corpora
-        self.startup_store_url = settings.store_url
-        self.gate = _Gate()
-        self._lock = threading.Lock()  # loading, corpus registry
-        self._ready = threading.Event()
-        self._load_error: BaseException | None = None
-        self._base: Engine | None = None
-        self._zero_shot: Runtime | None = None
-        self._corpora: OrderedDict[str, CorpusEntry] = OrderedDict()
-        self._loader: threading.Thread | None = None
-
-    # -- loading ------------------------------------------------------------------------------
-    def load(self, progress: Callable[[int, int], None] | None = None) -> Engine:
-        """Load models, store and the default corpus's index once; later calls return at once."""
-        with self._lock:
-            if self._base is None:
-                try:
-                    self._base = Engine.load(self.settings, progress=progress)
-                except BaseException as err:
-                    self._load_error = err
-                    self._ready.set()
-                    raise
-                default = self._base.corpus
-                self._corpora[DEFAULT_KEY] = CorpusEntry(DEFAULT_KEY, default_label(default), default,
-                                                         self._base.index)
-                self._load_error = None
-                self._ready.set()
-        return self._base
-
-    def start_loading(self) -> None:
-        """Load in a background thread (the page shows while the models load)."""
-        def run() -> None:
+def shows_errors(fn: Callable) -> Callable:
+    """The workbench's and the uploads' errors reach the user as messages (gradio shows only its
+    own error type's text); generator callbacks keep streaming."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any):
             try:
-                self.load()
-            except BaseException:  # kept in _load_error, shown by status()
-                log.exception("loading the engine failed")
+                yield from fn(*args, **kwargs)
+            except (WorkbenchError, UploadError) as err:
+                raise UserError(str(err)) from None
+        return stream
 
-        self._loader = threading.Thread(target=run, name="hyperrag-load", daemon=True)
-        self._loader.start()
-
-    def wait_ready(self, timeout_s: float = 600.0) -> Engine:
-        if self._base is None and self._loader is None:
-            return self.load()
-        if not self._ready.wait(timeout_s):
-            raise UserError("the models are still loading: try again in a minute")
-        if self._load_error is not None or self._base is None:
-            raise UserError(f"the engine could not be loaded: {self._load_error}")
-        return self._base
-
-    @property
-    def ready(self) -> bool:
-        return self._base is not None
-
-    def close(self) -> None:
-        if self._zero_shot is not None:
-            self._zero_shot.close()
-        if self._base is not None:
-            self._base.close()
-
-    # -- corpora ------------------------------------------------------------------------------
-    def entry(self, key: str | None) -> CorpusEntry:
-        self.wait_ready()
-        with self._lock:
-            entry = self._corpora.get(key or DEFAULT_KEY)
-            if entry is None:
-                raise UserError("that uploaded corpus is no longer loaded (the app keeps the latest few): "
-                                "upload it again")
-            self._corpora.move_to_end(entry.key)
-            return entry
-
-    def find(self, key: str) -> CorpusEntry | None:
-        with self._lock:
-            return self._corpora.get(key)
-
-    def _register(self, entry: CorpusEntry) -> None:
-        with self._lock:
-            self._corpora[entry.key] = entry
-            uploads = [k for k in self._corpora if k != DEFAULT_KEY]
-            for old in uploads[: max(0, len(uploads) - self.max_corpora)]:
-                del self._corpora[old]
-
-    def stage_upload(self, paths: Sequence[str], progress: Callable[[int, int], None] | None = None) -> CorpusEntry:
-        """Check, copy and load uploaded files as a new corpus (no index yet). Documents
-        (.txt/.md/.pdf/.html/.docx/.zip) go through :func:`hyperrag.ingest.ingest` into passages
-        with their source (file, page); ``progress(files done, files)`` after each file."""
-        base = self.wait_ready()
-        folder = copy_upload(paths, self.config)
-        errors: list[str] = []
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any):
         try:
-            if not (folder / "docs.jsonl").exists():
-                errors = ingest_upload(folder, base.reranker.llm.tokenizer, self.settings.max_doc_tokens,
-                                       self.config, progress)
-            corpus = load_corpus(folder, max_file_bytes=self.config.upload_max_bytes)
-            if len(corpus) > self.config.upload_max_docs:
-                raise UploadError(f"{len(corpus):,} documents: the app takes at most "
-                                  f"{self.config.upload_max_docs:,} per upload (HYPERRAG_UPLOAD_MAX_DOCS)")
-        except CorpusError as err:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise UploadError(_relative_message(str(err), folder)) from None
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        key = folder.name
-        entry = CorpusEntry(key, f"upload {key} ({len(corpus)} docs)", corpus, sources=tuple(map(str, paths)),
-                            upload_errors=tuple(errors))
-        self._register(entry)
-        with self._lock:
-            in_use = {e.corpus.root for e in self._corpora.values()}
-        prune_folders(self.config.uploads, self.config.keep_uploads, keep=in_use)
-        return entry
-
-    def doc_tokens(self, entry: CorpusEntry) -> list[int]:
-        """Stored tokens of each distinct document (the reranker's truncation and tail included)."""
-        if entry.doc_tokens is None:
-            reranker = self.wait_ready().reranker
-            entry.doc_tokens = [reranker.doc_tokens(t) for t in dict.fromkeys(d.text for d in entry.corpus.docs)]
-        return entry.doc_tokens
-
-    def engine(self, entry: CorpusEntry, progress: Callable[[int, int], None] | None = None) -> Engine:
-        """A view over the shared runtime for this corpus (its index built once)."""
-        base = self.wait_ready()
-        with entry.lock:
-            if entry.index is None:
-                entry.index = base.runtime.index(entry.corpus, progress)
-        return Engine(base.runtime, entry.corpus, entry.index)
-
-    def zero_shot_engine(self, entry: CorpusEntry) -> Engine:
-        """The base model without the adapter as reranker over this corpus: the reference the
-        trained adapter is measured against. Made on first use; its document KV lives in its own
-        in-process store (as big as the main store's CPU tier, at least 1 GB), computed when
-        first needed."""
-        view = self.engine(entry)
-        with self._lock:
-            if self._zero_shot is None:
-                self._zero_shot = view.runtime.zero_shot(max(1.0, view.store.hot_cache_gb))
-            zero_shot = self._zero_shot
-        return Engine(zero_shot, view.corpus, view.index)
-
-    # -- storage estimate ---------------------------------------------------------------------
-    def estimate(self, entry: CorpusEntry, codecs: Sequence[str] | None = None) -> dict:
-        """What the document KV of this corpus will take in the store, per codec (the planner)."""
-        geometry = planner.KVGeometry.of(self.wait_ready().reranker)
-        tokens = self.doc_tokens(entry)
-        rows = [{"codec": p.codec, "bytes": p.total_bytes, "bytes_per_token": p.bytes_per_token,
-                 "tokens": p.tokens, "docs": p.docs}
-                for p in planner.codec_table(len(tokens), tokens, geometry, codecs)]
-        return {"docs": len(tokens), "tokens": sum(tokens), "codecs": rows,
-                "codec": self.settings.codec, "store": self.store_label()}
-
-    # -- settings -----------------------------------------------------------------------------
-    def store_label(self) -> str:
-        base = self._base
-        return redact_url(base.store.url if base else self.settings.store_url)  # never show a password
-
-    def check_store_url(self, url: str) -> str:
-        """Refuse store URLs that would let a web user write anywhere or reach any host."""
-        url = (url or "").strip()
-        if not url or url == redact_url(self.startup_store_url):  # the field shows the startup URL redacted
-            url = self.startup_store_url
-        try:
-            scheme, _ = parse_store_url(url) if not url.startswith("fs://") else ("fs", None)
-        except StoreError as err:
+            return fn(*args, **kwargs)
+        except (WorkbenchError, UploadError) as err:
             raise UserError(str(err)) from None
-        if self.config.allow_any_store or url == self.startup_store_url or scheme == "memory":
-            return url
-        if scheme == "fs":
-            folder = Path(url[len("fs://"):]).expanduser()
-            folder = (folder if folder.is_absolute() else self.config.stores / folder).resolve()
-            allowed = [self.config.data_dir, Path(self.startup_store_url[len("fs://"):]).expanduser().resolve()
-                       if self.startup_store_url.startswith("fs://") else self.config.data_dir]
-            if not any(folder == a or folder.is_relative_to(a) for a in allowed):
-                raise UserError(f"fs:// stores must live under the app's data folder ({self.config.stores}); "
-                               "relative paths are placed there (start the app with --allow-any-store to lift this)")
-            return f"fs://{folder}"
-        host = url.split("://", 1)[1].rpartition("@")[2].rsplit(":", 1)[0].strip("[]")
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            raise UserError(f"{scheme}:// stores on other hosts are off for web users: start the app with "
-                           "--store-url (or HYPERRAG_STORE_URL) pointing at it, or with --allow-any-store")
-        return url
-
-    def reconfigure(self, codec: str, store_url: str, batch_size: int, timeout_s: float = 60.0) -> list[str]:
-        """Re-open the store (codec, URL) and/or rebuild the reranker (batch size); returns notes."""
-        base = self.wait_ready()
-        if codec not in CODECS:
-            raise UserError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
-        batch_size = int(batch_size)
-        if not 1 <= batch_size <= MAX_BATCH_SIZE:
-            raise UserError(f"batch size must be between 1 and {MAX_BATCH_SIZE}")
-        url = self.check_store_url(store_url)
-        notes: list[str] = []
-        try:
-            with self.gate.exclusive(timeout_s):
-                new = self.settings.replace(codec=codec, store_url=url, batch_size=batch_size)
-                notes = base.runtime.reconfigure(new)
-                if any(n.startswith("store re-opened") for n in notes):
-                    for entry in list(self._corpora.values()):
-                        entry.report = None
-                self.settings = new
-                with self._lock:  # the zero-shot reference is remade with a new codec or batch size
-                    zs = self._zero_shot
-                    if zs is not None and (zs.settings.codec, zs.settings.batch_size) != (codec, batch_size):
-                        zs.close()
-                        self._zero_shot = None
-        except TimeoutError as err:
-            raise UserError(f"settings not changed: {err}; try again when it ends") from None
-        return notes or ["nothing changed"]
-
-    def status(self) -> str:
-        if self._load_error is not None:
-            return f"**Engine failed to load:** {self._load_error}"
-        if not self.ready:
-            return "Loading models and index…"
-        s, store = self.settings, self._base.store
-        text = (f"**Model** {s.model}{' + ' + Path(s.adapter).name if s.adapter else ''} · "
-                f"**device** {self._base.reranker.decoder.device} · "
-                f"**store** `{redact_url(store.url)}` ({store.codec.name}) · **batch** {s.batch_size}")
-        if store.url != s.store_url:
-            text += f" · ⚠ `{redact_url(s.store_url)}` could not be used: an in-process store stands in"
-        elif not store.available:
-            text += " · ⚠ the store is unreachable: document KV is computed per query until it is back"
-        return text
-
-
-# --------------------------------------------------------------------------------------------
-# uploads and files
-# --------------------------------------------------------------------------------------------
-def default_label(corpus: Corpus) -> str:
-    shipped = corpus.root.resolve().is_relative_to(REPO_ROOT / "corpora")
-    return f"{corpus.name} ({'shipped' if shipped else 'default'})"
-
-
-def safe_name(name: str) -> str:
-    """A file name that cannot escape its folder: basename only, [A-Za-z0-9._-], no leading dot."""
-    base = re.split(r"[\\/]", name)[-1]
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip("._-")[:100]
-    return clean or "file"
-
-
-UPLOAD_DOC_SUFFIXES = (*TEXT_SUFFIXES, ".pdf", ".html", ".htm", ".docx", ".zip")  # read by hyperrag.ingest
-UPLOAD_KINDS = "docs.jsonl (+ queries.jsonl) or .txt/.md/.pdf/.html/.docx/.zip files"
-
-
-def copy_upload(paths: Sequence[str], config: AppConfig) -> Path:
-    """Check sizes and kinds, then copy the files into a fresh ``<data>/uploads/<id>/`` folder.
-
-    jsonl uploads become ``docs.jsonl`` (and ``queries.jsonl`` for a file whose name says so);
-    documents (.txt/.md/.pdf/.html/.docx/.zip) keep their sanitized names, for :func:`ingest_upload`."""
-    paths = [str(p) for p in paths or [] if p]
-    if not paths:
-        raise UploadError(f"no files: choose {UPLOAD_KINDS}")
-    if len(paths) > config.upload_max_files:
-        raise UploadError(f"{len(paths)} files: at most {config.upload_max_files} per upload")
-    total = 0
-    jsonl, texts = [], []
-    for p in paths:
-        src = Path(p)
-        name = src.name
-        if not src.is_file():
-            raise UploadError(f"{name}: not a readable file")
-        size = src.stat().st_size
-        total += size
-        if size > config.upload_max_bytes or total > config.upload_max_bytes:
-            raise UploadError(f"{name}: the upload is over the {config.upload_max_mb:g} MiB limit "
-                              f"({total / 2**20:.1f} MiB so far; HYPERRAG_UPLOAD_MAX_MB)")
-        suffix = src.suffix.lower()
-        if suffix == ".jsonl":
-            jsonl.append(src)
-        elif suffix in UPLOAD_DOC_SUFFIXES:
-            texts.append(src)
-        else:
-            raise UploadError(f"{name}: unsupported file type {suffix or '(none)'}; upload {UPLOAD_KINDS}")
-    if jsonl and texts:
-        raise UploadError("upload either jsonl files (docs.jsonl + optional queries.jsonl) or documents "
-                          "(.txt/.md/.pdf/.html/.docx/.zip), not both")
-    plan: list[tuple[Path, str]] = []
-    if jsonl:
-        queries = [p for p in jsonl if "quer" in p.name.lower()]
-        docs = [p for p in jsonl if p not in queries]
-        if len(docs) != 1 or len(queries) > 1:
-            raise UploadError("jsonl upload: give exactly one documents file (docs.jsonl) and at most one "
-                              f"queries file (a name containing 'queries'); got {', '.join(p.name for p in jsonl)}")
-        plan.append((docs[0], "docs.jsonl"))
-        if queries:
-            plan.append((queries[0], "queries.jsonl"))
-    else:
-        used: set[str] = set()
-        for src in texts:
-            name = safe_name(src.name)
-            stem, suffix = Path(name).stem, Path(name).suffix
-            n = 2
-            while name.lower() in used:
-                name, n = f"{stem}-{n}{suffix}", n + 1
-            used.add(name.lower())
-            plan.append((src, name))
-    config.uploads.mkdir(parents=True, exist_ok=True)
-    folder = (config.uploads / secrets.token_hex(6)).resolve()
-    folder.mkdir()
-    try:
-        for src, name in plan:
-            dest = (folder / name).resolve()
-            if dest.parent != folder:  # cannot happen with safe names; checked anyway
-                raise UploadError(f"{src.name}: refused file name")
-            shutil.copyfile(src, dest)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    return folder
-
-
-def ingest_upload(folder: Path, tokenizer, max_tokens: int, config: AppConfig,
-                  progress: Callable[[int, int], None] | None = None) -> list[str]:
-    """Cut the uploaded documents in ``folder`` into passages (``folder/docs.jsonl``, each with its
-    source file and page); returns the per-file errors. No passage at all is an :class:`UploadError`
-    that names every file's problem."""
-    from hyperrag.ingest import ingest
-
-    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings name no file; the errors returned do
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    report = ingest(files, folder, tokenizer, max_tokens, max_file_bytes=config.upload_max_bytes,
-                    progress=(lambda done, total, _file: progress(done, total)) if progress else None)
-    errors = [_relative_message(e, folder) for e in report.errors]
-    if not report.passages:
-        raise UploadError("no text could be read from the upload: " + "; ".join(errors or ["no passages"]))
-    return errors
-
-
-def _relative_message(message: str, folder: Path) -> str:
-    return message.replace(str(folder) + os.sep, "").replace(str(folder), "upload")
-
-
-def prune_folders(parent: Path, keep_count: int, keep: set[Path] = frozenset()) -> None:
-    """Remove the oldest sub-folders of ``parent`` beyond ``keep_count`` (never those in ``keep``)."""
-    if not parent.is_dir():
-        return
-    folders = sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
-    keep = {Path(k).resolve() for k in keep}
-    for old in folders[keep_count:]:
-        if old.resolve() not in keep:
-            shutil.rmtree(old, ignore_errors=True)
+    return call
 
 
 def human_bytes(n: float) -> str:
@@ -724,6 +272,7 @@ def _gr_progress(progress, desc: str):
     return report
 
 
+@shows_errors
 def resolve_entry(wb: Workbench, source: str, files: Sequence[str] | None, key: str | None,
                   progress: Callable[[int, int], None] | None = None) -> CorpusEntry:
     """The corpus a Corpus-tab action is about: the default one, the staged upload, or a new upload
@@ -743,6 +292,7 @@ def resolve_entry(wb: Workbench, source: str, files: Sequence[str] | None, key: 
     return entry
 
 
+@shows_errors
 def cb_select_corpus(source: str, files: Sequence[str] | None, key: str | None, codec: str | None = None,
                      progress=gr.Progress()):
     """Corpus choice or upload changed: validate it, estimate its storage, list its gold questions.
@@ -760,12 +310,14 @@ def cb_select_corpus(source: str, files: Sequence[str] | None, key: str | None, 
             gr.update(choices=choices, value=None), banner(list(entry.upload_errors)))
 
 
+@shows_errors
 def cb_files_changed(files: Sequence[str] | None, key: str | None, progress=gr.Progress()):
     """Files dropped in (or cleared): switch the corpus choice to match, then as cb_select_corpus."""
     source = UPLOAD if files else SHIPPED
     return (source, *cb_select_corpus(source, files, key, progress=progress))
 
 
+@shows_errors
 def cb_prepare(source: str, files: Sequence[str] | None, key: str | None, progress=gr.Progress()):
     """The one button: embed and index the corpus, then precompute its document KV caches.
 
@@ -787,6 +339,7 @@ def cb_prepare(source: str, files: Sequence[str] | None, key: str | None, progre
             banner(warnings), wb.status())
 
 
+@shows_errors
 def cb_apply_settings(codec: str, store_url: str, batch_size: float, key: str | None):
     """Explicit settings change: re-open the store and/or rebuild the reranker (shared by all users)."""
     wb = get_workbench()
@@ -803,12 +356,14 @@ def _gold(entry: CorpusEntry, question: str) -> Query | None:
     return entry.gold.get(question.strip())
 
 
+@shows_errors
 def cb_pick_gold(gold: str | None):
     """A picked gold question goes into the question box; a reset list (page load, another
     corpus) leaves whatever the user typed there."""
     return gold if gold else gr.update()
 
 
+@shows_errors
 def cb_random_gold(key: str | None, seed: float | None = None) -> tuple[str, dict]:
     entry = get_workbench().entry(key)
     if not entry.corpus.queries:
@@ -831,6 +386,7 @@ def _ask(wb: Workbench, entry: CorpusEntry, question: str, mode: str, top_k: int
             raise UserError(str(err)) from None
 
 
+@shows_errors
 def cb_compare(question: str, top_k: float, top_n: float, key: str | None):
     """Ask one question in each of ``COMPARE_MODES``; yields after each mode.
 
@@ -921,6 +477,7 @@ def batch_modes(settings: Settings) -> tuple[str, ...]:
     return (*MODES, ZERO_SHOT)
 
 
+@shows_errors
 def cb_run_batch(n_queries: float, modes: Sequence[str], seed: float, top_k: float, top_n: float,
                  key: str | None):
     """Run gold queries in the chosen modes (interleaved per query); yield updated dashboards.
@@ -973,6 +530,7 @@ def cb_run_batch(n_queries: float, modes: Sequence[str], seed: float, top_k: flo
            pd.DataFrame([batch_row(r) for r in records], columns=BATCH_COLUMNS), files)
 
 
+@shows_errors
 def api_ask(question: str, mode: str = "reuse", top_k: int = 0, top_n: int = 0, corpus: str = "") -> dict:
     """Answer one question in one mode (retrieval | baseline | prefix | reuse) on a loaded corpus.
 

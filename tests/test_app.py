@@ -10,6 +10,8 @@ import plotly.graph_objects as go
 import pytest
 
 from hyperrag import ui
+from hyperrag.uploads import safe_name
+from hyperrag.workbench import AppConfig, UserError, Workbench
 from hyperrag.settings import Settings
 
 UPLOAD_LIMIT_MB = 0.05  # 51 KiB: small enough to test the limit with small files
@@ -20,8 +22,8 @@ def wb(tiny_corpus_dir, cache_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("app-kv")
     settings = Settings.from_env(corpus=str(tiny_corpus_dir), cache_dir=cache_dir, store_url=f"fs://{store}",
                                  codec="fp16", dtype="float32", top_k=3, top_n=1, batch_size=4, max_new_tokens=6)
-    config = ui.AppConfig(tmp_path_factory.mktemp("app-data"), upload_max_mb=UPLOAD_LIMIT_MB)
-    workbench = ui.Workbench(settings, config)
+    config = AppConfig(tmp_path_factory.mktemp("app-data"), upload_max_mb=UPLOAD_LIMIT_MB)
+    workbench = Workbench(settings, config)
     ui.set_workbench(workbench)
     workbench.load()
     yield workbench
@@ -146,7 +148,7 @@ def test_upload_jsonl_with_gold_questions(wb, tmp_path):
     (".hidden.md", "hidden.md"), ("", "file"), ("ü.txt", "txt"),
 ])
 def test_safe_name(name, expected):
-    assert ui.safe_name(name) == expected
+    assert safe_name(name) == expected
 
 
 def test_bad_questions(wb):
@@ -263,7 +265,7 @@ def test_store_passwords_never_reach_the_page(wb, monkeypatch):
     assert "s3cret" not in shown
     assert wb.check_store_url(shown) == secret  # applying the field unchanged keeps the configured store
     assert wb.check_store_url("redis://:pw@127.0.0.1:6379") == "redis://:pw@127.0.0.1:6379"  # loopback + password
-    with pytest.raises(gr.Error, match="other hosts"):
+    with pytest.raises(UserError, match="other hosts"):  # the workbench's own error; the UI shows its text
         wb.check_store_url("redis://:pw@10.9.9.9:6379")
 
 
@@ -272,7 +274,7 @@ def test_shipped_corpus_load_precompute_ask_batch(cache_dir, tmp_path):
     """The whole flow on the shipped corpus (309 paragraphs: minutes on 2 cores)."""
     settings = Settings.from_env(cache_dir=cache_dir, store_url=f"fs://{tmp_path / 'kv'}", codec="int4",
                                  top_k=8, top_n=2, max_new_tokens=12)
-    workbench = ui.Workbench(settings, ui.AppConfig(tmp_path / "data"))
+    workbench = Workbench(settings, AppConfig(tmp_path / "data"))
     ui.set_workbench(workbench)
     try:
         key, info, gold, _ = ui.cb_select_corpus(ui.SHIPPED, None, ui.DEFAULT_KEY)
