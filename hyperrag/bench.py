@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from hyperrag.kv.planner import KVGeometry, estimate, plan_corpus
 from hyperrag.modes import E2E_KEYS, ENGINE_MODES, MODE_TABLE, MODES
 
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
@@ -48,7 +49,6 @@ log = logging.getLogger("hyperrag.bench")
 
 DEFAULT_QUERIES = 24
 QUICK = {"queries": 3, "top_k": 8, "top_n": 2, "max_new_tokens": 8, "precompute": "candidates", "layout_repeats": 2}
-HEADER_BYTES = 256  # upper bound of a store entry's frame header (magic, length, JSON, alignment)
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -124,13 +124,12 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
 
 # -- queries ------------------------------------------------------------------------------------
 
-def sample_queries(corpus, n: int, seed: int) -> tuple[list[dict], str]:
-    """``n`` questions: gold ones when the corpus has them, else document openings (no quality)."""
-    rng = random.Random(seed)
-    if corpus.queries:
-        picked = rng.sample(corpus.queries, min(n, len(corpus.queries)))
+def bench_questions(corpus, n: int, seed: int) -> tuple[list[dict], str]:
+    """``n`` questions: the corpus's gold sample when it has one, else document openings (no quality)."""
+    picked = corpus.sample_queries(n, seed)
+    if picked:
         return [{"id": q.id, "question": q.question, "query": q} for q in picked], "gold"
-    docs = rng.sample(corpus.docs, min(n, len(corpus.docs)))
+    docs = random.Random(seed).sample(corpus.docs, min(n, len(corpus.docs)))
     out = []
     for d in docs:
         words = re.split(r"\s+", d.text.strip())[:12]
@@ -140,18 +139,12 @@ def sample_queries(corpus, n: int, seed: int) -> tuple[list[dict], str]:
 
 # -- measurements -------------------------------------------------------------------------------
 
-def kv_shape(reranker, n_tokens: int) -> tuple[int, ...]:
-    dec = reranker.decoder
-    return (dec.n_layers, 2, dec.n_kv_heads, n_tokens, dec.head_dim)
-
-
 def storage_block(engine, texts: Sequence[str], report, load_stats: dict) -> dict:
     """Bytes and tokens of what precompute stored (or would store, for already-stored docs)."""
     reranker, codec = engine.reranker, engine.store.codec
     tokens = [reranker.doc_tokens(t) for t in texts]
     written = report.encoded == report.docs and report.docs > 0
-    payload = sum(codec.nbytes(kv_shape(reranker, n)) for n in tokens)
-    total = report.bytes if written else payload + HEADER_BYTES * len(texts)
+    total = report.bytes if written else plan_corpus(reranker, texts, codec).total_bytes  # the store's own format
     dec = reranker.decoder
     block = {
         "codec": codec.name, "docs": len(texts), "tokens": sum(tokens), "bytes": total,
@@ -165,7 +158,7 @@ def storage_block(engine, texts: Sequence[str], report, load_stats: dict) -> dic
         "loads": load_stats.get("hits", 0), "misses": load_stats.get("misses", 0),
         "cpu_tier_gb": engine.store.hot_cache_gb, "cpu_tier_loads": load_stats.get("hot_hits", 0),
         "store": engine.store.scheme, "prefix_tokens": reranker.prefix_len,
-        "prefix_bytes_once": codec.nbytes(kv_shape(reranker, reranker.prefix_len)),
+        "prefix_bytes_once": codec.nbytes(KVGeometry.of(reranker).shape(reranker.prefix_len)),
     }
     return block
 
@@ -220,7 +213,7 @@ def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repea
         lens = [reranker.doc_tokens(t) for t in texts]
         kvs = []
         for t, n in zip(texts, lens):
-            kv = torch.empty(kv_shape(reranker, n), dtype=reranker.decoder.dtype, device=reranker.decoder.device)
+            kv = torch.empty(KVGeometry.of(reranker).shape(n), dtype=reranker.decoder.dtype, device=reranker.decoder.device)
             if not store.load_into(t, kv):
                 kv = reranker.encode_docs([t])[0]
             kvs.append(kv)
@@ -248,7 +241,7 @@ def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repea
             else:
                 fresh = []
                 for t, n in zip(texts, lens):
-                    kv = torch.empty(kv_shape(reranker, n), dtype=reranker.decoder.dtype, device=reranker.decoder.device)
+                    kv = torch.empty(KVGeometry.of(reranker).shape(n), dtype=reranker.decoder.dtype, device=reranker.decoder.device)
                     store.load_into(t, kv)
                     fresh.append(kv)
                 buf, _ = concat_layout(reranker.prefix_kv, fresh, n_query)
@@ -300,7 +293,7 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
     rows = {}
     for name in codecs:
         codec = get_codec(name)
-        payload = sum(codec.nbytes(kv_shape(reranker, n)) for n in corpus_tokens)
+        payload = sum(codec.nbytes(KVGeometry.of(reranker).shape(n)) for n in corpus_tokens)
         rows[name] = {"codec": name, "bytes_per_token": codec.bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim),
                       "bytes": payload, "tokens": sum(corpus_tokens), "diffs": [], "same": 0, "same_top": 0,
                       "secs": 0.0, "pairs": 0, "ndcg": [], "queries": 0, "encoded": 0,
@@ -362,7 +355,7 @@ def _exact_kvs(engine, texts: list[str]):
         kvs: list = [None] * len(chunk)
         if exact:
             for i, t in enumerate(chunk):
-                kv = torch.empty(kv_shape(reranker, reranker.doc_tokens(t)), dtype=torch.float32,
+                kv = torch.empty(KVGeometry.of(reranker).shape(reranker.doc_tokens(t)), dtype=torch.float32,
                                  device=reranker.decoder.device)
                 if engine.store.load_into(t, kv):
                     kvs[i] = kv
@@ -448,7 +441,6 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from hyperrag.corpus import load_corpus
-    from hyperrag.kv.planner import plan_corpus
     from hyperrag.pipeline import Engine
     from hyperrag.precompute import precompute
     from hyperrag.report import record_from_result, summarize
@@ -474,7 +466,7 @@ def run(args: argparse.Namespace) -> dict:
         setup["load_s"] = time.perf_counter() - t0
         machine = machine_info(engine)
 
-        questions, source = sample_queries(corpus, args.queries, settings.seed)
+        questions, source = bench_questions(corpus, args.queries, settings.seed)
         if not corpus.queries:
             print(f"note: {corpus.root} has no gold queries (queries.jsonl): using document openings as "
                   "questions; the quality block is skipped", file=sys.stderr)
@@ -575,10 +567,9 @@ def run(args: argparse.Namespace) -> dict:
                                      "length); prefix_cached = shared instruction KV cached; reuse = stored "
                                      "document KV, question+suffix run per pair")
         results["storage"] = storage_block(engine, texts, report, load_stats)
-        dec = engine.reranker.decoder
         mean_tokens = results["storage"]["tokens"] / max(results["storage"]["docs"], 1)
-        corpus_estimate = len(corpus.docs) * (engine.store.codec.nbytes(kv_shape(engine.reranker, round(mean_tokens)))
-                                              + HEADER_BYTES)
+        corpus_estimate = estimate(len(corpus.docs), round(mean_tokens), engine.store.codec,
+                                   KVGeometry.of(engine.reranker)).total_bytes
         results["planner"] = {"label": f"planner: {len(corpus.docs)} docs x {mean_tokens:.0f} tokens "
                                        f"({settings.codec})", "bytes": corpus_estimate,
                               "docs": len(corpus.docs), "tokens_per_doc": mean_tokens}

@@ -9,6 +9,7 @@ traced back to where it was cut from; corpora without it load as before.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,12 @@ class Corpus:
 
     def __len__(self) -> int:
         return len(self.docs)
+
+    def sample_queries(self, n: int, seed: int) -> list[Query]:
+        """A fixed random sample of the gold queries that name their gold documents: the same
+        questions for every system, mode and run with the same seed (bench, evaluate, app)."""
+        queries = [q for q in self.queries if q.doc_ids]
+        return random.Random(seed).sample(queries, min(n, len(queries)))
 
 
 def load_corpus(path: str | Path, max_file_bytes: int = MAX_FILE_BYTES) -> Corpus:

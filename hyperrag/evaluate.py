@@ -39,7 +39,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,13 +89,6 @@ class SystemRun:
     def order(self, i: int) -> list[int]:
         s = self.scores[i]
         return sorted(range(len(s)), key=lambda j: -s[j])  # stable: ties keep retrieval order
-
-
-def sample_queries(corpus, n: int, seed: int) -> list:
-    """A fixed random sample of the corpus's gold queries (the same for every system)."""
-    queries = [q for q in corpus.queries if q.doc_ids]
-    rng = random.Random(seed)
-    return rng.sample(queries, min(n, len(queries)))
 
 
 def retrieve(index, queries, k: int) -> list[Candidates]:
@@ -273,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--read-systems", default="trained+retrieval,oracle",
                    help="comma list of ranked systems the reader reads from; 'oracle' = the gold paragraph alone")
     g.add_argument("--json", default="", help="write metrics and per-question scores here")
+    g.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     g.add_argument("--scores-from", default="",
                    help="a previous --json of the same sample: take the ranking scores of the systems it has "
                         "from there instead of recomputing them (answers are always regenerated)")
@@ -291,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     s = settings_from_args(args)
     torch.manual_seed(s.seed)
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
@@ -298,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     by_id = corpus.by_id
     embedder = load_embedder(s.embedder, s.cache_dir, s.device)
     index = DenseIndex.load_or_build(corpus, embedder, s.embedder, s.cache_dir)
-    queries = sample_queries(corpus, args.queries, s.seed)
+    queries = corpus.sample_queries(args.queries, s.seed)
     t0 = time.perf_counter()
     cands = retrieve(index, queries, s.top_k)
     retrieve_s = time.perf_counter() - t0
@@ -477,5 +472,4 @@ def format_table(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(int(os.environ.get("HYPERRAG_THREADS", "1")))  # 1 beats 2 on a busy 2-core box
     main()

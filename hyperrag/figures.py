@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from hyperrag.modes import BENCH_ONLY_RERANK, E2E_KEYS, MODE_TABLE, MODES, RERANK_KEYS
-from hyperrag.report import (QUALITY_KEYS, STAGES, as_number, fmt_number, fmt_ratio, fmt_share, get_path,
+from hyperrag.report import (QUALITY_KEYS, STAGES, as_number, fmt_number, fmt_share, get_path,
                              ratio_rows)
 
 STAGE_COLORS = {"retrieve": "#9aa5b1", "kv_load": "#f2b134", "rerank": "#d64545", "generate": "#3d7ea6"}

@@ -188,7 +188,7 @@ def run_cli(settings: Settings, texts: Sequence[str], address: str | None, worke
     """``python -m hyperrag.precompute --ray``: a tqdm bar, a summary line; 0 when all is stored."""
     from tqdm import tqdm
 
-    from hyperrag.kv.store import redact_url
+    from hyperrag.kv.urls import redact_url
 
     bar = tqdm(total=len(texts), desc="precompute (ray)", unit="doc")
 

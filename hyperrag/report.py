@@ -312,24 +312,6 @@ def finite_numbers(obj: Any, path: str = "") -> list[tuple[str, float]]:
     return found
 
 
-def storage_rows(doc_tokens: Sequence[int], layers: int, kv_heads: int, head_dim: int,
-                 codecs: Sequence[str] = ("fp32", "fp16", "int8", "int4")) -> list[dict]:
-    """Per-codec storage of documents of the given token counts (document + tail segment):
-    ``[{codec, bytes_per_token, bytes, tokens, docs}]`` in the ``codecs`` row format, payload
-    bytes (each stored entry adds a frame header of under 256 bytes). Feeds storage_figure
-    without running a sweep, e.g. ``storage_rows([reranker.doc_tokens(t) for t in texts],
-    dec.n_layers, dec.n_kv_heads, dec.head_dim)`` with ``dec = reranker.decoder``."""
-    from hyperrag.kv.codec import get_codec
-
-    rows = []
-    for name in codecs:
-        codec = get_codec(name)
-        total = sum(codec.nbytes((layers, 2, kv_heads, n, head_dim)) for n in doc_tokens)
-        rows.append({"codec": name, "bytes_per_token": codec.bytes_per_token(layers, kv_heads, head_dim),
-                     "bytes": total, "tokens": int(sum(doc_tokens)), "docs": len(doc_tokens)})
-    return rows
-
-
 # -- numbers as text (the bench's table and the HTML report share these; no plotly here) --------
 
 def get_path(d: Any, *keys: str, default: Any = None) -> Any:

@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 from hyperrag.corpus import Corpus
 from hyperrag.generate import Generator
 from hyperrag.kv import planner
-from hyperrag.kv.store import KVStore, StoreError, redact_url
+from hyperrag.kv.store import KVStore
+from hyperrag.kv.urls import StoreError, redact_url
 from hyperrag.models import LLM, adapter_meta, load_embedder, load_llm
 from hyperrag.reader import Reader
 from hyperrag.rerank import Reranker
@@ -133,6 +134,6 @@ def open_store(settings: Settings, reranker: Reranker, texts: Sequence[str] = ()
                        settings.store_timeout_s, backoff_s=max(1.0, 2 * settings.store_timeout_s))
     except StoreError as err:
         fallback = KVStore("memory://", settings.codec, reranker.kv_identity, max(hot_gb, 1.0))
-        fallback._warn(f"{err}; using an in-process store until restarted")
+        fallback.note(f"{err}; using an in-process store until restarted")
         log.warning("%s; falling back to an in-process store", err)
         return fallback

@@ -406,7 +406,7 @@ def check_against_reranker(args, model, prompt: RerankPrompt, score_vec, data: T
 def validate(args, out: Path, embedder) -> dict:
     """Held-out train articles: retrieval vs the trained reranker (engine settings), and the fusion
     weight ``w`` (score + w * cosine) that maximizes MRR@10 there."""
-    from hyperrag.evaluate import SystemRun, rerank_scores, retrieve, ranking_summary, sample_queries
+    from hyperrag.evaluate import SystemRun, rerank_scores, retrieve, ranking_summary
     from hyperrag.kv.local import LocalKV
     from hyperrag.models import load_llm
     from hyperrag.rerank import Reranker, fuse_scores
@@ -415,7 +415,7 @@ def validate(args, out: Path, embedder) -> dict:
     _, val_articles = pick_articles(args.articles, args.val_articles, args.seed, args.cache_dir)
     corpus, index = indexed_articles(val_articles, "val", [], args, embedder)
     s = Settings()
-    cands = retrieve(index, sample_queries(corpus, args.val_questions, args.seed), s.top_k)
+    cands = retrieve(index, corpus.sample_queries(args.val_questions, args.seed), s.top_k)
     llm = load_llm(args.model, args.cache_dir, "cpu", "float32", adapter=str(out))
     reranker = Reranker(llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
                         batch_size=s.batch_size)

@@ -28,7 +28,8 @@ import pandas as pd
 from hyperrag import figures, report
 from hyperrag.corpus import Query
 from hyperrag.kv.codec import CODECS
-from hyperrag.kv.store import redact_url
+from hyperrag.kv.planner import format_bytes
+from hyperrag.kv.urls import redact_url
 from hyperrag.metrics import exact_match, f1_score
 from hyperrag.modes import MODE_TABLE, MODES as MODE_SPECS
 from hyperrag.pipeline import MODES, QuestionError, RAGResult, clean_question
@@ -75,14 +76,6 @@ def shows_errors(fn: Callable) -> Callable:
         except (WorkbenchError, UploadError) as err:
             raise UserError(str(err)) from None
     return call
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def seconds_text(s: float) -> str:
@@ -230,15 +223,15 @@ def corpus_markdown(entry: CorpusEntry, estimate: dict | None = None) -> str:
     if estimate:
         rows = {r["codec"]: r for r in estimate["codecs"]}
         chosen = rows[estimate["codec"]]
-        others = ", ".join(f"{r['codec']} {human_bytes(r['bytes'])}" for r in estimate["codecs"]
+        others = ", ".join(f"{r['codec']} {format_bytes(r['bytes'])}" for r in estimate["codecs"]
                            if r["codec"] != estimate["codec"])
         text += (f"\n\n**Storage estimate:** {estimate['tokens']:,} document tokens × "
-                 f"{chosen['bytes_per_token'] / 1024:.1f} KB/token = **{human_bytes(chosen['bytes'])}** "
+                 f"{chosen['bytes_per_token'] / 1e3:.1f} KB/token = **{format_bytes(chosen['bytes'])}** "
                  f"with the {estimate['codec']} codec in `{estimate['store']}` (other codecs: {others}).")
     if entry.report is not None:
         r = entry.report
         text += (f"\n\n**KV caches:** {r.encoded} encoded, {r.skipped} already stored, {r.failed} failed; "
-                 f"{human_bytes(r.bytes)} written in {r.seconds:.1f} s")
+                 f"{format_bytes(r.bytes)} written in {r.seconds:.1f} s")
     return text
 
 
@@ -491,7 +484,7 @@ def cb_run_batch(n_queries: float, modes: Sequence[str], seed: float, top_k: flo
     if not entry.corpus.queries:
         raise UserError("this corpus has no gold questions (queries.jsonl): upload one with the documents")
     n = max(1, min(int(n_queries), MAX_BATCH_QUERIES, len(entry.corpus.queries)))
-    queries = random.Random(int(seed or 0)).sample(entry.corpus.queries, n)
+    queries = entry.corpus.sample_queries(n, int(seed or 0))
     records: list[dict] = []
     warnings: list[str] = []
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 from hyperrag.corpus import Corpus, CorpusError, Query, load_corpus
 from hyperrag.kv import planner
 from hyperrag.kv.codec import CODECS
-from hyperrag.kv.store import StoreError, parse_store_url, redact_url
+from hyperrag.kv.urls import StoreError, parse_store_url, redact_url
 from hyperrag.pipeline import Engine
 from hyperrag.precompute import PrecomputeReport
 from hyperrag.runtime import Runtime

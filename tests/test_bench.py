@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hyperrag.kv.planner import codec_table
 from hyperrag.report import finite_numbers, summarize
 
 MODES3 = ("retrieval_only", "baseline", "reuse")
@@ -59,13 +60,8 @@ def test_summarize_and_figures_without_a_model():
     assert result["quality"]["reader_kv"]["f1"] == 1.0
     no_gold = summarize([{k: v for k, v in r.items() if k not in ("gold_ids", "answers")} for r in _records()])
     assert "note" in no_gold["quality"] and "reuse" not in no_gold["quality"]
-    from hyperrag.report import storage_rows
-
-    rows = storage_rows([160, 200], layers=30, kv_heads=3, head_dim=64)
-    assert [r["codec"] for r in rows] == ["fp32", "fp16", "int8", "int4"]
-    assert rows[0]["bytes_per_token"] == 46080 and rows[0]["bytes"] == 46080 * 360
-    assert rows[1]["bytes"] * 2 == rows[0]["bytes"] and rows[3]["bytes"] < rows[2]["bytes"] < rows[1]["bytes"]
-    result["codecs"] = rows
+    result["codecs"] = [{"codec": c.codec, "bytes_per_token": c.bytes_per_token, "bytes": c.total_bytes,
+                         "tokens": c.tokens, "docs": c.docs} for c in codec_table(2, [160, 200])]
     result["planner"] = {"label": "planner", "bytes": 2e7}
     for res in (result, no_gold, {}, {"e2e": {}, "codecs": []}):
         for _, fn in figures.FIGURES:

@@ -26,7 +26,8 @@ import torch
 
 from hyperrag.rerank import FP32_SCORE_BOUND
 
-from hyperrag.kv.store import KVStore, content_address
+from hyperrag.kv.frame import content_address, frame
+from hyperrag.kv.store import KVStore
 from tests.conftest import write_jsonl
 from tests.servers import Server, free_port, lm_server, redis_server, wait_until  # noqa: F401 - fixtures
 
@@ -214,7 +215,7 @@ def write_raw(store: KVStore, text: str, data: bytes) -> None:
 def framed(store: KVStore, address: str, kv: torch.Tensor, codec=None) -> bytes:
     codec = codec or store.codec
     payload = codec.encode(kv)
-    return store._frame_header(address, tuple(kv.shape), payload) + bytes(payload.numpy())
+    return frame(address, codec, tuple(kv.shape), payload) + bytes(payload.numpy())
 
 
 def flip(path: Path, offset: int) -> None:

@@ -64,7 +64,7 @@ def test_trained_reranker_scores_gold_above_negatives(trained_llm, dev):
 
 
 def test_store_key_changes_with_the_adapter(llm, trained_llm, tmp_path):
-    from hyperrag.kv.store import content_address
+    from hyperrag.kv.frame import content_address
     from hyperrag.models import adapter_hash
     from hyperrag.prompts import RerankTemplate
 

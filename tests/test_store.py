@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from hyperrag.kv.store import KVStore, StoreError, content_address, parse_store_url, redact_url
+from hyperrag.kv.frame import content_address
+from hyperrag.kv.store import KVStore
+from hyperrag.kv.urls import StoreError, parse_store_url, redact_url
 from tests.servers import lm_server, redis_server  # noqa: F401 - fixtures
 
 SHAPE = (30, 2, 3, 0, 64)  # SmolLM2-135M document KV; tokens filled in per document

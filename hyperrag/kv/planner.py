@@ -39,9 +39,8 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 from hyperrag.kv.codec import CODECS, Codec, get_codec
+from hyperrag.kv.frame import frame_bytes
 
-ALIGN = 64  # the store pads the frame header so the payload starts 64-byte aligned
-MAGIC_BYTES = 5 + 4  # magic + header length
 AUTO_TIER_MIN_GB = 0.5  # the automatic CPU tier never goes below this (room for uploaded corpora)
 AUTO_TIER_HEADROOM = 1.10  # ... and holds the corpus's entries plus 10%
 AUTO_TIER_MEMORY_SHARE = 0.25  # ... within a quarter of the memory this process may use
@@ -68,13 +67,6 @@ class KVGeometry:
         dec = getattr(reranker, "decoder", reranker)
         return cls(dec.n_layers, dec.n_kv_heads, dec.head_dim)
 
-    @classmethod
-    def from_config(cls, config) -> "KVGeometry":
-        """From a Hugging Face config (object or dict): Llama-family field names."""
-        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-        heads = get("num_attention_heads")
-        head_dim = get("head_dim") or get("hidden_size") // heads
-        return cls(get("num_hidden_layers"), get("num_key_value_heads") or heads, head_dim)
 
 
 # Geometry of the models in hyperrag.models.MODELS, so a plan needs no model loaded.
@@ -96,20 +88,11 @@ def _codec(codec: str | Codec) -> Codec:
     return get_codec(codec) if isinstance(codec, str) else codec
 
 
-def frame_bytes(codec: str | Codec, geometry: KVGeometry, tokens: int) -> int:
-    """Bytes the store adds to a payload: magic, length and the JSON header, padded to 64."""
-    c = _codec(codec)
-    shape = geometry.shape(tokens)
-    header = json.dumps({"address": "0" * 64, "codec": c.spec, "shape": list(shape),
-                         "payload": c.nbytes(shape), "crc32c": 2**32 - 1})
-    return -(-(MAGIC_BYTES + len(header)) // ALIGN) * ALIGN
-
-
 def entry_bytes(codec: str | Codec, geometry: KVGeometry | str, tokens: int) -> int:
     """Bytes of one stored document of ``tokens`` tokens: codec payload + frame."""
     g = geometry_for(geometry)
     c = _codec(codec)
-    return c.nbytes(g.shape(tokens)) + frame_bytes(c, g, tokens)
+    return c.nbytes(g.shape(tokens)) + frame_bytes(c, g.shape(tokens))
 
 
 def bytes_per_token(codec: str | Codec, geometry: KVGeometry | str = "smollm2-135m", tokens: int = 256) -> float:

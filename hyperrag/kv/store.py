@@ -1,14 +1,10 @@
 """The document KV store: LMCache storage underneath, content-addressed entries on top.
 
-Each entry is one document's KV (on the shared instruction prefix), encoded by a codec and
-framed as ``MAGIC | header length | JSON header | payload``. The header carries the full
-content address, the codec spec, the KV shape and a CRC32C of the payload; an entry that fails
-any check is never used: it is counted (``stats.corrupt``), evicted from the CPU tier and the
-backend, and reported as a miss, so the caller recomputes and rewrites it.
-
-The key is a content address: ``sha256(identity | codec spec | sha256(text))`` where
-``identity`` names the model weights (and adapter), compute dtype, prompt template and length
-limit, so a change to any of them can only miss, never return a stale cache.
+Each entry is one document's KV (on the shared instruction prefix), encoded by a codec, keyed
+by its content address and framed with its shape, codec and CRC32C (the format and the key live
+in :mod:`hyperrag.kv.frame`); an entry that fails any check is never used: it is counted
+(``stats.corrupt``), evicted from the CPU tier and the backend, and reported as a miss, so the
+caller recomputes and rewrites it.
 
 Backends by URL: ``fs://DIR`` (embedded default, persists across restarts), ``lm://HOST:PORT``
 (LMCache server), ``redis://HOST:PORT``, ``memory://`` (the CPU tier alone). LMCache pieces do
@@ -34,12 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import hashlib
-import json
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 from collections import OrderedDict, deque
@@ -47,25 +40,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-import google_crc32c
 import torch
 
 from hyperrag.kv.codec import Codec, get_codec
+from hyperrag.kv.frame import content_address, frame, unframe
+from hyperrag.kv.urls import StoreError, parse_store_url, redact_url
 
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
 
 log = logging.getLogger("hyperrag.store")
-MAGIC = b"HRKV\x02"
-ALIGN = 64
-SCHEMES = ("fs", "lm", "redis", "memory")
 READ_WINDOW = 4  # backend reads in flight while a batch of entries is checked and decoded
 STALE_TMP_S = 600  # fs://: leftover ``*.tmp`` files of killed writers older than this are removed
 T = TypeVar("T")
-
-
-class StoreError(RuntimeError):
-    """A store that cannot be used at all (bad URL, folder that cannot be created)."""
 
 
 class StoreUnavailable(StoreError):
@@ -90,45 +77,6 @@ class StoreStats:
     @property
     def load_gb_per_s(self) -> float:
         return self.load_bytes / self.load_s / 1e9 if self.load_s else 0.0
-
-
-def parse_store_url(url: str) -> tuple[str, str | None]:
-    """``(scheme, LMCache remote_url or None)``; ``fs://DIR`` accepts relative and ~ paths."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in SCHEMES:
-        raise StoreError(f"store URL {url!r}: expected one of {', '.join(s + '://' for s in SCHEMES)}")
-    if scheme == "memory":
-        return scheme, None
-    if scheme == "fs":
-        if not rest:
-            raise StoreError(f"store URL {url!r}: fs:// needs a folder, e.g. fs://./kv")
-        folder = Path(rest.removeprefix("host:0")).expanduser().resolve()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise StoreError(f"store URL {url!r}: cannot create {folder}: {err}") from err
-        return scheme, f"fs://host:0{folder}"
-    host, _, port = rest.rstrip("/").rpartition(":")
-    if not host or not port.isdigit():
-        raise StoreError(f"store URL {url!r}: expected {scheme}://HOST:PORT")
-    return scheme, f"{scheme}://{host}:{port}"
-
-
-def redact_url(url: str) -> str:
-    """``redis://:secret@host:port`` -> ``redis://:***@host:port`` (what messages may show)."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, hostport = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostport}"
-
-
-def content_address(identity: str, codec: str | Codec, text: str) -> str:
-    """The key of a document's KV: sha256 over what the KV depends on (see the module doc)."""
-    spec = (get_codec(codec) if isinstance(codec, str) else codec).spec
-    doc = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return hashlib.sha256(f"{identity}|{spec}|{doc}".encode()).hexdigest()
 
 
 class KVStore:
@@ -353,12 +301,8 @@ class KVStore:
                     taken.append(standing)
         return taken
 
-    @property
-    def warnings(self) -> list[str]:
-        with self._lock:
-            return list(self._events)
-
-    def _warn(self, message: str) -> None:  # kept for callers that attach a note to the store
+    def note(self, message: str) -> None:
+        """Attach a warning to the store (the next ``take_warnings`` reports it): why it stands in."""
         self._event(message)
 
     # -- the reconnect / retry thread ---------------------------------------------------------
@@ -419,44 +363,6 @@ class KVStore:
 
         return CacheEngineKey("hyperrag", 1, 0, int(address[:15], 16), torch.uint8)
 
-    # -- framing ------------------------------------------------------------------------------
-    def _frame_header(self, address: str, shape: tuple[int, ...], payload: torch.Tensor) -> bytes:
-        header = json.dumps({"address": address, "codec": self.codec.spec, "shape": list(shape),
-                             "payload": payload.numel(),
-                             "crc32c": google_crc32c.value(payload.contiguous().numpy())}).encode()
-        header += b" " * (-(len(MAGIC) + 4 + len(header)) % ALIGN)  # payload starts aligned
-        return MAGIC + struct.pack("<I", len(header)) + header
-
-    def _check_frame(self, address: str, data: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
-        """Validate a stored entry; return (shape, payload view) or raise ValueError saying why
-        (the entry's size is ``payload`` end: header and payload are contiguous in ``data``)."""
-        head = bytes(data[: len(MAGIC) + 4].numpy())
-        if len(head) < len(MAGIC) + 4 or head[: len(MAGIC)] != MAGIC:
-            raise ValueError("bad magic")
-        (hlen,) = struct.unpack("<I", head[len(MAGIC):])
-        start = len(MAGIC) + 4 + hlen
-        if start > data.numel():
-            raise ValueError("truncated header")
-        try:
-            header = json.loads(bytes(data[len(MAGIC) + 4 : start].numpy()))
-            shape = tuple(int(n) for n in header["shape"])
-        except (ValueError, KeyError, TypeError):
-            raise ValueError("unreadable header") from None
-        if header.get("address") != address:
-            raise ValueError("entry belongs to another document/model/template/codec")
-        if header.get("codec") != self.codec.spec:
-            raise ValueError(f"codec {header.get('codec')!r}, expected {self.codec.spec!r}")
-        try:
-            size = self.codec.nbytes(shape)
-        except (ValueError, TypeError):
-            raise ValueError(f"bad shape {shape}") from None
-        if header.get("payload") != size or data.numel() < start + size:
-            raise ValueError("truncated payload")
-        payload = data[start : start + size]
-        if google_crc32c.value(payload.numpy()) != header.get("crc32c"):
-            raise ValueError("checksum mismatch")
-        return shape, payload
-
     # -- writes -------------------------------------------------------------------------------
     def _alloc(self, nbytes: int):
         from lmcache.v1.memory_management import MemoryFormat
@@ -472,7 +378,7 @@ class KVStore:
         waits until the backend has everything."""
         address = self.address(text)
         payload = self.codec.encode(kv)
-        header = self._frame_header(address, tuple(kv.shape), payload)
+        header = frame(address, self.codec, tuple(kv.shape), payload)
         total = len(header) + payload.numel()
         obj = self._alloc(total)
         if obj is None:  # the CPU tier is full of live objects: keep a plain copy for the backend
@@ -650,7 +556,7 @@ class KVStore:
         returns its stored bytes (0: bad entry, evicted). Drops the caller's reference to ``obj``."""
         try:
             data = obj.tensor.view(-1)
-            shape, payload = self._check_frame(address, data)
+            shape, payload = unframe(data, address, self.codec)
             if shape != tuple(out.shape):
                 raise ValueError(f"shape {shape}, expected {tuple(out.shape)}")
             self.codec.decode_into(payload, shape, out)
@@ -671,7 +577,7 @@ class KVStore:
         if obj is None:
             return False
         try:
-            self._check_frame(address, obj.tensor.view(-1))
+            unframe(obj.tensor.view(-1), address, self.codec)
             return True
         except ValueError as err:
             self._evict(address, str(err))
