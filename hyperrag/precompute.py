@@ -49,6 +49,28 @@ class PrecomputeReport:
     def to_dict(self) -> dict:
         return {**asdict(self), "docs_per_s": self.docs_per_s, "complete": self.complete}
 
+    def summary(self, codec: str, where: str) -> str:
+        """The one line a command prints at the end of a run."""
+        per_token = self.bytes / self.tokens if self.tokens else 0
+        return (f"{self.docs} docs: {self.encoded} encoded, {self.skipped} already stored"
+                f"{' (verified)' if self.verified else ''}, {self.replaced} damaged entries replaced, "
+                f"{self.failed} not stored; {self.tokens} tokens, {self.bytes / 2**20:.1f} MiB "
+                f"({per_token:.0f} B/token, {codec}); {self.docs_per_s:.2f} docs/s into {where}")
+
+
+def progress_bar(total: int, desc: str):
+    """A tqdm bar and the ``progress(done, total)`` callback that moves it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="doc")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return bar, progress
+
 
 def precompute(reranker: Reranker, store: KVStore, texts: Sequence[str], progress: Progress | None = None,
                batch_size: int | None = None, verify: bool = True) -> PrecomputeReport:
@@ -102,9 +124,8 @@ def precompute(reranker: Reranker, store: KVStore, texts: Sequence[str], progres
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tqdm import tqdm
-
     from hyperrag.corpus import load_corpus
+    from hyperrag.kv.urls import redact_url
     from hyperrag.runtime import load_reranker, open_store
     from hyperrag.settings import add_cli_args, settings_from_args
 
@@ -130,23 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     texts = [d.text for d in corpus.docs]
     store = open_store(settings if settings.store_url.startswith("memory://") else settings.replace(hot_cache_gb=0.0),
                        reranker, texts)
-    bar = tqdm(total=len(texts), desc="precompute", unit="doc")
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
+    bar, progress = progress_bar(len(texts), "precompute")
     try:
         report = precompute(reranker, store, texts, progress, verify=args.verify)
     finally:
         bar.close()
         store.close()
-    per_token = report.bytes / report.tokens if report.tokens else 0
-    print(f"{report.docs} docs: {report.encoded} encoded, {report.skipped} already stored"
-          f"{' (verified)' if report.verified else ''}, {report.replaced} damaged entries replaced, "
-          f"{report.failed} not stored; {report.tokens} tokens, {report.bytes / 2**20:.1f} MiB "
-          f"({per_token:.0f} B/token, {settings.codec}); {report.docs_per_s:.2f} docs/s into {store.url}")
+    print(report.summary(settings.codec, redact_url(store.url)))
     for warning in report.warnings:
         print("warning:", warning)
     return 0 if report.complete else 1

@@ -24,7 +24,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
-from hyperrag.precompute import PrecomputeReport
+from hyperrag.precompute import PrecomputeReport, progress_bar
 from hyperrag.rerank import length_batches
 from hyperrag.runtime import load_reranker, open_store
 from hyperrag.settings import Settings
@@ -186,17 +186,9 @@ def precompute_ray(settings: Settings, texts: Sequence[str], address: str | None
 
 def run_cli(settings: Settings, texts: Sequence[str], address: str | None, workers: int | None, verify: bool) -> int:
     """``python -m hyperrag.precompute --ray``: a tqdm bar, a summary line; 0 when all is stored."""
-    from tqdm import tqdm
-
     from hyperrag.kv.urls import redact_url
 
-    bar = tqdm(total=len(texts), desc="precompute (ray)", unit="doc")
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
+    bar, progress = progress_bar(len(texts), "precompute (ray)")
     try:
         report = precompute_ray(settings, texts, address, workers, progress=progress, verify=verify)
     except ValueError as err:
@@ -204,12 +196,7 @@ def run_cli(settings: Settings, texts: Sequence[str], address: str | None, worke
         return 2
     finally:
         bar.close()
-    per_token = report.bytes / report.tokens if report.tokens else 0
-    print(f"{report.docs} docs: {report.encoded} encoded, {report.skipped} already stored"
-          f"{' (verified)' if report.verified else ''}, {report.replaced} damaged entries replaced, "
-          f"{report.failed} not stored; {report.tokens} tokens, {report.bytes / 2**20:.1f} MiB "
-          f"({per_token:.0f} B/token, {settings.codec}); {report.docs_per_s:.2f} docs/s into "
-          f"{redact_url(settings.store_url)} on Ray")
+    print(report.summary(settings.codec, f"{redact_url(settings.store_url)} on Ray"))
     for warning in report.warnings:
         print("warning:", warning)
     return 0 if report.complete else 1
