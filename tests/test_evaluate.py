@@ -21,7 +21,6 @@ def test_mean_interval_brackets_the_mean_and_pairs():
     assert 0.0 == lo < 0.5 < hi <= 1.0  # a never-negative difference: the interval starts at 0
 
 
-@pytest.mark.slow
 def test_evaluate_on_a_tiny_corpus(tiny_corpus_dir, cache_dir, tmp_path):
     from hyperrag.evaluate import main
 

@@ -103,7 +103,6 @@ def test_selection_combines_ranking_and_likelihood():
     assert select([], [], 1.0) == -1
 
 
-@pytest.mark.slow
 def test_engine_reader_modes(tiny_engine):
     q = next(q for q in tiny_engine.corpus.queries if q.doc_ids)
     kv = tiny_engine.ask(q.question, "reader_kv")
