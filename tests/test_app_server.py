@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hyperrag import ui
 from scripts.drive_app import AppProcess, launch_app
 
 QUESTIONS = [
@@ -66,12 +67,14 @@ def test_listens_on_loopback_only(app):
 
 
 def test_one_question_in_each_mode(client):
-    """The side-by-side endpoint (retrieval-only, baseline, reuse) and /ask for the prefix-cached mode."""
+    """The side-by-side endpoint (retrieval-only, baseline, reuse, the reader from stored KV) and
+    /ask for the prefix-cached mode."""
     summary, banner, *columns = client.predict(QUESTIONS[0], 3, 1, api_name="/compare")
     assert "faster than the baseline" in summary and "Same ranking ✓" in summary  # fp32: exact reuse
-    assert len(columns) == 9 and all(a.startswith("**Answer:**") for a in columns[0::3])
+    assert len(columns) == 3 * len(ui.COMPARE_MODES) and all(a.startswith("**Answer:**") for a in columns[0::3])
     assert all("total" in t for t in columns[1::3]) and "KV load" in columns[7]
-    frames = {mode: frame["data"] for mode, frame in zip(("retrieval", "baseline", "reuse"), columns[2::3])}
+    assert "Read from" in columns[3 * ui.COMPARE_MODES.index("reader_kv")]
+    frames = {mode: frame["data"] for mode, frame in zip(ui.COMPARE_MODES, columns[2::3])}
     assert all(len(rows) == 3 for rows in frames.values())
     assert [row[3] for row in frames["reuse"]] == [row[3] for row in frames["baseline"]]
     prefix = client.predict(QUESTIONS[0], "prefix", 3, 1, "", api_name="/ask")
@@ -92,11 +95,12 @@ def test_upload_through_http_stays_in_data_folder(app, client, tmp_path):
     key = re.search(r"upload ([0-9a-f]{12}) \(2 docs\)", info).group(1)
     assert "KV caches:** 2 encoded" in info
     data = Path(app.log_path).parent / "data"
+    # the uploaded files under sanitized names, and the passages ingested from them
     assert sorted(p.name for p in (data / "uploads" / key).iterdir() if not p.name.startswith(".")) == \
-        ["Amazon.md", "rhine_notes.txt"]
+        ["Amazon.md", "docs.jsonl", "rhine_notes.txt"]
     assert list((data / "gradio").rglob("rhine notes.txt"))  # Gradio's own upload cache is in the data folder too
     r = client.predict("Where does the Rhine flow to?", "reuse", 2, 1, key, api_name="/ask")
-    assert r["corpus"] == key and r["docs"][0]["id"] == "rhine_notes" and not r["warnings"]
+    assert r["corpus"] == key and r["docs"][0]["id"] == "rhine-notes-1" and not r["warnings"]
 
 
 def test_bad_input_gives_clear_errors(client, tmp_path):

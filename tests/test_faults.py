@@ -185,11 +185,12 @@ def test_engine_answers_when_store_is_down(tiny_engine):
     url = f"lm://127.0.0.1:{free_port()}"
     down = open_store(tiny_engine.settings.replace(store_url=url, store_timeout_s=1.0), tiny_engine.reranker)
     assert down.url == url and not down.available  # degraded, not replaced by memory://
-    saved, tiny_engine.store = tiny_engine.store, down
+    runtime = tiny_engine.runtime
+    saved, runtime.store = runtime.store, down
     try:
         result = tiny_engine.ask(tiny_engine.corpus.queries[1].question, "reuse", generate=False)
     finally:
-        tiny_engine.store = saved
+        runtime.store = saved
         down.close()
     assert warned(result.warnings, "is unavailable")
     assert result.rerank.encoded_docs == len(result.docs) == tiny_engine.settings.top_k
