@@ -1,6 +1,7 @@
-"""Fine-tune SmolLM2-135M-Instruct as HyperRAG's doc-first reranker (LoRA), on SQuAD v1.1 train.
+"""Fine-tune SmolLM2-135M-Instruct as HyperRAG's doc-first reranker and reader (one LoRA), on SQuAD v1.1 train.
 
     python -m hyperrag.train_reranker                       # the shipped adapter's recipe
+    python -m hyperrag.train_reranker --validate-only       # redo the tuning on held-out train articles
     python -m hyperrag.train_reranker --steps 4 --articles 2 --out /tmp/lora   # a smoke run
 
 Data (SQuAD v1.1 **train** only, never dev): ``--articles`` train articles drawn with ``--seed``;
@@ -24,6 +25,13 @@ run once per step with all the group's questions packed behind it, each question
 attention block at the positions it would have in a full prompt (block-diagonal mask). That is
 the same computation as one full prompt per pair, several times cheaper. After training the
 packed forward is checked against ``Reranker.score(..., "full")`` on the merged model.
+
+Reading: each question's block in its gold document's row also carries the reader's cue and
+the answer (``[...][suffix] Answer: <span><end>``, after the scored token, so the score is
+unchanged); ``--answer-weight`` x the answer tokens' cross-entropy joins the loss. One stored
+document KV then serves both jobs. Training starts from ``--init-adapter`` (the reranker-only
+adapter) where its layers overlap; validation also tunes the reader's decoding (span-constrained
+or free) and the selection weight of its answer rule (:func:`tune_reader`).
 
 LoRA (peft) on the attention and MLP projections of the top ``--lora-layers`` layers: the lower
 layers stay frozen, so no gradient flows through them. Checkpoints (adapter, optimizer, RNG,
@@ -497,9 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gold-questions", type=int, default=4, help="of which questions of the anchor's paragraph")
     d.add_argument("--max-doc-tokens", type=int, default=256, help="document truncation in training")
     t = p.add_argument_group("training")
-    t.add_argument("--steps", type=int, default=50, help="optimizer steps (one group each)")
+    t.add_argument("--steps", type=int, default=300, help="optimizer steps (one group each)")
     t.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (AdamW; warmup then cosine to 10%%)")
-    t.add_argument("--warmup", type=int, default=4, help="warmup steps")
+    t.add_argument("--warmup", type=int, default=10, help="warmup steps")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--rank", type=int, default=16, help="LoRA rank")
     t.add_argument("--alpha", type=float, default=32, help="LoRA alpha")
