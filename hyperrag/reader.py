@@ -27,7 +27,7 @@ import torch
 
 from hyperrag.decoder import RowGroup
 from hyperrag.kv.layout import StaticLayout
-from hyperrag.rerank import DocKVSource, Reranker
+from hyperrag.rerank import DocKVSource, Reranker, missing_kv_warning
 
 READ_MODES = ("kv", "full")
 
@@ -115,9 +115,12 @@ class Reader:
             raise ValueError("reading from stored KV needs a document KV source (a KVStore)")
         if not docs:
             return Reading("", -1, -1, -1, [])
+        cut = len(docs) > self.layout.max_batch
         docs = list(docs)[: self.layout.max_batch]
         with self._lock:
             reading = self._read(question, docs, mode, source)
+        if cut:
+            reading.warnings.append(f"the reader reads at most {self.layout.max_batch} documents: the rest were left out")
         chosen = select(reading.candidates, rank_scores, self.selection_weight)
         if chosen >= 0:
             c = reading.candidates[chosen]
@@ -152,7 +155,7 @@ class Reader:
                                                 start + len(text) if start >= 0 else -1))
         reading.candidates.sort(key=lambda c: c.doc)
         if reading.encoded_docs:
-            reading.warnings.append(f"{reading.encoded_docs} document KV(s) were not in the store: computed and stored")
+            reading.warnings.append(missing_kv_warning(reading.encoded_docs))
         return reading
 
     def _decode(self, hidden: torch.Tensor, texts: list[str], lens: list[int], groups: list[RowGroup],

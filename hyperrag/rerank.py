@@ -79,6 +79,11 @@ def length_batches(lengths: Sequence[int], max_batch: int, max_waste: float = 0.
     return batches
 
 
+def missing_kv_warning(n: int) -> str:
+    """What a caller is told when ``n`` documents' KV had to be computed at query time."""
+    return f"{n} document KV(s) were not in the store: computed and stored"
+
+
 def fuse_scores(scores: Sequence[float], cosines: Sequence[float], weight: float) -> list[float]:
     """The ranking score: reranker score + ``weight`` x the retriever's cosine similarity (the
     weight is tuned with a trained adapter; 0 ranks by the reranker alone)."""
@@ -243,4 +248,4 @@ class Reranker:
                 result.scores[i] = s
             result.compute_s += time.perf_counter() - t0 - load_s  # documents computed count here
         if result.encoded_docs:
-            result.warnings.append(f"{result.encoded_docs} document KV(s) were not in the store: computed and stored")
+            result.warnings.append(missing_kv_warning(result.encoded_docs))
