@@ -35,7 +35,7 @@ from hyperrag.modes import MODE_TABLE, MODES as MODE_SPECS
 from hyperrag.pipeline import MODES, QuestionError, RAGResult, clean_question
 from hyperrag.precompute import precompute
 from hyperrag.settings import REPO_ROOT, Settings
-from hyperrag.uploads import UPLOAD_DOC_SUFFIXES, UploadError, prune_folders
+from hyperrag.uploads import UPLOAD_DOC_SUFFIXES, UPLOAD_KINDS, UploadError, prune_folders
 from hyperrag.workbench import (DEFAULT_KEY, MAX_BATCH_SIZE, AppConfig, CorpusEntry, UserError as WorkbenchError,
                                 Workbench)
 
@@ -573,7 +573,7 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
                         source = gr.Radio([(f"Default: {Path(s.corpus).name}", SHIPPED), (UPLOAD, UPLOAD)],
                                           value=SHIPPED, label="Corpus")
                         files = gr.File(file_count="multiple", file_types=[".jsonl", *UPLOAD_DOC_SUFFIXES],
-                                        label="Upload docs.jsonl (+ queries.jsonl) or .txt/.md/.pdf/.html/.docx/.zip files")
+                                        label=f"Upload {UPLOAD_KINDS}")
                         gr.Markdown(
                             f"jsonl lines: `{{\"id\", \"title\", \"text\"}}`; gold questions: `{{\"id\", \"question\", "
                             f"\"answers\": [...], \"doc_ids\": [...]}}`. Limits: {wb.config.upload_max_mb:g} MiB per "

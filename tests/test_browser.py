@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hyperrag import ui
+from hyperrag.uploads import UPLOAD_KINDS
 from scripts.drive_app import CHROMIUM_FLAGS, Chromium, ask_in_browser, chromium_binary
 from tests.test_app_server import shared_app
 
@@ -20,8 +21,8 @@ pytestmark = [
                        reason="chromium not installed (apt-get install chromium; ./run.sh test installs it)"),
 ]
 MAIN_LABELS = ["HyperRAG workbench", "1 · Corpus &amp; KV cache", "2 · Ask", "3 · Batch &amp; dashboards",
-               "Build index &amp; precompute KV caches", "Upload docs.jsonl (+ queries.jsonl) or .txt/.md files",
-               "Storage estimate", "Store and reranker settings"]
+               "Build index &amp; precompute KV caches", f"Upload {UPLOAD_KINDS}", "Storage estimate",
+               "Store and reranker settings"]
 
 
 @pytest.fixture(scope="module")
