@@ -373,7 +373,7 @@ def frontier_points(results: dict) -> list[dict]:
     e2e, quality, rerank = results.get("e2e", {}), results.get("quality", {}), results.get("rerank", {})
     codec = results.get("config", {}).get("codec", "")
     points = []
-    labels = {m.e2e_key: m.label + (f" {codec}" if "kv" in (m.rerank, m.read) or m.rerank == "reuse" else "")
+    labels = {m.e2e_key: m.label + (f" {codec}" if m.rerank == "reuse" else "")  # stored KV: name its codec
               for m in MODE_TABLE if m.e2e_key != "prefix_cached"}
     for key, label in labels.items():
         if key in e2e and key in quality:
