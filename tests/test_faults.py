@@ -106,6 +106,9 @@ def test_server_fault_mid_batch(request, reranker, batch, make_store, kind, faul
     for text in docs:
         store.put(text, kvs[text])
     assert store.flush(10) and store.available
+    # On a loaded 2-core runner the first connect can miss its 1 s timeout and succeed on the
+    # prober's retry: count only the reconnects the fault below causes.
+    reconnects = store.stats.reconnects
     try:
         t0 = time.monotonic()
         result = reranker.score(question, docs, "reuse", FaultAfter(store, 1, getattr(server, fault)))
@@ -126,7 +129,7 @@ def test_server_fault_mid_batch(request, reranker, batch, make_store, kind, faul
     # Back: the store reconnects by itself and writes what was computed during the outage.
     assert wait_until(lambda: store.available, 20), store.describe()
     assert store.flush(20) and store.pending == 0
-    assert store.stats.reconnects == 1 and store.stats.retried >= 1
+    assert store.stats.reconnects == reconnects + 1 and store.stats.retried >= 1
     fresh = make_store(server.url)
     assert all(fresh.contains(d, durable=True) for d in docs)
     healed = reranker.score(question, docs, "reuse", fresh)
