@@ -296,7 +296,7 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
         payload = sum(codec.nbytes(KVGeometry.of(reranker).shape(n)) for n in corpus_tokens)
         rows[name] = {"codec": name, "bytes_per_token": codec.bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim),
                       "bytes": payload, "tokens": sum(corpus_tokens), "diffs": [], "same": 0, "same_top": 0,
-                      "secs": 0.0, "pairs": 0, "ndcg": [], "queries": 0, "encoded": 0,
+                      "secs": 0.0, "load_s": 0.0, "pairs": 0, "ndcg": [], "queries": 0, "encoded": 0,
                       "held_bytes": sources[name].nbytes}
     top_n = engine.settings.top_n
     for i, (q, texts) in enumerate(zip(questions, candidate_texts)):
@@ -310,6 +310,7 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
             scores = fuse_scores(res.scores, q["candidate_cosine"], engine.runtime.retrieval_weight)
             row = rows[name]
             row["secs"] += res.load_s + res.compute_s
+            row["load_s"] += res.load_s  # LocalKV: loading is decoding into the batch rows
             row["pairs"] += res.pairs
             row["encoded"] += res.encoded_docs
             row["queries"] += 1
@@ -323,17 +324,20 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
             progress(1)
     sources.clear()
     fp32_bpt = get_codec("fp32").bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim)
+    fp16_bpt = get_codec("fp16").bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim)
     out = []
     for name in codecs:
         r = rows[name]
         out.append({
             "codec": name, "bytes_per_token": r["bytes_per_token"], "bytes": r["bytes"], "tokens": r["tokens"],
             "compression_vs_fp32": fp32_bpt / r["bytes_per_token"],
+            "fraction_of_fp16": r["bytes_per_token"] / fp16_bpt,
             "max_abs_score_diff": max(r["diffs"]) if r["diffs"] else 0.0,
             "mean_abs_score_diff": sum(r["diffs"]) / len(r["diffs"]) if r["diffs"] else 0.0,
             "ranking_agreement": r["same"] / r["queries"] if r["queries"] else 0.0,
             "top_n_agreement": r["same_top"] / r["queries"] if r["queries"] else 0.0,
             "pairs_per_s": r["pairs"] / r["secs"] if r["secs"] else 0.0,
+            "decode_share": r["load_s"] / r["secs"] if r["secs"] else 0.0,
             "ndcg@10": sum(r["ndcg"]) / len(r["ndcg"]) if r["ndcg"] else None,
             "queries": r["queries"], "pairs": r["pairs"], "encoded_docs": r["encoded"],
             "held_bytes": r["held_bytes"],
@@ -662,8 +666,12 @@ def print_table(results: dict, out=None) -> None:
     elif q.get("note"):
         print(f"  quality: {q['note']}", file=out)
     for row in results.get("codecs", []):
-        print(f"  codec {row['codec']:>5}: {row['bytes_per_token']:8.0f} B/token, max |diff| {row['max_abs_score_diff']:.2g}, "
-              f"identical rankings {row['ranking_agreement']:.0%}, {row['pairs_per_s']:.1f} pairs/s", file=out)
+        ndcg = row.get("ndcg@10")
+        print(f"  codec {row['codec']:>5}: {row['bytes_per_token']:8.0f} B/token ({row['fraction_of_fp16']:.3f} of fp16), "
+              f"max/mean |diff| {row['max_abs_score_diff']:.2g}/{row['mean_abs_score_diff']:.2g}, identical rankings "
+              f"{row['ranking_agreement']:.0%}, same top-n {row['top_n_agreement']:.0%}, NDCG@10 "
+              f"{ndcg if ndcg is not None else float('nan'):.3f}, {row['pairs_per_s']:.1f} pairs/s, decode "
+              f"{row['decode_share']:.1%} of reuse time", file=out)
     s = results.get("setup", {})
     print(f"  (excluded from timings: load {s.get('load_s', 0):.1f} s, precompute {s.get('precompute_s', 0):.1f} s, "
           f"warm-up {s.get('warmup_s', 0):.1f} s)", file=out)

@@ -233,7 +233,7 @@ def frontier_figure(results: Mapping[str, Any]) -> go.Figure:
 
 def _point_symbol(point: Mapping[str, Any]) -> str:
     label = str(point.get("label", "")).lower()
-    for key, symbol in (("int4", "diamond"), ("int8", "square"), ("fp16", "circle"), ("bf16", "triangle-up"),
+    for key, symbol in (("int2", "x"), ("int4", "diamond"), ("int8", "square"), ("fp16", "circle"), ("bf16", "triangle-up"),
                         ("fp32", "star")):
         if key in label:
             return symbol
@@ -280,9 +280,12 @@ def _codec_table(results: Mapping[str, Any]) -> str:
     if not rows:
         return ""
     return "<h2>Codec sweep</h2>" + _table(
-        ["codec", "bytes/token", "corpus bytes", "max |score diff| vs fp32 full", "identical rankings", "pairs/s"],
-        [[r.get("codec"), fmt_number(r.get("bytes_per_token")), _mib(r.get("bytes")), fmt_number(r.get("max_abs_score_diff")),
-          fmt_share(r.get("ranking_agreement")), fmt_number(r.get("pairs_per_s"))] for r in rows])
+        ["codec", "bytes/token", "of fp16", "corpus bytes", "max / mean |score diff| vs fp32 full", "identical rankings",
+         "same top-n", "NDCG@10", "pairs/s", "decode share"],
+        [[r.get("codec"), fmt_number(r.get("bytes_per_token")), fmt_number(r.get("fraction_of_fp16")), _mib(r.get("bytes")),
+          f"{fmt_number(r.get('max_abs_score_diff'))} / {fmt_number(r.get('mean_abs_score_diff'))}",
+          fmt_share(r.get("ranking_agreement")), fmt_share(r.get("top_n_agreement")), fmt_number(r.get("ndcg@10")),
+          fmt_number(r.get("pairs_per_s")), fmt_share(r.get("decode_share"))] for r in rows])
 
 
 def _kv_table(title: str, block: Any) -> str:

@@ -82,7 +82,7 @@ class Settings:
             "help": "KV store: fs://DIR (default <cache-dir>/kv) | memory:// | lm://HOST:PORT | redis://HOST:PORT"
         },
     )
-    codec: str = field(default="fp16", metadata={"help": "stored KV codec: fp32 | fp16 | bf16 | int8 | int4"})
+    codec: str = field(default="fp16", metadata={"help": "stored KV codec: fp32 | fp16 | bf16 | int8 | int4 | int2"})
     hot_cache_gb: float = field(
         default=-1.0,
         metadata={"help": "in-process LMCache CPU tier in front of the store, GB; -1 = sized to hold the corpus's "

@@ -4,9 +4,10 @@
   batch: scores stay exact (missing KV computed in-process), a warning is visible, nothing hangs,
   and after a restart the store reconnects and writes what was computed meanwhile;
 - store unreachable at start-up: the store and the engine still answer, with a warning;
-- damaged or mismatched entries (truncated, emptied, flipped bytes, another document's or
-  codec's or shape's entry under the right key, a bad CPU-tier copy): detected, never used,
-  counted, evicted, recomputed and replaced, and the replacement loads cleanly;
+- damaged or mismatched entries (truncated, emptied, flipped bytes, also in int4 / int2 payloads,
+  another document's or codec's or shape's entry under the right key, a bad CPU-tier copy):
+  detected, never used, counted, evicted, recomputed and replaced, and the replacement loads
+  cleanly;
 - a precompute process killed midway: the rerun completes, replaces a damaged entry, and no
   half-written file is read as an entry;
 - the retry queue is bounded: overflow is dropped, counted and reported.
@@ -302,6 +303,28 @@ def test_damaged_fs_entry(tmp_path, reranker, batch, make_store, damage):
     FILE_DAMAGE[damage](path)
     check_detected_and_replaced(reranker, make_store, store, batch, url)
     assert not list(path.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("codec", ["int4", "int2"])
+def test_damaged_quantised_entry(tmp_path, batch, make_store, codec):
+    """A flipped byte in a quantised payload (codes or scales: one bit pattern decodes to other
+    numbers just as plausible) is caught by the checksum, never decoded into the batch."""
+    from tests.test_codecs import REL_BOUND
+
+    _, docs, kvs, _ = batch
+    url = f"fs://{tmp_path / 'kv'}"
+    store = make_store(url, codec)
+    for text in docs[:2]:
+        store.put(text, kvs[text])
+    assert store.flush(10)
+    path = entry_file(store, docs[0])
+    flip(path, path.stat().st_size - 100)
+    out = torch.full_like(kvs[docs[0]], 5.0)
+    assert not store.load_into(docs[0], out)
+    assert store.stats.corrupt == 1 and warned(store.take_warnings(), "bad KV entry")
+    clean, got = kvs[docs[1]], torch.full_like(kvs[docs[1]], 5.0)  # the undamaged entry decodes
+    assert make_store(url, codec).load_into(docs[1], got)
+    assert ((got - clean).norm() / clean.norm()).item() <= REL_BOUND[codec]
 
 
 @pytest.mark.servers

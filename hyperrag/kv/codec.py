@@ -2,17 +2,45 @@
 
 Every codec encodes to one flat ``uint8`` tensor and decodes straight into a destination view
 of the compute dtype (a row of the static batch buffer), so loading needs no extra copy: the
-quantized codecs dequantize with one fused ``addcmul`` per part, written into the view.
+quantized codecs dequantize with one fused ``addcmul`` per packed slice, written into the view.
 
 - ``fp32``, ``fp16``, ``bf16``: casts; fp32 is exact.
-- ``int8``, ``int4``: asymmetric min/max quantization with a zero point (fp16 scale and
-  minimum per group) in plain torch, on the axes KIVI found right for each tensor: keys per
-  channel (a group spans ``group`` tokens of one channel, because key outliers sit in fixed
-  channels), values per token (a group spans ``group`` channels of one token). int4 packs two
-  values per byte. On SmolLM2-135M, against fp32 scores (20-document batches), max |score
-  error| was about 1e-3 (fp16), 0.015 (int8, 64-groups) and 0.2 (int4, 32-groups; the former
-  symmetric int4 reached 0.6). Each element's reconstruction error is at most half a step,
+- ``int8``, ``int4``, ``int2``: asymmetric min/max quantization with a zero point (fp16 scale
+  and minimum per group) in plain torch, on the axes KIVI found right for each tensor: keys per
+  channel (a group spans ``key_group`` tokens of one channel, because key outliers sit in fixed
+  channels), values per token (a group spans ``value_group`` channels of one token). int4 and
+  int2 pack 2 / 4 values per byte (slices of the last axis in bit fields: unpacking is a shift
+  and a mask). Each element's reconstruction error is at most half a step,
   ``(max - min) / (2 * (2**bits - 1))`` of its group, plus fp16 rounding of scale and minimum.
+  Bytes per token (SmolLM2-135M, 256-token documents; fp16 = 23,040): int8 12,240 (0.53x),
+  int4 7,200 (0.31x), int2 3,420 (0.148x: groups of 128 tokens for keys and one head for values,
+  the largest the 0.15x budget allows).
+
+Where the quantization error comes from (``scripts/codec_study.py``: simulated quantizers applied
+to one part of the KV at a time, reuse scores against exact fp32 KV, trained adapter, 12 shipped
+questions x 20 candidates; ``docs/codecs/codec-study.txt``): int4 k32/v32 everywhere gives max /
+mean ranking-score error 0.72 / 0.11. Keys carry most of it (keys alone 0.58 / 0.095, values alone
+0.19 / 0.050). No layer, channel set or token set dominates: int4 on one layer alone costs
+0.03-0.06 max (layers 0-4 measured), so the 30 layers' small errors add up. Keeping a
+document's first 4 tokens exact changes nothing (0.73): the attention sink is in the instruction
+prefix, which is never quantized. Techniques, each measured the same way:
+
+- Hadamard rotation of head_dim before quantizing (QuaRot): 0.55 / 0.096, same top-3 100%
+  (from 83%); with 16-token key groups 0.40 / 0.085. Not shipped: undoing it at decode is a
+  64x64 GEMM per token that costs ~4x the int4 dequantization itself (29 vs 8 ms per 150-token
+  document, one busy core), far past the 10%-of-reuse decode budget; the cheap form rotates
+  queries and keys inside the decoder instead (values fold into v_proj / o_proj) and is left
+  for a decoder change;
+- keys quantized before RoPE (KVQuant): 0.65; with rotation 0.66; per-document channel scales
+  before RoPE 0.56 / 0.16 (cheaper metadata, worse mean): RoPE is not where the error is;
+- normal-quantile (NF4) levels: 1.09 alone, 0.51 with rotation: worse than uniform levels;
+- keys grouped per token after rotation: 0.86 (per channel stays right for keys);
+- more bits where it counts: rotation + int8 keys 0.26 / 0.047 (but 0.45x of fp16), int8 on the
+  first or last 10 layers 0.40 / 0.52.
+
+No uniform int4 variant at <= 0.31x of fp16 came near a 0.15 max error, and none kept full
+20-document rankings identical (top-3 sets mostly do); int2 (0.148x) costs 1.6-4.8 max error.
+The codecs therefore keep the plain KIVI layout; the measured trade-off is in the README.
 
 A codec's ``spec`` (name + format parameters) is part of every store key and entry header:
 changing a codec's format can only miss, never decode old bytes with the new layout.
@@ -107,15 +135,15 @@ class QuantCodec(Codec):
         if two != 2 or len(shape) != KV_DIMS:
             raise ValueError(f"KV shape {shape} is not [layers, 2, heads, tokens, head_dim]")
         vg = self.value_group if head_dim % self.value_group == 0 else head_dim
-        if self.bits == 4 and head_dim % 2:
-            raise ValueError(f"int4 needs an even head_dim, got {head_dim}")
+        if head_dim % self.per_byte:
+            raise ValueError(f"{self.name} packs {self.per_byte} values per byte: head_dim {head_dim} is not a multiple")
         kg = self.key_group
         return layers, heads, tokens, head_dim, kg, -(-tokens // kg), vg
 
     def _parts(self, shape: tuple[int, ...]) -> list[int]:
         """Aligned byte sizes of [key codes, key scales, key minima, value codes, value scales, value minima]."""
         layers, heads, tokens, head_dim, kg, nk, vg = self._geometry(shape)
-        per_byte = 8 // self.bits
+        per_byte = self.per_byte
         rows = layers * heads
         key_codes = rows * tokens * head_dim // per_byte
         key_stats = rows * nk * head_dim * 2
@@ -135,11 +163,28 @@ class QuantCodec(Codec):
         q = ((g - lo16.float()) / scale16.float()).round_().clamp_(0, self.levels).to(torch.uint8)
         return q, scale16, lo16
 
+    @property
+    def per_byte(self) -> int:
+        return 8 // self.bits
+
     def _pack(self, q: torch.Tensor) -> torch.Tensor:
+        """Codes of the i-th of ``per_byte`` equal slices of the last axis go to bits
+        ``[i * bits, (i + 1) * bits)`` of each byte: unpacking is a shift and a mask per slice."""
+        chunks = q.chunk(self.per_byte, -1)
+        packed = chunks[0].clone()
+        for i, chunk in enumerate(chunks[1:], 1):
+            packed |= chunk << (self.bits * i)
+        return packed
+
+    def _planes(self, codes: torch.Tensor, width: int):
+        """``(slice of the last axis, codes of that slice)`` for packed ``codes`` of a ``width``-wide axis."""
         if self.bits == 8:
-            return q
-        half = q.shape[-1] // 2
-        return q[..., :half] | (q[..., half:] << 4)
+            yield slice(None), codes
+            return
+        n, mask = width // self.per_byte, self.levels
+        for i in range(self.per_byte):
+            plane = codes >> (self.bits * i) if i else codes
+            yield slice(i * n, (i + 1) * n), plane & mask if i < self.per_byte - 1 else plane
 
     def encode(self, kv: torch.Tensor) -> torch.Tensor:
         kv = kv.detach().to("cpu", torch.float32)
@@ -171,16 +216,12 @@ class QuantCodec(Codec):
         """``out = minimum + codes * scale``, codes possibly packed in nibbles (halves of the last
         axis); scale and minimum vary along the last axis (keys: per channel), so one fused
         ``addcmul`` per half writes straight into the destination view."""
-        if self.bits == 8:
-            torch.addcmul(minimum, codes, scale, out=out)
-            return
-        half = out.shape[-1] // 2
-        torch.addcmul(minimum[..., :half], codes & 15, scale[..., :half], out=out[..., :half])
-        torch.addcmul(minimum[..., half:], codes >> 4, scale[..., half:], out=out[..., half:])
+        for sl, plane in self._planes(codes, out.shape[-1]):
+            torch.addcmul(minimum[..., sl], plane, scale[..., sl], out=out[..., sl])
 
     def decode_into(self, payload: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor) -> None:
         layers, heads, tokens, head_dim, kg, nk, vg = self._geometry(shape)
-        nv, width = head_dim // vg, 8 // self.bits
+        nv, width = head_dim // vg, self.per_byte
         if payload.device != out.device:  # ship the compact bytes, dequantize where the buffer is
             payload = payload.to(out.device, non_blocking=True)
         kq, ks, km, vq, vs, vm = self._split(payload, shape)
@@ -204,12 +245,8 @@ class QuantCodec(Codec):
         vs = vs[: n_rows * nv * 2].view(torch.float16).view(layers, heads, tokens, nv, 1)
         vm = vm[: n_rows * nv * 2].view(torch.float16).view(layers, heads, tokens, nv, 1)
         tmp = _scratch(n_rows * head_dim, out.device).view(layers, heads, tokens, head_dim)
-        if self.bits == 8:
-            tmp.copy_(vq)
-        else:
-            half = head_dim // 2
-            tmp[..., :half].copy_(vq & 15)
-            tmp[..., half:].copy_(vq >> 4)
+        for sl, plane in self._planes(vq, head_dim):
+            tmp[..., sl].copy_(plane)
         grouped = tmp.view(layers, heads, tokens, nv, vg)
         grouped.mul_(vs).add_(vm)
         out[:, 1].copy_(tmp)
@@ -235,6 +272,8 @@ CODECS: dict[str, Codec] = {
     "bf16": CastCodec("bf16", torch.bfloat16),
     "int8": QuantCodec("int8", bits=8, key_group=64, value_group=64),
     "int4": QuantCodec("int4", bits=4, key_group=32, value_group=32),
+    # 2 bits: groups as large as the 0.15x-of-fp16 budget allows (keys 128 tokens, values one head)
+    "int2": QuantCodec("int2", bits=2, key_group=128, value_group=64),
 }
 
 
