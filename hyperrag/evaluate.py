@@ -153,11 +153,7 @@ class QueryFirstScorer:
         shared = parts[0][0] if parts else []
         start = len(shared) if cached else 0
         seqs = [tail if cached else head + tail for head, tail in parts]
-        prefix_kv = None
-        if cached:  # the question's prefix once, as a prefix cache would hold it
-            kv = dec.new_kv(1, start)
-            dec.forward(torch.tensor([shared], device=dec.device), torch.arange(start, device=dec.device)[None], kv, 0)
-            prefix_kv = kv[:, :, 0]
+        prefix_kv = r.encode_prefix(shared) if cached else None  # once, as a prefix cache holds it
         out = [0.0] * len(seqs)
         for batch in length_batches([len(s) for s in seqs], r.batch_size):
             longest = max(len(seqs[i]) for i in batch)
@@ -167,10 +163,10 @@ class QueryFirstScorer:
 
             def run(part: slice) -> list[float]:  # as the reranker runs a batch: rows in streams
                 rows = batch[part]
-                ids, last = r._batch_ids([seqs[i] for i in rows])
+                ids, last = r.batch_ids([seqs[i] for i in rows])
                 pos = (start + torch.arange(ids.shape[1], device=dec.device)).expand(len(rows), -1)
                 mask = causal_mask(ids.shape[1], start, dec.device) if cached else None
-                return r._score_hidden(dec.forward(ids, pos, kv[:, :, part], start, mask, out_index=last))
+                return r.score_hidden(dec.forward(ids, pos, kv[:, :, part], start, mask, out_index=last))
 
             for i, s in zip(batch, r.rows.run(len(batch), run, longest)):
                 out[i] = s
