@@ -461,7 +461,7 @@ def run(args: argparse.Namespace) -> dict:
     engine = zero_shot = None
     try:
         t0 = time.perf_counter()
-        corpus = load_corpus(settings.corpus)
+        corpus = load_corpus(settings.folder("corpus"))
         engine = Engine.load(settings, corpus=corpus, with_generator=not args.no_generate)
         setup["load_s"] = time.perf_counter() - t0
         machine = machine_info(engine)

@@ -284,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     s = settings_from_args(args)
     torch.manual_seed(s.seed)
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
-    corpus = load_corpus(s.corpus)
+    corpus = load_corpus(s.folder("corpus"))
+    adapter = str(s.folder("adapter")) if s.adapter else ""
     by_id = corpus.by_id
     embedder = load_embedder(s.embedder, s.cache_dir, s.device)
     index = DenseIndex.load_or_build(corpus, embedder, s.embedder, s.cache_dir)
@@ -293,7 +294,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cands = retrieve(index, queries, s.top_k)
     retrieve_s = time.perf_counter() - t0
     base = load_llm(s.model, s.cache_dir, s.device, s.dtype)
-    adapter = s.adapter
     trained_llm = trained_reranker = None
     trained_kv = LocalKV()  # exact fp32 document KV of the trained model: reranking and reading share it
     report: dict = {"corpus": str(s.corpus), "queries": len(cands), "seed": s.seed, "top_k": s.top_k,
