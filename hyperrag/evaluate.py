@@ -159,14 +159,14 @@ class QueryFirstScorer:
             longest = max(len(seqs[i]) for i in batch)
             kv = dec.new_kv(len(batch), start + longest)
             if cached:
-                kv[:, :, :, :, :start] = prefix_kv.unsqueeze(2)
+                kv.fill_prefix(prefix_kv)
 
             def run(part: slice) -> list[float]:  # as the reranker runs a batch: rows in streams
                 rows = batch[part]
                 ids, last = r.batch_ids([seqs[i] for i in rows])
                 pos = (start + torch.arange(ids.shape[1], device=dec.device)).expand(len(rows), -1)
                 mask = causal_mask(ids.shape[1], start, dec.device) if cached else None
-                return r.score_hidden(dec.forward(ids, pos, kv[:, :, part], start, mask, out_index=last))
+                return r.score_hidden(dec.forward(ids, pos, kv.rows(part), start, mask, out_index=last))
 
             for i, s in zip(batch, r.rows.run(len(batch), run, longest)):
                 out[i] = s

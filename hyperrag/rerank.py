@@ -20,6 +20,7 @@ from typing import Protocol, Sequence
 import torch
 
 from hyperrag.decoder import Decoder, causal_mask
+from hyperrag.kv.batch import BatchKV
 from hyperrag.kv.layout import StaticLayout
 from hyperrag.models import LLM
 from hyperrag.prompts import QueryTokens, RerankPrompt, RerankTemplate
@@ -133,7 +134,7 @@ class Reranker:
         dec = self.decoder
         kv = dec.new_kv(1, len(ids))
         dec.forward(torch.tensor([list(ids)], device=dec.device), torch.arange(len(ids), device=dec.device)[None], kv, 0)
-        return kv[:, :, 0]
+        return kv.row_view(0, 0, len(ids))
 
     def batch_ids(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded token ids [B, longest] and each row's last position [B]."""
@@ -143,12 +144,12 @@ class Reranker:
         device = self.decoder.device
         return ids.to(device), torch.tensor([len(t) - 1 for t in seqs], device=device)
 
-    def encode_rows(self, token_lists: Sequence[Sequence[int]], kv: torch.Tensor) -> None:
+    def encode_rows(self, token_lists: Sequence[Sequence[int]], kv: BatchKV) -> None:
         """Run documents on the cached prefix into rows ``0..m-1`` of ``kv`` (columns ``P..``):
         the documents' KV computed in place (``reader_full``; the reranker's misses)."""
         p = self.prefix_len
         ids, _ = self.batch_ids(token_lists)
-        kv[:, :, : len(token_lists), :, :p] = self.prefix_kv.unsqueeze(2)
+        kv.fill_prefix(self.prefix_kv, slice(0, len(token_lists)))
         pos = (p + torch.arange(ids.shape[1], device=ids.device)).expand(len(token_lists), -1)
         self.decoder.forward(ids, pos, kv, start=p, mask=causal_mask(ids.shape[1], p, ids.device))
 
@@ -163,9 +164,9 @@ class Reranker:
         p = self.prefix_len
         for batch in length_batches([len(t) for t in toks], self.batch_size):
             def encode(part: slice) -> list[torch.Tensor]:
-                rows, kv = batch[part], self._scratch[:, :, part]
+                rows, kv = batch[part], self._scratch.rows(part)
                 self.encode_rows([toks[i] for i in rows], kv)
-                return [kv[:, :, r, :, p : p + len(toks[i])].clone() for r, i in enumerate(rows)]
+                return [kv.row_view(r, p, len(toks[i])).clone() for r, i in enumerate(rows)]
 
             for i, kv in zip(batch, self.rows.run(len(batch), encode, max(len(toks[i]) for i in batch))):
                 out[i] = kv
@@ -222,13 +223,13 @@ class Reranker:
         device = self.decoder.device
         for batch in length_batches([len(s) for s in seqs], self.batch_size):
             def score(part: slice) -> list[float]:
-                rows, kv = batch[part], self._scratch[:, :, part]
+                rows, kv = batch[part], self._scratch.rows(part)
                 ids, last = self.batch_ids([seqs[i] for i in rows])
                 pos = (start + torch.arange(ids.shape[1], device=device)).expand(len(rows), -1)
                 if mode == "full":
                     mask = None  # causal from column 0; right padding never touches real tokens
                 else:
-                    kv[:, :, : len(rows), :, :start] = self.prefix_kv.unsqueeze(2)
+                    kv.fill_prefix(self.prefix_kv)
                     mask = causal_mask(ids.shape[1], start, device)
                 return self.score_hidden(self.decoder.forward(ids, pos, kv, start, mask, out_index=last))
 
@@ -253,7 +254,7 @@ class Reranker:
                 pos, groups = layout.query_groups(lens[part], n_query)
                 ids = torch.tensor([query.ids], device=device).expand(len(pos), -1)
                 last = torch.full((len(pos),), n_query - 1, device=device)
-                return self.score_hidden(self.decoder.forward_groups(ids, pos, layout.kv[:, :, part], groups, out_index=last))
+                return self.score_hidden(self.decoder.forward_groups(ids, pos, layout.kv.rows(part), groups, out_index=last))
 
             for i, s in zip(picked, self.rows.run(len(chunk), score, n_query)):
                 result.scores[i] = s
