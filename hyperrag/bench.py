@@ -229,7 +229,7 @@ def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repea
                 else:
                     buf, _ = concat_layout(reranker.prefix_kv, kvs, n_query)
                     concat_s.append(time.perf_counter() - t0)
-                    buffers_mb.append(buf.numel() * buf.element_size() / 2**20)
+                    buffers_mb.append(buf.nbytes / 2**20)
                     del buf
         order = ("static", "concat") if i % 2 == 0 else ("concat", "static")
         for which in order:
@@ -259,7 +259,7 @@ def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repea
         "load_ratio": mean(concat_load_s) / mean(static_load_s) if static_load_s and mean(static_load_s) else 0.0,
         "queries": len(candidate_texts), "repeats": repeats,
         "docs_per_query": sum(min(len(t), layout.max_batch) for t in candidate_texts) / max(len(candidate_texts), 1),
-        "static_buffer_mb": layout.nbytes / 2**20, "concat_buffer_mb_mean": sum(buffers_mb) / len(buffers_mb) if buffers_mb else 0.0,
+        "static_buffer_mb": layout.kv.nbytes / 2**20, "concat_buffer_mb_mean": sum(buffers_mb) / len(buffers_mb) if buffers_mb else 0.0,
         "note": "ms per query to fill the batch buffer with the candidates' document KV (excludes the model run)",
     }
 
@@ -465,7 +465,7 @@ def run(args: argparse.Namespace) -> dict:
     engine = zero_shot = None
     try:
         t0 = time.perf_counter()
-        corpus = load_corpus(settings.corpus)
+        corpus = load_corpus(settings.folder("corpus"))
         engine = Engine.load(settings, corpus=corpus, with_generator=not args.no_generate)
         setup["load_s"] = time.perf_counter() - t0
         machine = machine_info(engine)

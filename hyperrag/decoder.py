@@ -1,7 +1,7 @@
 """A small, explicit Llama forward over a Hugging Face model's own weights (gpt-fast style).
 
 Why not ``model(...)``: KV reuse needs control the generic API does not give cheaply: the caller
-owns one preallocated KV buffer ``[layers, 2, batch, kv_heads, columns, head_dim]``, every row
+owns one preallocated :class:`~hyperrag.kv.batch.BatchKV` buffer, every row
 has its own positions, groups of rows may put their new tokens at different columns,
 attention follows an explicit mask over buffer columns, and only the requested output positions
 run the last layer's queries, MLP and the final norm (the LM head is the caller's business).
@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
+
+from hyperrag.kv.batch import BatchKV
 
 
 def causal_mask(n_new: int, start: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -66,14 +68,15 @@ class Decoder:
     def kv_shape(self, batch: int, columns: int) -> tuple[int, ...]:
         return (self.n_layers, 2, batch, self.n_kv_heads, columns, self.head_dim)
 
-    def new_kv(self, batch: int, columns: int) -> torch.Tensor:
-        return torch.zeros(self.kv_shape(batch, columns), device=self.device, dtype=self.dtype)
+    def new_kv(self, batch: int, columns: int) -> BatchKV:
+        """A zeroed batch KV of ``batch`` rows and ``columns`` token slots for this model."""
+        return BatchKV(torch.zeros(self.kv_shape(batch, columns), device=self.device, dtype=self.dtype))
 
     def forward(
         self,
         ids: torch.Tensor,
         pos: torch.Tensor,
-        kv: torch.Tensor,
+        kv: BatchKV,
         start: int,
         mask: torch.Tensor | None = None,
         out_index: torch.Tensor | None = None,
@@ -94,7 +97,7 @@ class Decoder:
         self,
         ids: torch.Tensor,
         pos: torch.Tensor,
-        kv: torch.Tensor,
+        kv: BatchKV,
         groups: Sequence[RowGroup],
         out_index: torch.Tensor | None = None,
         after_kv: Callable[[int], None] | None = None,
@@ -105,6 +108,7 @@ class Decoder:
         ``after_kv(layer)`` runs once each layer's new K/V are written, before attention (two
         calls over consecutive token chunks can so run at once, see :class:`LayerSync`)."""
         bsz, n_new = ids.shape
+        buf = kv.tensor  # the per-layer writes and reads below index the tensor itself
         if groups[0].lo != 0 or groups[-1].hi != bsz or any(a.hi != b.lo for a, b in zip(groups, groups[1:])):
             raise ValueError("row groups must cover the batch rows in order")
         causal = []
@@ -136,14 +140,14 @@ class Decoder:
             else:
                 q = _rope(lin(h, attn.q_proj).view(bsz, n_new, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
             for rows, begin, end in spans:
-                kv[i, 0, rows, :, begin:end] = k[rows]
-                kv[i, 1, rows, :, begin:end] = v[rows]
+                buf[i, 0, rows, :, begin:end] = k[rows]
+                buf[i, 1, rows, :, begin:end] = v[rows]
             if after_kv is not None:
                 after_kv(i)
             outs = []
             for (rows, _, end), mask, is_causal in zip(spans, masks, causal):
                 outs.append(F.scaled_dot_product_attention(
-                    q[rows], kv[i, 0, rows, :, :end], kv[i, 1, rows, :, :end],
+                    q[rows], buf[i, 0, rows, :, :end], buf[i, 1, rows, :, :end],
                     attn_mask=mask, is_causal=is_causal, enable_gqa=gqa,
                 ))
             o = outs[0] if len(outs) == 1 else torch.cat(outs)

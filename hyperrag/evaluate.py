@@ -30,8 +30,8 @@ questions. Systems:
   be reused), built here from token ids and run through the :class:`Decoder`.
 
 Rerankers run in ``reuse`` mode against an exact in-memory fp32 document-KV source (``--mode``
-chooses); ``--check-full N`` also scores the first N questions in ``full`` mode and reports the
-largest score difference and whether the rankings agree.
+chooses); ``--check-full N`` also scores the first N questions in ``full`` mode and reports their
+agreement (:func:`hyperrag.metrics.agreement`: largest score difference, identical rankings, same top-n).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from hyperrag.kv.local import LocalKV
-from hyperrag.metrics import exact_match, f1_score, mean_interval, ranking_metrics
+from hyperrag.metrics import agreement, exact_match, f1_score, mean_interval, ranking_metrics
 from hyperrag.prompts import ASSISTANT, SYSTEM, RerankTemplate
 from hyperrag.decoder import causal_mask
 from hyperrag.rerank import Reranker, fuse_scores, length_batches
@@ -87,8 +87,18 @@ class SystemRun:
     answers: dict[str, str] = field(default_factory=dict)  # qid -> generated answer
 
     def order(self, i: int) -> list[int]:
-        s = self.scores[i]
-        return sorted(range(len(s)), key=lambda j: -s[j])  # stable: ties keep retrieval order
+        return ranked_order(self.scores[i])
+
+
+def ranked_order(scores: Sequence[float]) -> list[int]:
+    """Candidate indices best first (stable: ties keep retrieval order)."""
+    return sorted(range(len(scores)), key=lambda j: -scores[j])
+
+
+def score_records(scores: Sequence[Sequence[float]], cands: Sequence[Candidates], top_n: int) -> list[dict]:
+    """One system's per-question scores as the records :func:`hyperrag.metrics.agreement` pairs up."""
+    return [{"query_id": c.qid, "scores": dict(zip(c.doc_ids, s)), "top_n": top_n,
+             "ranked_ids": [c.doc_ids[j] for j in ranked_order(s)]} for s, c in zip(scores, cands)]
 
 
 def retrieve(index, queries, k: int) -> list[Candidates]:
@@ -143,24 +153,20 @@ class QueryFirstScorer:
         shared = parts[0][0] if parts else []
         start = len(shared) if cached else 0
         seqs = [tail if cached else head + tail for head, tail in parts]
-        prefix_kv = None
-        if cached:  # the question's prefix once, as a prefix cache would hold it
-            kv = dec.new_kv(1, start)
-            dec.forward(torch.tensor([shared], device=dec.device), torch.arange(start, device=dec.device)[None], kv, 0)
-            prefix_kv = kv[:, :, 0]
+        prefix_kv = r.encode_prefix(shared) if cached else None  # once, as a prefix cache holds it
         out = [0.0] * len(seqs)
         for batch in length_batches([len(s) for s in seqs], r.batch_size):
             longest = max(len(seqs[i]) for i in batch)
             kv = dec.new_kv(len(batch), start + longest)
             if cached:
-                kv[:, :, :, :, :start] = prefix_kv.unsqueeze(2)
+                kv.fill_prefix(prefix_kv)
 
             def run(part: slice) -> list[float]:  # as the reranker runs a batch: rows in streams
                 rows = batch[part]
-                ids, last = r._batch_ids([seqs[i] for i in rows])
+                ids, last = r.batch_ids([seqs[i] for i in rows])
                 pos = (start + torch.arange(ids.shape[1], device=dec.device)).expand(len(rows), -1)
                 mask = causal_mask(ids.shape[1], start, dec.device) if cached else None
-                return r._score_hidden(dec.forward(ids, pos, kv[:, :, part], start, mask, out_index=last))
+                return r.score_hidden(dec.forward(ids, pos, kv.rows(part), start, mask, out_index=last))
 
             for i, s in zip(batch, r.rows.run(len(batch), run, longest)):
                 out[i] = s
@@ -228,17 +234,6 @@ def read_answers(reader, run: SystemRun | None, cands: Sequence[Candidates], by_
     return out
 
 
-def ranking_agreement(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> dict:
-    """Largest score difference and how many questions rank their candidates identically."""
-    max_diff, same = 0.0, 0
-    for sa, sb in zip(a, b):
-        max_diff = max(max_diff, max(abs(x - y) for x, y in zip(sa, sb)))
-        oa = sorted(range(len(sa)), key=lambda j: -sa[j])
-        ob = sorted(range(len(sb)), key=lambda j: -sb[j])
-        same += oa == ob
-    return {"questions": len(a), "max_abs_score_diff": max_diff, "identical_rankings": same}
-
-
 # -- command line ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     s = settings_from_args(args)
     torch.manual_seed(s.seed)
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
-    corpus = load_corpus(s.corpus)
+    corpus = load_corpus(s.folder("corpus"))
+    adapter = str(s.folder("adapter")) if s.adapter else ""
     by_id = corpus.by_id
     embedder = load_embedder(s.embedder, s.cache_dir, s.device)
     index = DenseIndex.load_or_build(corpus, embedder, s.embedder, s.cache_dir)
@@ -298,7 +294,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cands = retrieve(index, queries, s.top_k)
     retrieve_s = time.perf_counter() - t0
     base = load_llm(s.model, s.cache_dir, s.device, s.dtype)
-    adapter = s.adapter
     trained_llm = trained_reranker = None
     trained_kv = LocalKV()  # exact fp32 document KV of the trained model: reranking and reading share it
     report: dict = {"corpus": str(s.corpus), "queries": len(cands), "seed": s.seed, "top_k": s.top_k,
@@ -334,9 +329,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             report["systems"][name] = {"ranking": ranking_summary(run, part), "seconds": old_row.get("seconds", 0.0),
                                        "seconds_per_question": old_row.get("seconds_per_question", 0.0),
                                        "scores_from": args.scores_from}
-            for check in ("full_check",):
-                if name in old.get(check, {}):
-                    report[check][name] = old[check][name]
+            check = old.get("full_check", {}).get(name, {})
+            if "ranking_agreement" in check:  # files from before the shared agreement keys lack it
+                report["full_check"][name] = check
             continue
         bar = tqdm(total=len(part), desc=name, mininterval=10)
         tick = lambda i, total: bar.update(1)  # noqa: E731
@@ -356,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 run.scores = rerank_scores(reranker, part, by_id, args.mode, progress=tick)
                 if name == "zero-shot" and args.check_full:
                     full = rerank_scores(reranker, part[: args.check_full], by_id, "full")
-                    report["full_check"][name] = ranking_agreement(run.scores[: args.check_full], full)
+                    report["full_check"][name] = agreement(score_records(full, part, s.top_n),
+                                                           score_records(run.scores, part, s.top_n))
         elif name in ("trained", "trained+retrieval"):
             if not adapter:
                 raise SystemExit("the trained systems need an adapter (--adapter or HYPERRAG_ADAPTER)")
@@ -369,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 run.scores = rerank_scores(reranker, part, by_id, args.mode, trained_kv, progress=tick)
                 if args.check_full:
                     full = rerank_scores(reranker, part[: args.check_full], by_id, "full")
-                    report["full_check"]["trained"] = ranking_agreement(run.scores[: args.check_full], full)
+                    report["full_check"]["trained"] = agreement(score_records(full, part, s.top_n),
+                                                                score_records(run.scores, part, s.top_n))
             if name == "trained+retrieval":
                 w = float(adapter_meta(adapter).get("retrieval_weight", 0.0))
                 report["retrieval_weight"] = w
@@ -456,9 +453,9 @@ def format_table(report: dict) -> str:
         lines.append(f"{name:22s} {r['questions']:4d} {_ci(r, 'recall@1'):>22s} {r['recall@5']:9.4f} "
                      f"{r['mrr@10']:9.4f} {_ci(r, 'ndcg@10'):>22s} {row['seconds_per_question']:6.2f}")
     for name, chk in report.get("full_check", {}).items():
-        lines.append(f"{name}: reuse vs full on {chk['questions']} questions: max |diff| "
-                     f"{chk['max_abs_score_diff']:.2e}, identical rankings "
-                     f"{chk['identical_rankings']}/{chk['questions']}")
+        lines.append(f"{name}: {report['mode']} vs full on {chk['compared_queries']} questions: max |diff| "
+                     f"{chk['max_abs_score_diff']:.2e}, identical rankings {chk['ranking_agreement']:.0%}, "
+                     f"same top-{report['top_n']} {chk['top_n_agreement']:.0%}")
     if report.get("answers"):
         lines.append(f"{'answers (system+answerer)':30s} {'n':>4s} {'EM [95% CI]':>22s} {'F1 [95% CI]':>22s} "
                      f"{'F1 - retrieval-only [95% CI]':>30s}")

@@ -1,4 +1,5 @@
-"""Ranking and answer metrics: recall@k, MRR@k, NDCG@k (binary relevance), SQuAD EM/F1, latency."""
+"""Ranking and answer metrics: recall@k, MRR@k, NDCG@k (binary relevance), SQuAD EM/F1, latency,
+and the agreement of two runs on the same questions."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ import random
 import re
 import string
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 
 def recall_at_k(ranked: Sequence[str], gold: Iterable[str], k: int) -> float:
@@ -88,3 +89,38 @@ def mean_interval(values: Sequence[float], draws: int = 2000, seed: int = 0, lev
     means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(draws))
     tail = (1 - level) / 2 * 100
     return [percentile(means, tail), percentile(means, 100 - tail)]
+
+
+def agreement(reference: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]]) -> dict:
+    """How ``other`` matches ``reference`` on the same questions (reuse vs full prefill, reader
+    from stored KV vs full, one question in the app); the one definition the bench, evaluation
+    and app report. Records pair up by ``query_id`` and hold ``scores`` (id -> score),
+    ``ranked_ids``, optionally ``top_n`` (default: every candidate) and ``answer`` with
+    ``generated`` (default True).
+
+    Returns the max abs score difference over common candidates, the fraction of questions with
+    identical full rankings (``ranking_agreement``) and with the same top-n set, the number of
+    questions compared, and (when both answered some) the fraction with identical answers;
+    ``{}`` when no question is in both."""
+    ref = {r.get("query_id"): r for r in reference}
+    pairs = [(ref[r.get("query_id")], r) for r in other if r.get("query_id") in ref]
+    if not pairs:
+        return {}
+    diffs, same_rank, same_top, same_answer, answered = [], 0, 0, 0, 0
+    for a, b in pairs:
+        sa, sb = a.get("scores") or {}, b.get("scores") or {}
+        diffs += [abs(sa[d] - sb[d]) for d in sa.keys() & sb.keys()]
+        rank_a, rank_b = list(a.get("ranked_ids", [])), list(b.get("ranked_ids", []))
+        same_rank += rank_a == rank_b
+        n = int(a.get("top_n") or 0) or len(rank_a)
+        same_top += set(rank_a[:n]) == set(rank_b[:n])
+        if "answer" in a and "answer" in b and a.get("generated", True) and b.get("generated", True):
+            answered += 1
+            same_answer += a["answer"] == b["answer"]
+    out = {"max_abs_score_diff": max(diffs) if diffs else 0.0,
+           "ranking_agreement": same_rank / len(pairs),
+           "top_n_agreement": same_top / len(pairs),
+           "compared_queries": len(pairs)}
+    if answered:
+        out["answer_agreement"] = same_answer / answered
+    return out

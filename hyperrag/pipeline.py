@@ -94,7 +94,7 @@ class Engine:
              progress: Progress | None = None) -> "Engine":
         """Load a runtime for ``settings`` and a view of ``corpus`` (default ``settings.corpus``)."""
         s = settings or Settings.from_env()
-        corpus = corpus or load_corpus(s.corpus)
+        corpus = corpus or load_corpus(s.folder("corpus"))
         runtime = Runtime.load(s, with_generator, [d.text for d in corpus.docs])
         return cls(runtime, corpus, runtime.index(corpus, progress))
 

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store-url", dest="store_url", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
-    corpus = load_corpus(settings.corpus)
+    corpus = load_corpus(settings.folder("corpus"))
     if args.ray is not None:  # hyperrag.ray_precompute: same entries, written by a pool of Ray actors
         from hyperrag.ray_precompute import run_cli
 

@@ -136,10 +136,10 @@ class Reader:
         reading = Reading("", -1, -1, -1, [])
         t0 = time.perf_counter()
         if mode == "kv":
-            reading.load_s, reading.encoded_docs = self.reranker._load_rows(layout, texts, lens, source)
+            reading.load_s, reading.encoded_docs = self.reranker.load_rows(layout, texts, lens, source)
             t0 += reading.load_s  # documents the store lacked count as compute
         else:
-            self.reranker._encode_rows([self.prompt.doc_ids(t) for t in texts], layout.kv)
+            self.reranker.encode_rows([self.prompt.doc_ids(t) for t in texts], layout.kv)
         n_query = len(query.ids)
         pos, groups = layout.query_groups(lens, n_query)
         ids = torch.tensor([query.ids], device=device).expand(len(texts), -1)

@@ -33,7 +33,7 @@ import math
 import random
 from typing import Any, Iterable, Mapping, Sequence
 
-from hyperrag.metrics import exact_match, f1_score, latency_summary, ranking_metrics
+from hyperrag.metrics import agreement, exact_match, f1_score, latency_summary, ranking_metrics
 from hyperrag.modes import E2E_KEYS, MODE_TABLE
 
 STAGES = ("retrieve", "kv_load", "rerank", "generate")
@@ -270,33 +270,6 @@ def _quality(by_mode: dict) -> dict:
     if reader:
         quality["reader_kv_vs_full"] = reader
     return quality
-
-
-def agreement(reference: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]]) -> dict:
-    """How ``other`` (reuse) matches ``reference`` (baseline), paired by ``query_id``:
-    max abs score difference over common candidates, fraction of queries with identical full
-    rankings, with the same top-n set, and with identical answers."""
-    ref = {r.get("query_id"): r for r in reference}
-    pairs = [(ref[r.get("query_id")], r) for r in other if r.get("query_id") in ref]
-    if not pairs:
-        return {}
-    diffs, same_rank, same_top, same_answer, answered = [], 0, 0, 0, 0
-    for a, b in pairs:
-        sa, sb = a.get("scores") or {}, b.get("scores") or {}
-        diffs += [abs(sa[d] - sb[d]) for d in sa.keys() & sb.keys()]
-        same_rank += list(a.get("ranked_ids", [])) == list(b.get("ranked_ids", []))
-        n = int(a.get("top_n") or 0) or len(a.get("ranked_ids", []))
-        same_top += set(a.get("ranked_ids", [])[:n]) == set(b.get("ranked_ids", [])[:n])
-        if a.get("generated", True) and b.get("generated", True):
-            answered += 1
-            same_answer += a.get("answer", "") == b.get("answer", "")
-    out = {"max_abs_score_diff": max(diffs) if diffs else 0.0,
-           "ranking_agreement": same_rank / len(pairs),
-           "top_n_agreement": same_top / len(pairs),
-           "compared_queries": len(pairs)}
-    if answered:
-        out["answer_agreement"] = same_answer / answered
-    return out
 
 
 def finite_numbers(obj: Any, path: str = "") -> list[tuple[str, float]]:

@@ -20,6 +20,7 @@ from typing import Protocol, Sequence
 import torch
 
 from hyperrag.decoder import Decoder, causal_mask
+from hyperrag.kv.batch import BatchKV
 from hyperrag.kv.layout import StaticLayout
 from hyperrag.models import LLM
 from hyperrag.prompts import QueryTokens, RerankPrompt, RerankTemplate
@@ -110,7 +111,7 @@ class Reranker:
         max_query = max_question_tokens + len(self.prompt.suffix_ids)
         # Scratch buffer for full prefill and document encoding; the static layout for reuse.
         self._scratch = self.decoder.new_kv(batch_size, self.prefix_len + max_doc + max_query)
-        self.prefix_kv = self._encode_prefix()
+        self.prefix_kv = self.encode_prefix(self.prompt.prefix_ids)
         self.layout = StaticLayout(self.decoder, self.prefix_kv, batch_size, max_doc, max_query)
 
     # -- identities ---------------------------------------------------------------------------
@@ -122,14 +123,20 @@ class Reranker:
     def doc_tokens(self, text: str) -> int:
         return len(self.prompt.doc_ids(text))
 
-    # -- encoding -----------------------------------------------------------------------------
-    def _encode_prefix(self) -> torch.Tensor:
-        ids = torch.tensor([self.prompt.prefix_ids], device=self.decoder.device)
-        pos = torch.arange(self.prefix_len, device=self.decoder.device)[None]
-        self.decoder.forward(ids, pos, self._scratch, start=0)
-        return self._scratch[:, :, 0, :, : self.prefix_len].clone()
+    # -- batch building blocks ----------------------------------------------------------------
+    # Public so that the reader and the evaluation's query-first baseline run their batches the
+    # way the reranker runs its own. Those that use the reranker's buffers (its layout, or the
+    # scratch through ``load_rows``) must hold ``lock``.
+    def encode_prefix(self, ids: Sequence[int]) -> torch.Tensor:
+        """The KV ``[layers, 2, kv_heads, n, head_dim]`` of ``ids`` from column 0: a prefix that
+        batch rows then share (the prompt's instruction; a question's, for query-first caching).
+        Uses a buffer of its own, so it needs no lock."""
+        dec = self.decoder
+        kv = dec.new_kv(1, len(ids))
+        dec.forward(torch.tensor([list(ids)], device=dec.device), torch.arange(len(ids), device=dec.device)[None], kv, 0)
+        return kv.row_view(0, 0, len(ids))
 
-    def _batch_ids(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_ids(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded token ids [B, longest] and each row's last position [B]."""
         ids = torch.zeros((len(seqs), max(len(t) for t in seqs)), dtype=torch.long)
         for r, toks in enumerate(seqs):
@@ -137,11 +144,12 @@ class Reranker:
         device = self.decoder.device
         return ids.to(device), torch.tensor([len(t) - 1 for t in seqs], device=device)
 
-    def _encode_rows(self, token_lists: Sequence[Sequence[int]], kv: torch.Tensor) -> None:
-        """Run documents on the cached prefix into rows ``0..m-1`` of ``kv`` (columns ``P..``)."""
+    def encode_rows(self, token_lists: Sequence[Sequence[int]], kv: BatchKV) -> None:
+        """Run documents on the cached prefix into rows ``0..m-1`` of ``kv`` (columns ``P..``):
+        the documents' KV computed in place (``reader_full``; the reranker's misses)."""
         p = self.prefix_len
-        ids, _ = self._batch_ids(token_lists)
-        kv[:, :, : len(token_lists), :, :p] = self.prefix_kv.unsqueeze(2)
+        ids, _ = self.batch_ids(token_lists)
+        kv.fill_prefix(self.prefix_kv, slice(0, len(token_lists)))
         pos = (p + torch.arange(ids.shape[1], device=ids.device)).expand(len(token_lists), -1)
         self.decoder.forward(ids, pos, kv, start=p, mask=causal_mask(ids.shape[1], p, ids.device))
 
@@ -156,18 +164,19 @@ class Reranker:
         p = self.prefix_len
         for batch in length_batches([len(t) for t in toks], self.batch_size):
             def encode(part: slice) -> list[torch.Tensor]:
-                rows, kv = batch[part], self._scratch[:, :, part]
-                self._encode_rows([toks[i] for i in rows], kv)
-                return [kv[:, :, r, :, p : p + len(toks[i])].clone() for r, i in enumerate(rows)]
+                rows, kv = batch[part], self._scratch.rows(part)
+                self.encode_rows([toks[i] for i in rows], kv)
+                return [kv.row_view(r, p, len(toks[i])).clone() for r, i in enumerate(rows)]
 
             for i, kv in zip(batch, self.rows.run(len(batch), encode, max(len(toks[i]) for i in batch))):
                 out[i] = kv
         return out  # type: ignore[return-value]
 
-    def _load_rows(self, layout: StaticLayout, texts: Sequence[str], lens: Sequence[int],
-                   source: DocKVSource) -> tuple[float, int]:
+    def load_rows(self, layout: StaticLayout, texts: Sequence[str], lens: Sequence[int],
+                  source: DocKVSource) -> tuple[float, int]:
         """Fill rows ``0..`` of ``layout`` with the documents' stored KV; the ones the source
-        lacks are computed, stored and filled in. Returns (seconds loading, documents computed)."""
+        lacks are computed, stored and filled in. Returns (seconds loading, documents computed).
+        Computing uses the reranker's scratch buffer: hold ``lock``."""
         t0 = time.perf_counter()
         found = load_batch(source, texts, [layout.doc_view(r, n) for r, n in enumerate(lens)])
         load_s = time.perf_counter() - t0
@@ -178,9 +187,12 @@ class Reranker:
                 source.put(texts[r], kv)
         return load_s, len(missing)
 
-    # -- scoring ------------------------------------------------------------------------------
-    def _score_hidden(self, hidden: torch.Tensor) -> list[float]:
+    def score_hidden(self, hidden: torch.Tensor) -> list[float]:
+        """Each row's score from its last position's final hidden state [B, H]:
+        logit(yes) - logit(no) as one dot product."""
         return (hidden.float() @ self.score_vec).tolist()
+
+    # -- scoring ------------------------------------------------------------------------------
 
     def score(self, question: str, docs: Sequence[str], mode: str = "reuse",
               source: DocKVSource | None = None) -> RerankResult:
@@ -211,15 +223,15 @@ class Reranker:
         device = self.decoder.device
         for batch in length_batches([len(s) for s in seqs], self.batch_size):
             def score(part: slice) -> list[float]:
-                rows, kv = batch[part], self._scratch[:, :, part]
-                ids, last = self._batch_ids([seqs[i] for i in rows])
+                rows, kv = batch[part], self._scratch.rows(part)
+                ids, last = self.batch_ids([seqs[i] for i in rows])
                 pos = (start + torch.arange(ids.shape[1], device=device)).expand(len(rows), -1)
                 if mode == "full":
                     mask = None  # causal from column 0; right padding never touches real tokens
                 else:
-                    kv[:, :, : len(rows), :, :start] = self.prefix_kv.unsqueeze(2)
+                    kv.fill_prefix(self.prefix_kv)
                     mask = causal_mask(ids.shape[1], start, device)
-                return self._score_hidden(self.decoder.forward(ids, pos, kv, start, mask, out_index=last))
+                return self.score_hidden(self.decoder.forward(ids, pos, kv, start, mask, out_index=last))
 
             for i, s in zip(batch, self.rows.run(len(batch), score, max(len(seqs[i]) for i in batch))):
                 result.scores[i] = s
@@ -234,7 +246,7 @@ class Reranker:
             chunk = [docs[i] for i in picked]
             lens = [self.doc_tokens(d) for d in chunk]
             t0 = time.perf_counter()
-            load_s, encoded = self._load_rows(layout, chunk, lens, source)
+            load_s, encoded = self.load_rows(layout, chunk, lens, source)
             result.load_s += load_s
             result.encoded_docs += encoded
 
@@ -242,7 +254,7 @@ class Reranker:
                 pos, groups = layout.query_groups(lens[part], n_query)
                 ids = torch.tensor([query.ids], device=device).expand(len(pos), -1)
                 last = torch.full((len(pos),), n_query - 1, device=device)
-                return self._score_hidden(self.decoder.forward_groups(ids, pos, layout.kv[:, :, part], groups, out_index=last))
+                return self.score_hidden(self.decoder.forward_groups(ids, pos, layout.kv.rows(part), groups, out_index=last))
 
             for i, s in zip(picked, self.rows.run(len(chunk), score, n_query)):
                 result.scores[i] = s

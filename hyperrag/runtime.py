@@ -104,7 +104,8 @@ def _adapter_value(adapter: str, key: str, default: float) -> float:
 def load_reranker(s: Settings, base: LLM | None = None) -> Reranker:
     """The reranker for settings ``s`` (on ``base``, the already loaded LLM, unless an adapter is
     set). Its ``kv_identity`` keys the store, so precompute builds it here too."""
-    llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=s.adapter) if s.adapter or base is None else base
+    adapter = str(s.folder("adapter")) if s.adapter else ""
+    llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter) if adapter or base is None else base
     return Reranker(llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
                     batch_size=s.batch_size, streams=s.cpu_streams)
 

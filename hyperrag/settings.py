@@ -13,7 +13,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+# The corpus and adapter defaults point into a source checkout (corpora/, models/); an installed
+# package has neither, so :meth:`Settings.folder` says which setting to give instead.
 REPO_ROOT = Path(__file__).resolve().parent.parent
+FOLDER_SETTINGS = {
+    "corpus": "a corpus folder (docs.jsonl [+ queries.jsonl], or .txt/.md files)",
+    "adapter": "a LoRA adapter folder, or '' for the zero-shot base model (no reader)",
+}
 
 
 def _default_cache_dir() -> str:
@@ -118,6 +124,23 @@ class Settings:
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+    def folder(self, name: str) -> Path:
+        """The ``corpus`` or ``adapter`` folder, checked before it is read: a missing one is
+        reported with the variable and flag that set it, not by a later, unrelated failure."""
+        value = getattr(self, name)
+        default = next(f.default for f in fields(self) if f.name == name)
+        return existing_folder(value, f"HYPERRAG_{name.upper()} or --{name.replace('_', '-')}", FOLDER_SETTINGS[name],
+                               " (the default, which only a source checkout has)" if value == default else "")
+
+
+def existing_folder(path: str | Path, setting: str, expected: str, note: str = "") -> Path:
+    """``path`` if it is a folder, else a :class:`FileNotFoundError` naming ``setting`` to change."""
+    folder = Path(path)
+    if not folder.is_dir():
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"{folder} {state}{note}: set {setting} to {expected}")
+    return folder
 
 
 def _coerce(f: dataclasses.Field, raw: str) -> Any:

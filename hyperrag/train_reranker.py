@@ -540,6 +540,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from tqdm import tqdm
 
     from hyperrag.models import _safetensors_copy, load_embedder
+    from hyperrag.settings import existing_folder
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -549,6 +550,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.out)
     if args.validate_only:
         return record_validation(args, out, {**adapter_meta(out)}, load_embedder("all-minilm-l6-v2", args.cache_dir, "cpu"))
+    if args.init_adapter:  # its default is a checkout's folder: say so now, not at the LoRA load
+        existing_folder(args.init_adapter, "--init-adapter", "an adapter folder to start from, or '' for a fresh LoRA init")
     ckpt = out / "checkpoint"
     config = {k: getattr(args, k) for k in CONFIG_KEYS}  # what a resumed checkpoint must match
     t_start = time.perf_counter()

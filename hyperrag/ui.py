@@ -30,7 +30,7 @@ from hyperrag.corpus import Query
 from hyperrag.kv.codec import CODECS
 from hyperrag.kv.planner import format_bytes
 from hyperrag.kv.urls import redact_url
-from hyperrag.metrics import exact_match, f1_score
+from hyperrag.metrics import agreement, exact_match, f1_score
 from hyperrag.modes import MODE_TABLE, MODES as MODE_SPECS
 from hyperrag.pipeline import MODES, QuestionError, RAGResult, clean_question
 from hyperrag.precompute import precompute
@@ -186,15 +186,14 @@ def summary_markdown(results: dict[str, RAGResult]) -> str:
         lines.append(f"**KV reuse reranked {len(reuse.docs)} documents {speed} faster than the baseline** "
                      f"({seconds_text(tr)} vs {seconds_text(tb)}); end to end {seconds_text(reuse.timings['total'])} "
                      f"vs {seconds_text(base.timings['total'])}.")
-        if base.ranked_ids == reuse.ranked_ids:
+        agree = agreement([report.record_from_result(base, generated=True)],
+                          [report.record_from_result(reuse, generated=True)])
+        if agree["ranking_agreement"] == 1:
             same = "Same ranking ✓"
         else:
-            scores = {d.id: d.score for d in base.docs}
-            diff = max(abs(scores[d.id] - d.score) for d in reuse.docs if d.id in scores)
-            top = set(base.ranked_ids[: base.top_n]) == set(reuse.ranked_ids[: reuse.top_n])
-            same = (f"Same top-{reuse.top_n} {'✓' if top else '✗'}; the full ranking differs (near-tied scores, "
-                    f"max difference {diff:.1e})")
-        lines[-1] += f" {same} · same answer {'✓' if base.answer == reuse.answer else '✗'}"
+            same = (f"Same top-{reuse.top_n} {'✓' if agree['top_n_agreement'] == 1 else '✗'}; the full ranking "
+                    f"differs (near-tied scores, max difference {agree['max_abs_score_diff']:.1e})")
+        lines[-1] += f" {same} · same answer {'✓' if agree['answer_agreement'] == 1 else '✗'}"
     reader = results.get("reader_kv")
     if reader and base:
         ratio = base.timings["total"] / reader.timings["total"] if reader.timings["total"] else float("inf")

@@ -147,7 +147,7 @@ def test_static_layout_matches_concat_and_per_document(reranker, real_batch):
     assert concat_lens == lens
     p, longest = layout.prefix_len, max(lens)
     for r, n in enumerate(lens):  # same prefix and document columns, row by row
-        assert torch.equal(layout.kv[:, :, r, :, : p + n], concat[:, :, r, :, : p + n])
+        assert torch.equal(layout.kv.row_view(r, 0, p + n), concat.row_view(r, 0, p + n))
 
     def scores(buffer, groups):
         ids = torch.tensor([query.ids]).expand(len(docs), -1)

@@ -21,6 +21,20 @@ def test_mean_interval_brackets_the_mean_and_pairs():
     assert 0.0 == lo < 0.5 < hi <= 1.0  # a never-negative difference: the interval starts at 0
 
 
+def test_full_check_agreement_from_score_lists():
+    """``--check-full`` compares score lists through the one agreement function (ties keep
+    retrieval order on both sides)."""
+    from hyperrag.evaluate import Candidates, score_records
+    from hyperrag.metrics import agreement
+
+    cands = [Candidates(f"q{i}", "?", [], ["a"], ["a", "b", "c"], [0.9, 0.8, 0.7]) for i in range(2)]
+    full = [[1.0, 1.0, 0.0], [0.0, 2.0, 1.0]]
+    reuse = [[1.0, 1.0, 0.0], [0.0, 1.0, 1.00001]]
+    out = agreement(score_records(full, cands, 1), score_records(reuse, cands, 1))
+    assert out["compared_queries"] == 2 and out["ranking_agreement"] == 0.5 and out["top_n_agreement"] == 0.5
+    assert out["max_abs_score_diff"] == pytest.approx(1.0) and "answer_agreement" not in out
+
+
 def test_evaluate_on_a_tiny_corpus(tiny_corpus_dir, cache_dir, tmp_path):
     from hyperrag.evaluate import main
 

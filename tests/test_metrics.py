@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from hyperrag.metrics import (exact_match, f1_score, latency_summary, mrr_at_k, ndcg_at_k, normalize_answer,
+from hyperrag.metrics import (agreement, exact_match, f1_score, latency_summary, mrr_at_k, ndcg_at_k, normalize_answer,
                               percentile, recall_at_k)
 
 RANKED = ["a", "b", "c", "d", "e"]
@@ -44,3 +44,21 @@ def test_latency_summary():
     assert percentile([5], 95) == 5
     summary = latency_summary([0.1, 0.2, 0.3])
     assert summary["p50_ms"] == pytest.approx(200) and summary["mean_ms"] == pytest.approx(200)
+
+
+def test_agreement_pairs_questions_and_counts_only_answered_ones():
+    ref = [{"query_id": "q1", "scores": {"a": 2.0, "b": 1.0, "c": 0.0}, "ranked_ids": ["a", "b", "c"], "top_n": 2,
+            "answer": "x"},
+           {"query_id": "q2", "scores": {"a": 1.0, "b": 0.5}, "ranked_ids": ["a", "b"], "answer": "y"}]
+    other = [{"query_id": "q1", "scores": {"a": 2.0, "b": 0.9, "c": 1.05}, "ranked_ids": ["a", "c", "b"],
+              "answer": "x"},
+             {"query_id": "q2", "scores": {"a": 1.0, "b": 0.5}, "ranked_ids": ["a", "b"], "answer": "z",
+              "generated": False},
+             {"query_id": "q3", "scores": {"a": 9.0}, "ranked_ids": ["a"]}]  # not in the reference
+    out = agreement(ref, other)
+    assert out["compared_queries"] == 2 and out["max_abs_score_diff"] == pytest.approx(1.05)
+    assert out["ranking_agreement"] == 0.5  # q1's order differs
+    assert out["top_n_agreement"] == 0.5  # q1's top 2 differ; q2 (no top_n) compares every candidate
+    assert out["answer_agreement"] == 1.0  # q2 was not generated on one side: not compared
+    assert "answer_agreement" not in agreement(ref[1:], other)  # q2 alone: no answer on both sides
+    assert agreement(ref, [{"query_id": "q9"}]) == {}

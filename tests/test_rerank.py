@@ -23,6 +23,22 @@ def squad_batch():
     return [(q["question"], [by_id[q["doc_ids"][0]]] + candidates) for q in picked]
 
 
+def test_batch_kv_cuts_are_views_of_one_buffer():
+    """Rows, a row's columns and the shared prefix all write the one preallocated tensor."""
+    from hyperrag.kv.batch import BatchKV
+
+    kv = BatchKV(torch.zeros(3, 2, 4, 2, 10, 5))  # layers, K/V, rows, kv heads, columns, head dim
+    assert kv.shape[2] == 4 and kv.nbytes == 3 * 2 * 4 * 2 * 10 * 5 * 4
+    prefix = torch.randn(3, 2, 2, 3, 5)
+    kv.rows(slice(1, 3)).fill_prefix(prefix)
+    assert torch.equal(kv.row_view(2, 0, 3), prefix) and not kv.row_view(0, 0, 3).any()
+    doc = torch.randn(3, 2, 2, 4, 5)
+    kv.rows(slice(1, 3)).row_view(0, 3, 4).copy_(doc)  # row 1 of the whole buffer
+    assert torch.equal(kv.tensor[:, :, 1, :, 3:7], doc) and not kv.tensor[:, :, 1, :, 7:].any()
+    with pytest.raises(ValueError, match="a batch KV is"):
+        BatchKV(torch.zeros(3, 2, 2, 10, 5))
+
+
 def test_decoder_matches_transformers(llm):
     """Our explicit forward gives the same logits as the Hugging Face model."""
     from hyperrag.decoder import Decoder
@@ -54,7 +70,7 @@ def test_output_positions_skip_nothing_they_need(llm):
     picked = dec.forward(ids, pos, picked_kv, start=0, out_index=out)
     # Fewer rows in the last layer's GEMMs may round differently: the fp32 bound, not 1e-5.
     assert torch.allclose(picked, every[torch.arange(bsz), out], atol=FP32_SCORE_BOUND)
-    assert torch.allclose(picked_kv, every_kv, atol=FP32_SCORE_BOUND)
+    assert torch.allclose(picked_kv.tensor, every_kv.tensor, atol=FP32_SCORE_BOUND)
     p = 4  # the first tokens cached, the rest under a mask, as prefix caching runs them
     tail = dec.forward(ids[:, p:], pos[:, p:], picked_kv, start=p, mask=causal_mask(n - p, p), out_index=out - p)
     assert torch.allclose(tail, picked, atol=FP32_SCORE_BOUND)

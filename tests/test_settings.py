@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from hyperrag.settings import Settings, add_cli_args, settings_from_args
+from hyperrag.settings import REPO_ROOT, Settings, add_cli_args, settings_from_args
 
 
 def test_defaults_env_and_cli_precedence(monkeypatch, tmp_path):
@@ -23,3 +23,25 @@ def test_bad_values_are_clear(monkeypatch):
         Settings.from_env()
     with pytest.raises(ValueError, match="top_n must be >= 1"):
         Settings(top_n=0)
+
+
+def test_missing_folders_name_the_setting_to_give(monkeypatch, tmp_path):
+    """From a checkout the defaults are the shipped corpus and adapter; where they are missing
+    (an installed wheel) the error names the path and the variable and flag to set, before
+    anything loads."""
+    s = Settings()
+    assert s.folder("corpus") == REPO_ROOT / "corpora" / "squad-dev-mini"
+    assert s.folder("adapter") == REPO_ROOT / "models" / "hyperrag-lora"
+    missing = tmp_path / "site-packages" / "corpora" / "squad-dev-mini"
+    monkeypatch.setattr(Settings.__dataclass_fields__["corpus"], "default", str(missing))  # a wheel's default
+    with pytest.raises(FileNotFoundError) as err:
+        Settings(corpus=str(missing)).folder("corpus")
+    assert str(missing) in str(err.value) and "the default" in str(err.value)
+    assert "HYPERRAG_CORPUS or --corpus" in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"does not exist: set HYPERRAG_ADAPTER or --adapter to .*''"):
+        Settings(adapter=str(tmp_path / "no-adapter")).folder("adapter")
+
+    from hyperrag.pipeline import Engine
+
+    with pytest.raises(FileNotFoundError, match="HYPERRAG_CORPUS"):  # before any model loads
+        Engine.load(Settings(corpus=str(missing), cache_dir=str(tmp_path)))

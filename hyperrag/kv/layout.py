@@ -1,6 +1,6 @@
 """Static attention layout: one preallocated, fixed-shape batch buffer for KV reuse.
 
-Columns of the buffer ``[layers, 2, batch, kv_heads, P + S_max + T_max, head_dim]``::
+Columns of each row of the buffer (a :class:`~hyperrag.kv.batch.BatchKV` of ``P + S_max + T_max`` columns)::
 
     [ prefix (P, shared, written once) | document slots (S) | query (T) ]
 
@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from hyperrag.decoder import Decoder, RowGroup
+from hyperrag.kv.batch import BatchKV
 
 SPLIT_GAIN = 0.15  # least fraction of attended columns a second row group must save
 
@@ -35,11 +36,7 @@ class StaticLayout:
         self.max_slots = round_up(max_doc_len, bucket)
         self.max_query_len = max_query_len
         self.kv = decoder.new_kv(max_batch, self.prefix_len + self.max_slots + max_query_len)
-        self.kv[:, :, :, :, : self.prefix_len] = prefix_kv.unsqueeze(2)
-
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        self.kv.fill_prefix(prefix_kv)
 
     def slots_for(self, doc_lens: Sequence[int]) -> int:
         """The bucketed number of document slots for rows holding documents of ``doc_lens`` tokens."""
@@ -50,8 +47,7 @@ class StaticLayout:
 
     def doc_view(self, row: int, n_tokens: int) -> torch.Tensor:
         """Where a document's KV ``[layers, 2, kv_heads, n, head_dim]`` goes for batch row ``row``."""
-        p = self.prefix_len
-        return self.kv[:, :, row, :, p : p + n_tokens]
+        return self.kv.row_view(row, self.prefix_len, n_tokens)
 
     def positions(self, doc_lens: Sequence[int], n_query: int) -> torch.Tensor:
         """Query token positions [B, T]: right after each row's own document."""
@@ -98,7 +94,7 @@ class StaticLayout:
         return self.positions(lens, n_query), groups
 
 
-def concat_layout(prefix_kv: torch.Tensor, doc_kvs: list[torch.Tensor], n_query: int) -> tuple[torch.Tensor, list[int]]:
+def concat_layout(prefix_kv: torch.Tensor, doc_kvs: list[torch.Tensor], n_query: int) -> tuple[BatchKV, list[int]]:
     """The dynamic alternative: pad and concatenate per-document caches for every query.
 
     Kept only so the bench can measure what the static layout saves; returns a buffer with the
@@ -110,4 +106,4 @@ def concat_layout(prefix_kv: torch.Tensor, doc_kvs: list[torch.Tensor], n_query:
     for kv in doc_kvs:
         pad = kv.new_zeros(*kv.shape[:3], slots - kv.shape[3] + n_query, kv.shape[4])
         rows.append(torch.cat([prefix_kv, kv, pad], dim=3))
-    return torch.stack(rows, dim=2), lens
+    return BatchKV(torch.stack(rows, dim=2)), lens
