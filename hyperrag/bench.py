@@ -277,7 +277,7 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
 
     from hyperrag.kv.codec import get_codec
     from hyperrag.kv.local import LocalKV
-    from hyperrag.metrics import ndcg_at_k
+    from hyperrag.metrics import agreement, ndcg_at_k
     from hyperrag.rerank import fuse_scores
 
     reranker = engine.reranker
@@ -294,30 +294,28 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
     for name in codecs:
         codec = get_codec(name)
         payload = sum(codec.nbytes(KVGeometry.of(reranker).shape(n)) for n in corpus_tokens)
-        rows[name] = {"codec": name, "bytes_per_token": codec.bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim),
-                      "bytes": payload, "tokens": sum(corpus_tokens), "diffs": [], "same": 0, "same_top": 0,
-                      "secs": 0.0, "load_s": 0.0, "pairs": 0, "ndcg": [], "queries": 0, "encoded": 0,
-                      "held_bytes": sources[name].nbytes}
+        rows[name] = {"bytes_per_token": codec.bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim),
+                      "bytes": payload, "tokens": sum(corpus_tokens), "records": [], "secs": 0.0, "load_s": 0.0,
+                      "pairs": 0, "ndcg": [], "encoded": 0, "held_bytes": sources[name].nbytes}
     top_n = engine.settings.top_n
+    references = []
     for i, (q, texts) in enumerate(zip(questions, candidate_texts)):
         order = codecs[i % len(codecs):] + codecs[: i % len(codecs)]
         ids = q["candidate_ids"]
         ref = reference[q["id"]]
-        ref_rank = sorted(ids, key=lambda d: -ref[d])
+        references.append({"query_id": q["id"], "scores": ref, "ranked_ids": sorted(ids, key=lambda d: -ref[d]),
+                           "top_n": top_n})
         for name in order:
             res = reranker.score(q["question"], texts, "reuse", sources[name])
             # the engine's ranking score: reranker + w x cosine (w = 0 without a fusion weight)
-            scores = fuse_scores(res.scores, q["candidate_cosine"], engine.runtime.retrieval_weight)
+            scores = dict(zip(ids, fuse_scores(res.scores, q["candidate_cosine"], engine.runtime.retrieval_weight)))
+            rank = sorted(ids, key=lambda d: -scores[d])
             row = rows[name]
             row["secs"] += res.load_s + res.compute_s
             row["load_s"] += res.load_s  # LocalKV: loading is decoding into the batch rows
             row["pairs"] += res.pairs
             row["encoded"] += res.encoded_docs
-            row["queries"] += 1
-            row["diffs"] += [abs(s - ref[d]) for d, s in zip(ids, scores)]
-            rank = [ids[j] for j in sorted(range(len(ids)), key=lambda j: -scores[j])]
-            row["same"] += rank == ref_rank
-            row["same_top"] += set(rank[:top_n]) == set(ref_rank[:top_n])
+            row["records"].append({"query_id": q["id"], "scores": scores, "ranked_ids": rank})
             if gold.get(q["id"]):
                 row["ndcg"].append(ndcg_at_k(rank, gold[q["id"]], 10))
         if progress:
@@ -332,14 +330,11 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
             "codec": name, "bytes_per_token": r["bytes_per_token"], "bytes": r["bytes"], "tokens": r["tokens"],
             "compression_vs_fp32": fp32_bpt / r["bytes_per_token"],
             "fraction_of_fp16": r["bytes_per_token"] / fp16_bpt,
-            "max_abs_score_diff": max(r["diffs"]) if r["diffs"] else 0.0,
-            "mean_abs_score_diff": sum(r["diffs"]) / len(r["diffs"]) if r["diffs"] else 0.0,
-            "ranking_agreement": r["same"] / r["queries"] if r["queries"] else 0.0,
-            "top_n_agreement": r["same_top"] / r["queries"] if r["queries"] else 0.0,
+            **agreement(references, r["records"]),
             "pairs_per_s": r["pairs"] / r["secs"] if r["secs"] else 0.0,
             "decode_share": r["load_s"] / r["secs"] if r["secs"] else 0.0,
             "ndcg@10": sum(r["ndcg"]) / len(r["ndcg"]) if r["ndcg"] else None,
-            "queries": r["queries"], "pairs": r["pairs"], "encoded_docs": r["encoded"],
+            "queries": len(r["records"]), "pairs": r["pairs"], "encoded_docs": r["encoded"],
             "held_bytes": r["held_bytes"],
         })
     return out

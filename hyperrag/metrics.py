@@ -98,7 +98,7 @@ def agreement(reference: Sequence[Mapping[str, Any]], other: Sequence[Mapping[st
     ``ranked_ids``, optionally ``top_n`` (default: every candidate) and ``answer`` with
     ``generated`` (default True).
 
-    Returns the max abs score difference over common candidates, the fraction of questions with
+    Returns the max and mean abs score difference over common candidates, the fraction of questions with
     identical full rankings (``ranking_agreement``) and with the same top-n set, the number of
     questions compared, and (when both answered some) the fraction with identical answers;
     ``{}`` when no question is in both."""
@@ -118,6 +118,7 @@ def agreement(reference: Sequence[Mapping[str, Any]], other: Sequence[Mapping[st
             answered += 1
             same_answer += a["answer"] == b["answer"]
     out = {"max_abs_score_diff": max(diffs) if diffs else 0.0,
+           "mean_abs_score_diff": sum(diffs) / len(diffs) if diffs else 0.0,
            "ranking_agreement": same_rank / len(pairs),
            "top_n_agreement": same_top / len(pairs),
            "compared_queries": len(pairs)}

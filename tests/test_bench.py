@@ -151,6 +151,9 @@ def test_quick_bench_schema_and_numbers(quick_run, capsys):
     assert codecs["fp32"]["ranking_agreement"] == 1.0 and codecs["fp32"]["max_abs_score_diff"] <= 1e-4
     assert codecs["int8"]["bytes_per_token"] < codecs["fp32"]["bytes_per_token"] / 3
     assert all(row["pairs_per_s"] > 0 and row["encoded_docs"] == 0 for row in saved["codecs"])
+    assert all(0 < row["decode_share"] < 1 and row["mean_abs_score_diff"] <= row["max_abs_score_diff"]
+               for row in saved["codecs"])
+    assert codecs["fp32"]["fraction_of_fp16"] == 2.0 and codecs["int8"]["fraction_of_fp16"] < 0.55
     assert {p["kind"] for p in saved["frontier"]} == {"e2e", "rerank"}
     assert not [w for w in saved["warnings"] if "machine was busy" not in w], saved["warnings"]
     # The shipped adapter is the default reranker, so the zero-shot base model runs beside it.
