@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def make_reranker(llm, instruction: str | None = None) -> Reranker:
         template = RerankTemplate(instruction=instruction) if instruction else RerankTemplate()
         return Reranker(llm, template, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
-                        batch_size=s.batch_size, streams=s.cpu_streams)
+                        batch_size=s.batch_size, streams=s.cpu_streams, answer_tokens=s.max_new_tokens)
 
     previous: dict[str, list[list[float]]] = {}
     if args.scores_from:

@@ -80,6 +80,17 @@ def length_batches(lengths: Sequence[int], max_batch: int, max_waste: float = 0.
     return batches
 
 
+def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending row numbers as maximal runs ``[lo, hi)`` of adjacent rows."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
 def missing_kv_warning(n: int) -> str:
     """What a caller is told when ``n`` documents' KV had to be computed at query time."""
     return f"{n} document KV(s) were not in the store: computed and stored"
@@ -95,7 +106,7 @@ class Reranker:
     """Scores (question, document) pairs with a decoder LLM; thread-safe (one batch at a time)."""
 
     def __init__(self, llm: LLM, template: RerankTemplate | None = None, max_doc_tokens: int = 448,
-                 max_question_tokens: int = 64, batch_size: int = 20, streams: int = 2):
+                 max_question_tokens: int = 64, batch_size: int = 20, streams: int = 2, answer_tokens: int = 16):
         self.llm = llm
         self.template = template or RerankTemplate()
         self.prompt = RerankPrompt(llm.tokenizer, self.template, max_doc_tokens, max_question_tokens)
@@ -107,12 +118,15 @@ class Reranker:
         self.score_vec = (head[self.prompt.yes_id] - head[self.prompt.no_id]).float()
         self.lock = threading.Lock()  # one batch at a time (the reader takes it too)
         self.prefix_len = len(self.prompt.prefix_ids)
-        max_doc = max_doc_tokens + len(self.prompt.tail_ids)
-        max_query = max_question_tokens + len(self.prompt.suffix_ids)
-        # Scratch buffer for full prefill and document encoding; the static layout for reuse.
-        self._scratch = self.decoder.new_kv(batch_size, self.prefix_len + max_doc + max_query)
+        self.max_doc_len = max_doc_tokens + len(self.prompt.tail_ids)
         self.prefix_kv = self.encode_prefix(self.prompt.prefix_ids)
-        self.layout = StaticLayout(self.decoder, self.prefix_kv, batch_size, max_doc, max_query)
+        # ONE batch buffer (fp32: ~0.5 GB at 20 rows) for everything that runs under ``lock``:
+        # reuse and the reader use it as their static layout, document encoding and full prefill
+        # use its rows from column 0 (a full prefill then restores the cached prefix columns).
+        # Its query columns leave room for the reader's cue and ``answer_tokens`` answer tokens.
+        self.answer_tokens = answer_tokens
+        max_query = max_question_tokens + len(self.prompt.suffix_ids) + len(self.prompt.answer_cue_ids) + answer_tokens
+        self.layout = StaticLayout(self.decoder, self.prefix_kv, batch_size, self.max_doc_len, max_query)
 
     # -- identities ---------------------------------------------------------------------------
     @property
@@ -164,7 +178,7 @@ class Reranker:
         p = self.prefix_len
         for batch in length_batches([len(t) for t in toks], self.batch_size):
             def encode(part: slice) -> list[torch.Tensor]:
-                rows, kv = batch[part], self._scratch.rows(part)
+                rows, kv = batch[part], self.layout.kv.rows(part)
                 self.encode_rows([toks[i] for i in rows], kv)
                 return [kv.row_view(r, p, len(toks[i])).clone() for r, i in enumerate(rows)]
 
@@ -175,16 +189,17 @@ class Reranker:
     def load_rows(self, layout: StaticLayout, texts: Sequence[str], lens: Sequence[int],
                   source: DocKVSource) -> tuple[float, int]:
         """Fill rows ``0..`` of ``layout`` with the documents' stored KV; the ones the source
-        lacks are computed, stored and filled in. Returns (seconds loading, documents computed).
-        Computing uses the reranker's scratch buffer: hold ``lock``."""
+        lacks are computed in their own rows (each run of adjacent rows as one batch) and
+        stored. Returns (seconds loading, documents computed). The layout is the reranker's
+        buffer or a view of it: hold ``lock``."""
         t0 = time.perf_counter()
         found = load_batch(source, texts, [layout.doc_view(r, n) for r, n in enumerate(lens)])
         load_s = time.perf_counter() - t0
         missing = [r for r, ok in enumerate(found) if not ok]
-        if missing:
-            for r, kv in zip(missing, self._encode_docs([texts[r] for r in missing])):
-                layout.doc_view(r, lens[r]).copy_(kv)
-                source.put(texts[r], kv)
+        for lo, hi in _runs(missing):
+            self.encode_rows([self.prompt.doc_ids(t) for t in texts[lo:hi]], layout.kv.rows(slice(lo, hi)))
+        for r in missing:
+            source.put(texts[r], layout.doc_view(r, lens[r]).clone())
         return load_s, len(missing)
 
     def score_hidden(self, hidden: torch.Tensor) -> list[float]:
@@ -223,7 +238,7 @@ class Reranker:
         device = self.decoder.device
         for batch in length_batches([len(s) for s in seqs], self.batch_size):
             def score(part: slice) -> list[float]:
-                rows, kv = batch[part], self._scratch.rows(part)
+                rows, kv = batch[part], self.layout.kv.rows(part)
                 ids, last = self.batch_ids([seqs[i] for i in rows])
                 pos = (start + torch.arange(ids.shape[1], device=device)).expand(len(rows), -1)
                 if mode == "full":
@@ -235,6 +250,8 @@ class Reranker:
 
             for i, s in zip(batch, self.rows.run(len(batch), score, max(len(seqs[i]) for i in batch))):
                 result.scores[i] = s
+        if mode == "full":  # it wrote a freshly computed prefix (equal up to rounding) over the cached one
+            self.layout.kv.fill_prefix(self.prefix_kv)
         result.compute_s += time.perf_counter() - t0
 
     def _score_reuse(self, query: QueryTokens, docs: Sequence[str], source: DocKVSource, result: RerankResult) -> None:

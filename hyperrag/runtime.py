@@ -107,7 +107,7 @@ def load_reranker(s: Settings, base: LLM | None = None) -> Reranker:
     adapter = str(s.folder("adapter")) if s.adapter else ""
     llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter) if adapter or base is None else base
     return Reranker(llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
-                    batch_size=s.batch_size, streams=s.cpu_streams)
+                    batch_size=s.batch_size, streams=s.cpu_streams, answer_tokens=s.max_new_tokens)
 
 
 def load_reader(s: Settings, reranker: Reranker) -> Reader | None:
@@ -122,14 +122,14 @@ def load_reader(s: Settings, reranker: Reranker) -> Reader | None:
 
 
 def open_store(settings: Settings, reranker: Reranker, texts: Sequence[str] = ()) -> KVStore:
-    """The configured KV store, its CPU tier sized to hold ``texts`` (the corpus) when
+    """The configured KV store, its CPU tier sized by :func:`planner.auto_hot_tier_gb` when
     ``hot_cache_gb`` is -1. An unreachable lm:// or redis:// server does not stop it: the
     store starts degraded (warning kept on it), reconnects every ``2 x store_timeout_s`` and
     writes what was computed meanwhile. Only a store that cannot be used at all (bad URL,
     folder that cannot be created) falls back to an in-process one, with a warning."""
     hot_gb = settings.hot_cache_gb
     if hot_gb < 0:
-        hot_gb = planner.hot_tier_gb(planner.plan_corpus(reranker, texts, settings.codec).total_bytes)
+        hot_gb = planner.auto_hot_tier_gb(settings.store_url, planner.plan_corpus(reranker, texts, settings.codec).total_bytes)
     try:
         return KVStore(settings.store_url, settings.codec, reranker.kv_identity, hot_gb,
                        settings.store_timeout_s, backoff_s=max(1.0, 2 * settings.store_timeout_s))

@@ -91,8 +91,9 @@ class Settings:
     codec: str = field(default="fp16", metadata={"help": "stored KV codec: fp32 | fp16 | bf16 | int8 | int4 | int2"})
     hot_cache_gb: float = field(
         default=-1.0,
-        metadata={"help": "in-process LMCache CPU tier in front of the store, GB; -1 = sized to hold the corpus's "
-                          "KV plus a tenth (at least 0.5, at most a quarter of RAM), 0 = none"},
+        metadata={"help": "in-process LMCache CPU tier in front of the store, GB; -1 = none for fs:// (the OS page "
+                          "cache holds recent entries), for a server sized to hold the corpus's KV plus a tenth "
+                          "(at least 0.5, at most a quarter of RAM); 0 = none"},
     )
     store_timeout_s: float = field(
         default=5.0, metadata={"help": "bound on any single store operation before falling back to compute"}

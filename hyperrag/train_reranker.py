@@ -426,7 +426,7 @@ def validate(args, out: Path, embedder) -> dict:
     cands = retrieve(index, corpus.sample_queries(args.val_questions, args.seed), s.top_k)
     llm = load_llm(args.model, args.cache_dir, "cpu", "float32", adapter=str(out))
     reranker = Reranker(llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
-                        batch_size=s.batch_size)
+                        batch_size=s.batch_size, answer_tokens=s.max_new_tokens)
     kv = LocalKV()
     scores = rerank_scores(reranker, cands, corpus.by_id, "reuse", kv, progress=_bar("validate"))
     cos = [c.cosine for c in cands]

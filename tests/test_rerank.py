@@ -108,6 +108,28 @@ def test_reuse_batches_larger_than_buffer(reranker, squad_batch):
     assert max(abs(a - b) for a, b in zip(full, reuse)) <= FP32_SCORE_BOUND
 
 
+def test_one_buffer_serves_every_mode(reranker, squad_batch):
+    """Full prefill, precompute, KV the store lacks (computed in its own rows of the layout) and
+    reuse share the reranker's one batch buffer: whatever ran in it before, reuse equals full
+    prefill, and a full prefill (which writes its own prefix) leaves reuse bit-identical."""
+    question, docs = squad_batch[2]
+    kvs = dict(zip(docs, reranker.encode_docs(docs)))
+    full = reranker.score(question, docs, "full").scores
+    partial = LocalKV()
+    rows = sorted(docs, key=reranker.doc_tokens)  # the layout's row order
+    for text in rows[1::2]:  # every other row held: the missing ones are non-adjacent
+        partial.put(text, kvs[text])
+    first = reranker.score(question, docs, "reuse", partial)
+    assert first.encoded_docs == len(docs) - len(docs) // 2
+    assert max(abs(a - b) for a, b in zip(full, first.scores)) <= FP32_SCORE_BOUND
+    for text in docs:  # what it computed and stored is the document's KV
+        assert torch.allclose(partial.entries[text][1], kvs[text], atol=1e-4, rtol=1e-4)
+    again = reranker.score(question, docs, "reuse", partial)
+    assert again.encoded_docs == 0
+    reranker.score(question, docs, "full")
+    assert reranker.score(question, docs, "reuse", partial).scores == again.scores
+
+
 def test_row_streams_keep_row_order():
     from hyperrag.rowsplit import row_streams
 

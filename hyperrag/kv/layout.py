@@ -29,13 +29,21 @@ def round_up(n: int, step: int) -> int:
 
 class StaticLayout:
     def __init__(self, decoder: Decoder, prefix_kv: torch.Tensor, max_batch: int, max_doc_len: int,
-                 max_query_len: int, bucket: int = 16):
+                 max_query_len: int, bucket: int = 16, kv: BatchKV | None = None):
+        """A layout of ``max_batch`` rows on a new buffer, or on the first rows of ``kv`` (a
+        buffer shared with other users that take turns on it)."""
         self.prefix_len = prefix_kv.shape[3]
         self.bucket = bucket
         self.max_batch = max_batch
         self.max_slots = round_up(max_doc_len, bucket)
         self.max_query_len = max_query_len
-        self.kv = decoder.new_kv(max_batch, self.prefix_len + self.max_slots + max_query_len)
+        columns = self.prefix_len + self.max_slots + max_query_len
+        if kv is None:
+            kv = decoder.new_kv(max_batch, columns)
+        elif kv.shape[2] < max_batch or kv.shape[4] < columns:
+            raise ValueError(f"the shared batch buffer has {kv.shape[2]} rows of {kv.shape[4]} columns; this "
+                             f"layout needs {max_batch} rows of {columns}")
+        self.kv = kv.rows(slice(0, max_batch))
         self.kv.fill_prefix(prefix_kv)
 
     def slots_for(self, doc_lens: Sequence[int]) -> int:

@@ -1,0 +1,79 @@
+"""What the app holds in memory: resident and peak RSS after each phase of a user's first visit.
+
+    ./run.sh python scripts/measure_memory.py [--question "..."] [--json out.json]
+
+Runs what the app runs for one user, in one process, with the app's settings (env/defaults):
+load the engine (models, store, the shipped corpus's index), precompute the corpus's KV, then
+one question in each mode of the Ask tab. After each phase it prints the process's resident set
+(RSS) and its peak so far (``ru_maxrss``), so one can see which phase holds what.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import psutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def gb(n: float) -> float:
+    return round(n / 2**30, 3)
+
+
+def main() -> None:
+    from hyperrag.settings import Settings
+    from hyperrag.workbench import AppConfig, Workbench
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--question", default="Who was the leader of the Norse raiders?")
+    ap.add_argument("--modes", default="retrieval,baseline,reuse,reader_kv")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    proc = psutil.Process()
+    phases: list[dict] = []
+
+    def mark(phase: str, t0: float) -> None:
+        row = {"phase": phase, "rss_gb": gb(proc.memory_info().rss),
+               "peak_rss_gb": gb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+               "seconds": round(time.perf_counter() - t0, 2)}
+        phases.append(row)
+        print(f"{phase:<22} RSS {row['rss_gb']:6.3f} GB   peak {row['peak_rss_gb']:6.3f} GB   {row['seconds']:7.2f} s", flush=True)
+
+    t0 = time.perf_counter()
+    mark("start", t0)
+    settings = Settings.from_env()
+    bench = Workbench(settings, AppConfig.from_env(settings))
+    t0 = time.perf_counter()
+    engine = bench.load()
+    mark("load", t0)
+    t0 = time.perf_counter()
+    engine.precompute()
+    mark("precompute", t0)
+    for mode in args.modes.split(","):
+        t0 = time.perf_counter()
+        engine.ask(args.question, mode=mode)
+        mark(f"ask {mode}", t0)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": {"codec": settings.codec, "hot_cache_gb": settings.hot_cache_gb,
+                                    "batch_size": settings.batch_size, "corpus": settings.corpus},
+                       "cpu": _cpu(), "phases": phases}, f, indent=1)
+    bench.close()
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()
