@@ -391,6 +391,13 @@ def frontier_points(results: dict) -> list[dict]:
     return points
 
 
+def _peak_rss_gb() -> float:
+    """This process's peak resident memory so far, GB (Linux reports ``ru_maxrss`` in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
 def machine_info(engine) -> dict:
     import torch
 
@@ -457,12 +464,14 @@ def run(args: argparse.Namespace) -> dict:
     bar_opts = {"file": sys.stderr, "dynamic_ncols": True, "leave": False}
     wall0 = time.perf_counter()
     setup: dict[str, float] = {}
+    memory: dict[str, float] = {}  # phase -> peak RSS so far (GB)
     engine = zero_shot = None
     try:
         t0 = time.perf_counter()
         corpus = load_corpus(settings.folder("corpus"))
         engine = Engine.load(settings, corpus=corpus, with_generator=not args.no_generate)
         setup["load_s"] = time.perf_counter() - t0
+        memory["load"] = _peak_rss_gb()
         machine = machine_info(engine)
 
         questions, source = bench_questions(corpus, args.queries, settings.seed)
@@ -484,6 +493,7 @@ def run(args: argparse.Namespace) -> dict:
         report = precompute(engine.reranker, engine.store, texts, _tqdm_progress(bar))
         bar.close()
         setup["precompute_s"] = report.seconds
+        memory["precompute"] = _peak_rss_gb()
         warnings = list(report.warnings)
 
         # -- the zero-shot reference: base model, no adapter, its own in-memory KV (timed apart) --
@@ -497,6 +507,7 @@ def run(args: argparse.Namespace) -> dict:
             zs_report = precompute(zero_shot.reranker, zero_shot.store, union, _tqdm_progress(bar))
             bar.close()
             setup["zero_shot_precompute_s"] = zs_report.seconds
+            memory["zero_shot"] = _peak_rss_gb()
             modes = ("zero_shot", *modes)
 
         def ask(question: str, mode: str, **kw):
@@ -509,6 +520,7 @@ def run(args: argparse.Namespace) -> dict:
         for mode in modes:
             ask(questions[0]["question"], mode, generate=mode != "prefix" and not args.no_generate)
         setup["warmup_s"] = time.perf_counter() - t0
+        memory["warmup"] = _peak_rss_gb()
         stats0 = dict(vars(engine.store.stats))
         warnings += engine.store.take_warnings()
 
@@ -588,6 +600,7 @@ def run(args: argparse.Namespace) -> dict:
         results["rerank"].update(query_first_block(engine, questions, candidate_texts, progress=bar.update))
         bar.close()
 
+        memory["queries"] = _peak_rss_gb()
         # -- static layout vs concatenation -----------------------------------------------------
         n_query = results["rerank"].get("mean_query_tokens") or 24
         bar = tqdm(total=len(questions), desc="layout", unit="q", **bar_opts)
@@ -609,6 +622,8 @@ def run(args: argparse.Namespace) -> dict:
             sweep_encoded = sum(r["encoded_docs"] for r in results["codecs"])
             if sweep_encoded:
                 warnings.append(f"codec sweep: {sweep_encoded} document KV(s) missing from the sweep stores")
+        memory["end"] = _peak_rss_gb()
+        results["memory"] = {"peak_rss_gb_after": memory}
         if args.frontier:
             results["frontier"] = frontier_points(results)
         warnings += engine.store.take_warnings()
@@ -667,6 +682,9 @@ def print_table(results: dict, out=None) -> None:
               f"{row['ranking_agreement']:.0%}, same top-n {row['top_n_agreement']:.0%}, NDCG@10 "
               f"{ndcg if ndcg is not None else float('nan'):.3f}, {row['pairs_per_s']:.1f} pairs/s, decode "
               f"{row['decode_share']:.1%} of reuse time", file=out)
+    peaks = (results.get("memory") or {}).get("peak_rss_gb_after") or {}
+    if peaks:
+        print("  peak RSS after " + ", ".join(f"{k} {v:.2f} GB" for k, v in peaks.items()), file=out)
     s = results.get("setup", {})
     print(f"  (excluded from timings: load {s.get('load_s', 0):.1f} s, precompute {s.get('precompute_s', 0):.1f} s, "
           f"warm-up {s.get('warmup_s', 0):.1f} s)", file=out)

@@ -20,6 +20,7 @@ Result schema (the whole dict; this module builds ``e2e``, ``rerank`` and ``qual
                top_n_agreement, ndcg@10, pairs_per_s, decode_share, ...} ]
     frontier [ {label, queries_per_s | pairs_per_s, ndcg@10, f1} ]
     layout   {static_ms, concat_ms, ratio, saved_ms, ...}              (optional)
+    memory   {peak_rss_gb_after: {load, precompute, zero_shot, warmup, queries, end}}
     planner  {label, bytes} or a list of them                          (optional)
 
 Mode names come from the one mode table, :mod:`hyperrag.modes`: records use the engine's names,

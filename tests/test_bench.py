@@ -153,6 +153,8 @@ def test_quick_bench_schema_and_numbers(quick_run, capsys):
     assert all(row["pairs_per_s"] > 0 and row["encoded_docs"] == 0 for row in saved["codecs"])
     assert all(0 < row["decode_share"] < 1 and row["mean_abs_score_diff"] <= row["max_abs_score_diff"]
                for row in saved["codecs"])
+    peaks = list(saved["memory"]["peak_rss_gb_after"].values())
+    assert peaks == sorted(peaks) and 0.3 < peaks[0], "peak RSS per phase, never decreasing"
     assert codecs["fp32"]["fraction_of_fp16"] == 2.0 and codecs["int8"]["fraction_of_fp16"] < 0.55
     assert {p["kind"] for p in saved["frontier"]} == {"e2e", "rerank"}
     assert not [w for w in saved["warnings"] if "machine was busy" not in w], saved["warnings"]
