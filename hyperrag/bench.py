@@ -401,18 +401,13 @@ def _peak_rss_gb() -> float:
 def machine_info(engine) -> dict:
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    from hyperrag.kernels import cpu_model
+
+    cpu = cpu_model()
+    info = {"cpu": cpu if cpu != "unknown" else platform.processor() or cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "device": str(engine.reranker.decoder.device), "dtype": str(engine.reranker.decoder.dtype).replace("torch.", ""),
             "python": platform.python_version(), "platform": platform.platform(),
-            "linear": engine.reranker.decoder.linear.__name__.strip("_").replace("_linear", "")}
+            "linear": engine.reranker.llm.kernels}
     if torch.cuda.is_available() and engine.reranker.decoder.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(engine.reranker.decoder.device)
     for module in ("transformers", "lmcache"):
@@ -657,6 +652,12 @@ def print_table(results: dict, out=None) -> None:
     print(f"\nHyperRAG bench: {cfg.get('corpus')} ({cfg.get('corpus_docs')} docs), {cfg.get('queries')} queries, "
           f"top-k {cfg.get('top_k')}, top-n {cfg.get('top_n')}, codec {cfg.get('codec')}, "
           f"{results.get('machine', {}).get('device')} x{results.get('machine', {}).get('threads')} threads", file=out)
+    linear = results.get("machine", {}).get("linear")
+    if isinstance(linear, dict) and linear.get("small"):
+        figures = "; ".join(f"{size}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in f.items())
+                            for size, f in (linear.get("figures_ms") or {}).items())
+        print(f"  projections: {linear['small']} for reuse-sized calls, {linear['large']} for prefill-sized "
+              f"({linear.get('source', '')}{'; ' + figures if figures else ''})", file=out)
     rows = ratio_rows(results)
     width = max(len(r[0]) for r in rows)
     for what, value, target in rows:

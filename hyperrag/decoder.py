@@ -8,8 +8,8 @@ run the last layer's queries, MLP and the final norm (the LM head is the caller'
 The same forward serves full prefill, document encoding, KV reuse and greedy decoding, so the
 modes can only differ in what they feed it.
 
-On CPU the projections go through oneDNN rather than ``F.linear`` (MKL): on the AMD EPYC CI
-machine that is ~20% faster for every mode (full prefill and reuse alike), scores within 1e-4.
+The projections run through the kernel :mod:`hyperrag.kernels` measured fastest on this CPU
+(oneDNN or ATen/MKL, per call size); ``F.linear`` when none is given.
 Boolean masks become additive float masks once per forward, not once per layer inside SDPA.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
+from hyperrag import kernels
+from hyperrag.kernels import Linear
 from hyperrag.kv.batch import BatchKV
 
 
@@ -48,7 +50,7 @@ class RowGroup:
 class Decoder:
     """Stateless runner of a Llama-family ``*ForCausalLM`` (weights shared, never copied)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, linear: Linear | None = None):
         cfg = model.config
         if getattr(cfg, "model_type", "") not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"Decoder supports Llama-family models, not {cfg.model_type!r}")
@@ -63,7 +65,7 @@ class Decoder:
         self.eps = cfg.rms_norm_eps
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.linear = pick_linear(self.device, self.dtype)
+        self.linear = linear or kernels.PATHS["aten"]
 
     def kv_shape(self, batch: int, columns: int) -> tuple[int, ...]:
         return (self.n_layers, 2, batch, self.n_kv_heads, columns, self.head_dim)
@@ -189,32 +191,6 @@ class LayerSync:
         self._failed = True
         for event in self._ready:
             event.set()
-
-
-Linear = Callable[[torch.Tensor, torch.nn.Linear], torch.Tensor]
-
-
-def _torch_linear(x: torch.Tensor, proj: torch.nn.Linear) -> torch.Tensor:
-    return F.linear(x, proj.weight, proj.bias)
-
-
-def _onednn_linear(x: torch.Tensor, proj: torch.nn.Linear) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, proj.weight, proj.bias, "none", [], "")
-
-
-def pick_linear(device: torch.device, dtype: torch.dtype) -> Linear:
-    """oneDNN's linear on CPU when this torch build has it (it is an internal op, so it is tried
-    once and must agree with ``F.linear``), else ``F.linear``. Why: torch's CPU matmul calls MKL,
-    which on AMD EPYC runs 20-40% below oneDNN for these shapes."""
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return _torch_linear
-    try:
-        proj = torch.nn.Linear(8, 4).to(dtype)
-        x = torch.randn(2, 3, 8, dtype=dtype)
-        ok = torch.allclose(_onednn_linear(x, proj), _torch_linear(x, proj), rtol=1e-2, atol=1e-2)
-    except (RuntimeError, AttributeError):
-        ok = False
-    return _onednn_linear if ok else _torch_linear
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

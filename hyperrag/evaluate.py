@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t0 = time.perf_counter()
     cands = retrieve(index, queries, s.top_k)
     retrieve_s = time.perf_counter() - t0
-    base = load_llm(s.model, s.cache_dir, s.device, s.dtype)
+    base = load_llm(s.model, s.cache_dir, s.device, s.dtype, cpu_linear=s.cpu_linear)
     trained_llm = trained_reranker = None
     trained_kv = LocalKV()  # exact fp32 document KV of the trained model: reranking and reading share it
     report: dict = {"corpus": str(s.corpus), "queries": len(cands), "seed": s.seed, "top_k": s.top_k,
@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if not adapter:
                 raise SystemExit("the trained systems need an adapter (--adapter or HYPERRAG_ADAPTER)")
             if trained_llm is None:
-                trained_llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter)
+                trained_llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter, cpu_linear=s.cpu_linear)
             if "trained" in runs:
                 run.scores = [list(x) for x in runs["trained"].scores]
             else:

@@ -17,10 +17,14 @@ import sys
 import tempfile
 import threading
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import torch
+
+from hyperrag import kernels
+from hyperrag.rowsplit import SMALL_STREAM_TOKENS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -166,10 +170,14 @@ class LLM:
     device: torch.device
     dtype: torch.dtype
     fingerprint: str  # model id + weights variant; part of every KV store key
+    linear: Callable[[torch.Tensor, torch.nn.Linear], torch.Tensor]  # the decoder's projection kernel
+    kernels: dict = field(default_factory=dict)  # how ``linear`` was chosen (kernels.choose)
 
 
-def load_llm(name: str, cache_dir: str | Path, device: str = "auto", dtype: str = "auto", adapter: str = "") -> LLM:
-    """Load the LLM (optionally with a LoRA adapter merged in) on the chosen device and dtype."""
+def load_llm(name: str, cache_dir: str | Path, device: str = "auto", dtype: str = "auto", adapter: str = "",
+             cpu_linear: str = "auto") -> LLM:
+    """Load the LLM (optionally with a LoRA adapter merged in) on the chosen device and dtype,
+    with the projection kernel measured fastest on this CPU (:mod:`hyperrag.kernels`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -187,7 +195,10 @@ def load_llm(name: str, cache_dir: str | Path, device: str = "auto", dtype: str 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         fingerprint += f"+lora-{adapter_hash(adapter)}"
     model = model.to(device=dev, dtype=dt).eval().requires_grad_(False)
-    return LLM(name, tokenizer, model, dev, dt, fingerprint)
+    if dev.type != "cpu":
+        return LLM(name, tokenizer, model, dev, dt, fingerprint, kernels.PATHS["aten"], {"small": "aten", "large": "aten"})
+    choice = kernels.choose(kernels.projection_shapes(model.config), dt, str(cache_dir), cpu_linear)
+    return LLM(name, tokenizer, model, dev, dt, fingerprint, kernels.dispatch(choice, SMALL_STREAM_TOKENS), choice)
 
 
 def load_embedder(name: str, cache_dir: str | Path, device: str = "auto"):

@@ -110,7 +110,7 @@ class Reranker:
         self.llm = llm
         self.template = template or RerankTemplate()
         self.prompt = RerankPrompt(llm.tokenizer, self.template, max_doc_tokens, max_question_tokens)
-        self.decoder = Decoder(llm.model)
+        self.decoder = Decoder(llm.model, llm.linear)
         self.batch_size = batch_size
         # On CPU a batch's rows run as concurrent streams (see rowsplit); one stream on GPU.
         self.rows = row_streams(streams if self.decoder.device.type == "cpu" else 1)

@@ -46,7 +46,7 @@ class Runtime:
         embedder = load_embedder(s.embedder, s.cache_dir, s.device)
         # The base model (no adapter) answers with the traditional generator, and is the reranker
         # itself when no adapter is set; with an adapter and no generator it is not loaded at all.
-        base = load_llm(s.model, s.cache_dir, s.device, s.dtype) if with_generator or not s.adapter else None
+        base = load_llm(s.model, s.cache_dir, s.device, s.dtype, cpu_linear=s.cpu_linear) if with_generator or not s.adapter else None
         reranker = load_reranker(s, base)
         generator = Generator(base, s.max_new_tokens, s.max_doc_tokens, streams=s.cpu_streams) if with_generator else None
         store = open_store(s, reranker, corpus_texts)
@@ -105,7 +105,7 @@ def load_reranker(s: Settings, base: LLM | None = None) -> Reranker:
     """The reranker for settings ``s`` (on ``base``, the already loaded LLM, unless an adapter is
     set). Its ``kv_identity`` keys the store, so precompute builds it here too."""
     adapter = str(s.folder("adapter")) if s.adapter else ""
-    llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter) if adapter or base is None else base
+    llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter, cpu_linear=s.cpu_linear) if adapter or base is None else base
     return Reranker(llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
                     batch_size=s.batch_size, streams=s.cpu_streams, answer_tokens=s.max_new_tokens)
 
@@ -122,14 +122,14 @@ def load_reader(s: Settings, reranker: Reranker) -> Reader | None:
 
 
 def open_store(settings: Settings, reranker: Reranker, texts: Sequence[str] = ()) -> KVStore:
-    """The configured KV store, its CPU tier sized by :func:`planner.auto_hot_tier_gb` when
+    """The configured KV store, its CPU tier sized to hold ``texts`` (the corpus) when
     ``hot_cache_gb`` is -1. An unreachable lm:// or redis:// server does not stop it: the
     store starts degraded (warning kept on it), reconnects every ``2 x store_timeout_s`` and
     writes what was computed meanwhile. Only a store that cannot be used at all (bad URL,
     folder that cannot be created) falls back to an in-process one, with a warning."""
     hot_gb = settings.hot_cache_gb
     if hot_gb < 0:
-        hot_gb = planner.auto_hot_tier_gb(settings.store_url, planner.plan_corpus(reranker, texts, settings.codec).total_bytes)
+        hot_gb = planner.hot_tier_gb(planner.plan_corpus(reranker, texts, settings.codec).total_bytes)
     try:
         return KVStore(settings.store_url, settings.codec, reranker.kv_identity, hot_gb,
                        settings.store_timeout_s, backoff_s=max(1.0, 2 * settings.store_timeout_s))

@@ -25,6 +25,7 @@ def gb(n: float) -> float:
 
 
 def main() -> None:
+    from hyperrag.kernels import cpu_model
     from hyperrag.settings import Settings
     from hyperrag.workbench import AppConfig, Workbench
 
@@ -61,18 +62,8 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"settings": {"codec": settings.codec, "hot_cache_gb": settings.hot_cache_gb,
                                     "batch_size": settings.batch_size, "corpus": settings.corpus},
-                       "cpu": _cpu(), "phases": phases}, f, indent=1)
+                       "cpu": cpu_model(), "phases": phases}, f, indent=1)
     bench.close()
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -196,14 +196,6 @@ def hot_tier_gb(corpus_bytes: int, memory: int | None = None) -> float:
     return round(min(want, cap), 3)
 
 
-def auto_hot_tier_gb(store_url: str, corpus_bytes: int, memory: int | None = None) -> float:
-    """The CPU tier ``hot_cache_gb = -1`` gives a store: none in front of a local folder
-    (``fs://``: the OS page cache already keeps recently read entries in memory, reclaimable and
-    outside the process's RSS, at a cost of ~20 ms per 20-document fp16 batch against the tier
-    on the bench machine), :func:`hot_tier_gb` in front of a server, whose reads cross a socket."""
-    return 0.0 if store_url.startswith("fs://") else hot_tier_gb(corpus_bytes, memory)
-
-
 def format_bytes(n: float) -> str:
     for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if abs(n) >= size:

@@ -1,0 +1,150 @@
+"""Which CPU kernel runs the decoder's projections: chosen by timing both on this machine.
+
+The decoder's projections are GEMMs ``[tokens, hidden] x [hidden, out]``. On CPU two paths
+exist: ATen's ``F.linear`` (MKL's sgemm on x86 builds) and oneDNN's linear (an internal op,
+``torch.ops.mkldnn._linear_pointwise``). Which is faster depends on the CPU and the torch build:
+on the AMD EPYC machine the README's figures come from, oneDNN was ~20% faster in every mode;
+vendor lore says MKL favours Intel. So nothing is assumed: at first use the probe times both on
+the model's own projection shapes at the two sizes that matter, each as it runs in the engine:
+
+- ``small``: a KV-reuse row stream (10 rows x 20 question tokens) on one OpenMP thread, the
+  way :mod:`hyperrag.rowsplit` runs it;
+- ``large``: a full-prefill stream (10 rows x 200 tokens) on all of torch's threads.
+
+Each size gets the faster path by median over interleaved repeats (calls below
+:data:`~hyperrag.rowsplit.SMALL_STREAM_TOKENS` tokens use the small choice). The choice and its
+figures are cached per CPU model, torch version and thread count in
+``<cache_dir>/kernels/``; ``Settings.cpu_linear`` (``HYPERRAG_CPU_LINEAR``) overrides it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("hyperrag")
+Linear = Callable[[torch.Tensor, torch.nn.Linear], torch.Tensor]
+CHOICES = ("auto", "aten", "onednn")
+SIZES = {"small": (10 * 20, 1), "large": (10 * 200, 0)}  # tokens per call, OpenMP threads (0 = all)
+REPEATS = 7
+
+
+def _aten(x: torch.Tensor, proj: torch.nn.Linear) -> torch.Tensor:
+    return F.linear(x, proj.weight, proj.bias)
+
+
+def _onednn(x: torch.Tensor, proj: torch.nn.Linear) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, proj.weight, proj.bias, "none", [], "")
+
+
+PATHS: dict[str, Linear] = {"aten": _aten, "onednn": _onednn}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), e.g. "AMD EPYC 7B13"; "unknown" elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def onednn_works(dtype: torch.dtype) -> bool:
+    """oneDNN's linear exists in this torch build and agrees with ``F.linear`` (it is an internal op)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        proj = torch.nn.Linear(8, 4).to(dtype)
+        x = torch.randn(2, 3, 8, dtype=dtype)
+        return torch.allclose(_onednn(x, proj), _aten(x, proj), rtol=1e-2, atol=1e-2)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def probe(shapes: list[tuple[int, int]], dtype: torch.dtype, repeats: int = REPEATS) -> dict[str, dict[str, float]]:
+    """Median ms per size and path for one call of each projection shape ``(in, out)``."""
+    paths = {k: v for k, v in PATHS.items() if k == "aten" or onednn_works(dtype)}
+    projs = [torch.nn.Linear(i, o, bias=False).to(dtype) for i, o in shapes]
+    threads = torch.get_num_threads()
+    figures: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for size, (tokens, n_threads) in SIZES.items():
+            xs = [torch.randn(1, tokens, p.in_features, dtype=dtype) for p in projs]
+            times: dict[str, list[float]] = {name: [] for name in paths}
+            torch.set_num_threads(n_threads or threads)
+            try:
+                for rep in range(repeats + 1):  # the first round warms up, untimed
+                    for name, fn in paths.items():
+                        t0 = time.perf_counter()
+                        for x, p in zip(xs, projs):
+                            fn(x, p)
+                        if rep:
+                            times[name].append((time.perf_counter() - t0) * 1e3)
+            finally:
+                torch.set_num_threads(threads)
+            figures[size] = {name: round(statistics.median(t), 3) for name, t in times.items()}
+    return figures
+
+
+def projection_shapes(config) -> list[tuple[int, int]]:
+    """``(in, out)`` of a Llama-family layer's seven projections, from the model config."""
+    h, m = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or h // config.num_attention_heads)
+    return [(h, h), (h, kv), (h, kv), (h, h), (h, m), (h, m), (m, h)]
+
+
+def _cache_file(cache_dir: str, dtype: torch.dtype, shapes: list[tuple[int, int]]) -> Path:
+    dims = "-".join(f"{i}x{o}" for i, o in sorted(set(shapes)))
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{cpu_model()}-torch{torch.__version__}-{torch.get_num_threads()}t-{dtype}-{dims}")
+    return Path(cache_dir).expanduser() / "kernels" / f"linear-{slug.strip('-')}.json"
+
+
+def choose(shapes: list[tuple[int, int]], dtype: torch.dtype, cache_dir: str, setting: str = "auto") -> dict:
+    """``{"small": path, "large": path, "source": ..., "figures_ms": ...}`` for this machine:
+    the setting when it names a path, else the cached probe, else a new probe (then cached)."""
+    if setting not in CHOICES:
+        raise ValueError(f"cpu_linear {setting!r}: choose one of {', '.join(CHOICES)}")
+    if setting != "auto":
+        if setting == "onednn" and not onednn_works(dtype):
+            raise ValueError("cpu_linear 'onednn': this torch build has no working oneDNN linear; use 'aten' or 'auto'")
+        return {"small": setting, "large": setting, "source": "setting"}
+    path = _cache_file(cache_dir, dtype, shapes)
+    try:
+        cached = json.loads(path.read_text())
+        if set(cached.get("figures_ms", {})) == set(SIZES):
+            return {**cached, "source": f"cached probe ({path})"}
+    except (OSError, ValueError):
+        pass
+    figures = probe(shapes, dtype)
+    choice = {size: min(f, key=f.get) for size, f in figures.items()}
+    result = {**choice, "figures_ms": figures, "cpu": cpu_model(), "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    except OSError as err:  # a read-only cache folder costs a probe per start, nothing more
+        log.warning("could not cache the kernel probe in %s: %s", path, err)
+    log.info("kernel probe: %s", result)
+    return {**result, "source": "probe"}
+
+
+def dispatch(choice: dict, small_tokens: int) -> Linear:
+    """One linear for the decoder: calls of fewer than ``small_tokens`` tokens take the small
+    choice, the rest the large one (a single path when both agree)."""
+    small, large = PATHS[choice["small"]], PATHS[choice["large"]]
+    if small is large:
+        return small
+
+    def linear(x: torch.Tensor, proj: torch.nn.Linear) -> torch.Tensor:
+        return (small if x.numel() // x.shape[-1] < small_tokens else large)(x, proj)
+
+    return linear

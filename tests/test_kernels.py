@@ -1,0 +1,55 @@
+"""The projection kernel is chosen by timing on the machine at hand, cached, and overridable."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hyperrag import kernels
+
+SHAPES = [(64, 64), (64, 16), (64, 160), (160, 64)]  # small stand-ins for a layer's projections
+
+
+def test_probe_chooses_per_size_caches_and_reuses(tmp_path):
+    first = kernels.choose(SHAPES, torch.float32, str(tmp_path))
+    assert first["source"] == "probe"
+    for size, figures in first["figures_ms"].items():
+        assert set(figures) <= set(kernels.PATHS) and all(ms > 0 for ms in figures.values())
+        assert first[size] == min(figures, key=figures.get), "the faster path by median"
+    files = list((tmp_path / "kernels").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["small"] == first["small"]
+    written = files[0].stat().st_mtime_ns
+    again = kernels.choose(SHAPES, torch.float32, str(tmp_path))
+    assert again["source"].startswith("cached probe") and again["small"] == first["small"]
+    assert files[0].stat().st_mtime_ns == written, "a cached choice is not probed again"
+    files[0].write_text("{not json")  # a damaged cache file: probed again and rewritten
+    assert kernels.choose(SHAPES, torch.float32, str(tmp_path))["source"] == "probe"
+    # another model's shapes get a probe of their own
+    kernels.choose([(32, 32)], torch.float32, str(tmp_path))
+    assert len(list((tmp_path / "kernels").glob("*.json"))) == 2
+
+
+def test_setting_overrides_and_errors(tmp_path):
+    assert kernels.choose(SHAPES, torch.float32, str(tmp_path), "aten") == {"small": "aten", "large": "aten", "source": "setting"}
+    assert not (tmp_path / "kernels").exists(), "an explicit setting runs no probe"
+    with pytest.raises(ValueError, match="cpu_linear 'mkl': choose one of auto, aten, onednn"):
+        kernels.choose(SHAPES, torch.float32, str(tmp_path), "mkl")
+
+
+@pytest.mark.parametrize("small,large", [("aten", "aten"), ("aten", "onednn"), ("onednn", "aten")])
+def test_dispatch_computes_the_same_projection(small, large):
+    if "onednn" in (small, large) and not kernels.onednn_works(torch.float32):
+        pytest.skip("this torch build has no oneDNN linear")
+    linear = kernels.dispatch({"small": small, "large": large}, small_tokens=100)
+    if small == large:
+        assert linear is kernels.PATHS[small]
+    proj = torch.nn.Linear(64, 48)
+    for tokens in (10, 400):  # one call below the cut, one above
+        x = torch.randn(2, tokens // 2, 64)
+        torch.testing.assert_close(linear(x, proj), torch.nn.functional.linear(x, proj.weight, proj.bias),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_model_is_named():
+    assert kernels.cpu_model() and "\n" not in kernels.cpu_model()
