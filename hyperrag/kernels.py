@@ -13,7 +13,7 @@ the model's own projection shapes at the two sizes that matter, each as it runs 
 
 Each size gets the faster path by median over interleaved repeats (calls below
 :data:`~hyperrag.rowsplit.SMALL_STREAM_TOKENS` tokens use the small choice). The choice and its
-figures are cached per CPU model, torch version and thread count in
+figures are cached per CPU model, torch version, thread count, dtype and projection shapes in
 ``<cache_dir>/kernels/``; ``Settings.cpu_linear`` (``HYPERRAG_CPU_LINEAR``) overrides it.
 """
 from __future__ import annotations
@@ -120,7 +120,7 @@ def choose(shapes: list[tuple[int, int]], dtype: torch.dtype, cache_dir: str, se
     path = _cache_file(cache_dir, dtype, shapes)
     try:
         cached = json.loads(path.read_text())
-        if set(cached.get("figures_ms", {})) == set(SIZES):
+        if set(cached.get("figures_ms", {})) == set(SIZES) and {cached.get(s) for s in SIZES} <= set(PATHS):
             return {**cached, "source": f"cached probe ({path})"}
     except (OSError, ValueError):
         pass

@@ -18,7 +18,6 @@ import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass, field
-from typing import Callable
 from pathlib import Path
 
 import torch
@@ -170,7 +169,7 @@ class LLM:
     device: torch.device
     dtype: torch.dtype
     fingerprint: str  # model id + weights variant; part of every KV store key
-    linear: Callable[[torch.Tensor, torch.nn.Linear], torch.Tensor]  # the decoder's projection kernel
+    linear: kernels.Linear  # the decoder's projection kernel
     kernels: dict = field(default_factory=dict)  # how ``linear`` was chosen (kernels.choose)
 
 

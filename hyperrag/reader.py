@@ -99,13 +99,14 @@ class Reader:
         self.max_new_tokens = max_new_tokens
         self.span = span
         self.selection_weight = selection_weight
-        max_query = self.prompt.max_question_tokens + len(self.prompt.suffix_ids) + len(self.prompt.answer_cue_ids)
         if max_new_tokens > reranker.answer_tokens:
             raise ValueError(f"the reader's {max_new_tokens} answer tokens do not fit the reranker's batch buffer "
                              f"(room for {reranker.answer_tokens}: build the Reranker with answer_tokens={max_new_tokens})")
-        # The reranker's own buffer (reading and reranking take turns under its lock): no second copy.
-        self.layout = StaticLayout(self.decoder, reranker.prefix_kv, min(max_rows, reranker.batch_size),
-                                   reranker.max_doc_len, max_query + max_new_tokens, kv=reranker.layout.kv)
+        # The first rows of the reranker's own layout, whose query columns the reranker sized for
+        # the question, cue and answer (reading and reranking take turns under its lock).
+        rerank = reranker.layout
+        self.layout = StaticLayout(self.decoder, reranker.prefix_kv, min(max_rows, rerank.max_batch),
+                                   reranker.max_doc_len, rerank.max_query_len, kv=rerank.kv)
         tok = reranker.llm.tokenizer
         self.stop_ids = {self.prompt.answer_end_id, tok.eos_token_id}
         self._lock = reranker.lock  # one model, one scratch buffer: reading and reranking take turns

@@ -139,8 +139,8 @@ class Reranker:
 
     # -- batch building blocks ----------------------------------------------------------------
     # Public so that the reader and the evaluation's query-first baseline run their batches the
-    # way the reranker runs its own. Those that use the reranker's buffers (its layout, or the
-    # scratch through ``load_rows``) must hold ``lock``.
+    # way the reranker runs its own. Those that use the reranker's batch buffer (its layout or a
+    # view of it) must hold ``lock``.
     def encode_prefix(self, ids: Sequence[int]) -> torch.Tensor:
         """The KV ``[layers, 2, kv_heads, n, head_dim]`` of ``ids`` from column 0: a prefix that
         batch rows then share (the prompt's instruction; a question's, for query-first caching).

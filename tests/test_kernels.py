@@ -25,6 +25,9 @@ def test_probe_chooses_per_size_caches_and_reuses(tmp_path):
     assert files[0].stat().st_mtime_ns == written, "a cached choice is not probed again"
     files[0].write_text("{not json")  # a damaged cache file: probed again and rewritten
     assert kernels.choose(SHAPES, torch.float32, str(tmp_path))["source"] == "probe"
+    stale = json.loads(files[0].read_text())
+    files[0].write_text(json.dumps({**stale, "small": "mkl"}))  # a kernel this version does not know
+    assert kernels.choose(SHAPES, torch.float32, str(tmp_path))["source"] == "probe"
     # another model's shapes get a probe of their own
     kernels.choose([(32, 32)], torch.float32, str(tmp_path))
     assert len(list((tmp_path / "kernels").glob("*.json"))) == 2
