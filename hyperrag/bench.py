@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hyperrag.kv.planner import KVGeometry, estimate, plan_corpus
+from hyperrag.metrics import latency_summary
 from hyperrag.modes import E2E_KEYS, ENGINE_MODES, MODE_TABLE, MODES
 
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-zero-shot", action="store_true",
                        help="skip the zero-shot row (the base model without the adapter, reuse mode, its "
                             "document KV held in memory), which runs by default when an adapter is set")
+    bench.add_argument("--serve", action="store_true",
+                       help="add the concurrency run: --clients clients ask the bench questions at once through the "
+                            "request batcher (hyperrag.batching), against one client asking them in turn (serve block)")
+    bench.add_argument("--clients", type=int, default=8, help="concurrent clients of --serve (default 8)")
     add_cli_args(parser, skip=("store_url",))
     return parser
 
@@ -113,6 +118,8 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
         args.layout_repeats = QUICK["layout_repeats"] if quick else 3
     if args.queries < 1:
         raise SystemExit("--queries must be >= 1")
+    if args.clients < 1:
+        raise SystemExit("--clients must be >= 1")
     from hyperrag.kv.codec import CODECS
 
     args.codec_list = [c.strip() for c in args.codecs.split(",") if c.strip()]
@@ -367,6 +374,52 @@ def _exact_kvs(engine, texts: list[str]):
         del kvs
 
 
+def serve_block(engine, questions: list[str], clients: int, mode: str) -> dict:
+    """``clients`` concurrent clients, each asking its share of ``questions`` back to back through
+    the request batcher, against one client asking them all in turn through the same batcher;
+    answers and rankings compared between the two runs."""
+    import concurrent.futures as cf
+
+    from hyperrag.batching import Batcher
+
+    settings = engine.settings
+    batcher = Batcher(settings.batch_window_ms, max(settings.batch_requests, clients), settings.queue_size)
+
+    def timed(ask_all) -> tuple[list, float]:
+        t0 = time.perf_counter()
+        results = ask_all()
+        return results, time.perf_counter() - t0
+
+    def client(share: list[int]) -> list[tuple[int, Any]]:
+        return [(i, batcher.ask(engine, questions[i], mode)) for i in share]
+
+    try:
+        alone, alone_s = timed(lambda: [batcher.ask(engine, q, mode) for q in questions])
+        groups_before = batcher.stats.groups
+        with cf.ThreadPoolExecutor(clients) as pool:
+            done, together_s = timed(lambda: [r for part in pool.map(client, [list(range(c, len(questions), clients))
+                                                                           for c in range(clients)]) for r in part])
+        groups = batcher.stats.groups - groups_before
+    finally:
+        batcher.close()
+    together = [r for _, r in sorted(done, key=lambda pair: pair[0])]
+
+    def latency(results: list) -> dict:
+        return latency_summary([r.timings["total"] for r in results])
+
+    sequential = {"sequential_queries_per_s": len(questions) / alone_s,
+                  **{f"sequential_{k}": v for k, v in latency(alone).items()}}
+    return {
+        "clients": clients, "mode": mode, "queries": len(questions), "queries_per_s": len(questions) / together_s,
+        **latency(together), **sequential,
+        "speedup": alone_s / together_s, "mean_group": len(questions) / groups if groups else 0.0,
+        "mean_queue_ms": sum(r.timings["queue"] for r in together) / len(together) * 1000,
+        "identical_answers": sum(a.answer == b.answer for a, b in zip(alone, together)) / len(questions),
+        "identical_rankings": sum(a.ranked_ids == b.ranked_ids for a, b in zip(alone, together)) / len(questions),
+        "window_ms": settings.batch_window_ms,
+    }
+
+
 def frontier_points(results: dict) -> list[dict]:
     """Quality vs throughput of every configuration measured (e2e: queries/s; rerank: pairs/s)."""
     e2e, quality, rerank = results.get("e2e", {}), results.get("quality", {}), results.get("rerank", {})
@@ -617,6 +670,11 @@ def run(args: argparse.Namespace) -> dict:
             sweep_encoded = sum(r["encoded_docs"] for r in results["codecs"])
             if sweep_encoded:
                 warnings.append(f"codec sweep: {sweep_encoded} document KV(s) missing from the sweep stores")
+        if args.serve:
+            mode = "reader_kv" if engine.reader is not None and not args.no_generate else "reuse"
+            print(f"serve: {args.clients} clients vs one, {len(questions)} questions, {mode}", file=sys.stderr)
+            results["serve"] = serve_block(engine, [q["question"] for q in questions], args.clients, mode)
+            memory["serve"] = _peak_rss_gb()
         memory["end"] = _peak_rss_gb()
         results["memory"] = {"peak_rss_gb_after": memory}
         if args.frontier:

@@ -250,8 +250,31 @@ def _point_color(point: Mapping[str, Any]) -> str:
     return "#6c5fc7"
 
 
+def serve_figure(results: Mapping[str, Any]) -> go.Figure:
+    """Concurrent clients through the request batcher against one client: queries/s and latency."""
+    serve = get_path(results, "serve", default={})
+    if not isinstance(serve, Mapping) or not serve:
+        return _empty("Concurrent clients", "not measured (bench --serve --clients N)")
+    runs = ("one client", f"{serve['clients']} clients")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("queries/s", "latency per query (ms)"))
+    rates = [serve["sequential_queries_per_s"], serve["queries_per_s"]]
+    fig.add_bar(x=list(runs), y=rates, marker_color=["#9aa5b1", MODES["reader_kv"].color], showlegend=False,
+                text=[f"{rates[0]:.3g}", f"{rates[1]:.3g} ({serve['speedup']:.2f}x)"], textposition="outside",
+                row=1, col=1, hovertemplate="%{x}: %{y:.3g} queries/s<extra></extra>")
+    for stat, color in (("p50", "#3d7ea6"), ("p95", "#d64545")):
+        values = [serve[f"sequential_{stat}_ms"], serve[f"{stat}_ms"]]
+        fig.add_bar(x=list(runs), y=values, name=stat, marker_color=color, row=1, col=2,
+                    hovertemplate="%{x}: " + stat + " %{y:,.0f} ms<extra></extra>")
+    fig.update_yaxes(range=[0, max(rates) * 1.25], row=1, col=1)
+    detail = (f"{serve['mode']}, {serve['queries']} questions, mean group {serve['mean_group']:.1f} requests, "
+              f"identical answers {serve['identical_answers']:.0%}")
+    fig.update_layout(title=_title("Concurrent clients, batched (higher queries/s is better)", detail),
+                      template=TEMPLATE, height=420, barmode="group", legend={"orientation": "h", "y": -0.15})
+    return fig
+
+
 FIGURES = (("Latency", latency_figure), ("Throughput", throughput_figure), ("Quality", quality_figure),
-           ("Storage", storage_figure), ("Frontier", frontier_figure))
+           ("Storage", storage_figure), ("Frontier", frontier_figure), ("Concurrent clients", serve_figure))
 
 
 # -- tables and the HTML report -----------------------------------------------------------------
@@ -303,6 +326,8 @@ def html_report(results: Mapping[str, Any], title: str = "HyperRAG benchmark") -
 
     figs = []
     for name, fn in FIGURES:
+        if fn is serve_figure and not get_path(results, "serve"):
+            continue  # measured only on request (--serve)
         fig = fn(results)
         figs.append(f'<section><h2>{html.escape(name)}</h2>'
                     + fig.to_html(full_html=False, include_plotlyjs=False, default_height="440px",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from hyperrag.corpus import Corpus, load_corpus
 from hyperrag.modes import ENGINE_MODES, mode as mode_spec
@@ -114,58 +114,72 @@ class Engine:
     def ask(self, question: str, mode: str = "reuse", top_k: int | None = None, top_n: int | None = None,
             generate: bool = True) -> RAGResult:
         """Answer one question in one mode, timing each stage."""
+        return self.ask_many([question], mode, top_k, top_n, generate)[0]
+
+    def ask_many(self, questions: Sequence[str], mode: str = "reuse", top_k: int | None = None,
+                 top_n: int | None = None, generate: bool = True) -> list[RAGResult]:
+        """Answer several questions in one mode together: the reranker scores all their pairs
+        in shared batches and the reader decodes all their rows together (concurrent users,
+        :mod:`hyperrag.batching`); the traditional generator answers them in turn. Each result
+        equals asking alone up to float rounding; its stage timings are the whole call's."""
         spec = mode_spec(mode)
         if spec.name not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         mode = spec.name
-        question, warnings = clean_question(question)
+        if not questions:
+            return []
+        cleaned = [clean_question(q) for q in questions]
+        questions = [q for q, _ in cleaned]
         top_k = top_k or self.settings.top_k
         top_n = min(top_n or self.settings.top_n, top_k)
         timings = {"retrieve": 0.0, "kv_load": 0.0, "rerank": 0.0, "generate": 0.0}
+        warnings = [list(notes) for _, notes in cleaned]
         t0 = time.perf_counter()
-        corpus = self.corpus
-        hits = self.index.search(question, top_k)
+        hits = [self.index.search(q, top_k) for q in questions]
         timings["retrieve"] = time.perf_counter() - t0
-        docs = [corpus.by_id[doc_id] for doc_id, _ in hits]
-        rerank = reading = None
+        docs = [[self.corpus.by_id[doc_id] for doc_id, _ in h] for h in hits]
+        reranks: list[RerankResult | None] = [None] * len(questions)
         if spec.rerank is None:
-            order = list(range(len(docs)))
-            scores = [score for _, score in hits]
+            scores = [[cos for _, cos in h] for h in hits]
         else:
-            rerank = self.reranker.score(question, [d.text for d in docs], spec.rerank,
-                                         self.store if spec.rerank == "reuse" else None)
-            scores = rerank.scores
-            weight = self.runtime.retrieval_weight
-            if weight:  # score fusion: w tuned with the adapter, on SQuAD train
-                scores = fuse_scores(scores, [cos for _, cos in hits], weight)
-            order = sorted(range(len(docs)), key=lambda i: -scores[i])
-            timings["kv_load"] = rerank.load_s
-            timings["rerank"] = rerank.compute_s
-            warnings += rerank.warnings
-        ranked = [RankedDoc(docs[i].id, docs[i].title, docs[i].text, scores[i], rank, i + 1, docs[i].source)
-                  for rank, i in enumerate(order, 1)]
-        answer = ""
+            reranks = self.reranker.score_many([(q, [d.text for d in ds]) for q, ds in zip(questions, docs)],
+                                               spec.rerank, self.store if spec.rerank == "reuse" else None)
+            weight = self.runtime.retrieval_weight  # score fusion: w tuned with the adapter, on SQuAD train
+            scores = [fuse_scores(r.scores, [cos for _, cos in h], weight) if weight else r.scores
+                      for r, h in zip(reranks, hits)]
+            timings["kv_load"], timings["rerank"] = reranks[0].load_s, reranks[0].compute_s
+            for notes, r in zip(warnings, reranks):
+                notes += r.warnings
+        ranked = []
+        for ds, ss in zip(docs, scores):
+            order = sorted(range(len(ds)), key=lambda i: -ss[i])
+            ranked.append([RankedDoc(ds[i].id, ds[i].title, ds[i].text, ss[i], rank, i + 1, ds[i].source)
+                           for rank, i in enumerate(order, 1)])
+        answers = [""] * len(questions)
+        readings: list[Reading | None] = [None] * len(questions)
+        t1 = time.perf_counter()
         if spec.read is not None and generate:
             if self.reader is None:
                 raise ValueError(f"mode {mode!r} needs the reader, which this engine was loaded without")
-            t1 = time.perf_counter()
-            top = ranked[:top_n]
-            reading = self.reader.read(question, [d.text for d in top], [d.score for d in top], spec.read,
-                                       self.store if spec.read == "kv" else None)
-            answer = reading.answer
-            timings["kv_load"] += reading.load_s
-            timings["generate"] = time.perf_counter() - t1 - reading.load_s
-            warnings += reading.warnings
+            readings = self.reader.read_many(
+                [(q, [d.text for d in r[:top_n]], [d.score for d in r[:top_n]]) for q, r in zip(questions, ranked)],
+                spec.read, self.store if spec.read == "kv" else None)
+            answers = [reading.answer for reading in readings]
+            timings["kv_load"] += readings[0].load_s
+            timings["generate"] = time.perf_counter() - t1 - readings[0].load_s
+            for notes, reading in zip(warnings, readings):
+                notes += reading.warnings
         elif generate and self.generator is not None:
-            t1 = time.perf_counter()
-            answer = self.generator.answer(question, [d.text for d in ranked[:top_n]]).text
+            answers = [self.generator.answer(q, [d.text for d in r[:top_n]]).text for q, r in zip(questions, ranked)]
             timings["generate"] = time.perf_counter() - t1
         timings["total"] = time.perf_counter() - t0
         if spec.rerank == "reuse" or spec.read == "kv":
-            warnings += self.store.take_warnings()
-        for warning in warnings:
+            shared = self.store.take_warnings()
+            warnings = [notes + shared for notes in warnings]
+        for warning in dict.fromkeys(w for notes in warnings for w in notes):
             log.warning("%s", warning)
-        return RAGResult(question, mode, answer, ranked, top_n, timings, warnings, rerank, reading)
+        return [RAGResult(q, mode, a, r, top_n, dict(timings), w, rr, rd)
+                for q, a, r, w, rr, rd in zip(questions, answers, ranked, warnings, reranks, readings)]
 
     def zero_shot(self, hot_cache_gb: float) -> "Engine":
         """This corpus view over :meth:`Runtime.zero_shot` (the base model as reranker)."""

@@ -26,7 +26,6 @@ from typing import Sequence
 import torch
 
 from hyperrag.decoder import RowGroup
-from hyperrag.kv.layout import StaticLayout
 from hyperrag.rerank import DocKVSource, Reranker, missing_kv_warning
 
 READ_MODES = ("kv", "full")
@@ -88,6 +87,17 @@ class SpanConstraint:
         self.length += 1
 
 
+@dataclass(frozen=True)
+class _Row:
+    """One batch row: document ``doc`` (text ``text``) of request ``request``, read with that
+    request's query."""
+
+    request: int
+    doc: int
+    text: str
+    query: list[int]
+
+
 class Reader:
     """Reads answers with the reranker's model, prompt and prefix KV (thread-safe: one at a time)."""
 
@@ -96,17 +106,17 @@ class Reader:
         self.reranker = reranker
         self.decoder = reranker.decoder
         self.prompt = reranker.prompt
+        self.max_rows = max_rows  # documents read per question
         self.max_new_tokens = max_new_tokens
         self.span = span
         self.selection_weight = selection_weight
         if max_new_tokens > reranker.answer_tokens:
             raise ValueError(f"the reader's {max_new_tokens} answer tokens do not fit the reranker's batch buffer "
                              f"(room for {reranker.answer_tokens}: build the Reranker with answer_tokens={max_new_tokens})")
-        # The first rows of the reranker's own layout, whose query columns the reranker sized for
-        # the question, cue and answer (reading and reranking take turns under its lock).
-        rerank = reranker.layout
-        self.layout = StaticLayout(self.decoder, reranker.prefix_kv, min(max_rows, rerank.max_batch),
-                                   reranker.max_doc_len, rerank.max_query_len, kv=rerank.kv)
+        # The reranker's own layout, whose query columns the reranker sized for the question,
+        # cue and answer (reading and reranking take turns under its lock). Its rows hold the
+        # documents of one question or, batched, of several.
+        self.layout = reranker.layout
         tok = reranker.llm.tokenizer
         self.stop_ids = {self.prompt.answer_end_id, tok.eos_token_id}
         self._lock = reranker.lock  # one model, one scratch buffer: reading and reranking take turns
@@ -114,69 +124,88 @@ class Reader:
     def read(self, question: str, docs: Sequence[str], rank_scores: Sequence[float], mode: str = "kv",
              source: DocKVSource | None = None) -> Reading:
         """Read ``question`` from each of ``docs`` (best first) and pick one answer."""
+        return self.read_many([(question, docs, rank_scores)], mode, source)[0]
+
+    def read_many(self, requests: Sequence[tuple[str, Sequence[str], Sequence[float]]], mode: str = "kv",
+                  source: DocKVSource | None = None) -> list[Reading]:
+        """:meth:`read` for several (question, documents, ranking scores) requests at once: their
+        rows share batches and decode steps (concurrent users; :mod:`hyperrag.batching`). Each
+        reading equals reading alone up to float rounding; its times are the whole call's."""
         if mode not in READ_MODES:
             raise ValueError(f"unknown read mode {mode!r}; choose one of {READ_MODES}")
         if mode == "kv" and source is None:
             raise ValueError("reading from stored KV needs a document KV source (a KVStore)")
-        if not docs:
-            return Reading("", -1, -1, -1, [])
-        cut = len(docs) > self.layout.max_batch
-        docs = list(docs)[: self.layout.max_batch]
+        readings = [Reading("", -1, -1, -1, []) for _ in requests]
+        rows: list[_Row] = []
+        for r, (question, docs, _) in enumerate(requests):
+            if len(docs) > self.max_rows:
+                readings[r].warnings.append(f"the reader reads at most {self.max_rows} documents: the rest were left out")
+            query = self.prompt.read_query(question).ids
+            rows += [_Row(r, i, d, query) for i, d in enumerate(list(docs)[: self.max_rows])]
+        rows.sort(key=lambda row: self.reranker.doc_tokens(row.text))  # rows by length
+        load_s = compute_s = 0.0
         with self._lock:
-            reading = self._read(question, docs, mode, source)
-        if cut:
-            reading.warnings.append(f"the reader reads at most {self.layout.max_batch} documents: the rest were left out")
-        chosen = select(reading.candidates, rank_scores, self.selection_weight)
-        if chosen >= 0:
-            c = reading.candidates[chosen]
-            reading.answer, reading.doc, reading.start, reading.end = c.text, c.doc, c.start, c.end
-        return reading
+            for first in range(0, len(rows), self.layout.max_batch):
+                batch_load, batch_compute = self._read(rows[first : first + self.layout.max_batch], mode, source, readings)
+                load_s, compute_s = load_s + batch_load, compute_s + batch_compute
+        for reading, (_, docs, rank_scores) in zip(readings, requests):
+            reading.load_s, reading.compute_s = load_s, compute_s
+            reading.candidates.sort(key=lambda c: c.doc)
+            if reading.encoded_docs:
+                reading.warnings.append(missing_kv_warning(reading.encoded_docs))
+            chosen = select(reading.candidates, rank_scores, self.selection_weight)
+            if chosen >= 0:
+                c = reading.candidates[chosen]
+                reading.answer, reading.doc, reading.start, reading.end = c.text, c.doc, c.start, c.end
+        return readings
 
-    def _read(self, question: str, docs: list[str], mode: str, source: DocKVSource | None) -> Reading:
+    def _read(self, rows: list[_Row], mode: str, source: DocKVSource | None, readings: list[Reading]) -> tuple[float, float]:
+        """One batch of rows (ascending document length): their candidates go to their
+        requests' readings. Returns (seconds loading KV, seconds computing)."""
         layout, device = self.layout, self.decoder.device
-        query = self.prompt.read_query(question)
-        order = sorted(range(len(docs)), key=lambda i: self.reranker.doc_tokens(docs[i]))  # rows by length
-        texts = [docs[i] for i in order]
+        texts = [row.text for row in rows]
         lens = [self.reranker.doc_tokens(t) for t in texts]
-        reading = Reading("", -1, -1, -1, [])
         t0 = time.perf_counter()
+        load_s = 0.0
         if mode == "kv":
-            reading.load_s, reading.encoded_docs = self.reranker.load_rows(layout, texts, lens, source)
-            t0 += reading.load_s  # documents the store lacked count as compute
+            load_s, missing = self.reranker.load_rows(layout, texts, lens, source)
+            for r in missing:
+                readings[rows[r].request].encoded_docs += 1
         else:
-            self.reranker.encode_rows([self.prompt.doc_ids(t) for t in texts], layout.kv)
-        n_query = len(query.ids)
-        pos, groups = layout.query_groups(lens, n_query)
-        ids = torch.tensor([query.ids], device=device).expand(len(texts), -1)
-        last = torch.full((len(texts),), n_query - 1, device=device)
-        hidden = self.decoder.forward_groups(ids, pos, layout.kv, groups, out_index=last)
-        tokens = self._decode(hidden, texts, lens, groups, pos[:, -1] + 1, n_query)
-        reading.compute_s = time.perf_counter() - t0
+            self.reranker.encode_rows([self.prompt.doc_ids(t) for t in texts], layout.kv.rows(slice(0, len(rows))))
+        # Questions of different lengths are right-padded to ``width`` columns; each row's answer
+        # follows its own question (positions) and never attends to the padding (step_mask).
+        ids, last = self.reranker.batch_ids([row.query for row in rows])
+        width = ids.shape[1]
+        pos, groups = layout.query_groups(lens, width)
+        hidden = self.decoder.forward_groups(ids, pos, layout.kv.rows(slice(0, len(rows))), groups, out_index=last)
+        tokens = self._decode(hidden, rows, lens, groups, width)
+        compute_s = time.perf_counter() - t0 - load_s  # documents the store lacked count as compute
         tok = self.reranker.llm.tokenizer
-        for row, (answer, logprob) in enumerate(tokens):
+        for row, (answer, logprob) in zip(rows, tokens):
             text = tok.decode(answer, skip_special_tokens=True).strip()
-            start = docs[order[row]].find(text) if text else -1
-            reading.candidates.append(Candidate(order[row], text, logprob, len(answer), start,
-                                                start + len(text) if start >= 0 else -1))
-        reading.candidates.sort(key=lambda c: c.doc)
-        if reading.encoded_docs:
-            reading.warnings.append(missing_kv_warning(reading.encoded_docs))
-        return reading
+            start = row.text.find(text) if text else -1
+            readings[row.request].candidates.append(Candidate(row.doc, text, logprob, len(answer), start,
+                                                              start + len(text) if start >= 0 else -1))
+        return load_s, compute_s
 
-    def _decode(self, hidden: torch.Tensor, texts: list[str], lens: list[int], groups: list[RowGroup],
-                next_pos: torch.Tensor, n_query: int) -> list[tuple[list[int], float]]:
+    def _decode(self, hidden: torch.Tensor, rows: list[_Row], lens: list[int], groups: list[RowGroup],
+                width: int) -> list[tuple[list[int], float]]:
         """Greedy decoding of every row at once; per row its answer tokens and log-likelihood."""
-        device, rows = self.decoder.device, len(texts)
+        device, n = self.decoder.device, len(rows)
+        kv = self.layout.kv.rows(slice(0, n))
         tail = len(self.prompt.tail_ids)
-        limits = [SpanConstraint(self.prompt.doc_ids(t)[:-tail], self.prompt.answer_end_id) if self.span else None
-                  for t in texts]
-        answers: list[list[int]] = [[] for _ in range(rows)]
-        logprob = [0.0] * rows
-        done = [False] * rows
+        limits = [SpanConstraint(self.prompt.doc_ids(row.text)[:-tail], self.prompt.answer_end_id) if self.span else None
+                  for row in rows]
+        query_lens = [len(row.query) for row in rows]
+        next_pos = self.layout.prefix_len + torch.tensor(lens, device=device) + torch.tensor(query_lens, device=device)
+        answers: list[list[int]] = [[] for _ in range(n)]
+        logprob = [0.0] * n
+        done = [False] * n
         for step in range(self.max_new_tokens + 1):
             logp = torch.log_softmax(self.decoder.logits(hidden).float(), -1)
             picked = []
-            for r in range(rows):
+            for r in range(n):
                 if done[r]:
                     picked.append(self.prompt.answer_end_id)
                     continue
@@ -195,9 +224,10 @@ class Reader:
                 picked.append(token)
             if all(done):
                 break
-            col = n_query + step  # this step's token goes right after the query and earlier tokens
-            step_groups = [RowGroup(g.lo, g.hi, g.start + col, self.layout.query_mask(
-                lens[g.lo:g.hi], g.start - self.layout.prefix_len, col + 1)[:, :, -1:]) for g in groups]
+            # This step's token goes to query column ``width + step``, after every row's query.
+            step_groups = [RowGroup(g.lo, g.hi, g.start + width + step, self.layout.step_mask(
+                lens[g.lo:g.hi], g.start - self.layout.prefix_len, query_lens[g.lo:g.hi], width, step))
+                for g in groups]
             ids = torch.tensor(picked, device=device)[:, None]
-            hidden = self.decoder.forward_groups(ids, (next_pos + step)[:, None], self.layout.kv, step_groups)[:, -1]
+            hidden = self.decoder.forward_groups(ids, (next_pos + step)[:, None], kv, step_groups)[:, -1]
         return list(zip(answers, logprob))

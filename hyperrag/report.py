@@ -20,7 +20,9 @@ Result schema (the whole dict; this module builds ``e2e``, ``rerank`` and ``qual
                top_n_agreement, ndcg@10, pairs_per_s, decode_share, ...} ]
     frontier [ {label, queries_per_s | pairs_per_s, ndcg@10, f1} ]
     layout   {static_ms, concat_ms, ratio, saved_ms, ...}              (optional)
-    memory   {peak_rss_gb_after: {load, precompute, zero_shot, warmup, queries, end}}
+    memory   {peak_rss_gb_after: {load, precompute, zero_shot, warmup, queries, serve, end}}
+    serve    {clients, mode, queries, queries_per_s, p50_ms, p95_ms, mean_ms, sequential_queries_per_s,
+              sequential_p50_ms, sequential_p95_ms, speedup, mean_group, identical_answers, ...}  (--serve)
     planner  {label, bytes} or a list of them                          (optional)
 
 Mode names come from the one mode table, :mod:`hyperrag.modes`: records use the engine's names,
@@ -345,6 +347,13 @@ def ratio_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ("answer F1: retrieval only / reuse + generator / reader from stored KV",
          " / ".join(fmt_number(get_path(quality, m, "f1")) for m in ("retrieval_only", "reuse", "reader_kv")), ""),
     ]
+    serve = get_path(results, "serve", default={})
+    if serve:
+        rows.append((f"{serve['clients']} concurrent clients vs one ({serve['mode']}, queries/s; p95 ms)",
+                     f"{fmt_number(serve['queries_per_s'])} vs {fmt_number(serve['sequential_queries_per_s'])} "
+                     f"({fmt_ratio(serve['speedup'])}; p95 {fmt_number(serve['p95_ms'])} vs "
+                     f"{fmt_number(serve['sequential_p95_ms'])})", ">= 1.5x"))
+        rows.append(("concurrent vs one at a time: identical answers", fmt_share(serve["identical_answers"]), "100%"))
     if layout:
         rows.append(("static layout vs concatenation (ms per query to fill the batch)",
                      f"{fmt_number(get_path(layout, 'static_ms'))} vs {fmt_number(get_path(layout, 'concat_ms'))} ms "

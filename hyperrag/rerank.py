@@ -23,7 +23,7 @@ from hyperrag.decoder import Decoder, causal_mask
 from hyperrag.kv.batch import BatchKV
 from hyperrag.kv.layout import StaticLayout
 from hyperrag.models import LLM
-from hyperrag.prompts import QueryTokens, RerankPrompt, RerankTemplate
+from hyperrag.prompts import RerankPrompt, RerankTemplate
 from hyperrag.rowsplit import row_streams
 
 MODES = ("full", "prefix", "reuse")
@@ -42,6 +42,16 @@ class DocKVSource(Protocol):
     def load_into(self, doc_text: str, out: torch.Tensor) -> bool: ...
 
     def put(self, doc_text: str, kv: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """One batch row: document ``doc`` of request ``request``, scored with that request's query."""
+
+    request: int
+    doc: int
+    text: str
+    query: list[int]
 
 
 def load_batch(source: DocKVSource, texts: Sequence[str], outs: Sequence[torch.Tensor]) -> list[bool]:
@@ -187,20 +197,25 @@ class Reranker:
         return out  # type: ignore[return-value]
 
     def load_rows(self, layout: StaticLayout, texts: Sequence[str], lens: Sequence[int],
-                  source: DocKVSource) -> tuple[float, int]:
+                  source: DocKVSource) -> tuple[float, list[int]]:
         """Fill rows ``0..`` of ``layout`` with the documents' stored KV; the ones the source
-        lacks are computed in their own rows (each run of adjacent rows as one batch) and
-        stored. Returns (seconds loading, documents computed). The layout is the reranker's
-        buffer or a view of it: hold ``lock``."""
+        lacks are computed in their own rows (each run of adjacent rows as one batch), once per
+        text (rows of several questions may hold the same document), and stored. Returns
+        (seconds loading, the rows computed). The layout is the reranker's buffer or a view of
+        it: hold ``lock``."""
         t0 = time.perf_counter()
         found = load_batch(source, texts, [layout.doc_view(r, n) for r, n in enumerate(lens)])
         load_s = time.perf_counter() - t0
-        missing = [r for r, ok in enumerate(found) if not ok]
-        for lo, hi in _runs(missing):
+        first: dict[str, int] = {}  # text -> the row that computes it
+        computed = [r for r, ok in enumerate(found) if not ok and first.setdefault(texts[r], r) == r]
+        for lo, hi in _runs(computed):
             self.encode_rows([self.prompt.doc_ids(t) for t in texts[lo:hi]], layout.kv.rows(slice(lo, hi)))
-        for r in missing:
+        for r, ok in enumerate(found):
+            if not ok and first[texts[r]] != r:
+                layout.doc_view(r, lens[r]).copy_(layout.doc_view(first[texts[r]], lens[r]))
+        for r in computed:
             source.put(texts[r], layout.doc_view(r, lens[r]).clone())
-        return load_s, len(missing)
+        return load_s, computed
 
     def score_hidden(self, hidden: torch.Tensor) -> list[float]:
         """Each row's score from its last position's final hidden state [B, H]:
@@ -212,29 +227,42 @@ class Reranker:
     def score(self, question: str, docs: Sequence[str], mode: str = "reuse",
               source: DocKVSource | None = None) -> RerankResult:
         """Scores of ``docs`` for ``question`` in the given mode (``reuse`` needs a ``source``)."""
+        return self.score_many([(question, docs)], mode, source)[0]
+
+    def score_many(self, requests: Sequence[tuple[str, Sequence[str]]], mode: str = "reuse",
+                   source: DocKVSource | None = None) -> list[RerankResult]:
+        """Scores for several (question, documents) requests at once: their pairs share batches,
+        each row with its own question (concurrent users; :mod:`hyperrag.batching`). Every
+        result equals asking alone up to float rounding; its times are the whole call's, which
+        is what each request waited for."""
         if mode not in MODES:
             raise ValueError(f"unknown rerank mode {mode!r}; choose one of {MODES}")
         if mode == "reuse" and source is None:
             raise ValueError("reuse mode needs a document KV source (a KVStore)")
-        query = self.prompt.query(question)
-        result = RerankResult(scores=[0.0] * len(docs), pairs=len(docs), query_tokens=len(query.ids))
-        result.prompt_tokens = [self.prefix_len + self.doc_tokens(d) + len(query.ids) for d in docs]
-        if query.truncated:
-            result.warnings.append(f"question cut to {self.prompt.max_question_tokens} tokens")
-        if not docs:
-            return result
-        with self.lock:
-            if mode == "reuse":
-                self._score_reuse(query, docs, source, result)
-            else:
-                self._score_prefill(query, docs, mode, result)
-        return result
+        results, pairs = [], []
+        for r, (question, docs) in enumerate(requests):
+            query = self.prompt.query(question)
+            result = RerankResult(scores=[0.0] * len(docs), pairs=len(docs), query_tokens=len(query.ids))
+            result.prompt_tokens = [self.prefix_len + self.doc_tokens(d) + len(query.ids) for d in docs]
+            if query.truncated:
+                result.warnings.append(f"question cut to {self.prompt.max_question_tokens} tokens")
+            results.append(result)
+            pairs += [_Pair(r, i, d, query.ids) for i, d in enumerate(docs)]
+        if pairs:
+            with self.lock:
+                load_s, compute_s = (self._score_reuse(pairs, source, results) if mode == "reuse"
+                                     else self._score_prefill(pairs, mode, results))
+            for result in results:
+                result.load_s, result.compute_s = load_s, compute_s
+                if result.encoded_docs:
+                    result.warnings.append(missing_kv_warning(result.encoded_docs))
+        return results
 
-    def _score_prefill(self, query: QueryTokens, docs: Sequence[str], mode: str, result: RerankResult) -> None:
+    def _score_prefill(self, pairs: Sequence[_Pair], mode: str, results: list[RerankResult]) -> tuple[float, float]:
         t0 = time.perf_counter()
         start = 0 if mode == "full" else self.prefix_len
-        seqs = [(self.prompt.prefix_ids if mode == "full" else []) + list(self.prompt.doc_ids(d)) + query.ids
-                for d in docs]
+        seqs = [(self.prompt.prefix_ids if mode == "full" else []) + list(self.prompt.doc_ids(p.text)) + p.query
+                for p in pairs]
         device = self.decoder.device
         for batch in length_batches([len(s) for s in seqs], self.batch_size):
             def score(part: slice) -> list[float]:
@@ -249,32 +277,29 @@ class Reranker:
                 return self.score_hidden(self.decoder.forward(ids, pos, kv, start, mask, out_index=last))
 
             for i, s in zip(batch, self.rows.run(len(batch), score, max(len(seqs[i]) for i in batch))):
-                result.scores[i] = s
+                results[pairs[i].request].scores[pairs[i].doc] = s
         if mode == "full":  # it wrote a freshly computed prefix (equal up to rounding) over the cached one
             self.layout.kv.fill_prefix(self.prefix_kv)
-        result.compute_s += time.perf_counter() - t0
+        return 0.0, time.perf_counter() - t0
 
-    def _score_reuse(self, query: QueryTokens, docs: Sequence[str], source: DocKVSource, result: RerankResult) -> None:
-        layout, device = self.layout, self.decoder.device
-        n_query = len(query.ids)
-        order = sorted(range(len(docs)), key=lambda i: self.doc_tokens(docs[i]))  # rows by length
-        for first in range(0, len(docs), self.batch_size):
-            picked = order[first : first + self.batch_size]  # batch row r holds docs[picked[r]]
-            chunk = [docs[i] for i in picked]
-            lens = [self.doc_tokens(d) for d in chunk]
-            t0 = time.perf_counter()
-            load_s, encoded = self.load_rows(layout, chunk, lens, source)
-            result.load_s += load_s
-            result.encoded_docs += encoded
+    def _score_reuse(self, pairs: Sequence[_Pair], source: DocKVSource, results: list[RerankResult]) -> tuple[float, float]:
+        layout, total_load, total = self.layout, 0.0, time.perf_counter()
+        order = sorted(range(len(pairs)), key=lambda i: self.doc_tokens(pairs[i].text))  # rows by length
+        for first in range(0, len(pairs), self.batch_size):
+            chunk = [pairs[i] for i in order[first : first + self.batch_size]]  # batch row r holds chunk[r]
+            lens = [self.doc_tokens(p.text) for p in chunk]
+            load_s, missing = self.load_rows(layout, [p.text for p in chunk], lens, source)
+            total_load += load_s
+            for r in missing:
+                results[chunk[r].request].encoded_docs += 1
 
             def score(part: slice) -> list[float]:
-                pos, groups = layout.query_groups(lens[part], n_query)
-                ids = torch.tensor([query.ids], device=device).expand(len(pos), -1)
-                last = torch.full((len(pos),), n_query - 1, device=device)
+                # Questions of different lengths are right-padded: a row's own tokens never
+                # attend to its padding (causal), and its score is read at its last real token.
+                ids, last = self.batch_ids([p.query for p in chunk[part]])
+                pos, groups = layout.query_groups(lens[part], ids.shape[1])
                 return self.score_hidden(self.decoder.forward_groups(ids, pos, layout.kv.rows(part), groups, out_index=last))
 
-            for i, s in zip(picked, self.rows.run(len(chunk), score, n_query)):
-                result.scores[i] = s
-            result.compute_s += time.perf_counter() - t0 - load_s  # documents computed count here
-        if result.encoded_docs:
-            result.warnings.append(missing_kv_warning(result.encoded_docs))
+            for p, s in zip(chunk, self.rows.run(len(chunk), score, max(len(p.query) for p in chunk))):
+                results[p.request].scores[p.doc] = s
+        return total_load, time.perf_counter() - total - total_load  # documents computed count as compute

@@ -103,6 +103,18 @@ class Settings:
     store_timeout_s: float = field(
         default=5.0, metadata={"help": "bound on any single store operation before falling back to compute"}
     )
+    batch_window_ms: float = field(
+        default=10.0,
+        metadata={"help": "concurrent requests: how long a request waits for others to share its model calls "
+                          "(reranker batches, reader decode steps); requests that queue while a batch runs "
+                          "join the next one anyway (hyperrag.batching)"},
+    )
+    batch_requests: int = field(
+        default=8, metadata={"help": "concurrent requests: most questions answered together in one batch"}
+    )
+    queue_size: int = field(
+        default=64, metadata={"help": "concurrent requests: most waiting at once; more are told the engine is busy"}
+    )
     cache_dir: str = field(
         default_factory=_default_cache_dir,
         metadata={"help": "models (safetensors copies), indexes and the default KV store live here"},
@@ -112,7 +124,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.store_url:
             self.store_url = f"fs://{Path(self.cache_dir) / 'kv'}"
-        for name in ("top_k", "top_n", "batch_size", "cpu_streams", "max_new_tokens", "max_question_tokens", "max_doc_tokens"):
+        for name in ("top_k", "top_n", "batch_size", "cpu_streams", "max_new_tokens", "max_question_tokens", "max_doc_tokens",
+                     "batch_requests", "queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
 

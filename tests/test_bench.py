@@ -22,7 +22,7 @@ def test_help_documents_every_flag(capsys):
 
     help_text = build_parser().format_help()
     for flag in ("--corpus", "--queries", "--top-k", "--top-n", "--codec", "--store", "--batch-size", "--seed",
-                 "--json", "--html", "--quick", "--codecs", "--frontier"):
+                 "--json", "--html", "--quick", "--codecs", "--frontier", "--serve", "--clients"):
         assert re.search(rf"{flag}\b", help_text), flag
     for action in build_parser()._actions:
         assert action.help, action.option_strings
@@ -100,7 +100,7 @@ def quick_run(tiny_corpus_dir, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["--quick", "--corpus", str(tiny_corpus_dir), "--cache-dir", cache_dir, "--queries", "2",
             "--top-k", "3", "--max-new-tokens", "4", "--codec", "fp32", "--codecs", "fp32,int8", "--frontier",
-            "--layout-repeats", "1", "--dtype", "float32", "--seed", "1",
+            "--layout-repeats", "1", "--dtype", "float32", "--seed", "1", "--serve", "--clients", "2",
             "--json", str(out / "bench.json"), "--html", str(out / "bench.html")]
     results = main(argv)
     return results, out
@@ -163,6 +163,12 @@ def test_quick_bench_schema_and_numbers(quick_run, capsys):
     assert saved["rerank"]["zero_shot"]["pairs_per_s"] > 0 and saved["e2e"]["zero_shot"]["queries_per_s"] > 0
     for k in QUALITY:
         assert 0.0 <= saved["quality"]["zero_shot"][k] <= 1.0, k
+    # two clients at once through the request batcher answer as one client asking in turn
+    serve = saved["serve"]
+    assert (serve["clients"], serve["queries"], serve["mode"]) == (2, 2, "reader_kv")
+    assert serve["queries_per_s"] > 0 and serve["sequential_queries_per_s"] > 0 and serve["p95_ms"] >= serve["p50_ms"] > 0
+    assert serve["identical_answers"] == 1.0 and serve["identical_rankings"] == 1.0 and serve["mean_group"] >= 1
+    assert "serve" in saved["memory"]["peak_rss_gb_after"]
     assert len(results["records"]) == 2 * 7  # zero-shot, retrieval, baseline, prefix, reuse, two reader modes
 
 
@@ -173,7 +179,7 @@ def test_quick_bench_html_is_self_contained(quick_run):
     assert not re.search(r"<script[^>]+src\s*=\s*['\"]?(https?:)?//", page, re.I)
     assert not re.search(r"<link[^>]+href\s*=\s*['\"]?(https?:)?//", page, re.I)
     assert page.count("plotly-graph-div") >= 5
-    assert "reuse vs full" in page
+    assert "reuse vs full" in page and "Concurrent clients" in page
     from hyperrag.bench import main
 
     again = main(["--render", str(out / "bench.json"), "--html", str(out / "again.html")])  # no measuring

@@ -112,3 +112,22 @@ def test_engine_reader_modes(tiny_engine):
     assert kv.ranked_ids == full.ranked_ids
     doc = kv.docs[kv.reading.doc]
     assert kv.reading.start < 0 or doc.text[kv.reading.start : kv.reading.end] == kv.answer
+
+
+def test_questions_read_together_as_alone(reranker, docs_and_question):
+    """The reader's rows of several questions (different question lengths, so padded query
+    columns) decode together to the answers each question gets alone."""
+    docs, question = docs_and_question
+    reader = Reader(reranker, max_rows=3, max_new_tokens=6, span=True)
+    source = LocalKV()
+    requests = [(question, docs, [0.0, 1.0, 2.0]),
+                ("When did the Normans first reach Italy, and who led them there?", docs[1:], [1.0, 0.0]),
+                ("Who?", docs[::-1], [0.5, 0.0, 1.0])]
+    assert len({len(reranker.prompt.read_query(q).ids) for q, _, _ in requests}) == 3
+    together = reader.read_many(requests, "kv", source)
+    for (q, ds, scores), batched in zip(requests, together):
+        alone = reader.read(q, ds, scores, "kv", source)
+        assert (batched.answer, batched.doc) == (alone.answer, alone.doc)
+        for a, b in zip(alone.candidates, batched.candidates):
+            assert (a.doc, a.text) == (b.doc, b.text)
+            assert abs(a.logprob - b.logprob) <= FP32_SCORE_BOUND * (a.tokens + 1)

@@ -197,3 +197,19 @@ def test_length_batches_bound_padding():
         assert len(batch) <= 3
         longest = max(lengths[i] for i in batch)
         assert len(batch) * longest <= 1.15 * sum(lengths[i] for i in batch) or len(batch) == 1
+
+
+@pytest.mark.parametrize("mode", ["reuse", "full"])
+def test_questions_batched_together_score_as_alone(reranker, squad_batch, mode):
+    """Concurrent requests share batches (rows of several questions of different lengths,
+    right-padded): each question's scores equal asking alone within the fp32 bound."""
+    source = LocalKV()
+    requests = [(q, docs[i:]) for i, (q, docs) in enumerate(squad_batch)]  # different doc sets
+    assert len({len(reranker.prompt.query(q).ids) for q, _ in requests}) > 1  # padding is exercised
+    together = reranker.score_many(requests, mode, source if mode == "reuse" else None)
+    for (question, docs), batched in zip(requests, together):
+        alone = reranker.score(question, docs, mode, source if mode == "reuse" else None)
+        assert len(batched.scores) == len(docs)
+        assert max(abs(a - b) for a, b in zip(alone.scores, batched.scores)) <= FP32_SCORE_BOUND
+    if mode == "reuse":  # every document was computed once, for the request that met it first
+        assert sum(r.encoded_docs for r in together) == len({d for _, docs in requests for d in docs})

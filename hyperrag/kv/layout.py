@@ -29,21 +29,13 @@ def round_up(n: int, step: int) -> int:
 
 class StaticLayout:
     def __init__(self, decoder: Decoder, prefix_kv: torch.Tensor, max_batch: int, max_doc_len: int,
-                 max_query_len: int, bucket: int = 16, kv: BatchKV | None = None):
-        """A layout of ``max_batch`` rows on a new buffer, or on the first rows of ``kv`` (a
-        buffer shared with other users that take turns on it)."""
+                 max_query_len: int, bucket: int = 16):
         self.prefix_len = prefix_kv.shape[3]
         self.bucket = bucket
         self.max_batch = max_batch
         self.max_slots = round_up(max_doc_len, bucket)
         self.max_query_len = max_query_len
-        columns = self.prefix_len + self.max_slots + max_query_len
-        if kv is None:
-            kv = decoder.new_kv(max_batch, columns)
-        elif kv.shape[2] < max_batch or kv.shape[4] < columns:
-            raise ValueError(f"the shared batch buffer has {kv.shape[2]} rows of {kv.shape[4]} columns; this "
-                             f"layout needs {max_batch} rows of {columns}")
-        self.kv = kv.rows(slice(0, max_batch))
+        self.kv = decoder.new_kv(max_batch, self.prefix_len + self.max_slots + max_query_len)
         self.kv.fill_prefix(prefix_kv)
 
     def slots_for(self, doc_lens: Sequence[int]) -> int:
@@ -75,6 +67,21 @@ class StaticLayout:
         causal = (cols[None, :] - (p + slots)) <= j[:, None]  # [T, cols]
         mask = (doc_ok[:, None, :] & ~in_query) | (in_query & causal)[None]
         return mask.unsqueeze(1)
+
+    def step_mask(self, doc_lens: Sequence[int], slots: int, query_lens: Sequence[int], width: int,
+                  step: int) -> torch.Tensor:
+        """The mask [B, 1, 1, P + slots + width + step + 1] of decode step ``step``, whose token
+        goes to query column ``width + step``: the prefix, each row's real document slots, its
+        own query tokens (a row's query may be shorter than the ``width`` columns its batch
+        gives queries: rows of other questions) and the answer tokens so far."""
+        device = self.kv.device
+        p = self.prefix_len
+        lens = torch.tensor(list(doc_lens), device=device)[:, None]
+        queries = torch.tensor(list(query_lens), device=device)[:, None]
+        cols = torch.arange(p + slots + width + step + 1, device=device)[None, :]
+        rel = cols - (p + slots)  # column within the query area
+        ok = (cols < p + lens) | ((rel >= 0) & (rel < queries)) | (rel >= width)
+        return ok[:, None, None, :]
 
     def query_groups(self, doc_lens: Sequence[int], n_query: int) -> tuple[torch.Tensor, list[RowGroup]]:
         """Positions and row groups for the query run over rows whose documents have

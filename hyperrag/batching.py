@@ -1,0 +1,139 @@
+"""Concurrent requests batched: questions that arrive together share model calls.
+
+Why: on CPU one question's reranker batch (20 short rows) and its reader's decode steps (a few
+rows, one token each) leave most of each op's fixed cost unamortised, and the engine runs one
+model call at a time: eight users asking at once would pay it eight times, in a queue. A
+:class:`Batcher` holds each request for a short window (``batch_window_ms``), groups the waiting
+requests that ask the same corpus view in the same mode, and answers each group with one
+:meth:`~hyperrag.pipeline.Engine.ask_many`: the reranker scores the pairs of several questions
+in shared batches and the reader decodes their rows together. Requests that arrive while a
+group runs wait for the next one (so under load groups fill by themselves); the queue is
+bounded, and a full queue is an error the caller can show ("busy, try again"). Answers equal
+sequential ones up to float rounding; each result's timings gain ``queue`` (seconds waiting
+before its group started), and ``total`` counts it.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from hyperrag.pipeline import Engine, RAGResult, clean_question
+from hyperrag.settings import Settings
+
+
+class Busy(RuntimeError):
+    """The request queue is full."""
+
+
+@dataclass
+class _Request:
+    engine: Engine
+    question: str
+    mode: str
+    top_k: int | None
+    top_n: int | None
+    generate: bool
+    arrived: float = field(default_factory=time.perf_counter)
+    future: Future = field(default_factory=Future)
+
+    @property
+    def key(self) -> tuple:
+        """Requests with the same key can share one :meth:`Engine.ask_many` call."""
+        return id(self.engine), self.mode, self.top_k, self.top_n, self.generate
+
+
+@dataclass
+class BatchStats:
+    groups: int = 0
+    requests: int = 0
+
+    @property
+    def mean_group(self) -> float:
+        return self.requests / self.groups if self.groups else 0.0
+
+
+class Batcher:
+    """One worker thread that answers queued requests in groups; shared by every corpus view."""
+
+    def __init__(self, window_ms: float = 10.0, max_group: int = 8, queue_size: int = 64):
+        self.window_s = max(0.0, window_ms) / 1000
+        self.max_group = max_group
+        self.queue_size = queue_size
+        self.stats = BatchStats()
+        self._queue: queue.Queue[_Request | None] = queue.Queue(queue_size)
+        self._worker = threading.Thread(target=self._serve, name="hyperrag-batcher", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Batcher":
+        return cls(settings.batch_window_ms, settings.batch_requests, settings.queue_size)
+
+    def ask(self, engine: Engine, question: str, mode: str = "reuse", top_k: int | None = None,
+            top_n: int | None = None, generate: bool = True) -> RAGResult:
+        """:meth:`Engine.ask`, answered together with whatever else is asked meanwhile. A bad
+        question fails here, alone; a full queue raises :class:`Busy`."""
+        clean_question(question)
+        request = _Request(engine, question, mode, top_k, top_n, generate)
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise Busy(f"the engine is busy: {self.queue_size} questions are waiting; try again in a moment") from None
+        return request.future.result()
+
+    def close(self) -> None:
+        """Stop the worker once the requests already queued are answered."""
+        self._queue.put(None)
+        self._worker.join()
+
+    def _serve(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            waiting, stop = [first], False
+            deadline = time.perf_counter() + self.window_s
+            while len(waiting) < self.queue_size:
+                try:
+                    request = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if request is None:
+                    stop = True
+                    break
+                waiting.append(request)
+            for group in self._groups(waiting):
+                self._answer(group)
+            if stop:
+                return
+
+    def _groups(self, waiting: list[_Request]) -> list[list[_Request]]:
+        """Waiting requests by key, in arrival order, at most ``max_group`` per group."""
+        groups: list[list[_Request]] = []
+        open_group: dict[tuple, list[_Request]] = {}
+        for request in waiting:
+            group = open_group.get(request.key)
+            if group is None or len(group) >= self.max_group:
+                group = open_group[request.key] = []
+                groups.append(group)
+            group.append(request)
+        return groups
+
+    def _answer(self, group: list[_Request]) -> None:
+        first = group[0]
+        started = time.perf_counter()
+        try:
+            results = first.engine.ask_many([r.question for r in group], first.mode, first.top_k, first.top_n,
+                                            first.generate)
+        except BaseException as err:  # every request of the group learns why
+            for request in group:
+                request.future.set_exception(err)
+            return
+        self.stats.groups += 1
+        self.stats.requests += len(group)
+        for request, result in zip(group, results):
+            result.timings["queue"] = started - request.arrived
+            result.timings["total"] += result.timings["queue"]
+            request.future.set_result(result)
