@@ -487,11 +487,11 @@ def tune_reader(reranker, cands, ranked: list[list[float]], by_id: dict, kv, s) 
 # -- main -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from hyperrag.settings import REPO_ROOT, _default_cache_dir
+    from hyperrag.settings import REPO_ROOT, SHIPPED_ADAPTER, _default_cache_dir
 
     p = argparse.ArgumentParser(prog="python -m hyperrag.train_reranker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(REPO_ROOT / "models" / "hyperrag-lora"),
+    p.add_argument("--out", default=str(SHIPPED_ADAPTER),
                    help="adapter folder (checkpoints in <out>/checkpoint; default: the shipped one)")
     p.add_argument("--cache-dir", default=_default_cache_dir(), help="model and SQuAD cache (as the engine's)")
     p.add_argument("--data-dir", default="",
