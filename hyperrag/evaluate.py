@@ -275,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from hyperrag.generate import Generator
     from hyperrag.models import adapter_meta, load_embedder, load_llm
     from hyperrag.retrieval import DenseIndex
+    from hyperrag.runtime import load_reranker
     from hyperrag.settings import settings_from_args
 
     args = build_parser().parse_args(argv)
@@ -306,9 +307,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     subset = args.subset or len(cands)
 
     def make_reranker(llm, instruction: str | None = None) -> Reranker:
-        template = RerankTemplate(instruction=instruction) if instruction else RerankTemplate()
-        return Reranker(llm, template, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
-                        batch_size=s.batch_size, streams=s.cpu_streams, answer_tokens=s.max_new_tokens)
+        return load_reranker(s, llm, RerankTemplate(instruction=instruction) if instruction else None)
 
     previous: dict[str, list[list[float]]] = {}
     if args.scores_from:

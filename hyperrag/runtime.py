@@ -20,6 +20,7 @@ from hyperrag.kv import planner
 from hyperrag.kv.store import KVStore
 from hyperrag.kv.urls import StoreError, redact_url
 from hyperrag.models import LLM, adapter_meta, load_embedder, load_llm
+from hyperrag.prompts import RerankTemplate
 from hyperrag.reader import Reader
 from hyperrag.rerank import Reranker
 from hyperrag.retrieval import DenseIndex
@@ -47,7 +48,7 @@ class Runtime:
         # The base model (no adapter) answers with the traditional generator, and is the reranker
         # itself when no adapter is set; with an adapter and no generator it is not loaded at all.
         base = load_llm(s.model, s.cache_dir, s.device, s.dtype, cpu_linear=s.cpu_linear) if with_generator or not s.adapter else None
-        reranker = load_reranker(s, base)
+        reranker = load_reranker(s, None if s.adapter else base)
         generator = Generator(base, s.max_new_tokens, s.max_doc_tokens, streams=s.cpu_streams) if with_generator else None
         store = open_store(s, reranker, corpus_texts)
         return cls(s, embedder, reranker, store, generator, load_reader(s, reranker) if with_generator else None)
@@ -101,12 +102,16 @@ def _adapter_value(adapter: str, key: str, default: float) -> float:
     return float(adapter_meta(adapter).get(key, default))
 
 
-def load_reranker(s: Settings, base: LLM | None = None) -> Reranker:
-    """The reranker for settings ``s`` (on ``base``, the already loaded LLM, unless an adapter is
-    set). Its ``kv_identity`` keys the store, so precompute builds it here too."""
-    adapter = str(s.folder("adapter")) if s.adapter else ""
-    llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter, cpu_linear=s.cpu_linear) if adapter or base is None else base
-    return Reranker(llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
+def load_reranker(s: Settings, llm: LLM | None = None, template: RerankTemplate | None = None) -> Reranker:
+    """The one place a reranker is built, so everything that keys or fills the store (the runtime,
+    precompute, evaluation, training's checks) derives the same ``kv_identity`` from ``s``.
+    ``llm`` is an already loaded model used as given (the base model, or one with the adapter
+    merged); without it ``s.model`` is loaded with ``s.adapter``. ``template`` is the default
+    doc-first prompt unless a study asks for another wording."""
+    if llm is None:
+        adapter = str(s.folder("adapter")) if s.adapter else ""
+        llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter, cpu_linear=s.cpu_linear)
+    return Reranker(llm, template, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
                     batch_size=s.batch_size, streams=s.cpu_streams, answer_tokens=s.max_new_tokens)
 
 

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-# The corpus and adapter defaults point into a source checkout (corpora/, models/); an installed
-# package has neither, so :meth:`Settings.folder` says which setting to give instead.
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The shipped corpus and adapter are package data (hyperrag/shipped/, listed in pyproject.toml),
+# so the defaults are the same folders in a source checkout and in an installed wheel.
+REPO_ROOT = Path(__file__).resolve().parent.parent  # a checkout's root (training inputs, app assets)
+SHIPPED = Path(__file__).resolve().parent / "shipped"
+SHIPPED_CORPUS = SHIPPED / "squad-dev-mini"
+SHIPPED_ADAPTER = SHIPPED / "hyperrag-lora"
 FOLDER_SETTINGS = {
     "corpus": "a corpus folder (docs.jsonl [+ queries.jsonl], or .txt/.md files)",
     "adapter": "a LoRA adapter folder, or '' for the zero-shot base model (no reader)",
@@ -31,7 +34,7 @@ class Settings:
     """Engine settings. Each field's ``metadata['help']`` is its CLI help text."""
 
     corpus: str = field(
-        default=str(REPO_ROOT / "corpora" / "squad-dev-mini"),
+        default=str(SHIPPED_CORPUS),
         metadata={"help": "corpus folder (docs.jsonl [+ queries.jsonl], or .txt/.md files)"},
     )
     model: str = field(
@@ -39,7 +42,7 @@ class Settings:
         metadata={"help": "LLM id from hyperrag.models.MODELS (reranker base and generator)"},
     )
     adapter: str = field(
-        default=str(REPO_ROOT / "models" / "hyperrag-lora"),
+        default=str(SHIPPED_ADAPTER),
         metadata={"help": "LoRA adapter folder for the reranker and reader (default: the shipped trained "
                           "one); '' for the zero-shot base model (no reader)"},
     )
@@ -150,7 +153,7 @@ class Settings:
         value = getattr(self, name)
         default = next(f.default for f in fields(self) if f.name == name)
         return existing_folder(value, f"HYPERRAG_{name.upper()} or --{name.replace('_', '-')}", FOLDER_SETTINGS[name],
-                               " (the default, which only a source checkout has)" if value == default else "")
+                               " (the default: the package's shipped folder)" if value == default else "")
 
 
 def existing_folder(path: str | Path, setting: str, expected: str, note: str = "") -> Path:

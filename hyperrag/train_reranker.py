@@ -389,15 +389,24 @@ def _bar(desc: str):
 
 # -- checks and validation ------------------------------------------------------------------------
 
+def adapter_settings(args, out: Path, **changes):
+    """The engine's default settings for the adapter in ``out``, on the CPU in fp32: how the
+    training checks and validates what it wrote."""
+    from hyperrag.settings import Settings
+
+    return Settings(model=args.model, cache_dir=args.cache_dir, device="cpu", dtype="float32", adapter=str(out),
+                    **changes)
+
+
 def check_against_reranker(args, model, prompt: RerankPrompt, score_vec, data: TrainData, out: Path) -> dict:
     """Packed training forward (LoRA unmerged) vs ``Reranker.score(..., "full")`` on the merged
     model loaded the way the engine loads it: same tokens, same scores."""
-    from hyperrag.models import load_llm
-    from hyperrag.rerank import Reranker
+    from hyperrag.runtime import load_reranker
 
-    llm = load_llm(args.model, args.cache_dir, "cpu", "float32", adapter=str(out))
-    reranker = Reranker(llm, prompt.template, max_doc_tokens=prompt.max_doc_tokens,
-                        max_question_tokens=prompt.max_question_tokens, batch_size=4)
+    reranker = load_reranker(adapter_settings(args, out, max_doc_tokens=prompt.max_doc_tokens,
+                                              max_question_tokens=prompt.max_question_tokens, batch_size=4),
+                             template=prompt.template)
+    llm = reranker.llm
     group = make_group(data, 0, args)
     docs = [data.texts[d] for d in group.docs[:3]]
     questions = [data.questions[q] for q in group.questions[:2]]
@@ -416,17 +425,14 @@ def validate(args, out: Path, embedder) -> dict:
     weight ``w`` (score + w * cosine) that maximizes MRR@10 there."""
     from hyperrag.evaluate import SystemRun, rerank_scores, retrieve, ranking_summary
     from hyperrag.kv.local import LocalKV
-    from hyperrag.models import load_llm
-    from hyperrag.rerank import Reranker, fuse_scores
-    from hyperrag.settings import Settings
+    from hyperrag.rerank import fuse_scores
+    from hyperrag.runtime import load_reranker
 
     _, val_articles = pick_articles(args.articles, args.val_articles, args.seed, args.cache_dir)
     corpus, index = indexed_articles(val_articles, "val", [], args, embedder)
-    s = Settings()
+    s = adapter_settings(args, out)
     cands = retrieve(index, corpus.sample_queries(args.val_questions, args.seed), s.top_k)
-    llm = load_llm(args.model, args.cache_dir, "cpu", "float32", adapter=str(out))
-    reranker = Reranker(llm, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
-                        batch_size=s.batch_size, answer_tokens=s.max_new_tokens)
+    reranker = load_reranker(s)
     kv = LocalKV()
     scores = rerank_scores(reranker, cands, corpus.by_id, "reuse", kv, progress=_bar("validate"))
     cos = [c.cosine for c in cands]
@@ -481,11 +487,11 @@ def tune_reader(reranker, cands, ranked: list[list[float]], by_id: dict, kv, s) 
 # -- main -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from hyperrag.settings import REPO_ROOT, _default_cache_dir
+    from hyperrag.settings import REPO_ROOT, SHIPPED_ADAPTER, _default_cache_dir
 
     p = argparse.ArgumentParser(prog="python -m hyperrag.train_reranker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(REPO_ROOT / "models" / "hyperrag-lora"),
+    p.add_argument("--out", default=str(SHIPPED_ADAPTER),
                    help="adapter folder (checkpoints in <out>/checkpoint; default: the shipped one)")
     p.add_argument("--cache-dir", default=_default_cache_dir(), help="model and SQuAD cache (as the engine's)")
     p.add_argument("--data-dir", default="",

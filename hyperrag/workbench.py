@@ -28,7 +28,7 @@ from hyperrag.kv.urls import StoreError, parse_store_url, redact_url
 from hyperrag.pipeline import Engine
 from hyperrag.precompute import PrecomputeReport
 from hyperrag.runtime import Runtime
-from hyperrag.settings import REPO_ROOT, Settings
+from hyperrag.settings import SHIPPED, Settings
 from hyperrag.uploads import UploadError, _relative_message, copy_upload, ingest_upload, prune_folders
 
 log = logging.getLogger("hyperrag.workbench")
@@ -376,5 +376,5 @@ class Workbench:
 
 
 def default_label(corpus: Corpus) -> str:
-    shipped = corpus.root.resolve().is_relative_to(REPO_ROOT / "corpora")
+    shipped = corpus.root.resolve().is_relative_to(SHIPPED)
     return f"{corpus.name} ({'shipped' if shipped else 'default'})"

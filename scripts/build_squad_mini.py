@@ -1,13 +1,11 @@
-"""Rebuild corpora/squad-dev-mini from SQuAD v1.1 dev (whole articles, all their questions).
+"""Rebuild the shipped corpus (hyperrag/shipped/squad-dev-mini) from SQuAD v1.1 dev (whole articles, all their questions).
 
-    python scripts/build_squad_mini.py [--out corpora/squad-dev-mini]
+    python scripts/build_squad_mini.py [--out FOLDER]
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-from hyperrag.settings import Settings
+from hyperrag.settings import SHIPPED_CORPUS, Settings
 from hyperrag.squad import articles_to_corpus, load_squad, write_corpus
 
 # Nine whole articles of varied topics: 309 paragraphs, 1,607 questions.
@@ -19,7 +17,7 @@ ARTICLES = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "corpora" / "squad-dev-mini"))
+    parser.add_argument("--out", default=str(SHIPPED_CORPUS))
     args = parser.parse_args()
     articles = [a for a in load_squad("dev", Settings.from_env().cache_dir) if a["title"] in ARTICLES]
     assert len(articles) == len(ARTICLES), "SQuAD dev no longer has the expected articles"

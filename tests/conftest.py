@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from hyperrag.settings import SHIPPED_CORPUS as SHIPPED  # the default corpus, cut into test corpora
+
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "corpora" / "squad-dev-mini"
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

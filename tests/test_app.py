@@ -253,6 +253,7 @@ def test_apply_settings_reopens_store_and_refuses_unsafe_urls(wb):
         status, *_ = ui.cb_apply_settings("fp16", "fs://mine", 2, ui.DEFAULT_KEY)  # relative: under the data folder
         assert f"fs://{wb.config.stores / 'mine'}" in status and wb.wait_ready().reranker is not reranker
         assert wb.wait_ready().reranker.batch_size == 2
+        assert wb.wait_ready().reranker.llm is reranker.llm  # rebuilt on the loaded model, not reloaded
     finally:
         ui.cb_apply_settings(*original, ui.DEFAULT_KEY)
     assert wb.settings.store_url == original[1] and wb.wait_ready().store.codec.name == original[0]

@@ -76,6 +76,23 @@ def test_output_positions_skip_nothing_they_need(llm):
     assert torch.allclose(tail, picked, atol=FP32_SCORE_BOUND)
 
 
+def test_load_reranker_builds_on_a_given_model(llm, tmp_path):
+    """The one way to build a reranker: on a loaded model as given, with the wording asked for
+    and every size from the settings, keyed by all of them."""
+    from hyperrag.prompts import RerankTemplate
+    from hyperrag.runtime import load_reranker
+    from hyperrag.settings import Settings
+
+    s = Settings(adapter="", cache_dir=str(tmp_path), batch_size=3, max_doc_tokens=100, max_question_tokens=20,
+                 max_new_tokens=5, cpu_streams=1)
+    template = RerankTemplate(instruction="Does the passage answer the question?")
+    r = load_reranker(s, llm, template)
+    assert r.llm is llm and r.template is template
+    assert (r.batch_size, r.prompt.max_doc_tokens, r.prompt.max_question_tokens, r.answer_tokens) == (3, 100, 20, 5)
+    assert r.kv_identity == f"{llm.fingerprint}|{r.decoder.dtype}|{template.digest}|100"
+    assert load_reranker(s, llm).template == RerankTemplate()
+
+
 def test_reuse_equals_full_prefill(reranker, squad_batch):
     source = LocalKV()
     lengths = {reranker.doc_tokens(d) for _, docs in squad_batch for d in docs}

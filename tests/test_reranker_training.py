@@ -9,10 +9,8 @@ import shutil
 import pytest
 import torch
 
-from hyperrag.settings import REPO_ROOT, Settings
+from hyperrag.settings import SHIPPED_ADAPTER as ADAPTER, Settings
 from tests.conftest import SHIPPED
-
-ADAPTER = REPO_ROOT / "models" / "hyperrag-lora"
 
 
 @pytest.fixture(scope="module")

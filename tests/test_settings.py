@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from hyperrag.settings import REPO_ROOT, Settings, add_cli_args, settings_from_args
+from hyperrag.settings import Settings, add_cli_args, settings_from_args
 
 
 def test_defaults_env_and_cli_precedence(monkeypatch, tmp_path):
@@ -26,14 +26,11 @@ def test_bad_values_are_clear(monkeypatch):
 
 
 def test_missing_folders_name_the_setting_to_give(monkeypatch, tmp_path):
-    """From a checkout the defaults are the shipped corpus and adapter; where they are missing
-    (an installed wheel) the error names the path and the variable and flag to set, before
-    anything loads."""
-    s = Settings()
-    assert s.folder("corpus") == REPO_ROOT / "corpora" / "squad-dev-mini"
-    assert s.folder("adapter") == REPO_ROOT / "models" / "hyperrag-lora"
-    missing = tmp_path / "site-packages" / "corpora" / "squad-dev-mini"
-    monkeypatch.setattr(Settings.__dataclass_fields__["corpus"], "default", str(missing))  # a wheel's default
+    """A missing corpus or adapter folder (a mistyped path; a package built without its shipped
+    data) is reported with the path and the variable and flag to set, before anything loads.
+    (That the defaults exist in a checkout and in a wheel: tests/test_packaging.py.)"""
+    missing = tmp_path / "site-packages" / "hyperrag" / "shipped" / "squad-dev-mini"
+    monkeypatch.setattr(Settings.__dataclass_fields__["corpus"], "default", str(missing))  # a default that is gone
     with pytest.raises(FileNotFoundError) as err:
         Settings(corpus=str(missing)).folder("corpus")
     assert str(missing) in str(err.value) and "the default" in str(err.value)

@@ -1,0 +1,53 @@
+"""An installed wheel carries the shipped corpus and adapter, and the settings' defaults find them
+there as they do in a checkout; training checkpoints and index caches stay out of the wheel."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from hyperrag.settings import SHIPPED_ADAPTER, SHIPPED_CORPUS, Settings
+from tests.conftest import REPO
+
+SHIPPED_FILES = ["hyperrag/shipped/squad-dev-mini/docs.jsonl", "hyperrag/shipped/squad-dev-mini/queries.jsonl",
+                 "hyperrag/shipped/hyperrag-lora/adapter_model.safetensors",
+                 "hyperrag/shipped/hyperrag-lora/adapter_config.json", "hyperrag/shipped/hyperrag-lora/hyperrag.json"]
+
+
+def test_checkout_defaults_are_the_shipped_folders():
+    s = Settings()
+    assert s.folder("corpus") == SHIPPED_CORPUS and (SHIPPED_CORPUS / "docs.jsonl").is_file()
+    assert s.folder("adapter") == SHIPPED_ADAPTER and (SHIPPED_ADAPTER / "adapter_model.safetensors").is_file()
+
+
+def test_wheel_carries_the_shipped_corpus_and_adapter(tmp_path):
+    from hyperrag.models import adapter_hash
+
+    src = tmp_path / "src"  # built from a copy, so the checkout gets no build/ or egg-info
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "hyperrag", src / "hyperrag", ignore=shutil.ignore_patterns("__pycache__"))
+    for leftover in ("shipped/hyperrag-lora/checkpoint/state.pt", "shipped/squad-dev-mini/.cache/index.ids.json"):
+        (src / "hyperrag" / leftover).parent.mkdir(parents=True, exist_ok=True)
+        (src / "hyperrag" / leftover).write_text("{}")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                    "--no-index", "-q", "-w", str(tmp_path / "dist")], check=True, cwd=tmp_path)
+    wheel = next((tmp_path / "dist").glob("hyperrag-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert set(SHIPPED_FILES) <= names
+    assert not [n for n in names if "/checkpoint" in n or "/.cache/" in n]
+
+    site = tmp_path.resolve() / "site"  # the wheel unpacked is what an install puts in site-packages
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = ("import hyperrag.settings as m; s = m.Settings(); "
+             "print(m.__file__, s.folder('corpus'), s.folder('adapter'), sep='\\n')")
+    out = subprocess.run([sys.executable, "-c", probe], env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
+    installed = site / "hyperrag"
+    assert [Path(p) for p in out] == [installed / "settings.py", installed / "shipped" / "squad-dev-mini",
+                                      installed / "shipped" / "hyperrag-lora"]
+    # The store key depends on the adapter's content, not its folder: an install reads a checkout's KV.
+    assert adapter_hash(installed / "shipped" / "hyperrag-lora") == adapter_hash(SHIPPED_ADAPTER)
