@@ -18,8 +18,9 @@ def main(argv=None):
                         help="port (default 7860)")
     parser.add_argument("--share", action="store_true", default=env("HYPERRAG_SHARE") == "1",
                         help="also open a public gradio.live link (off by default)")
-    parser.add_argument("--concurrency", type=int, default=int(env("HYPERRAG_APP_CONCURRENCY") or 4),
-                        help="requests worked on at once (the engine serializes model calls)")
+    parser.add_argument("--concurrency", type=int, default=int(env("HYPERRAG_APP_CONCURRENCY") or 0) or None,
+                        help="requests worked on at once (default: batch_requests, so that many users' questions "
+                             "can share model calls, hyperrag.batching)")
     parser.add_argument("--data-dir", default=None, help="uploads, exports (default <cache-dir>/app)")
     parser.add_argument("--allow-any-store", action="store_true", default=None,
                         help="let users point the app at any store URL (trusted deployments only)")
@@ -39,7 +40,7 @@ def main(argv=None):
     if not args.no_preload:
         workbench.start_loading()
     demo = ui.build_app(workbench)
-    demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
+    demo.queue(default_concurrency_limit=args.concurrency or settings.batch_requests, max_size=settings.queue_size)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **ui.launch_kwargs(workbench))
 
 

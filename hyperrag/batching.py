@@ -39,10 +39,11 @@ class _Request:
     arrived: float = field(default_factory=time.perf_counter)
     future: Future = field(default_factory=Future)
 
-    @property
-    def key(self) -> tuple:
-        """Requests with the same key can share one :meth:`Engine.ask_many` call."""
-        return id(self.engine), self.mode, self.top_k, self.top_n, self.generate
+    def __post_init__(self) -> None:
+        # Requests with the same key can share one Engine.ask_many call: views of the same
+        # runtime, corpus and index are interchangeable (the app makes one per request).
+        e = self.engine
+        self.key = (id(e.runtime), id(e.corpus), id(e.index), self.mode, self.top_k, self.top_n, self.generate)
 
 
 @dataclass
@@ -83,10 +84,10 @@ class Batcher:
             raise Busy(f"the engine is busy: {self.queue_size} questions are waiting; try again in a moment") from None
         return request.future.result()
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 600.0) -> None:
         """Stop the worker once the requests already queued are answered."""
         self._queue.put(None)
-        self._worker.join()
+        self._worker.join(timeout_s)
 
     def _serve(self) -> None:
         while True:

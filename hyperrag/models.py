@@ -135,15 +135,15 @@ def _safetensors_copy(name: str, cache_dir: str | Path) -> Path:
 
 
 def adapter_hash(adapter: str | Path) -> str:
-    """Content hash of a LoRA adapter folder: it changes every document KV, so it keys the store."""
+    """Content hash of a LoRA adapter: its weights and PEFT config change every document KV, so
+    they key the store. The training notes beside them (``hyperrag.json``: validation metrics,
+    tuned query-time weights) do not, and a re-validation must not orphan the stored KV."""
     folder = Path(adapter)
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json", ".bin"))
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "adapter_config.json")
     if not any(p.suffix in (".safetensors", ".bin") for p in files):
         raise ModelError(f"{folder}: not a LoRA adapter folder (no adapter weights)")
     digest = hashlib.sha256()
     for p in files:
-        if p.name == "README.md":
-            continue
         digest.update(p.name.encode())
         digest.update(p.read_bytes())
     return digest.hexdigest()[:16]

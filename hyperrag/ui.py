@@ -26,6 +26,7 @@ import gradio as gr
 import pandas as pd
 
 from hyperrag import figures, report
+from hyperrag.batching import Busy
 from hyperrag.corpus import Query
 from hyperrag.kv.codec import CODECS
 from hyperrag.kv.planner import format_bytes
@@ -168,6 +169,8 @@ def timing_markdown(result: RAGResult) -> str:
     t = result.timings
     spec = MODE_SPECS[result.mode]
     parts = [f"retrieve {seconds_text(t['retrieve'])}"]
+    if t.get("queue", 0.0) >= 0.05:  # another user's batch was running (hyperrag.batching)
+        parts.insert(0, f"queued {seconds_text(t['queue'])}")
     if spec.rerank is not None:
         if "reuse" == spec.rerank:
             parts.append(f"KV load {seconds_text(t['kv_load'])}")
@@ -372,9 +375,9 @@ def _ask(wb: Workbench, entry: CorpusEntry, question: str, mode: str, top_k: int
             engine, mode = wb.zero_shot_engine(entry), "reuse"
         else:
             engine = wb.engine(entry)
-        try:
-            return engine.ask(question, mode, int(top_k), int(top_n))
-        except QuestionError as err:
+        try:  # through the batcher: users asking at once share model calls
+            return wb.batcher.ask(engine, question, mode, int(top_k), int(top_n))
+        except (QuestionError, Busy) as err:
             raise UserError(str(err)) from None
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from hyperrag.batching import Batcher
 from hyperrag.corpus import Corpus, CorpusError, Query, load_corpus
 from hyperrag.kv import planner
 from hyperrag.kv.codec import CODECS
@@ -155,6 +156,7 @@ class Workbench:
         self.max_corpora = max_corpora
         self.startup_store_url = settings.store_url
         self.gate = _Gate()
+        self.batcher = Batcher.from_settings(settings)  # questions asked at once share model calls
         self._lock = threading.Lock()  # loading, corpus registry
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
@@ -206,6 +208,7 @@ class Workbench:
         return self._base is not None
 
     def close(self) -> None:
+        self.batcher.close()
         if self._zero_shot is not None:
             self._zero_shot.close()
         if self._base is not None:

@@ -47,6 +47,8 @@ def test_bad_question_fails_alone_and_a_full_queue_says_busy(tiny_engine):
     entered, release = threading.Event(), threading.Event()
 
     class Slow:  # an engine whose answers wait for the test, so the queue fills up
+        runtime, corpus, index = tiny_engine.runtime, tiny_engine.corpus, tiny_engine.index
+
         def ask_many(self, questions, *args):
             entered.set()
             release.wait(30)

@@ -128,6 +128,9 @@ def test_key_changes_with_model_template_codec_text_adapter(llm, tmp_path, make_
         (folder / "adapter_config.json").write_text(json.dumps({"r": 8}))
         fingerprint = f"{llm.fingerprint}+lora-{adapter_hash(folder)}"
         variants[name] = Reranker(dataclasses.replace(llm, fingerprint=fingerprint), batch_size=1).kv_identity
+        # the training notes beside the weights (metrics, query-time weights) leave the key alone
+        (folder / "hyperrag.json").write_text(json.dumps({"val": {"f1": 0.7}, "retrieval_weight": 2.0}))
+        assert f"{llm.fingerprint}+lora-{adapter_hash(folder)}" == fingerprint
     assert len(set(variants.values())) == len(variants), variants
     text = "The Normans gave their name to Normandy."
     addresses = {content_address(ident, c, t) for ident in variants.values()
