@@ -37,9 +37,10 @@ def causal_mask(n_new: int, start: int, device: torch.device | str = "cpu") -> t
 
 @dataclass(frozen=True)
 class RowGroup:
-    """Batch rows ``[lo, hi)`` whose new tokens go to cache column ``start`` and attend under
+    """Buffer rows ``[lo, hi)`` whose new tokens go to cache column ``start`` and attend under
     ``mask`` [hi - lo, 1, T, start + T] (None: causal from column 0, or one token over a fully
-    valid prefix)."""
+    valid prefix). The groups of a forward take the rows of its ids in turn; they may leave
+    buffer rows out (a decode step skips the rows whose answers are done)."""
 
     lo: int
     hi: int
@@ -106,20 +107,23 @@ class Decoder:
     ) -> torch.Tensor:
         """:meth:`forward` for a batch whose row groups put their new tokens at different
         columns (KV reuse: rows with short documents attend over fewer columns). The groups
-        cover the rows in order; only the K/V writes and attention run per group.
+        take the rows of ``ids`` in order; only the K/V writes and attention run per group.
         ``after_kv(layer)`` runs once each layer's new K/V are written, before attention (two
         calls over consecutive token chunks can so run at once, see :class:`LayerSync`)."""
         bsz, n_new = ids.shape
         buf = kv.tensor  # the per-layer writes and reads below index the tensor itself
-        if groups[0].lo != 0 or groups[-1].hi != bsz or any(a.hi != b.lo for a, b in zip(groups, groups[1:])):
-            raise ValueError("row groups must cover the batch rows in order")
+        if any(a.hi > b.lo for a, b in zip(groups, groups[1:])) or sum(g.hi - g.lo for g in groups) != bsz:
+            raise ValueError("row groups must be in order, apart, and as many rows as ids has")
         causal = []
         for g in groups:
             causal.append(g.mask is None and g.start == 0 and n_new > 1)
             if g.mask is None and not causal[-1] and n_new > 1:
                 raise ValueError("a mask is needed for several new tokens after column 0")
         masks = [_additive(g.mask, self.dtype) for g in groups]
-        spans = [(slice(g.lo, g.hi), g.start, g.start + n_new) for g in groups]  # rows, new columns
+        spans, first = [], 0  # per group: its rows of ids, its rows of the buffer, new columns
+        for g in groups:
+            spans.append((slice(first, first + g.hi - g.lo), slice(g.lo, g.hi), g.start, g.start + n_new))
+            first += g.hi - g.lo
         gqa = self.n_heads != self.n_kv_heads
         lin = self.linear
         x = self.body.embed_tokens(ids)
@@ -137,19 +141,20 @@ class Decoder:
                 x, h = x[b, out_index][:, None], h[b, out_index][:, None]
                 q = _rope(lin(h, attn.q_proj).view(bsz, 1, self.n_heads, self.head_dim).transpose(1, 2),
                           cos[b, out_index][:, None], sin[b, out_index][:, None])
-                masks = [_additive(_output_mask(g, out_index[g.lo : g.hi], n_new), self.dtype) for g in groups]
+                masks = [_additive(_output_mask(g, out_index[rows], n_new), self.dtype)
+                         for g, (rows, *_) in zip(groups, spans)]
                 causal = [False] * len(groups)
             else:
                 q = _rope(lin(h, attn.q_proj).view(bsz, n_new, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-            for rows, begin, end in spans:
-                buf[i, 0, rows, :, begin:end] = k[rows]
-                buf[i, 1, rows, :, begin:end] = v[rows]
+            for rows, kv_rows, begin, end in spans:
+                buf[i, 0, kv_rows, :, begin:end] = k[rows]
+                buf[i, 1, kv_rows, :, begin:end] = v[rows]
             if after_kv is not None:
                 after_kv(i)
             outs = []
-            for (rows, _, end), mask, is_causal in zip(spans, masks, causal):
+            for (rows, kv_rows, _, end), mask, is_causal in zip(spans, masks, causal):
                 outs.append(F.scaled_dot_product_attention(
-                    q[rows], buf[i, 0, rows, :, :end], buf[i, 1, rows, :, :end],
+                    q[rows], buf[i, 0, kv_rows, :, :end], buf[i, 1, kv_rows, :, :end],
                     attn_mask=mask, is_causal=is_causal, enable_gqa=gqa,
                 ))
             o = outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -26,7 +26,8 @@ from typing import Sequence
 import torch
 
 from hyperrag.decoder import RowGroup
-from hyperrag.rerank import DocKVSource, Reranker, missing_kv_warning
+from hyperrag.kv.batch import row_runs
+from hyperrag.rerank import DocKVSource, Reranker, missing_kv_warning, query_batches
 
 READ_MODES = ("kv", "full")
 
@@ -142,11 +143,10 @@ class Reader:
                 readings[r].warnings.append(f"the reader reads at most {self.max_rows} documents: the rest were left out")
             query = self.prompt.read_query(question).ids
             rows += [_Row(r, i, d, query) for i, d in enumerate(list(docs)[: self.max_rows])]
-        rows.sort(key=lambda row: self.reranker.doc_tokens(row.text))  # rows by length
         load_s = compute_s = 0.0
         with self._lock:
-            for first in range(0, len(rows), self.layout.max_batch):
-                batch_load, batch_compute = self._read(rows[first : first + self.layout.max_batch], mode, source, readings)
+            for batch in query_batches(rows, lambda row: self.reranker.doc_tokens(row.text), self.layout.max_batch):
+                batch_load, batch_compute = self._read(batch, mode, source, readings)
                 load_s, compute_s = load_s + batch_load, compute_s + batch_compute
         for reading, (_, docs, rank_scores) in zip(readings, requests):
             reading.load_s, reading.compute_s = load_s, compute_s
@@ -191,43 +191,41 @@ class Reader:
 
     def _decode(self, hidden: torch.Tensor, rows: list[_Row], lens: list[int], groups: list[RowGroup],
                 width: int) -> list[tuple[list[int], float]]:
-        """Greedy decoding of every row at once; per row its answer tokens and log-likelihood."""
-        device, n = self.decoder.device, len(rows)
+        """Greedy decoding of every row at once; per row its answer tokens and log-likelihood.
+        A row whose answer is done leaves the batch: later steps run the others only (rows of
+        several questions finish at very different steps)."""
+        device, n, p = self.decoder.device, len(rows), self.layout.prefix_len
         kv = self.layout.kv.rows(slice(0, n))
         tail = len(self.prompt.tail_ids)
         limits = [SpanConstraint(self.prompt.doc_ids(row.text)[:-tail], self.prompt.answer_end_id) if self.span else None
                   for row in rows]
         query_lens = [len(row.query) for row in rows]
-        next_pos = self.layout.prefix_len + torch.tensor(lens, device=device) + torch.tensor(query_lens, device=device)
+        next_pos = p + torch.tensor(lens, device=device) + torch.tensor(query_lens, device=device)
         answers: list[list[int]] = [[] for _ in range(n)]
         logprob = [0.0] * n
-        done = [False] * n
+        active = list(range(n))  # rows still decoding; ``hidden`` holds one state per active row
         for step in range(self.max_new_tokens + 1):
             logp = torch.log_softmax(self.decoder.logits(hidden).float(), -1)
-            picked = []
-            for r in range(n):
-                if done[r]:
-                    picked.append(self.prompt.answer_end_id)
-                    continue
+            going: dict[int, int] = {}  # row -> its next token, for the rows that go on
+            for j, r in enumerate(active):
                 if limits[r] is not None:
                     allowed = torch.tensor(limits[r].allowed(), device=device)
-                    token = int(allowed[logp[r, allowed].argmax()])
+                    token = int(allowed[logp[j, allowed].argmax()])
                 else:
-                    token = int(logp[r].argmax())
-                logprob[r] += float(logp[r, token])
-                if token in self.stop_ids or step == self.max_new_tokens:
-                    done[r] = True
-                else:
+                    token = int(logp[j].argmax())
+                logprob[r] += float(logp[j, token])
+                if token not in self.stop_ids and step < self.max_new_tokens:
                     answers[r].append(token)
                     if limits[r] is not None:
                         limits[r].advance(token)
-                picked.append(token)
-            if all(done):
+                    going[r] = token
+            active = list(going)
+            if not active:
                 break
             # This step's token goes to query column ``width + step``, after every row's query.
-            step_groups = [RowGroup(g.lo, g.hi, g.start + width + step, self.layout.step_mask(
-                lens[g.lo:g.hi], g.start - self.layout.prefix_len, query_lens[g.lo:g.hi], width, step))
-                for g in groups]
-            ids = torch.tensor(picked, device=device)[:, None]
-            hidden = self.decoder.forward_groups(ids, (next_pos + step)[:, None], kv, step_groups)[:, -1]
+            step_groups = [RowGroup(lo, hi, g.start + width + step, self.layout.step_mask(
+                lens[lo:hi], g.start - p, query_lens[lo:hi], width, step))
+                for g in groups for lo, hi in row_runs([r for r in active if g.lo <= r < g.hi])]
+            ids = torch.tensor([going[r] for r in active], device=device)[:, None]
+            hidden = self.decoder.forward_groups(ids, (next_pos[active] + step)[:, None], kv, step_groups)[:, -1]
         return list(zip(answers, logprob))

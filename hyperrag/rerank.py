@@ -15,18 +15,19 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence, TypeVar
 
 import torch
 
 from hyperrag.decoder import Decoder, causal_mask
-from hyperrag.kv.batch import BatchKV
+from hyperrag.kv.batch import BatchKV, row_runs
 from hyperrag.kv.layout import StaticLayout
 from hyperrag.models import LLM
 from hyperrag.prompts import RerankPrompt, RerankTemplate
 from hyperrag.rowsplit import row_streams
 
 MODES = ("full", "prefix", "reuse")
+T = TypeVar("T")
 # How far fp32 scores of one pair may differ between modes, batch shapes and paths (the
 # documented bound, README "Measured"). The math is the same; the kernels' summation order is
 # not (oneDNN vs MKL, AVX2 vs AVX-512, how many rows and columns a GEMM sees): 7.6e-5 measured
@@ -90,15 +91,13 @@ def length_batches(lengths: Sequence[int], max_batch: int, max_waste: float = 0.
     return batches
 
 
-def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
-    """Ascending row numbers as maximal runs ``[lo, hi)`` of adjacent rows."""
-    runs: list[tuple[int, int]] = []
-    for r in rows:
-        if runs and runs[-1][1] == r:
-            runs[-1] = (runs[-1][0], r + 1)
-        else:
-            runs.append((r, r + 1))
-    return runs
+def query_batches(rows: Sequence[T], doc_len: Callable[[T], int], size: int) -> list[list[T]]:
+    """Rows that run a query on stored document KV, cut into batches of ``size``: by query length
+    first (a batch pads its queries to its longest, and a padded query token costs a whole
+    token's compute), each batch then in ascending document length (the static layout's order).
+    The rows of one question come out as before: by document length."""
+    ordered = sorted(rows, key=lambda row: (len(row.query), doc_len(row)))
+    return [sorted(ordered[i : i + size], key=doc_len) for i in range(0, len(ordered), size)]
 
 
 def missing_kv_warning(n: int) -> str:
@@ -208,7 +207,7 @@ class Reranker:
         load_s = time.perf_counter() - t0
         first: dict[str, int] = {}  # text -> the row that computes it
         computed = [r for r, ok in enumerate(found) if not ok and first.setdefault(texts[r], r) == r]
-        for lo, hi in _runs(computed):
+        for lo, hi in row_runs(computed):
             self.encode_rows([self.prompt.doc_ids(t) for t in texts[lo:hi]], layout.kv.rows(slice(lo, hi)))
         for r, ok in enumerate(found):
             if not ok and first[texts[r]] != r:
@@ -284,10 +283,8 @@ class Reranker:
 
     def _score_reuse(self, pairs: Sequence[_Pair], source: DocKVSource, results: list[RerankResult]) -> tuple[float, float]:
         layout, total_load, total = self.layout, 0.0, time.perf_counter()
-        order = sorted(range(len(pairs)), key=lambda i: self.doc_tokens(pairs[i].text))  # rows by length
-        for first in range(0, len(pairs), self.batch_size):
-            chunk = [pairs[i] for i in order[first : first + self.batch_size]]  # batch row r holds chunk[r]
-            lens = [self.doc_tokens(p.text) for p in chunk]
+        for chunk in query_batches(pairs, lambda p: self.doc_tokens(p.text), self.batch_size):
+            lens = [self.doc_tokens(p.text) for p in chunk]  # batch row r holds chunk[r]
             load_s, missing = self.load_rows(layout, [p.text for p in chunk], lens, source)
             total_load += load_s
             for r in missing:

@@ -9,6 +9,8 @@ loop stays plain tensor indexing.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
@@ -47,3 +49,15 @@ class BatchKV:
         """Copy a shared prefix's KV ``[layers, 2, kv_heads, P, head_dim]`` into columns
         ``[0, P)`` of ``rows`` (default: all): what follows in those rows then runs on it."""
         self.tensor[:, :, rows, :, : prefix_kv.shape[3]] = prefix_kv.unsqueeze(2)
+
+
+def row_runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending row numbers as maximal runs ``[lo, hi)`` of adjacent rows: the row slices a
+    batch operation on some rows (the ones a store lacked, the ones still decoding) runs on."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
