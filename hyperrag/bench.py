@@ -670,6 +670,7 @@ def run(args: argparse.Namespace) -> dict:
             sweep_encoded = sum(r["encoded_docs"] for r in results["codecs"])
             if sweep_encoded:
                 warnings.append(f"codec sweep: {sweep_encoded} document KV(s) missing from the sweep stores")
+            memory["codecs"] = _peak_rss_gb()  # the sweep holds a store (and CPU tier) per codec
         if args.serve:
             mode = "reader_kv" if engine.reader is not None and not args.no_generate else "reuse"
             print(f"serve: {args.clients} clients vs one, {len(questions)} questions, {mode}", file=sys.stderr)

@@ -20,7 +20,7 @@ Result schema (the whole dict; this module builds ``e2e``, ``rerank`` and ``qual
                top_n_agreement, ndcg@10, pairs_per_s, decode_share, ...} ]
     frontier [ {label, queries_per_s | pairs_per_s, ndcg@10, f1} ]
     layout   {static_ms, concat_ms, ratio, saved_ms, ...}              (optional)
-    memory   {peak_rss_gb_after: {load, precompute, zero_shot, warmup, queries, serve, end}}
+    memory   {peak_rss_gb_after: {load, precompute, zero_shot, warmup, queries, codecs, serve, end}}
     serve    {clients, mode, queries, queries_per_s, p50_ms, p95_ms, mean_ms, sequential_queries_per_s,
               sequential_p50_ms, sequential_p95_ms, speedup, mean_group, identical_answers, ...}  (--serve)
     planner  {label, bytes} or a list of them                          (optional)
