@@ -460,7 +460,7 @@ def machine_info(engine) -> dict:
     info = {"cpu": cpu if cpu != "unknown" else platform.processor() or cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "device": str(engine.reranker.decoder.device), "dtype": str(engine.reranker.decoder.dtype).replace("torch.", ""),
             "python": platform.python_version(), "platform": platform.platform(),
-            "linear": engine.reranker.llm.kernels}
+            "linear": engine.reranker.llm.kernels, "streams": engine.reranker.stream_choice}
     if torch.cuda.is_available() and engine.reranker.decoder.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(engine.reranker.decoder.device)
     for module in ("transformers", "lmcache"):
@@ -717,6 +717,11 @@ def print_table(results: dict, out=None) -> None:
                             for size, f in (linear.get("figures_ms") or {}).items())
         print(f"  projections: {linear['small']} for reuse-sized calls, {linear['large']} for prefill-sized "
               f"({linear.get('source', '')}{'; ' + figures if figures else ''})", file=out)
+    streams = results.get("machine", {}).get("streams")
+    if isinstance(streams, dict) and "small_stream_threads" in streams:
+        figures = ", ".join(f"{n} thread(s) {ms:.1f} ms" for n, ms in (streams.get("figures_ms") or {}).items())
+        print(f"  reuse row streams: {streams['small_stream_threads']} OpenMP thread(s) each "
+              f"({streams.get('source', '')}{'; a reuse-shaped batch: ' + figures if figures else ''})", file=out)
     rows = ratio_rows(results)
     width = max(len(r[0]) for r in rows)
     for what, value, target in rows:

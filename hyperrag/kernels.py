@@ -102,10 +102,30 @@ def projection_shapes(config) -> list[tuple[int, int]]:
     return [(h, h), (h, kv), (h, kv), (h, h), (h, m), (h, m), (m, h)]
 
 
-def _cache_file(cache_dir: str, dtype: torch.dtype, shapes: list[tuple[int, int]]) -> Path:
-    dims = "-".join(f"{i}x{o}" for i, o in sorted(set(shapes)))
+def cache_file(cache_dir: str, kind: str, dtype: torch.dtype, dims: str) -> Path:
+    """Where a measured choice of ``kind`` is kept: per CPU model, torch version, torch's thread
+    count, dtype and the shapes it was measured on (``dims``)."""
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{cpu_model()}-torch{torch.__version__}-{torch.get_num_threads()}t-{dtype}-{dims}")
-    return Path(cache_dir).expanduser() / "kernels" / f"linear-{slug.strip('-')}.json"
+    return Path(cache_dir).expanduser() / "kernels" / f"{kind}-{slug.strip('-')}.json"
+
+
+def measured(path: Path, valid: Callable[[dict], bool], measure: Callable[[], dict]) -> dict:
+    """The choice cached at ``path`` when ``valid``, else ``measure()`` (then cached), with its
+    ``source``. Why cached: a probe costs seconds at every start, and the machine does not change."""
+    try:
+        cached = json.loads(path.read_text())
+        if valid(cached):
+            return {**cached, "source": f"cached probe ({path})"}
+    except (OSError, ValueError):
+        pass
+    result = {**measure(), "cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+    except OSError as err:  # a read-only cache folder costs a probe per start, nothing more
+        log.warning("could not cache the probe in %s: %s", path, err)
+    log.info("probe %s: %s", path.name, result)
+    return {**result, "source": "probe"}
 
 
 def choose(shapes: list[tuple[int, int]], dtype: torch.dtype, cache_dir: str, setting: str = "auto") -> dict:
@@ -117,24 +137,15 @@ def choose(shapes: list[tuple[int, int]], dtype: torch.dtype, cache_dir: str, se
         if setting == "onednn" and not onednn_works(dtype):
             raise ValueError("cpu_linear 'onednn': this torch build has no working oneDNN linear; use 'aten' or 'auto'")
         return {"small": setting, "large": setting, "source": "setting"}
-    path = _cache_file(cache_dir, dtype, shapes)
-    try:
-        cached = json.loads(path.read_text())
-        if set(cached.get("figures_ms", {})) == set(SIZES) and {cached.get(s) for s in SIZES} <= set(PATHS):
-            return {**cached, "source": f"cached probe ({path})"}
-    except (OSError, ValueError):
-        pass
-    figures = probe(shapes, dtype)
-    choice = {size: min(f, key=f.get) for size, f in figures.items()}
-    result = {**choice, "figures_ms": figures, "cpu": cpu_model(), "torch": torch.__version__,
-              "threads": torch.get_num_threads()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-    except OSError as err:  # a read-only cache folder costs a probe per start, nothing more
-        log.warning("could not cache the kernel probe in %s: %s", path, err)
-    log.info("kernel probe: %s", result)
-    return {**result, "source": "probe"}
+
+    def measure() -> dict:
+        figures = probe(shapes, dtype)
+        return {**{size: min(f, key=f.get) for size, f in figures.items()}, "figures_ms": figures}
+
+    dims = "-".join(f"{i}x{o}" for i, o in sorted(set(shapes)))
+    return measured(cache_file(cache_dir, "linear", dtype, dims),
+                    lambda c: set(c.get("figures_ms", {})) == set(SIZES) and {c.get(s) for s in SIZES} <= set(PATHS),
+                    measure)
 
 
 def dispatch(choice: dict, small_tokens: int) -> Linear:

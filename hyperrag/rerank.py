@@ -12,6 +12,7 @@ difference of the two LM-head rows. All modes score identically up to float roun
 """
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Callable, Protocol, Sequence, TypeVar
 
 import torch
 
+from hyperrag import kernels
 from hyperrag.decoder import Decoder, causal_mask
 from hyperrag.kv.batch import BatchKV, row_runs
 from hyperrag.kv.layout import StaticLayout
@@ -123,6 +125,7 @@ class Reranker:
         self.batch_size = batch_size
         # On CPU a batch's rows run as concurrent streams (see rowsplit); one stream on GPU.
         self.rows = row_streams(streams if self.decoder.device.type == "cpu" else 1)
+        self.stream_choice = {"small_stream_threads": self.rows.small_threads, "source": "not measured"}
         head = self.decoder.lm_head
         self.score_vec = (head[self.prompt.yes_id] - head[self.prompt.no_id]).float()
         self.lock = threading.Lock()  # one batch at a time (the reader takes it too)
@@ -136,6 +139,61 @@ class Reranker:
         self.answer_tokens = answer_tokens
         max_query = max_question_tokens + len(self.prompt.suffix_ids) + len(self.prompt.answer_cue_ids) + answer_tokens
         self.layout = StaticLayout(self.decoder, self.prefix_kv, batch_size, self.max_doc_len, max_query)
+
+    # -- machine ------------------------------------------------------------------------------
+    def tune_streams(self, cache_dir: str, setting: int = 0, repeats: int = 3) -> dict:
+        """How many OpenMP threads a small (KV-reuse) row stream gets here: ``setting`` when > 0,
+        else one or all of torch's threads, whichever ran a reuse-shaped batch (every row a
+        200-token document and a 20-token question) faster on this machine, timed once and
+        cached (:func:`hyperrag.kernels.measured`). One thread won on the AMD EPYC the README's
+        figures come from; nothing says it does on another CPU."""
+        if self.rows.size == 1:
+            self.stream_choice = {"small_stream_threads": 1, "source": "one stream"}
+            return self.stream_choice
+        if setting > 0:
+            self.rows.small_threads = setting
+            self.stream_choice = {"small_stream_threads": setting, "source": "setting"}
+            return self.stream_choice
+        every = torch.get_num_threads()
+        choices = sorted({1, every})
+
+        def measure() -> dict:
+            times: dict[int, list[float]] = {n: [] for n in choices}
+            with self.lock:
+                for rep in range(repeats + 1):  # the first round warms up, untimed
+                    for n in choices:
+                        t0 = time.perf_counter()
+                        self._reuse_shaped_batch(n)
+                        if rep:
+                            times[n].append((time.perf_counter() - t0) * 1e3)
+            figures = {str(n): round(statistics.median(t), 2) for n, t in times.items()}
+            return {"small_stream_threads": int(min(figures, key=figures.get)), "figures_ms": figures}
+
+        dec = self.decoder
+        dims = f"{dec.n_layers}x{dec.hidden_size}-{self.batch_size}rows"
+        choice = kernels.measured(kernels.cache_file(cache_dir, "streams", dec.dtype, dims),
+                                  lambda c: c.get("small_stream_threads") in choices, measure)
+        self.rows.small_threads = choice["small_stream_threads"]
+        self.stream_choice = choice
+        return choice
+
+    def _reuse_shaped_batch(self, small_threads: int) -> None:
+        """One reuse batch on the layout's (scratch) rows with small streams of ``small_threads``."""
+        layout, device, n = self.layout, self.decoder.device, 20
+        lens = [min(200, layout.max_slots)] * layout.max_batch
+        ids = torch.full((layout.max_batch, n), self.prompt.yes_id, device=device)
+        last = torch.full((layout.max_batch,), n - 1, device=device)
+
+        def score(part: slice) -> list[float]:
+            pos, groups = layout.query_groups(lens[part], n)
+            return self.score_hidden(self.decoder.forward_groups(ids[part], pos, layout.kv.rows(part), groups,
+                                                                 out_index=last[part]))
+
+        previous, self.rows.small_threads = self.rows.small_threads, small_threads
+        try:
+            self.rows.run(layout.max_batch, score, n)
+        finally:
+            self.rows.small_threads = previous
 
     # -- identities ---------------------------------------------------------------------------
     @property

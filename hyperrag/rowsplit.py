@@ -7,9 +7,11 @@ serial parts. On the 2-core CI machine that made full prefill 23% and KV reuse 1
 (scores within 1e-4).
 
 How many OpenMP threads a stream gets depends on its work. A small stream (KV reuse: ~10 rows
-x ~20 query tokens) runs on one thread: its ops are too short for a team to pay for meeting at
-every op's end, and two streams on two cores need no team at all (reuse 8-14% faster in four
-of five in-process A/Bs, no gain in the fifth). A big one (full prefill, document encoding)
+x ~20 query tokens) runs on ``small_threads``, which the machine decides at first start
+(:meth:`hyperrag.rerank.Reranker.tune_streams` times a reuse-shaped batch on one thread and on
+all): on the 2-core AMD EPYC one thread won, as its ops are too short for a team to pay for
+meeting at every op's end, and two streams on two cores need no team at all (reuse 8-14%
+faster in four of five in-process A/Bs, no gain in the fifth). A big one (full prefill, document encoding)
 keeps the calling thread's count: its streams do not finish together (uneven batches), and with
 one thread each a core would sit idle (full prefill 3% slower). Each stream thread has its own
 OpenMP team; ``hyperrag/__init__`` shortens OpenMP's idle spin so those teams do not keep the
@@ -37,6 +39,9 @@ class RowStreams:
 
     def __init__(self, streams: int):
         self.size = max(1, streams)
+        # OpenMP threads of a small stream: one until the machine says otherwise
+        # (:meth:`hyperrag.rerank.Reranker.tune_streams` times one against all).
+        self.small_threads = 1
         self._pool = cf.ThreadPoolExecutor(self.size, "hyperrag-rows") if self.size > 1 else None
 
     def slices(self, n_rows: int) -> list[slice]:
@@ -47,13 +52,14 @@ class RowStreams:
     def run(self, n_rows: int, fn: Callable[[slice], Sequence[T]], tokens_per_row: int) -> list[T]:
         """``fn(part)`` returns one value per row of ``part``; the values come back in row order.
         Streams of fewer than ``SMALL_STREAM_TOKENS`` new tokens (``tokens_per_row`` x their
-        rows) run on one OpenMP thread each, others on as many as the calling thread has."""
+        rows) run on ``small_threads`` OpenMP threads each, others on as many as the calling
+        thread has."""
         parts = self.slices(n_rows)
         if len(parts) == 1:
             outs = [fn(parts[0])]
         else:
             small = -(-n_rows // len(parts)) * tokens_per_row < SMALL_STREAM_TOKENS
-            threads = 1 if small else torch.get_num_threads()
+            threads = self.small_threads if small else torch.get_num_threads()
             outs = list(self._pool.map(functools.partial(_on_threads, threads, fn), parts))
         values: list = [None] * n_rows
         for part, out in zip(parts, outs):

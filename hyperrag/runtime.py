@@ -111,8 +111,10 @@ def load_reranker(s: Settings, llm: LLM | None = None, template: RerankTemplate 
     if llm is None:
         adapter = str(s.folder("adapter")) if s.adapter else ""
         llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter, cpu_linear=s.cpu_linear)
-    return Reranker(llm, template, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
-                    batch_size=s.batch_size, streams=s.cpu_streams, answer_tokens=s.max_new_tokens)
+    reranker = Reranker(llm, template, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
+                        batch_size=s.batch_size, streams=s.cpu_streams, answer_tokens=s.max_new_tokens)
+    reranker.tune_streams(s.cache_dir, s.cpu_stream_threads)
+    return reranker
 
 
 def load_reader(s: Settings, reranker: Reranker) -> Reader | None:

@@ -73,6 +73,12 @@ class Settings:
         metadata={"help": "CPU kernel for the model's projections: auto = timed on this machine at first start "
                           "and cached per CPU model (hyperrag.kernels), aten (F.linear / MKL) or onednn"},
     )
+    cpu_stream_threads: int = field(
+        default=0,
+        metadata={"help": "OpenMP threads of a small (KV-reuse) row stream: 0 = one or all of torch's threads, "
+                          "whichever ran a reuse-shaped batch faster on this machine at first start (cached per "
+                          "CPU model), N = N threads"},
+    )
     max_new_tokens: int = field(default=16, metadata={"help": "answer length limit (greedy decoding)"})
     selection_weight: float = field(
         default=-1.0,
@@ -131,6 +137,8 @@ class Settings:
                      "batch_requests", "queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        if self.cpu_stream_threads < 0:
+            raise ValueError(f"setting cpu_stream_threads must be >= 0 (0 = measured), got {self.cpu_stream_threads}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hyperrag import ui
+from hyperrag.rerank import FP32_SCORE_BOUND
 from scripts.drive_app import AppProcess, launch_app
 
 QUESTIONS = [
@@ -118,14 +119,14 @@ def test_bad_input_gives_clear_errors(client, tmp_path):
 
 def test_eight_concurrent_clients_get_sequential_answers(app, client):
     """8 users at once, different questions (reuse mode): same answers, rankings and scores as one
-    user asking them in turn, no errors, memory bounded."""
+    user asking them in turn, no errors, memory bounded; their questions are batched together."""
     from gradio_client import Client
 
     jobs = [(q, "reuse") for q in QUESTIONS]
 
     def ask(c, question, mode):
         r = c.predict(question, mode, 3, 1, "", api_name="/ask")
-        return r["answer"], [d["id"] for d in r["docs"]], [round(d["score"], 5) for d in r["docs"]]
+        return r["answer"], [d["id"] for d in r["docs"]], [d["score"] for d in r["docs"]]
 
     sequential = [ask(client, q, m) for q, m in jobs]
     rss_before, peak_before = app.rss_mb(), app.peak_rss_mb()
@@ -147,7 +148,11 @@ def test_eight_concurrent_clients_get_sequential_answers(app, client):
     wall = time.perf_counter() - t0
     errors = {i: r for i, r in results.items() if isinstance(r, Exception)}
     assert not errors and len(results) == len(jobs)
-    assert [results[i] for i in range(len(jobs))] == sequential
+    # Questions asked at once share batches (hyperrag.batching): the same answers and rankings,
+    # scores within the documented fp32 bound (other batch shapes round differently).
+    for (answer, ranked, scores), (answer0, ranked0, scores0) in zip((results[i] for i in range(len(jobs))), sequential):
+        assert (answer, ranked) == (answer0, ranked0)
+        assert max(abs(a - b) for a, b in zip(scores, scores0)) <= FP32_SCORE_BOUND
     peak_after = app.peak_rss_mb()
     print(f"\n8 concurrent clients: {wall:.1f} s, RSS {rss_before:.0f} MB before, peak {peak_before:.0f} -> "
           f"{peak_after:.0f} MB")

@@ -157,7 +157,7 @@ def test_row_streams_keep_row_order():
 
 
 def test_row_streams_size_openmp_teams_by_work():
-    """Small streams run on one OpenMP thread, big ones on the caller's count; neither changes
+    """Small streams run on their thread count (here one), big ones on the caller's; neither changes
     the caller's count nor the one threads started later begin with."""
     import threading
 
@@ -166,13 +166,17 @@ def test_row_streams_size_openmp_teams_by_work():
     from hyperrag.rowsplit import SMALL_STREAM_TOKENS, row_streams
 
     streams, caller = row_streams(2), torch.get_num_threads()
+    measured, streams.small_threads = streams.small_threads, 1  # what the machine chose, put back below
 
     def seen(part: slice) -> list[int]:
         return [torch.get_num_threads()] * len(range(4)[part])
 
-    assert streams.run(4, seen, 1) == [1] * 4
-    assert streams.run(4, seen, SMALL_STREAM_TOKENS) == [caller] * 4
-    assert streams.run(4, seen, 1) == [1] * 4
+    try:
+        assert streams.run(4, seen, 1) == [1] * 4
+        assert streams.run(4, seen, SMALL_STREAM_TOKENS) == [caller] * 4
+        assert streams.run(4, seen, 1) == [1] * 4
+    finally:
+        streams.small_threads = measured
     later: list[int] = []
     thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
     thread.start()
@@ -230,3 +234,25 @@ def test_questions_batched_together_score_as_alone(reranker, squad_batch, mode):
         assert max(abs(a - b) for a, b in zip(alone.scores, batched.scores)) <= FP32_SCORE_BOUND
     if mode == "reuse":  # every document was computed once, for the request that met it first
         assert sum(r.encoded_docs for r in together) == len({d for _, docs in requests for d in docs})
+
+
+def test_stream_threads_are_measured_cached_or_set(llm, tmp_path):
+    """A small row stream's OpenMP thread count comes from timing a reuse-shaped batch on this
+    machine (one against all of torch's threads), is cached per CPU model, and a setting wins."""
+    import torch
+
+    from hyperrag.rerank import Reranker
+
+    reranker = Reranker(llm, batch_size=4, streams=2)
+    first = reranker.tune_streams(str(tmp_path), repeats=1)
+    choices = {1, torch.get_num_threads()}
+    assert first["source"] == "probe" and first["small_stream_threads"] in choices
+    assert set(first["figures_ms"]) == {str(n) for n in choices} and all(v > 0 for v in first["figures_ms"].values())
+    assert reranker.rows.small_threads == first["small_stream_threads"]
+    again = reranker.tune_streams(str(tmp_path))
+    assert again["source"].startswith("cached probe") and again["small_stream_threads"] == first["small_stream_threads"]
+    assert reranker.tune_streams(str(tmp_path), setting=3)["source"] == "setting" and reranker.rows.small_threads == 3
+    reranker.tune_streams(str(tmp_path))  # back to the machine's choice for the other tests
+    assert reranker.rows.small_threads == first["small_stream_threads"]
+    one = Reranker(llm, batch_size=4, streams=1).tune_streams(str(tmp_path))
+    assert one == {"small_stream_threads": 1, "source": "one stream"}
