@@ -35,13 +35,13 @@ from hyperrag.metrics import agreement, exact_match, f1_score
 from hyperrag.modes import MODE_TABLE, MODES as MODE_SPECS
 from hyperrag.pipeline import MODES, QuestionError, RAGResult, clean_question
 from hyperrag.precompute import precompute
-from hyperrag.settings import REPO_ROOT, Settings
+from hyperrag.settings import SHIPPED, Settings
 from hyperrag.uploads import UPLOAD_DOC_SUFFIXES, UPLOAD_KINDS, UploadError, prune_folders
 from hyperrag.workbench import (DEFAULT_KEY, MAX_BATCH_SIZE, AppConfig, CorpusEntry, UserError as WorkbenchError,
                                 Workbench)
 
 log = logging.getLogger("hyperrag.ui")
-ASSETS = REPO_ROOT / "assets"
+ASSETS = SHIPPED / "ui"  # logo and style sheet: package data, so an installed app has them too
 SHIPPED, UPLOAD = "Shipped corpus", "Upload my own"
 # The Ask tab's columns: traditional RAG, the full-prefill and KV-reuse rerankers with the
 # traditional generator, and HyperRAG's reader on the same stored KV (reader_full: batch tab).
@@ -546,15 +546,14 @@ def api_ask(question: str, mode: str = "reuse", top_k: int = 0, top_n: int = 0, 
 # layout
 # --------------------------------------------------------------------------------------------
 def _logo_html() -> str:
-    svg = (ASSETS / "logo.svg").read_text(encoding="utf-8") if (ASSETS / "logo.svg").exists() else ""
+    svg = (ASSETS / "logo.svg").read_text(encoding="utf-8")
     return (f'<div class="hr-header">{svg}<div><h1>HyperRAG workbench</h1>'
             "<p>RAG whose decoder reranker reuses precomputed per-document KV caches: compare it side by side "
             "with full-prefill reranking and with retrieval-only RAG.</p></div></div>")
 
 
 def css() -> str:
-    path = ASSETS / "style.css"
-    return path.read_text(encoding="utf-8") if path.exists() else ""
+    return (ASSETS / "style.css").read_text(encoding="utf-8")
 
 
 def build_app(workbench: Workbench | None = None) -> gr.Blocks:

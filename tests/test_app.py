@@ -332,3 +332,11 @@ def test_upload_documents_are_ingested_with_sources(wb, tmp_path):
     # a question about page 2: the reader's answer line names the file and the page it read
     result = wb.engine(wb.entry(key)).ask("Which city lies on the lower Loire?", "reader_kv", top_k=3, top_n=1)
     assert result.docs[0].source["page"] == 2 and "rivers.pdf page 2" in ui.source_markdown(result)
+
+
+def test_logo_and_style_are_package_data():
+    """The app's look ships inside the package (hyperrag/shipped/ui), so an installed app has it."""
+    from hyperrag.settings import SHIPPED
+
+    assert ui.ASSETS == SHIPPED / "ui"
+    assert "<svg" in ui._logo_html() and ".hr-header" in ui.css()

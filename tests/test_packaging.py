@@ -13,7 +13,8 @@ from tests.conftest import REPO
 
 SHIPPED_FILES = ["hyperrag/shipped/squad-dev-mini/docs.jsonl", "hyperrag/shipped/squad-dev-mini/queries.jsonl",
                  "hyperrag/shipped/hyperrag-lora/adapter_model.safetensors",
-                 "hyperrag/shipped/hyperrag-lora/adapter_config.json", "hyperrag/shipped/hyperrag-lora/hyperrag.json"]
+                 "hyperrag/shipped/hyperrag-lora/adapter_config.json", "hyperrag/shipped/hyperrag-lora/hyperrag.json",
+                 "hyperrag/shipped/ui/logo.svg", "hyperrag/shipped/ui/style.css"]
 
 
 def test_checkout_defaults_are_the_shipped_folders():
