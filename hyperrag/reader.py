@@ -27,7 +27,7 @@ import torch
 
 from hyperrag.decoder import RowGroup
 from hyperrag.kv.batch import row_runs
-from hyperrag.rerank import DocKVSource, Reranker, missing_kv_warning, query_batches
+from hyperrag.rerank import DocKVSource, QueryRow, Reranker, missing_kv_warning, query_batches
 
 READ_MODES = ("kv", "full")
 
@@ -88,17 +88,6 @@ class SpanConstraint:
         self.length += 1
 
 
-@dataclass(frozen=True)
-class _Row:
-    """One batch row: document ``doc`` (text ``text``) of request ``request``, read with that
-    request's query."""
-
-    request: int
-    doc: int
-    text: str
-    query: list[int]
-
-
 class Reader:
     """Reads answers with the reranker's model, prompt and prefix KV (thread-safe: one at a time)."""
 
@@ -137,15 +126,15 @@ class Reader:
         if mode == "kv" and source is None:
             raise ValueError("reading from stored KV needs a document KV source (a KVStore)")
         readings = [Reading("", -1, -1, -1, []) for _ in requests]
-        rows: list[_Row] = []
+        rows: list[QueryRow] = []
         for r, (question, docs, _) in enumerate(requests):
             if len(docs) > self.max_rows:
                 readings[r].warnings.append(f"the reader reads at most {self.max_rows} documents: the rest were left out")
             query = self.prompt.read_query(question).ids
-            rows += [_Row(r, i, d, query) for i, d in enumerate(list(docs)[: self.max_rows])]
+            rows += [QueryRow(r, i, d, query) for i, d in enumerate(list(docs)[: self.max_rows])]
         load_s = compute_s = 0.0
         with self._lock:
-            for batch in query_batches(rows, lambda row: self.reranker.doc_tokens(row.text), self.layout.max_batch):
+            for batch in query_batches(rows, self.reranker.doc_tokens, self.layout.max_batch):
                 batch_load, batch_compute = self._read(batch, mode, source, readings)
                 load_s, compute_s = load_s + batch_load, compute_s + batch_compute
         for reading, (_, docs, rank_scores) in zip(readings, requests):
@@ -159,10 +148,10 @@ class Reader:
                 reading.answer, reading.doc, reading.start, reading.end = c.text, c.doc, c.start, c.end
         return readings
 
-    def _read(self, rows: list[_Row], mode: str, source: DocKVSource | None, readings: list[Reading]) -> tuple[float, float]:
+    def _read(self, rows: list[QueryRow], mode: str, source: DocKVSource | None, readings: list[Reading]) -> tuple[float, float]:
         """One batch of rows (ascending document length): their candidates go to their
         requests' readings. Returns (seconds loading KV, seconds computing)."""
-        layout, device = self.layout, self.decoder.device
+        layout = self.layout
         texts = [row.text for row in rows]
         lens = [self.reranker.doc_tokens(t) for t in texts]
         t0 = time.perf_counter()
@@ -189,7 +178,7 @@ class Reader:
                                                               start + len(text) if start >= 0 else -1))
         return load_s, compute_s
 
-    def _decode(self, hidden: torch.Tensor, rows: list[_Row], lens: list[int], groups: list[RowGroup],
+    def _decode(self, hidden: torch.Tensor, rows: list[QueryRow], lens: list[int], groups: list[RowGroup],
                 width: int) -> list[tuple[list[int], float]]:
         """Greedy decoding of every row at once; per row its answer tokens and log-likelihood.
         A row whose answer is done leaves the batch: later steps run the others only (rows of

@@ -16,7 +16,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence, TypeVar
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -29,7 +29,6 @@ from hyperrag.prompts import RerankPrompt, RerankTemplate
 from hyperrag.rowsplit import row_streams
 
 MODES = ("full", "prefix", "reuse")
-T = TypeVar("T")
 # How far fp32 scores of one pair may differ between modes, batch shapes and paths (the
 # documented bound, README "Measured"). The math is the same; the kernels' summation order is
 # not (oneDNN vs MKL, AVX2 vs AVX-512, how many rows and columns a GEMM sees): 7.6e-5 measured
@@ -48,8 +47,9 @@ class DocKVSource(Protocol):
 
 
 @dataclass(frozen=True)
-class _Pair:
-    """One batch row: document ``doc`` of request ``request``, scored with that request's query."""
+class QueryRow:
+    """One batch row: document ``doc`` (text ``text``) of request ``request``, run with that
+    request's query tokens (the reranker's question, or the reader's question and cue)."""
 
     request: int
     doc: int
@@ -93,13 +93,13 @@ def length_batches(lengths: Sequence[int], max_batch: int, max_waste: float = 0.
     return batches
 
 
-def query_batches(rows: Sequence[T], doc_len: Callable[[T], int], size: int) -> list[list[T]]:
+def query_batches(rows: Sequence[QueryRow], doc_len: Callable[[str], int], size: int) -> list[list[QueryRow]]:
     """Rows that run a query on stored document KV, cut into batches of ``size``: by query length
     first (a batch pads its queries to its longest, and a padded query token costs a whole
     token's compute), each batch then in ascending document length (the static layout's order).
     The rows of one question come out as before: by document length."""
-    ordered = sorted(rows, key=lambda row: (len(row.query), doc_len(row)))
-    return [sorted(ordered[i : i + size], key=doc_len) for i in range(0, len(ordered), size)]
+    ordered = sorted(rows, key=lambda row: (len(row.query), doc_len(row.text)))
+    return [sorted(ordered[i : i + size], key=lambda row: doc_len(row.text)) for i in range(0, len(ordered), size)]
 
 
 def missing_kv_warning(n: int) -> str:
@@ -147,13 +147,6 @@ class Reranker:
         200-token document and a 20-token question) faster on this machine, timed once and
         cached (:func:`hyperrag.kernels.measured`). One thread won on the AMD EPYC the README's
         figures come from; nothing says it does on another CPU."""
-        if self.rows.size == 1:
-            self.stream_choice = {"small_stream_threads": 1, "source": "one stream"}
-            return self.stream_choice
-        if setting > 0:
-            self.rows.small_threads = setting
-            self.stream_choice = {"small_stream_threads": setting, "source": "setting"}
-            return self.stream_choice
         every = torch.get_num_threads()
         choices = sorted({1, every})
 
@@ -169,10 +162,15 @@ class Reranker:
             figures = {str(n): round(statistics.median(t), 2) for n, t in times.items()}
             return {"small_stream_threads": int(min(figures, key=figures.get)), "figures_ms": figures}
 
-        dec = self.decoder
-        dims = f"{dec.n_layers}x{dec.hidden_size}-{self.batch_size}rows"
-        choice = kernels.measured(kernels.cache_file(cache_dir, "streams", dec.dtype, dims),
-                                  lambda c: c.get("small_stream_threads") in choices, measure)
+        if self.rows.size == 1:
+            choice = {"small_stream_threads": 1, "source": "one stream"}
+        elif setting > 0:
+            choice = {"small_stream_threads": setting, "source": "setting"}
+        else:
+            dec = self.decoder
+            dims = f"{dec.n_layers}x{dec.hidden_size}-{self.batch_size}rows"
+            choice = kernels.measured(kernels.cache_file(cache_dir, "streams", dec.dtype, dims),
+                                      lambda c: c.get("small_stream_threads") in choices, measure)
         self.rows.small_threads = choice["small_stream_threads"]
         self.stream_choice = choice
         return choice
@@ -185,9 +183,7 @@ class Reranker:
         last = torch.full((layout.max_batch,), n - 1, device=device)
 
         def score(part: slice) -> list[float]:
-            pos, groups = layout.query_groups(lens[part], n)
-            return self.score_hidden(self.decoder.forward_groups(ids[part], pos, layout.kv.rows(part), groups,
-                                                                 out_index=last[part]))
+            return self._score_queries(ids[part], last[part], lens[part], part)
 
         previous, self.rows.small_threads = self.rows.small_threads, small_threads
         try:
@@ -274,6 +270,13 @@ class Reranker:
             source.put(texts[r], layout.doc_view(r, lens[r]).clone())
         return load_s, computed
 
+    def _score_queries(self, ids: torch.Tensor, last: torch.Tensor, lens: Sequence[int], part: slice) -> list[float]:
+        """Scores of right-padded queries ``ids`` (each read at its ``last`` real token) run over
+        layout rows ``part``, which hold documents of ``lens`` tokens. A row's own tokens never
+        attend to its padding (causal), so rows of questions of different lengths can share a batch."""
+        pos, groups = self.layout.query_groups(lens, ids.shape[1])
+        return self.score_hidden(self.decoder.forward_groups(ids, pos, self.layout.kv.rows(part), groups, out_index=last))
+
     def score_hidden(self, hidden: torch.Tensor) -> list[float]:
         """Each row's score from its last position's final hidden state [B, H]:
         logit(yes) - logit(no) as one dot product."""
@@ -304,7 +307,7 @@ class Reranker:
             if query.truncated:
                 result.warnings.append(f"question cut to {self.prompt.max_question_tokens} tokens")
             results.append(result)
-            pairs += [_Pair(r, i, d, query.ids) for i, d in enumerate(docs)]
+            pairs += [QueryRow(r, i, d, query.ids) for i, d in enumerate(docs)]
         if pairs:
             with self.lock:
                 load_s, compute_s = (self._score_reuse(pairs, source, results) if mode == "reuse"
@@ -315,7 +318,7 @@ class Reranker:
                     result.warnings.append(missing_kv_warning(result.encoded_docs))
         return results
 
-    def _score_prefill(self, pairs: Sequence[_Pair], mode: str, results: list[RerankResult]) -> tuple[float, float]:
+    def _score_prefill(self, pairs: Sequence[QueryRow], mode: str, results: list[RerankResult]) -> tuple[float, float]:
         t0 = time.perf_counter()
         start = 0 if mode == "full" else self.prefix_len
         seqs = [(self.prompt.prefix_ids if mode == "full" else []) + list(self.prompt.doc_ids(p.text)) + p.query
@@ -339,9 +342,9 @@ class Reranker:
             self.layout.kv.fill_prefix(self.prefix_kv)
         return 0.0, time.perf_counter() - t0
 
-    def _score_reuse(self, pairs: Sequence[_Pair], source: DocKVSource, results: list[RerankResult]) -> tuple[float, float]:
+    def _score_reuse(self, pairs: Sequence[QueryRow], source: DocKVSource, results: list[RerankResult]) -> tuple[float, float]:
         layout, total_load, total = self.layout, 0.0, time.perf_counter()
-        for chunk in query_batches(pairs, lambda p: self.doc_tokens(p.text), self.batch_size):
+        for chunk in query_batches(pairs, self.doc_tokens, self.batch_size):
             lens = [self.doc_tokens(p.text) for p in chunk]  # batch row r holds chunk[r]
             load_s, missing = self.load_rows(layout, [p.text for p in chunk], lens, source)
             total_load += load_s
@@ -349,11 +352,7 @@ class Reranker:
                 results[chunk[r].request].encoded_docs += 1
 
             def score(part: slice) -> list[float]:
-                # Questions of different lengths are right-padded: a row's own tokens never
-                # attend to its padding (causal), and its score is read at its last real token.
-                ids, last = self.batch_ids([p.query for p in chunk[part]])
-                pos, groups = layout.query_groups(lens[part], ids.shape[1])
-                return self.score_hidden(self.decoder.forward_groups(ids, pos, layout.kv.rows(part), groups, out_index=last))
+                return self._score_queries(*self.batch_ids([p.query for p in chunk[part]]), lens[part], part)
 
             for p, s in zip(chunk, self.rows.run(len(chunk), score, max(len(p.query) for p in chunk))):
                 results[p.request].scores[p.doc] = s
