@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ import torch
 from hyperrag import kernels
 from hyperrag.rowsplit import SMALL_STREAM_TOKENS
 
+log = logging.getLogger("hyperrag")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
@@ -174,9 +176,11 @@ class LLM:
 
 
 def load_llm(name: str, cache_dir: str | Path, device: str = "auto", dtype: str = "auto", adapter: str = "",
-             cpu_linear: str = "auto") -> LLM:
+             cpu_linear: str = "auto", shares: torch.nn.Module | None = None) -> LLM:
     """Load the LLM (optionally with a LoRA adapter merged in) on the chosen device and dtype,
-    with the projection kernel measured fastest on this CPU (:mod:`hyperrag.kernels`)."""
+    with the projection kernel measured fastest on this CPU (:mod:`hyperrag.kernels`). With
+    ``shares`` (the loaded base model), the tensors the adapter leaves unchanged are ``shares``'s
+    own, held once (:func:`share_unchanged`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -194,10 +198,32 @@ def load_llm(name: str, cache_dir: str | Path, device: str = "auto", dtype: str 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         fingerprint += f"+lora-{adapter_hash(adapter)}"
     model = model.to(device=dev, dtype=dt).eval().requires_grad_(False)
+    if shares is not None:
+        log.info("%s: %.0f MB of weights shared with the base model", fingerprint, share_unchanged(model, shares) / 2**20)
     if dev.type != "cpu":
         return LLM(name, tokenizer, model, dev, dt, fingerprint, kernels.PATHS["aten"], {"small": "aten", "large": "aten"})
     choice = kernels.choose(kernels.projection_shapes(model.config), dt, str(cache_dir), cpu_linear)
     return LLM(name, tokenizer, model, dev, dt, fingerprint, kernels.dispatch(choice, SMALL_STREAM_TOKENS), choice)
+
+
+def share_unchanged(model: torch.nn.Module, base: torch.nn.Module) -> int:
+    """Point every parameter of ``model`` that equals ``base``'s of the same name at ``base``'s
+    tensor; the bytes freed. A LoRA adapter changes only the projections it targets (the shipped
+    one: 7 projections of the top 20 of 30 layers), so the merged reranker and the base model
+    the generator runs on would otherwise hold the embeddings, norms and lower layers twice
+    (250 MB for SmolLM2-135M in fp32). Only bit-equal tensors are shared: nothing computes
+    differently."""
+    own = dict(base.named_parameters(remove_duplicate=False))
+    freed: dict[int, int] = {}
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        q = own.get(name)
+        if q is None or q is p or q.shape != p.shape or q.dtype != p.dtype or q.device != p.device:
+            continue
+        if id(p) in freed or torch.equal(p, q):
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, q)
+            freed[id(p)] = p.numel() * p.element_size()
+    return sum(freed.values())
 
 
 def load_embedder(name: str, cache_dir: str | Path, device: str = "auto"):

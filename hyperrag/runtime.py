@@ -48,7 +48,7 @@ class Runtime:
         # The base model (no adapter) answers with the traditional generator, and is the reranker
         # itself when no adapter is set; with an adapter and no generator it is not loaded at all.
         base = load_llm(s.model, s.cache_dir, s.device, s.dtype, cpu_linear=s.cpu_linear) if with_generator or not s.adapter else None
-        reranker = load_reranker(s, None if s.adapter else base)
+        reranker = load_reranker(s, None if s.adapter else base, shares=base)
         generator = Generator(base, s.max_new_tokens, s.max_doc_tokens, streams=s.cpu_streams) if with_generator else None
         store = open_store(s, reranker, corpus_texts)
         return cls(s, embedder, reranker, store, generator, load_reader(s, reranker) if with_generator else None)
@@ -102,15 +102,18 @@ def _adapter_value(adapter: str, key: str, default: float) -> float:
     return float(adapter_meta(adapter).get(key, default))
 
 
-def load_reranker(s: Settings, llm: LLM | None = None, template: RerankTemplate | None = None) -> Reranker:
+def load_reranker(s: Settings, llm: LLM | None = None, template: RerankTemplate | None = None,
+                  shares: LLM | None = None) -> Reranker:
     """The one place a reranker is built, so everything that keys or fills the store (the runtime,
     precompute, evaluation, training's checks) derives the same ``kv_identity`` from ``s``.
     ``llm`` is an already loaded model used as given (the base model, or one with the adapter
-    merged); without it ``s.model`` is loaded with ``s.adapter``. ``template`` is the default
-    doc-first prompt unless a study asks for another wording."""
+    merged); without it ``s.model`` is loaded with ``s.adapter``, sharing the tensors the adapter
+    leaves unchanged with ``shares`` (the loaded base model) when given. ``template`` is the
+    default doc-first prompt unless a study asks for another wording."""
     if llm is None:
         adapter = str(s.folder("adapter")) if s.adapter else ""
-        llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter, cpu_linear=s.cpu_linear)
+        llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter, cpu_linear=s.cpu_linear,
+                       shares=shares.model if shares is not None else None)
     reranker = Reranker(llm, template, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
                         batch_size=s.batch_size, streams=s.cpu_streams, answer_tokens=s.max_new_tokens)
     reranker.tune_streams(s.cache_dir, s.cpu_stream_threads)

@@ -93,6 +93,28 @@ def test_load_reranker_builds_on_a_given_model(llm, tmp_path):
     assert load_reranker(s, llm).template == RerankTemplate()
 
 
+def test_adapter_model_shares_unchanged_weights_with_the_base(llm, cache_dir):
+    """The merged reranker holds only the tensors its adapter changed; the rest are the base
+    model's own (held once). Sharing changes no value: every tensor equals the unshared merge,
+    and the base model is untouched."""
+    from hyperrag.models import load_llm
+    from hyperrag.settings import SHIPPED_ADAPTER
+
+    top_q = llm.model.model.layers[-1].self_attn.q_proj.weight
+    before = top_q.clone()
+    shared = load_llm("smollm2-135m", cache_dir, device="cpu", dtype="float32", adapter=str(SHIPPED_ADAPTER),
+                      shares=llm.model)
+    alone = load_llm("smollm2-135m", cache_dir, device="cpu", dtype="float32", adapter=str(SHIPPED_ADAPTER))
+    base = dict(llm.model.named_parameters(remove_duplicate=False))
+    same = {n for n, p in shared.model.named_parameters(remove_duplicate=False) if p is base[n]}
+    assert "model.embed_tokens.weight" in same and "model.layers.0.mlp.down_proj.weight" in same
+    assert "model.layers.29.self_attn.q_proj.weight" not in same  # the adapter changed it
+    assert shared.model.lm_head.weight is shared.model.model.embed_tokens.weight  # still tied
+    for (name, p), (_, q) in zip(shared.model.named_parameters(), alone.model.named_parameters()):
+        assert torch.equal(p, q), name
+    assert torch.equal(top_q, before)
+
+
 def test_reuse_equals_full_prefill(reranker, squad_batch):
     source = LocalKV()
     lengths = {reranker.doc_tokens(d) for _, docs in squad_batch for d in docs}
