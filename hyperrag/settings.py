@@ -90,6 +90,11 @@ class Settings:
                                       "decoding), 0 = free greedy decoding, -1 = the adapter's choice, measured "
                                       "on SQuAD train (span if it has none)"},
     )
+    draft_tokens: int = field(
+        default=8, metadata={"help": "reader: document tokens after the answer so far that one decode step checks "
+                                     "as a draft (prompt-lookup decoding: the same greedy answers in fewer "
+                                     "forwards); 0 = one token per step"},
+    )
     max_question_tokens: int = field(
         default=64, metadata={"help": "longer questions are truncated, with a notice"}
     )
@@ -137,6 +142,8 @@ class Settings:
                      "batch_requests", "queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        if self.draft_tokens < 0:
+            raise ValueError(f"setting draft_tokens must be >= 0, got {self.draft_tokens}")
         if self.cpu_stream_threads < 0:
             raise ValueError(f"setting cpu_stream_threads must be >= 0 (0 = measured), got {self.cpu_stream_threads}")
 

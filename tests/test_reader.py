@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hyperrag.kv.local import LocalKV
-from hyperrag.reader import Candidate, Reader, SpanConstraint, select
+from hyperrag.reader import Candidate, Reader, SpanConstraint, draft, select
 from hyperrag.rerank import FP32_SCORE_BOUND
 from tests.conftest import SHIPPED
 
@@ -131,3 +131,47 @@ def test_questions_read_together_as_alone(reranker, docs_and_question):
         for a, b in zip(alone.candidates, batched.candidates):
             assert (a.doc, a.text) == (b.doc, b.text)
             assert abs(a.logprob - b.logprob) <= FP32_SCORE_BOUND * (a.tokens + 1)
+
+
+def test_draft_is_what_follows_the_answer_in_the_document():
+    doc = [7, 1, 2, 3, 9, 1, 2, 4, 5]
+    assert draft(doc, [1, 2], 3) == [3, 9, 1]  # the first occurrence of the longest suffix
+    assert draft(doc, [9, 1, 2], 2) == [4, 5]  # a longer suffix picks the later occurrence
+    assert draft(doc, [8, 4], 5) == [5]  # only the last token is there
+    assert draft(doc, [8], 3) == [] and draft(doc, [1], 0) == [] and draft(doc, [], 3) == []
+
+
+@pytest.mark.parametrize("span", [False, True])
+def test_drafted_decoding_equals_one_token_steps(tiny_engine, span):
+    """Prompt-lookup drafts change how many forwards a reading takes, not what it reads: the
+    trained reader's answers (mostly spans, so drafts are kept) equal one-token steps', with
+    the log-likelihood within the fp32 bound per token, in fewer forwards."""
+    engine = tiny_engine
+    reranker = engine.runtime.reranker
+    calls = {"n": 0}
+    forward = reranker.decoder.forward_groups
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return forward(*args, **kwargs)
+
+    questions = [q for q in engine.corpus.queries if q.doc_ids][:4]
+    requests = [(q.question, [engine.corpus.by_id[d].text for d, _ in engine.retrieve(q.question, 3)], [0.0] * 3)
+                for q in questions]
+    forwards = {}
+    readings = {}
+    reranker.decoder.forward_groups = counted
+    try:
+        for k in (0, 8):
+            reader = Reader(reranker, max_rows=3, max_new_tokens=12, span=span, draft_tokens=k)
+            calls["n"] = 0
+            readings[k] = [reader.read(q, ds, sc, "kv", engine.runtime.store) for q, ds, sc in requests]
+            forwards[k] = calls["n"]
+    finally:
+        reranker.decoder.forward_groups = forward
+    for plain, drafted in zip(readings[0], readings[8]):
+        for a, b in zip(plain.candidates, drafted.candidates):
+            assert (a.doc, a.text, a.tokens) == (b.doc, b.text, b.tokens)
+            assert abs(a.logprob - b.logprob) <= FP32_SCORE_BOUND * (a.tokens + 1)
+    assert sum(c.tokens > 1 for r in readings[0] for c in r.candidates) >= 3  # answers long enough to draft
+    assert forwards[8] < forwards[0], forwards

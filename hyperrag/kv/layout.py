@@ -69,19 +69,24 @@ class StaticLayout:
         return mask.unsqueeze(1)
 
     def step_mask(self, doc_lens: Sequence[int], slots: int, query_lens: Sequence[int], width: int,
-                  step: int) -> torch.Tensor:
-        """The mask [B, 1, 1, P + slots + width + step + 1] of decode step ``step``, whose token
-        goes to query column ``width + step``: the prefix, each row's real document slots, its
-        own query tokens (a row's query may be shorter than the ``width`` columns its batch
-        gives queries: rows of other questions) and the answer tokens so far."""
+                  written: torch.Tensor, new: int = 1) -> torch.Tensor:
+        """The mask [B, 1, new, P + slots + width + A + new] of a decode step whose ``new`` tokens
+        go to query columns ``width + A`` on: the prefix, each row's real document slots, its own
+        query tokens (a row's query may be shorter than the ``width`` columns its batch gives
+        queries: rows of other questions), the answer columns ``written`` [B, A] marks (a draft
+        the model rejected leaves columns that are never attended) and the step's own tokens,
+        causally."""
         device = self.kv.device
         p = self.prefix_len
         lens = torch.tensor(list(doc_lens), device=device)[:, None]
         queries = torch.tensor(list(query_lens), device=device)[:, None]
-        cols = torch.arange(p + slots + width + step + 1, device=device)[None, :]
+        cols = torch.arange(p + slots + width, device=device)[None, :]
         rel = cols - (p + slots)  # column within the query area
-        ok = (cols < p + lens) | ((rel >= 0) & (rel < queries)) | (rel >= width)
-        return ok[:, None, None, :]
+        head = (cols < p + lens) | ((rel >= 0) & (rel < queries))
+        rows = len(doc_lens)
+        own = torch.ones(new, new, dtype=torch.bool, device=device).tril()
+        return torch.cat([head[:, None, :].expand(rows, new, -1), written[:, None, :].expand(rows, new, -1),
+                          own.expand(rows, new, new)], -1)[:, None]
 
     def query_groups(self, doc_lens: Sequence[int], n_query: int) -> tuple[torch.Tensor, list[RowGroup]]:
         """Positions and row groups for the query run over rows whose documents have
