@@ -40,6 +40,11 @@ def test_wheel_carries_the_shipped_corpus_and_adapter(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert set(SHIPPED_FILES) <= names
     assert not [n for n in names if "/checkpoint" in n or "/.cache/" in n]
+    # It says what it carries: Apache-2.0 code and CC BY-SA 4.0 data, with the data's attribution.
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: Apache-2.0 AND CC-BY-SA-4.0" in meta
+    assert {"LICENSE", "hyperrag/shipped/squad-dev-mini/README.md"} <= {
+        n.split("/licenses/", 1)[1] for n in names if "/licenses/" in n}
 
     site = tmp_path.resolve() / "site"  # the wheel unpacked is what an install puts in site-packages
     zipfile.ZipFile(wheel).extractall(site)
