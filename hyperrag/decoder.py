@@ -14,6 +14,8 @@ Boolean masks become additive float masks once per forward, not once per layer i
 """
 from __future__ import annotations
 
+import math
+
 import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -51,7 +53,7 @@ class RowGroup:
 class Decoder:
     """Stateless runner of a Llama-family ``*ForCausalLM`` (weights shared, never copied)."""
 
-    def __init__(self, model: torch.nn.Module, linear: Linear | None = None):
+    def __init__(self, model: torch.nn.Module, linear: Linear | None = None, rotate: bool = False):
         cfg = model.config
         if getattr(cfg, "model_type", "") not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"Decoder supports Llama-family models, not {cfg.model_type!r}")
@@ -67,6 +69,10 @@ class Decoder:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.linear = linear or kernels.PATHS["aten"]
+        # With ``rotate``, queries and keys leave RoPE multiplied by one orthonormal Hadamard
+        # matrix: q.k and so attention are unchanged, but the cached keys' outlier channels are
+        # spread over all channels, which is what quantized codecs need (QuaRot).
+        self.rotation = hadamard(self.head_dim).to(self.device, self.dtype) if rotate else None
 
     def kv_shape(self, batch: int, columns: int) -> tuple[int, ...]:
         return (self.n_layers, 2, batch, self.n_kv_heads, columns, self.head_dim)
@@ -132,7 +138,8 @@ class Decoder:
         for i, layer in enumerate(self.body.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = self._norm(layer.input_layernorm, x)
-            k = _rope(lin(h, attn.k_proj).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = _rope(lin(h, attn.k_proj).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin,
+                      self.rotation)
             v = lin(h, attn.v_proj).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2)
             if i == last and out_index is not None and n_new > 1:
                 # Only the output positions go on from here: every token's K/V is still written
@@ -140,12 +147,13 @@ class Decoder:
                 b = torch.arange(bsz, device=x.device)
                 x, h = x[b, out_index][:, None], h[b, out_index][:, None]
                 q = _rope(lin(h, attn.q_proj).view(bsz, 1, self.n_heads, self.head_dim).transpose(1, 2),
-                          cos[b, out_index][:, None], sin[b, out_index][:, None])
+                          cos[b, out_index][:, None], sin[b, out_index][:, None], self.rotation)
                 masks = [_additive(_output_mask(g, out_index[rows], n_new), self.dtype)
                          for g, (rows, *_) in zip(groups, spans)]
                 causal = [False] * len(groups)
             else:
-                q = _rope(lin(h, attn.q_proj).view(bsz, n_new, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+                q = _rope(lin(h, attn.q_proj).view(bsz, n_new, self.n_heads, self.head_dim).transpose(1, 2), cos, sin,
+                          self.rotation)
             for rows, kv_rows, begin, end in spans:
                 buf[i, 0, kv_rows, :, begin:end] = k[rows]
                 buf[i, 1, kv_rows, :, begin:end] = v[rows]
@@ -205,9 +213,22 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x`` [B, heads, T, head_dim] with ``cos``/``sin`` [B, T, head_dim]."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary embedding of ``x`` [B, heads, T, head_dim] with ``cos``/``sin`` [B, T, head_dim],
+    then ``rotation`` [head_dim, head_dim] when given."""
+    y = x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+    return y if rotation is None else y @ rotation
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of size ``n`` (a power of two): entries
+    +-1/sqrt(n), H @ H.T = I."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, not {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).float()
 
 
 def _output_mask(g: RowGroup, out_index: torch.Tensor, n_new: int) -> torch.Tensor:

@@ -117,11 +117,13 @@ class Reranker:
     """Scores (question, document) pairs with a decoder LLM; thread-safe (one batch at a time)."""
 
     def __init__(self, llm: LLM, template: RerankTemplate | None = None, max_doc_tokens: int = 448,
-                 max_question_tokens: int = 64, batch_size: int = 20, streams: int = 2, answer_tokens: int = 16):
+                 max_question_tokens: int = 64, batch_size: int = 20, streams: int = 2, answer_tokens: int = 16,
+                 rotate: bool = True):
         self.llm = llm
         self.template = template or RerankTemplate()
         self.prompt = RerankPrompt(llm.tokenizer, self.template, max_doc_tokens, max_question_tokens)
-        self.decoder = Decoder(llm.model, llm.linear)
+        # Keys are cached in a rotated basis (see Decoder): quantized codecs lose less of them.
+        self.decoder = Decoder(llm.model, llm.linear, rotate=rotate)
         self.batch_size = batch_size
         # On CPU a batch's rows run as concurrent streams (see rowsplit); one stream on GPU.
         self.rows = row_streams(streams if self.decoder.device.type == "cpu" else 1)
@@ -194,8 +196,10 @@ class Reranker:
     # -- identities ---------------------------------------------------------------------------
     @property
     def kv_identity(self) -> str:
-        """What a stored document KV depends on besides the text: model, dtype, template, limit."""
-        return f"{self.llm.fingerprint}|{self.decoder.dtype}|{self.template.digest}|{self.prompt.max_doc_tokens}"
+        """What a stored document KV depends on besides the text: model, dtype, template, limit,
+        and the basis its keys are cached in."""
+        rotated = "|hadamard" if self.decoder.rotation is not None else ""
+        return f"{self.llm.fingerprint}|{self.decoder.dtype}|{self.template.digest}|{self.prompt.max_doc_tokens}{rotated}"
 
     def doc_tokens(self, text: str) -> int:
         return len(self.prompt.doc_ids(text))

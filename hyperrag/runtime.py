@@ -115,7 +115,8 @@ def load_reranker(s: Settings, llm: LLM | None = None, template: RerankTemplate 
         llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter, cpu_linear=s.cpu_linear,
                        shares=shares.model if shares is not None else None)
     reranker = Reranker(llm, template, max_doc_tokens=s.max_doc_tokens, max_question_tokens=s.max_question_tokens,
-                        batch_size=s.batch_size, streams=s.cpu_streams, answer_tokens=s.max_new_tokens)
+                        batch_size=s.batch_size, streams=s.cpu_streams, answer_tokens=s.max_new_tokens,
+                        rotate=bool(s.kv_rotation))
     reranker.tune_streams(s.cache_dir, s.cpu_stream_threads)
     return reranker
 

@@ -108,6 +108,11 @@ class Settings:
         },
     )
     codec: str = field(default="fp16", metadata={"help": "stored KV codec: fp32 | fp16 | bf16 | int8 | int4 | int2"})
+    kv_rotation: int = field(
+        default=1, metadata={"help": "1 = queries and keys are multiplied by a Hadamard matrix after RoPE, so "
+                                     "stored keys have no outlier channels and quantized codecs (int8/int4/int2) "
+                                     "lose less; attention is unchanged. 0 = keys as the model computes them"},
+    )
     hot_cache_gb: float = field(
         default=-1.0,
         metadata={"help": "in-process LMCache CPU tier in front of the store, GB; -1 = sized to hold the corpus's "

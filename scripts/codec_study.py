@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hyperrag.decoder import hadamard
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -51,13 +53,6 @@ def quantise(x: torch.Tensor, bits: int, dim: int, group: int, nf: bool = False)
     scale = ((xg.amax(-1, keepdim=True) - lo) / (2**bits - 1)).half().float().clamp_min(1e-6)
     q = ((xg - lo) / scale).round().clamp(0, 2**bits - 1)
     return (q * scale + lo).flatten(-2)[..., :n].movedim(-1, dim)
-
-
-def hadamard(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(n)
 
 
 @dataclass
@@ -144,7 +139,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated variant names")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("STUDY_THREADS", "1")))
-    engine = Engine.load(Settings.from_env(), with_generator=False)
+    # the keys as the model computes them: the study simulates the rotation itself
+    engine = Engine.load(Settings.from_env().replace(kv_rotation=0), with_generator=False)
     rr = engine.reranker
     qs = engine.corpus.sample_queries(args.queries, engine.settings.seed)
     cands = []

@@ -179,3 +179,35 @@ def test_codec_errors():
         shape = (30, 2, 3, n, 64)
         sizes = [CODECS[c].nbytes(shape) for c in ("fp32", "fp16", "int8", "int4", "int2")]
         assert sizes == sorted(sizes, reverse=True), (n, sizes)
+
+
+def test_rotated_keys_score_as_unrotated_and_have_flatter_channels(llm, reranker, real_batch):
+    """The Hadamard rotation of queries and keys (the reranker's default) leaves attention and so
+    every score unchanged within the fp32 bound, in reuse and in full prefill; what it changes is
+    the cached keys: their largest channel range shrinks relative to the typical one, which is
+    what per-channel quantization needs. And it is orthonormal."""
+    from hyperrag.decoder import hadamard
+    from hyperrag.rerank import Reranker
+
+    h = hadamard(64)
+    assert torch.allclose(h @ h.T, torch.eye(64), atol=1e-6)
+    assert reranker.decoder.rotation is not None
+    plain = Reranker(llm, batch_size=8, rotate=False)
+    question, candidates, kvs = real_batch
+    plain_kvs = dict(zip(candidates, plain.encode_docs(candidates)))
+    scores = []  # reuse and full, rotated and plain
+    for r, stored in ((reranker, kvs), (plain, plain_kvs)):
+        source = LocalKV()
+        for text, kv in stored.items():
+            source.put(text, kv)
+        scores += [r.score(question, candidates, "reuse", source).scores, r.score(question, candidates, "full").scores]
+    for other in scores[1:]:
+        assert max(abs(x - y) for x, y in zip(scores[0], other)) <= FP32_SCORE_BOUND
+    assert reranker.kv_identity != plain.kv_identity  # a store never mixes the two bases
+
+    def spread(stored: dict) -> float:  # largest channel range over the median one, keys of all layers
+        keys = torch.cat([kv[:, 0] for kv in stored.values()], 2)  # [layers, heads, tokens, dim]
+        ranges = keys.amax(2) - keys.amin(2)
+        return (ranges.amax(-1) / ranges.median(-1).values).mean().item()
+
+    assert spread(kvs) < spread(plain_kvs)

@@ -89,7 +89,9 @@ def test_load_reranker_builds_on_a_given_model(llm, tmp_path):
     r = load_reranker(s, llm, template)
     assert r.llm is llm and r.template is template
     assert (r.batch_size, r.prompt.max_doc_tokens, r.prompt.max_question_tokens, r.answer_tokens) == (3, 100, 20, 5)
-    assert r.kv_identity == f"{llm.fingerprint}|{r.decoder.dtype}|{template.digest}|100"
+    assert r.kv_identity == f"{llm.fingerprint}|{r.decoder.dtype}|{template.digest}|100|hadamard"
+    assert load_reranker(s.replace(kv_rotation=0), llm).kv_identity == f"{llm.fingerprint}|{r.decoder.dtype}|" \
+        f"{RerankTemplate().digest}|100"
     assert load_reranker(s, llm).template == RerankTemplate()
 
 
