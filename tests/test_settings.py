@@ -42,3 +42,16 @@ def test_missing_folders_name_the_setting_to_give(monkeypatch, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="HYPERRAG_CORPUS"):  # before any model loads
         Engine.load(Settings(corpus=str(missing), cache_dir=str(tmp_path)))
+
+
+def test_readme_settings_table_names_every_setting():
+    """The README's settings table is how users find a setting: none may be missing from it."""
+    import dataclasses
+    import re
+
+    from tests.conftest import REPO
+
+    table = {name for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `")
+             for name in re.findall(r"`(\w+)`", line.split("|")[1])}
+    missing = [f.name for f in dataclasses.fields(Settings) if f.name not in table]
+    assert not missing, f"README settings table lacks {missing}"
