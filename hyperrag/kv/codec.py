@@ -26,11 +26,13 @@ document's first 4 tokens exact changes nothing (0.73): the attention sink is in
 prefix, which is never quantized. Techniques, each measured the same way:
 
 - Hadamard rotation of head_dim before quantizing (QuaRot): 0.55 / 0.096, same top-3 100%
-  (from 83%); with 16-token key groups 0.40 / 0.085. Not shipped: undoing it at decode is a
-  64x64 GEMM per token that costs ~4x the int4 dequantization itself (29 vs 8 ms per 150-token
-  document, one busy core), far past the 10%-of-reuse decode budget; the cheap form rotates
-  queries and keys inside the decoder instead (values fold into v_proj / o_proj) and is left
-  for a decoder change;
+  (from 83%); with 16-token key groups 0.40 / 0.085. Undoing it at decode would be a 64x64 GEMM
+  per token, ~4x the int4 dequantization itself (29 vs 8 ms per 150-token document), past the
+  10%-of-reuse decode budget; so it is **shipped in the decoder** instead
+  (``Settings.kv_rotation``): queries and keys are rotated right after RoPE, attention is
+  unchanged, and the stored keys are already in the rotated basis, so the codecs below need no
+  extra work. Values are not rotated (values alone cost 0.19; folding a rotation into
+  v_proj / o_proj is left open);
 - keys quantized before RoPE (KVQuant): 0.65; with rotation 0.66; per-document channel scales
   before RoPE 0.56 / 0.16 (cheaper metadata, worse mean): RoPE is not where the error is;
 - normal-quantile (NF4) levels: 1.09 alone, 0.51 with rotation: worse than uniform levels;
