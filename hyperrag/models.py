@@ -195,34 +195,38 @@ def load_llm(name: str, cache_dir: str | Path, device: str = "auto", dtype: str 
 
         if not Path(adapter).is_dir():
             raise ModelError(f"adapter folder {adapter!r} does not exist")
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        from peft.tuners.lora import LoraLayer
+
+        with_lora = PeftModel.from_pretrained(model, adapter)
+        changed = {n for n, m in with_lora.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+        model = with_lora.merge_and_unload()
         fingerprint += f"+lora-{adapter_hash(adapter)}"
     model = model.to(device=dev, dtype=dt).eval().requires_grad_(False)
-    if shares is not None:
-        log.info("%s: %.0f MB of weights shared with the base model", fingerprint, share_unchanged(model, shares) / 2**20)
+    if shares is not None and adapter:
+        freed = share_unchanged(model, shares, changed)
+        log.info("%s: %.0f MB of weights shared with the base model", fingerprint, freed / 2**20)
     if dev.type != "cpu":
         return LLM(name, tokenizer, model, dev, dt, fingerprint, kernels.PATHS["aten"], {"small": "aten", "large": "aten"})
     choice = kernels.choose(kernels.projection_shapes(model.config), dt, str(cache_dir), cpu_linear)
     return LLM(name, tokenizer, model, dev, dt, fingerprint, kernels.dispatch(choice, SMALL_STREAM_TOKENS), choice)
 
 
-def share_unchanged(model: torch.nn.Module, base: torch.nn.Module) -> int:
-    """Point every parameter of ``model`` that equals ``base``'s of the same name at ``base``'s
-    tensor; the bytes freed. A LoRA adapter changes only the projections it targets (the shipped
-    one: 7 projections of the top 20 of 30 layers), so the merged reranker and the base model
-    the generator runs on would otherwise hold the embeddings, norms and lower layers twice
-    (250 MB for SmolLM2-135M in fp32). Only bit-equal tensors are shared: nothing computes
-    differently."""
+def share_unchanged(model: torch.nn.Module, base: torch.nn.Module, changed: set[str]) -> int:
+    """Point every parameter of ``model`` outside the ``changed`` modules (the ones a LoRA adapter
+    was merged into) at ``base``'s tensor of the same name; the bytes no longer held twice. The
+    shipped adapter changes 7 projections of the top 20 of 30 layers, so the merged reranker and
+    the base model the generator runs on would otherwise both hold the embeddings, norms and
+    lower layers (243 MB for SmolLM2-135M in fp32). No tensor is read to decide: the weights are
+    memory-mapped, and reading ``model``'s copies would make them resident just to drop them."""
     own = dict(base.named_parameters(remove_duplicate=False))
     freed: dict[int, int] = {}
     for name, p in list(model.named_parameters(remove_duplicate=False)):
+        module, _, attr = name.rpartition(".")
         q = own.get(name)
-        if q is None or q is p or q.shape != p.shape or q.dtype != p.dtype or q.device != p.device:
+        if module in changed or q is None or q is p or (q.shape, q.dtype, q.device) != (p.shape, p.dtype, p.device):
             continue
-        if id(p) in freed or torch.equal(p, q):
-            module, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(module), attr, q)
-            freed[id(p)] = p.numel() * p.element_size()
+        setattr(model.get_submodule(module), attr, q)
+        freed[id(p)] = p.numel() * p.element_size()
     return sum(freed.values())
 
 
