@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import statistics
 import time
@@ -109,22 +110,44 @@ def cache_file(cache_dir: str, kind: str, dtype: torch.dtype, dims: str) -> Path
     return Path(cache_dir).expanduser() / "kernels" / f"{kind}-{slug.strip('-')}.json"
 
 
+def machine_busy() -> bool:
+    """Whether other work keeps this machine's CPUs busy (1-minute load average at or above
+    three quarters of the CPUs this process may use): a timing taken then says little about
+    the machine, and cached it would steer every later start (a probe run beside a training job
+    once picked two threads per stream where one is faster on a quiet machine)."""
+    try:
+        return os.getloadavg()[0] >= 0.75 * len(os.sched_getaffinity(0))
+    except (OSError, AttributeError):
+        return False
+
+
+_UNCACHED: dict[Path, dict] = {}  # probes taken on a busy machine: kept for this process only
+
+
 def measured(path: Path, valid: Callable[[dict], bool], measure: Callable[[], dict]) -> dict:
     """The choice cached at ``path`` when ``valid``, else ``measure()`` (then cached), with its
-    ``source``. Why cached: a probe costs seconds at every start, and the machine does not change."""
+    ``source``. Why cached: a probe costs seconds at every start, and the machine does not change.
+    A probe taken while the machine is busy (:func:`machine_busy`) is used by this process only
+    and taken again at the next start."""
     try:
         cached = json.loads(path.read_text())
         if valid(cached):
             return {**cached, "source": f"cached probe ({path})"}
     except (OSError, ValueError):
         pass
+    if path in _UNCACHED:
+        return _UNCACHED[path]
+    busy = machine_busy()
     result = {**measure(), "cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    log.info("probe %s: %s", path.name, result)
+    if busy or machine_busy():
+        _UNCACHED[path] = {**result, "source": "probe on a busy machine (not cached: measured again next start)"}
+        return _UNCACHED[path]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
     except OSError as err:  # a read-only cache folder costs a probe per start, nothing more
         log.warning("could not cache the probe in %s: %s", path, err)
-    log.info("probe %s: %s", path.name, result)
     return {**result, "source": "probe"}
 
 

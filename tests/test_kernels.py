@@ -11,7 +11,8 @@ from hyperrag import kernels
 SHAPES = [(64, 64), (64, 16), (64, 160), (160, 64)]  # small stand-ins for a layer's projections
 
 
-def test_probe_chooses_per_size_caches_and_reuses(tmp_path):
+def test_probe_chooses_per_size_caches_and_reuses(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "machine_busy", lambda: False)
     first = kernels.choose(SHAPES, torch.float32, str(tmp_path))
     assert first["source"] == "probe"
     for size, figures in first["figures_ms"].items():
@@ -56,3 +57,18 @@ def test_dispatch_computes_the_same_projection(small, large):
 
 def test_cpu_model_is_named():
     assert kernels.cpu_model() and "\n" not in kernels.cpu_model()
+
+
+def test_a_probe_on_a_busy_machine_is_not_cached(tmp_path, monkeypatch):
+    """A timing taken while other work holds the CPUs would steer every later start: it serves
+    this process (measured once) and is taken again next start, on a quiet machine."""
+    calls = []
+    measure = lambda: calls.append(1) or {"small": "aten"}  # noqa: E731
+    path = tmp_path / "kernels" / "probe.json"
+    monkeypatch.setattr(kernels, "machine_busy", lambda: True)
+    first = kernels.measured(path, lambda c: "small" in c, measure)
+    assert first["small"] == "aten" and "busy" in first["source"] and not path.exists()
+    assert kernels.measured(path, lambda c: "small" in c, measure)["source"] == first["source"] and len(calls) == 1
+    monkeypatch.setattr(kernels, "machine_busy", lambda: False)
+    kernels._UNCACHED.clear()
+    assert kernels.measured(path, lambda c: "small" in c, measure)["source"] == "probe" and path.exists()
