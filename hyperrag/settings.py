@@ -117,7 +117,7 @@ class Settings:
         default=-1.0,
         metadata={"help": "in-process LMCache CPU tier in front of the store, GB; -1 = sized to hold the corpus's "
                           "KV plus a tenth (at least 0.5, at most a quarter of RAM), 0 = none (less memory: the "
-                          "app then peaks at 2.66 GB instead of ~3.9 GB, and fs:// loads are several times slower)"},
+                          "app then peaks at 2.57 GB instead of 3.79 GB, and fs:// loads are slower)"},
     )
     store_timeout_s: float = field(
         default=5.0, metadata={"help": "bound on any single store operation before falling back to compute"}
