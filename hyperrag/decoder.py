@@ -15,7 +15,6 @@ Boolean masks become additive float masks once per forward, not once per layer i
 from __future__ import annotations
 
 import math
-
 import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
