@@ -715,7 +715,8 @@ def print_table(results: dict, out=None) -> None:
     if isinstance(linear, dict) and linear.get("small"):
         figures = "; ".join(f"{size}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in f.items())
                             for size, f in (linear.get("figures_ms") or {}).items())
-        print(f"  projections: {linear['small']} for reuse-sized calls, {linear['large']} for prefill-sized "
+        print(f"  projections: {linear['small']} for reuse-sized calls, {linear['large']} for prefill-sized, "
+              f"{linear.get('head', linear['small'])} for the output head "
               f"({linear.get('source', '')}{'; ' + figures if figures else ''})", file=out)
     streams = results.get("machine", {}).get("streams")
     if isinstance(streams, dict) and "small_stream_threads" in streams:

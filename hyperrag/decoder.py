@@ -52,7 +52,8 @@ class RowGroup:
 class Decoder:
     """Stateless runner of a Llama-family ``*ForCausalLM`` (weights shared, never copied)."""
 
-    def __init__(self, model: torch.nn.Module, linear: Linear | None = None, rotate: bool = False):
+    def __init__(self, model: torch.nn.Module, linear: Linear | None = None, head_linear: Linear | None = None,
+                 rotate: bool = False):
         cfg = model.config
         if getattr(cfg, "model_type", "") not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"Decoder supports Llama-family models, not {cfg.model_type!r}")
@@ -64,10 +65,12 @@ class Decoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size = cfg.hidden_size
         self.lm_head = model.lm_head.weight  # [vocab, hidden]
+        self.head = model.lm_head
         self.eps = cfg.rms_norm_eps
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.linear = linear or kernels.PATHS["aten"]
+        self.head_linear = head_linear or kernels.PATHS["aten"]
         # With ``rotate``, queries and keys leave RoPE multiplied by one orthonormal Hadamard
         # matrix: q.k and so attention are unchanged, but the cached keys' outlier channels are
         # spread over all channels, which is what quantized codecs need (QuaRot).
@@ -177,7 +180,8 @@ class Decoder:
         return F.rms_norm(x, (x.shape[-1],), norm.weight, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.lm_head.T
+        """Vocabulary-wide logits, through the output head's measured kernel (:mod:`hyperrag.kernels`)."""
+        return self.head_linear(hidden, self.head)
 
 
 class LayerSync:

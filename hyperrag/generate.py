@@ -34,7 +34,7 @@ class Generator:
     def __init__(self, llm: LLM, max_new_tokens: int = 24, max_doc_tokens: int = 448,
                  template: GenerateTemplate | None = None, max_prompt_tokens: int = 2048, streams: int = 2):
         self.llm = llm
-        self.decoder = Decoder(llm.model, llm.linear)
+        self.decoder = Decoder(llm.model, llm.linear, llm.head_linear)
         self.prompt = GenerationPrompt(llm.tokenizer, template or GenerateTemplate(), max_doc_tokens)
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens

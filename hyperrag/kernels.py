@@ -9,7 +9,10 @@ the model's own projection shapes at the two sizes that matter, each as it runs 
 
 - ``small``: a KV-reuse row stream (10 rows x 20 question tokens) on one OpenMP thread, the
   way :mod:`hyperrag.rowsplit` runs it;
-- ``large``: a full-prefill stream (10 rows x 200 tokens) on all of torch's threads.
+- ``large``: a full-prefill stream (10 rows x 200 tokens) on all of torch's threads;
+- ``head``: the output head (hidden -> vocabulary) on a decode step's few positions (3 rows x 9
+  tokens), all threads. It reads a 113 MB matrix (SmolLM2-135M, fp32) for a few dozen rows: on
+  the AMD EPYC machine oneDNN took 7-8 ms where MKL's sgemm took 20-35 ms, a sixth of reading time.
 
 Each size gets the faster path by median over interleaved repeats (calls below
 :data:`~hyperrag.rowsplit.SMALL_STREAM_TOKENS` tokens use the small choice). The choice and its
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 log = logging.getLogger("hyperrag")
 Linear = Callable[[torch.Tensor, torch.nn.Linear], torch.Tensor]
 CHOICES = ("auto", "aten", "onednn")
-SIZES = {"small": (10 * 20, 1), "large": (10 * 200, 0)}  # tokens per call, OpenMP threads (0 = all)
+SIZES = {"small": (10 * 20, 1), "large": (10 * 200, 0), "head": (3 * 9, 0)}  # tokens per call, OpenMP threads (0 = all)
 REPEATS = 7
 
 
@@ -71,14 +74,17 @@ def onednn_works(dtype: torch.dtype) -> bool:
         return False
 
 
-def probe(shapes: list[tuple[int, int]], dtype: torch.dtype, repeats: int = REPEATS) -> dict[str, dict[str, float]]:
-    """Median ms per size and path for one call of each projection shape ``(in, out)``."""
+def probe(shapes: list[tuple[int, int]], head: tuple[int, int], dtype: torch.dtype,
+          repeats: int = REPEATS) -> dict[str, dict[str, float]]:
+    """Median ms per size and path for one call of each layer projection shape ``(in, out)``
+    (the ``head`` size: of the output head's shape)."""
     paths = {k: v for k, v in PATHS.items() if k == "aten" or onednn_works(dtype)}
-    projs = [torch.nn.Linear(i, o, bias=False).to(dtype) for i, o in shapes]
+    layer = [torch.nn.Linear(i, o, bias=False).to(dtype) for i, o in shapes]
     threads = torch.get_num_threads()
     figures: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
         for size, (tokens, n_threads) in SIZES.items():
+            projs = [torch.nn.Linear(*head, bias=False).to(dtype)] if size == "head" else layer
             xs = [torch.randn(1, tokens, p.in_features, dtype=dtype) for p in projs]
             times: dict[str, list[float]] = {name: [] for name in paths}
             torch.set_num_threads(n_threads or threads)
@@ -101,6 +107,11 @@ def projection_shapes(config) -> list[tuple[int, int]]:
     h, m = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or h // config.num_attention_heads)
     return [(h, h), (h, kv), (h, kv), (h, h), (h, m), (h, m), (m, h)]
+
+
+def head_shape(config) -> tuple[int, int]:
+    """``(in, out)`` of the output head: hidden size to vocabulary."""
+    return config.hidden_size, config.vocab_size
 
 
 def cache_file(cache_dir: str, kind: str, dtype: torch.dtype, dims: str) -> Path:
@@ -151,21 +162,22 @@ def measured(path: Path, valid: Callable[[dict], bool], measure: Callable[[], di
     return {**result, "source": "probe"}
 
 
-def choose(shapes: list[tuple[int, int]], dtype: torch.dtype, cache_dir: str, setting: str = "auto") -> dict:
-    """``{"small": path, "large": path, "source": ..., "figures_ms": ...}`` for this machine:
+def choose(shapes: list[tuple[int, int]], head: tuple[int, int], dtype: torch.dtype, cache_dir: str,
+           setting: str = "auto") -> dict:
+    """``{"small": path, "large": path, "head": path, "source": ..., "figures_ms": ...}`` for this machine:
     the setting when it names a path, else the cached probe, else a new probe (then cached)."""
     if setting not in CHOICES:
         raise ValueError(f"cpu_linear {setting!r}: choose one of {', '.join(CHOICES)}")
     if setting != "auto":
         if setting == "onednn" and not onednn_works(dtype):
             raise ValueError("cpu_linear 'onednn': this torch build has no working oneDNN linear; use 'aten' or 'auto'")
-        return {"small": setting, "large": setting, "source": "setting"}
+        return {**{size: setting for size in SIZES}, "source": "setting"}
 
     def measure() -> dict:
-        figures = probe(shapes, dtype)
+        figures = probe(shapes, head, dtype)
         return {**{size: min(f, key=f.get) for size, f in figures.items()}, "figures_ms": figures}
 
-    dims = "-".join(f"{i}x{o}" for i, o in sorted(set(shapes)))
+    dims = "-".join(f"{i}x{o}" for i, o in sorted(set(shapes))) + f"-head{head[0]}x{head[1]}"
     return measured(cache_file(cache_dir, "linear", dtype, dims),
                     lambda c: set(c.get("figures_ms", {})) == set(SIZES) and {c.get(s) for s in SIZES} <= set(PATHS),
                     measure)

@@ -172,7 +172,8 @@ class LLM:
     dtype: torch.dtype
     fingerprint: str  # model id + weights variant; part of every KV store key
     linear: kernels.Linear  # the decoder's projection kernel
-    kernels: dict = field(default_factory=dict)  # how ``linear`` was chosen (kernels.choose)
+    head_linear: kernels.Linear  # the output head's kernel (vocabulary-wide logits)
+    kernels: dict = field(default_factory=dict)  # how both were chosen (kernels.choose)
 
 
 def load_llm(name: str, cache_dir: str | Path, device: str = "auto", dtype: str = "auto", adapter: str = "",
@@ -206,9 +207,12 @@ def load_llm(name: str, cache_dir: str | Path, device: str = "auto", dtype: str 
         freed = share_unchanged(model, shares, changed)
         log.info("%s: %.0f MB of weights shared with the base model", fingerprint, freed / 2**20)
     if dev.type != "cpu":
-        return LLM(name, tokenizer, model, dev, dt, fingerprint, kernels.PATHS["aten"], {"small": "aten", "large": "aten"})
-    choice = kernels.choose(kernels.projection_shapes(model.config), dt, str(cache_dir), cpu_linear)
-    return LLM(name, tokenizer, model, dev, dt, fingerprint, kernels.dispatch(choice, SMALL_STREAM_TOKENS), choice)
+        aten = kernels.PATHS["aten"]
+        return LLM(name, tokenizer, model, dev, dt, fingerprint, aten, aten, {size: "aten" for size in kernels.SIZES})
+    choice = kernels.choose(kernels.projection_shapes(model.config), kernels.head_shape(model.config), dt,
+                            str(cache_dir), cpu_linear)
+    return LLM(name, tokenizer, model, dev, dt, fingerprint, kernels.dispatch(choice, SMALL_STREAM_TOKENS),
+               kernels.PATHS[choice["head"]], choice)
 
 
 def share_unchanged(model: torch.nn.Module, base: torch.nn.Module, changed: set[str]) -> int:

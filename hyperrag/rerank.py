@@ -123,7 +123,7 @@ class Reranker:
         self.template = template or RerankTemplate()
         self.prompt = RerankPrompt(llm.tokenizer, self.template, max_doc_tokens, max_question_tokens)
         # Keys are cached in a rotated basis (see Decoder): quantized codecs lose less of them.
-        self.decoder = Decoder(llm.model, llm.linear, rotate=rotate)
+        self.decoder = Decoder(llm.model, llm.linear, llm.head_linear, rotate=rotate)
         self.batch_size = batch_size
         # On CPU a batch's rows run as concurrent streams (see rowsplit); one stream on GPU.
         self.rows = row_streams(streams if self.decoder.device.type == "cpu" else 1)

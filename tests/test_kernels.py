@@ -9,11 +9,12 @@ import torch
 from hyperrag import kernels
 
 SHAPES = [(64, 64), (64, 16), (64, 160), (160, 64)]  # small stand-ins for a layer's projections
+HEAD = (64, 1000)  # and for the output head
 
 
 def test_probe_chooses_per_size_caches_and_reuses(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "machine_busy", lambda: False)
-    first = kernels.choose(SHAPES, torch.float32, str(tmp_path))
+    first = kernels.choose(SHAPES, HEAD, torch.float32, str(tmp_path))
     assert first["source"] == "probe"
     for size, figures in first["figures_ms"].items():
         assert set(figures) <= set(kernels.PATHS) and all(ms > 0 for ms in figures.values())
@@ -21,24 +22,25 @@ def test_probe_chooses_per_size_caches_and_reuses(tmp_path, monkeypatch):
     files = list((tmp_path / "kernels").glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["small"] == first["small"]
     written = files[0].stat().st_mtime_ns
-    again = kernels.choose(SHAPES, torch.float32, str(tmp_path))
+    again = kernels.choose(SHAPES, HEAD, torch.float32, str(tmp_path))
     assert again["source"].startswith("cached probe") and again["small"] == first["small"]
     assert files[0].stat().st_mtime_ns == written, "a cached choice is not probed again"
     files[0].write_text("{not json")  # a damaged cache file: probed again and rewritten
-    assert kernels.choose(SHAPES, torch.float32, str(tmp_path))["source"] == "probe"
+    assert kernels.choose(SHAPES, HEAD, torch.float32, str(tmp_path))["source"] == "probe"
     stale = json.loads(files[0].read_text())
     files[0].write_text(json.dumps({**stale, "small": "mkl"}))  # a kernel this version does not know
-    assert kernels.choose(SHAPES, torch.float32, str(tmp_path))["source"] == "probe"
+    assert kernels.choose(SHAPES, HEAD, torch.float32, str(tmp_path))["source"] == "probe"
     # another model's shapes get a probe of their own
-    kernels.choose([(32, 32)], torch.float32, str(tmp_path))
+    kernels.choose([(32, 32)], HEAD, torch.float32, str(tmp_path))
     assert len(list((tmp_path / "kernels").glob("*.json"))) == 2
 
 
 def test_setting_overrides_and_errors(tmp_path):
-    assert kernels.choose(SHAPES, torch.float32, str(tmp_path), "aten") == {"small": "aten", "large": "aten", "source": "setting"}
+    assert kernels.choose(SHAPES, HEAD, torch.float32, str(tmp_path), "aten") == {"small": "aten", "large": "aten", "head": "aten",
+                                                                            "source": "setting"}
     assert not (tmp_path / "kernels").exists(), "an explicit setting runs no probe"
     with pytest.raises(ValueError, match="cpu_linear 'mkl': choose one of auto, aten, onednn"):
-        kernels.choose(SHAPES, torch.float32, str(tmp_path), "mkl")
+        kernels.choose(SHAPES, HEAD, torch.float32, str(tmp_path), "mkl")
 
 
 @pytest.mark.parametrize("small,large", [("aten", "aten"), ("aten", "onednn"), ("onednn", "aten")])
