@@ -51,6 +51,7 @@ def main() -> None:
     t0 = time.perf_counter()
     engine = bench.load()
     mark("load", t0)
+    print(f"CPU tier: {engine.store.hot_cache_gb:.3f} GB", flush=True)
     t0 = time.perf_counter()
     engine.precompute()
     mark("precompute", t0)
@@ -61,7 +62,9 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": {"codec": settings.codec, "hot_cache_gb": settings.hot_cache_gb,
+                                    "memory_budget_gb": settings.memory_budget_gb,
                                     "batch_size": settings.batch_size, "corpus": settings.corpus},
+                       "cpu_tier_gb": engine.store.hot_cache_gb,
                        "cpu": cpu_model(), "phases": phases}, f, indent=1)
     bench.close()
 

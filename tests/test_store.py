@@ -190,9 +190,12 @@ def test_planner_matches_store(make_store):
 
 def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     """``hot_cache_gb = -1`` (the default) sizes the CPU tier to the corpus's entries, so a
-    server's steady-state loads never wait on the backend; bounded by a quarter of memory."""
+    server's steady-state loads never wait on the backend; bounded by a quarter of memory and
+    by what the memory budget leaves."""
     from hyperrag.corpus import load_corpus
-    from hyperrag.kv.planner import hot_tier_gb, memory_bytes, plan_corpus
+    import psutil
+
+    from hyperrag.kv.planner import WORKING_MARGIN_GB, budget_room_gb, hot_tier_gb, memory_bytes, plan_corpus
     from hyperrag.runtime import open_store
     from hyperrag.settings import Settings
 
@@ -200,9 +203,13 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     assert hot_tier_gb(1 * gib, memory=64 * gib) == pytest.approx(1.1)
     assert hot_tier_gb(10 * 2**20, memory=64 * gib) == 0.5  # small corpora keep room for uploads
     assert hot_tier_gb(100 * gib, memory=16 * gib) == 4.0  # never more than a quarter of memory
+    assert hot_tier_gb(1 * gib, memory=64 * gib, room_gb=0.4) == 0.4  # within what the budget leaves
+    assert hot_tier_gb(1 * gib, memory=64 * gib, room_gb=-0.3) == 0.0  # nothing left: no tier
+    assert budget_room_gb(3.0, resident_bytes=2 * gib) == pytest.approx(1.0 - WORKING_MARGIN_GB)
+    assert budget_room_gb(0.0) is None  # no budget
     assert 0 < memory_bytes() <= 2**60
 
-    settings = Settings.from_env(store_url=f"fs://{tmp_path / 'kv'}", codec="fp16")
+    settings = Settings.from_env(store_url=f"fs://{tmp_path / 'kv'}", codec="fp16", memory_budget_gb=0.0)
     assert settings.hot_cache_gb == -1
     texts = [d.text for d in load_corpus(settings.corpus).docs]  # the shipped corpus, ~1.2 GB in fp16
     need = plan_corpus(reranker, texts, "fp16").total_bytes / gib
@@ -210,6 +217,13 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     try:
         assert store.hot_cache_gb == pytest.approx(hot_tier_gb(need * gib)) and store.hot_cache_gb >= min(need, memory_bytes() / 4 / gib)
         assert store.describe()["cpu_tier_gb"] == store.hot_cache_gb
+    finally:
+        store.close()
+    # With a budget the tier takes what the process has not used of it (this one holds a model).
+    budget = psutil.Process().memory_info().rss / gib + WORKING_MARGIN_GB + 0.3
+    store = open_store(settings.replace(memory_budget_gb=budget), reranker, texts)
+    try:
+        assert 0.2 <= store.hot_cache_gb <= 0.3
     finally:
         store.close()
     store = open_store(settings.replace(hot_cache_gb=0.2), reranker, texts)  # a set size is kept

@@ -22,7 +22,8 @@ Functions:
 - :func:`estimate`: N documents of L tokens (or a list of token counts);
 - :func:`plan_corpus`: a real corpus, counted with the reranker's tokenizer and truncation;
 - :func:`codec_table`: :func:`estimate` for every codec, for a comparison table;
-- :func:`hot_tier_gb`: the default size of the in-process CPU tier for a corpus;
+- :func:`hot_tier_gb`, :func:`budget_room_gb`: the default size of the in-process CPU tier for a corpus
+  within the memory budget;
 - :func:`precompute_hours`: how long precompute takes at a rate, on W workers.
 
 From the command line, bytes per codec and hours per worker count for N passages:
@@ -44,6 +45,12 @@ from hyperrag.kv.frame import frame_bytes
 AUTO_TIER_MIN_GB = 0.5  # the automatic CPU tier never goes below this (room for uploaded corpora)
 AUTO_TIER_HEADROOM = 1.10  # ... and holds the corpus's entries plus 10%
 AUTO_TIER_MEMORY_SHARE = 0.25  # ... within a quarter of the memory this process may use
+# ... and within the memory budget (Settings.memory_budget_gb), less what the process holds when
+# the store opens and this margin for what comes on top at peak: the store's in-flight buffers
+# (0.09 GB), the corpus index, precomputing and one answer per mode. Measured 0.75 GB on the
+# shipped corpus (scripts/measure_memory.py on a fresh store: 1.84 GB resident at store open,
+# 3.15 GB peak with a 0.56 GB tier; AMD EPYC, 2 threads).
+WORKING_MARGIN_GB = 0.8
 # Precompute rate measured on the build machine (README "Measured": 2-core AMD EPYC, fp32
 # compute, fp16 store, fs://): 3.67 docs/s over 309 SQuAD paragraphs of 52,044 tokens in all.
 MEASURED_DOCS_PER_S = 3.67
@@ -186,14 +193,31 @@ def memory_bytes() -> int:
     return limit
 
 
-def hot_tier_gb(corpus_bytes: int, memory: int | None = None) -> float:
+def hot_tier_gb(corpus_bytes: int, memory: int | None = None, room_gb: float | None = None) -> float:
     """The automatic size of the in-process CPU tier (``hot_cache_gb = -1``): big enough to hold
     the corpus's entries, so steady-state loads never wait on the backend (a tier smaller than
     the working set serves a share and reads the rest), but at most a quarter of ``memory``
-    (default :func:`memory_bytes`), since LMCache reserves the whole tier when the store opens."""
+    (default :func:`memory_bytes`), since LMCache reserves the whole tier when the store opens,
+    and at most ``room_gb`` (what a memory budget leaves, :func:`budget_room_gb`; 0: no tier)."""
     want = max(AUTO_TIER_MIN_GB, corpus_bytes * AUTO_TIER_HEADROOM / 2**30)
     cap = (memory_bytes() if memory is None else memory) * AUTO_TIER_MEMORY_SHARE / 2**30
+    if room_gb is not None:
+        cap = min(cap, max(room_gb, 0.0))
     return round(min(want, cap), 3)
+
+
+def budget_room_gb(budget_gb: float, resident_bytes: int | None = None) -> float | None:
+    """What a memory budget leaves for the CPU tier: the budget less this process's resident
+    memory now (models and buffers loaded) and :data:`WORKING_MARGIN_GB`; None without a budget.
+    Why a budget at all: the tier trades resident memory for ~1 ms per entry read (fs:// reads
+    come from the OS page cache, which the machine can reclaim and the tier cannot)."""
+    if budget_gb <= 0:
+        return None
+    if resident_bytes is None:
+        import psutil
+
+        resident_bytes = psutil.Process().memory_info().rss
+    return budget_gb - resident_bytes / 2**30 - WORKING_MARGIN_GB
 
 
 def format_bytes(n: float) -> str:
