@@ -64,6 +64,7 @@ class Variant:
     kgroup: int = 32  # tokens per key group (per channel); <= 0: the whole document
     vgroup: int = 32  # channels per value group (per token)
     rotate: bool = False  # Hadamard on head_dim before quantising (undone after)
+    rotate_parts: tuple[int, ...] = (0, 1)  # which parts ``rotate`` applies to (the decoder ships keys only)
     pre_rope: bool = False  # keys quantised before RoPE
     keep_first: int = 0  # first document tokens kept exact
     layers: tuple[int, ...] | None = None  # quantise only these layers (None: all)
@@ -82,7 +83,8 @@ class Variant:
                 if part == 0 and self.pre_rope:
                     cos, sin = rope
                     x = unrope(x, cos[:tokens], sin[:tokens])
-                if self.rotate:
+                rotated = self.rotate and part in self.rotate_parts
+                if rotated:
                     x = x @ h
                 bits = self.layer_bits.get(layer, self.kbits if part == 0 else self.vbits)
                 if bits < 16:
@@ -90,7 +92,7 @@ class Variant:
                         x = quantise(x, bits, 1, self.kgroup, self.nf)
                     else:
                         x = quantise(x, bits, 2, self.vgroup if part else self.kgroup, self.nf)
-                if self.rotate:
+                if rotated:
                     x = x @ h.T
                 if part == 0 and self.pre_rope:
                     x = rope_apply(x, cos[:tokens], sin[:tokens])
@@ -198,6 +200,14 @@ def main() -> None:
         Variant("int4 rot, last 10 layers int8", rotate=True, layer_bits={i: 8 for i in range(20, 30)}),
         Variant("int2 rot nf k32 v32", kbits=2, vbits=2, rotate=True, nf=True),
         Variant("int2 rot k16 v16", kbits=2, vbits=2, rotate=True, kgroup=16, vgroup=16),
+    ]
+    variants += [  # the shipped int2 and int4 layouts, keys rotated (as the decoder does) or values too
+        Variant("int2 rot keys k128 v64 (shipped)", kbits=2, vbits=2, rotate=True, rotate_parts=(0,), kgroup=128, vgroup=64),
+        Variant("int2 rot k128 v64", kbits=2, vbits=2, rotate=True, kgroup=128, vgroup=64),
+        Variant("int4 rot keys k32 v32 (shipped)", rotate=True, rotate_parts=(0,)),
+        Variant("int4 rot k32 v32", rotate=True),
+        Variant("int4 rot keys k128 v64", rotate=True, rotate_parts=(0,), kgroup=128, vgroup=64),
+        Variant("int4 rot k128 v64", rotate=True, kgroup=128, vgroup=64),
     ]
     variants += [Variant(f"int4 layer {i} only", layers=(i,)) for i in range(L)]
     if args.only:
