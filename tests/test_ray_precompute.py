@@ -1,6 +1,16 @@
-"""Precompute on Ray (two actors on a local Ray of 2 CPUs) writes the single-process entries bit
-for bit into a real Redis, and a second run finds everything and encodes nothing."""
+"""Precompute on Ray (two actors on a local Ray of 2 CPUs, or on a Ray cluster started apart with
+``ray start`` and reached as a remote one through Ray Client) writes the single-process entries
+bit for bit into a real Redis, and a second run finds everything and encodes nothing."""
 from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -9,23 +19,62 @@ from tests.servers import Server, redis_server  # noqa: F401 - fixture
 ray = pytest.importorskip("ray")
 
 
-def _entries(url: str) -> dict[bytes, bytes]:
+def _entries(url: str, flush: bool = False) -> dict[bytes, bytes]:
+    """Every key and value in the Redis at ``url`` (emptied afterwards with ``flush``)."""
     import redis
 
     host, port = url.rsplit("//", 1)[1].split(":")
     client = redis.Redis(host=host, port=int(port))
     try:
-        return {key: client.get(key) for key in client.scan_iter(count=1000)}
+        entries = {key: client.get(key) for key in client.scan_iter(count=1000)}
+        if flush:
+            client.flushall()
+        return entries
     finally:
         client.close()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _ray(kind: str):
+    """``local``: a Ray started in this process (address None). ``cluster``: a head node started
+    with the ``ray`` CLI in processes of its own, as on a cluster, reached by its ``ray://``
+    address: what a user pointing precompute at a remote cluster does."""
+    if kind == "local":
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield None
+        finally:
+            ray.shutdown()
+        return
+    cli = Path(sys.executable).with_name("ray")
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    client_port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([str(cli), "start", "--head", f"--port={_free_port()}", f"--ray-client-server-port={client_port}",
+                    "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    try:
+        yield f"ray://127.0.0.1:{client_port}"
+    finally:
+        ray.shutdown()
+        subprocess.run([str(cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.mark.servers
-@pytest.mark.slow  # ~70 s on 2 busy cores: Ray start, two actors loading the model, 20 documents encoded
-def test_ray_precompute_equals_single_process(tiny_corpus_dir, cache_dir, redis_server):
+@pytest.mark.slow  # ~70 s (local) / ~90 s (cluster) on 2 busy cores: Ray start, two actors loading the model
+@pytest.mark.parametrize("kind", ["local", "cluster"])
+def test_ray_precompute_equals_single_process(kind, tiny_corpus_dir, cache_dir, redis_server):
     from hyperrag.corpus import load_corpus
     from hyperrag.precompute import precompute
-    from hyperrag.ray_precompute import _load_reranker, _open_store, precompute_ray
+    from hyperrag.ray_precompute import _open_store, precompute_ray
+    from hyperrag.runtime import load_reranker
     from hyperrag.settings import Settings
 
     texts = sorted((d.text for d in load_corpus(tiny_corpus_dir).docs), key=len)[:10]
@@ -34,7 +83,7 @@ def test_ray_precompute_equals_single_process(tiny_corpus_dir, cache_dir, redis_
     # The reference: the single-process precompute into another Redis server.
     other = Server("redis").start()
     try:
-        reranker = _load_reranker(settings)  # built as precompute's CLI builds it
+        reranker = load_reranker(settings)  # built as the Ray actors build it
         store = _open_store(settings.replace(store_url=other.url), reranker)
         try:
             single = precompute(reranker, store, texts)
@@ -45,10 +94,10 @@ def test_ray_precompute_equals_single_process(tiny_corpus_dir, cache_dir, redis_
     finally:
         other.kill()
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    _entries(redis_server.url, flush=True)  # the module's server: another kind's run may have filled it
+    with _ray(kind) as address:
         seen = []
-        first = precompute_ray(settings, texts, workers=2, progress=lambda d, t: seen.append((d, t)))
+        first = precompute_ray(settings, texts, address, workers=2, progress=lambda d, t: seen.append((d, t)))
         assert first.complete and first.encoded == len(texts) and first.skipped == 0, first
         assert first.tokens == single.tokens and first.bytes == single.bytes
         assert seen[-1] == (len(texts), len(texts))
@@ -57,13 +106,11 @@ def test_ray_precompute_equals_single_process(tiny_corpus_dir, cache_dir, redis_
         assert written.keys() == reference.keys()  # same keys ...
         assert all(written[k] == reference[k] for k in reference)  # ... and the same bytes
 
-        again = precompute_ray(settings, texts + texts[:2], workers=2)  # duplicates count once
+        again = precompute_ray(settings, texts + texts[:2], address, workers=2)  # duplicates count once
         assert again.complete and again.encoded == 0 and again.skipped == len(texts), again
         assert _entries(redis_server.url) == written
-        print(f"single process {single.seconds:.1f} s, ray first run {first.seconds:.1f} s "
+        print(f"{kind}: single process {single.seconds:.1f} s, ray first run {first.seconds:.1f} s "
               f"(encode {first.encode_seconds:.1f} s), second run {again.seconds:.1f} s")
-    finally:
-        ray.shutdown()
 
 
 def test_ray_precompute_refuses_memory_store(tiny_corpus_dir):
