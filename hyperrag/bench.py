@@ -445,10 +445,10 @@ def frontier_points(results: dict) -> list[dict]:
 
 
 def _peak_rss_gb() -> float:
-    """This process's peak resident memory so far, GB (Linux reports ``ru_maxrss`` in KiB)."""
-    import resource
+    """This process's peak resident memory so far, GB."""
+    from hyperrag.memory import peak_resident_bytes
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    return round(peak_resident_bytes() / 2**30, 3)
 
 
 def machine_info(engine) -> dict:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import resource
 import sys
 import time
 
@@ -25,19 +23,7 @@ import faiss
 import numpy as np
 
 from hyperrag import retrieval
-
-
-def _rss() -> int:
-    """Resident bytes now (Linux /proc; 0 where unknown)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+from hyperrag.memory import peak_resident_bytes, resident_bytes
 
 
 def synthetic(n: int, dim: int, seed: int = 0, queries: int = 0, clusters: int | None = None,
@@ -67,11 +53,11 @@ def synthetic(n: int, dim: int, seed: int = 0, queries: int = 0, clusters: int |
 
 def _measure(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[dict, np.ndarray]:
     gc.collect()
-    rss0 = _rss()
+    rss0 = resident_bytes()
     t0 = time.perf_counter()
     index.add(vectors)
     build = time.perf_counter() - t0
-    grown = _rss() - rss0
+    grown = resident_bytes() - rss0
     index.search(queries[:5], k)  # warm up
     times, rows = [], np.empty((len(queries), k), dtype=np.int64)
     for i, q in enumerate(queries):  # one question at a time, like the engine
@@ -81,7 +67,7 @@ def _measure(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: in
         rows[i] = r[0]
     ms = np.array(times) * 1e3
     return {"build_s": round(build, 3), "index_bytes": int(faiss.serialize_index(index).nbytes),
-            "rss_growth_bytes": int(max(grown, 0)), "peak_rss_bytes": _peak_rss(),
+            "rss_growth_bytes": int(max(grown, 0)), "peak_rss_bytes": peak_resident_bytes(),
             "query_ms_p50": round(float(np.percentile(ms, 50)), 4),
             "query_ms_p95": round(float(np.percentile(ms, 95)), 4)}, rows
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import time
 
-import psutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -26,6 +24,7 @@ def gb(n: float) -> float:
 
 def main() -> None:
     from hyperrag.kernels import cpu_model
+    from hyperrag.memory import peak_resident_bytes, resident_bytes
     from hyperrag.settings import Settings
     from hyperrag.workbench import AppConfig, Workbench
 
@@ -34,12 +33,10 @@ def main() -> None:
     ap.add_argument("--modes", default="retrieval,baseline,reuse,reader_kv")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    proc = psutil.Process()
     phases: list[dict] = []
 
     def mark(phase: str, t0: float) -> None:
-        row = {"phase": phase, "rss_gb": gb(proc.memory_info().rss),
-               "peak_rss_gb": gb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+        row = {"phase": phase, "rss_gb": gb(resident_bytes()), "peak_rss_gb": gb(peak_resident_bytes()),
                "seconds": round(time.perf_counter() - t0, 2)}
         phases.append(row)
         print(f"{phase:<22} RSS {row['rss_gb']:6.3f} GB   peak {row['peak_rss_gb']:6.3f} GB   {row['seconds']:7.2f} s", flush=True)

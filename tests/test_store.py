@@ -193,9 +193,8 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     server's steady-state loads never wait on the backend; bounded by a quarter of memory and
     by what the memory budget leaves."""
     from hyperrag.corpus import load_corpus
-    import psutil
-
     from hyperrag.kv.planner import WORKING_MARGIN_GB, budget_room_gb, hot_tier_gb, memory_bytes, plan_corpus
+    from hyperrag.memory import resident_bytes
     from hyperrag.runtime import open_store
     from hyperrag.settings import Settings
 
@@ -220,7 +219,7 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     finally:
         store.close()
     # With a budget the tier takes what the process has not used of it (this one holds a model).
-    budget = psutil.Process().memory_info().rss / gib + WORKING_MARGIN_GB + 0.3
+    budget = resident_bytes() / gib + WORKING_MARGIN_GB + 0.3
     store = open_store(settings.replace(memory_budget_gb=budget), reranker, texts)
     try:
         assert 0.2 <= store.hot_cache_gb <= 0.3

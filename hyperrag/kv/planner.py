@@ -214,9 +214,9 @@ def budget_room_gb(budget_gb: float, resident_bytes: int | None = None) -> float
     if budget_gb <= 0:
         return None
     if resident_bytes is None:
-        import psutil
+        from hyperrag.memory import resident_bytes as now
 
-        resident_bytes = psutil.Process().memory_info().rss
+        resident_bytes = now()
     return budget_gb - resident_bytes / 2**30 - WORKING_MARGIN_GB
 
 
