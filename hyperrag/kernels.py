@@ -14,7 +14,7 @@ the model's own projection shapes at the two sizes that matter, each as it runs 
   tokens), all threads. It reads a 113 MB matrix (SmolLM2-135M, fp32) for a few dozen rows: on
   the AMD EPYC machine oneDNN took 7-8 ms where MKL's sgemm took 20-35 ms, a sixth of reading time.
 
-Each size gets the faster path by median over interleaved repeats (calls below
+Each size gets the faster path by its best time over interleaved repeats (calls below
 :data:`~hyperrag.rowsplit.SMALL_STREAM_TOKENS` tokens use the small choice). The choice and its
 figures are cached per CPU model, torch version, thread count, dtype and projection shapes in
 ``<cache_dir>/kernels/``; ``Settings.cpu_linear`` (``HYPERRAG_CPU_LINEAR``) overrides it.
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -98,7 +97,7 @@ def probe(shapes: list[tuple[int, int]], head: tuple[int, int], dtype: torch.dty
                             times[name].append((time.perf_counter() - t0) * 1e3)
             finally:
                 torch.set_num_threads(threads)
-            figures[size] = {name: round(statistics.median(t), 3) for name, t in times.items()}
+            figures[size] = {name: round(best_time(t), 3) for name, t in times.items()}
     return figures
 
 
@@ -121,15 +120,30 @@ def cache_file(cache_dir: str, kind: str, dtype: torch.dtype, dims: str) -> Path
     return Path(cache_dir).expanduser() / "kernels" / f"{kind}-{slug.strip('-')}.json"
 
 
-def machine_busy() -> bool:
-    """Whether other work keeps this machine's CPUs busy (1-minute load average at or above
-    three quarters of the CPUs this process may use): a timing taken then says little about
-    the machine, and cached it would steer every later start (a probe run beside a training job
-    once picked two threads per stream where one is faster on a quiet machine)."""
+def best_time(times: list[float]) -> float:
+    """A probe's figure for one choice: its fastest repeat. Why not the median: other work can only
+    make a repeat slower, never faster, and on 2 cores one interrupted repeat of three moves the
+    median (a fresh machine once cached 2 threads per reuse stream, 653 vs 785 ms, where quiet
+    re-probes gave 1 thread, 639 vs 669 ms)."""
+    return min(times)
+
+
+def machine_busy(sample_s: float = 0.25) -> bool:
+    """Whether other work keeps this machine's CPUs busy: the 1-minute load average at or above
+    three quarters of the CPUs this process may use, or the CPUs at least half busy over a short
+    sample (the load average lags work that just started or stopped by a minute). A timing taken
+    then says little about the machine, and cached it would steer every later start (a probe run
+    beside a training job once picked two threads per stream where one is faster on a quiet
+    machine)."""
     try:
-        return os.getloadavg()[0] >= 0.75 * len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
+        if os.getloadavg()[0] >= 0.75 * cpus:
+            return True
     except (OSError, AttributeError):
-        return False
+        pass
+    import psutil
+
+    return psutil.cpu_percent(interval=sample_s) >= 50.0
 
 
 _UNCACHED: dict[Path, dict] = {}  # probes taken on a busy machine: kept for this process only

@@ -12,7 +12,6 @@ difference of the two LM-head rows. All modes score identically up to float roun
 """
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -143,7 +142,7 @@ class Reranker:
         self.layout = StaticLayout(self.decoder, self.prefix_kv, batch_size, self.max_doc_len, max_query)
 
     # -- machine ------------------------------------------------------------------------------
-    def tune_streams(self, cache_dir: str, setting: int = 0, repeats: int = 3) -> dict:
+    def tune_streams(self, cache_dir: str, setting: int = 0, repeats: int = 5) -> dict:
         """How many OpenMP threads a small (KV-reuse) row stream gets here: ``setting`` when > 0,
         else one or all of torch's threads, whichever ran a reuse-shaped batch (every row a
         200-token document and a 20-token question) faster on this machine, timed once and
@@ -161,7 +160,7 @@ class Reranker:
                         self._reuse_shaped_batch(n)
                         if rep:
                             times[n].append((time.perf_counter() - t0) * 1e3)
-            figures = {str(n): round(statistics.median(t), 2) for n, t in times.items()}
+            figures = {str(n): round(kernels.best_time(t), 2) for n, t in times.items()}
             return {"small_stream_threads": int(min(figures, key=figures.get)), "figures_ms": figures}
 
         if self.rows.size == 1:
