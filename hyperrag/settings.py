@@ -70,7 +70,7 @@ class Settings:
     )
     cpu_linear: str = field(
         default="auto",
-        metadata={"help": "CPU kernel for the model's projections: auto = timed on this machine at first start "
+        metadata={"help": "CPU kernel for the model's projections and output head: auto = timed on this machine at first start "
                           "and cached per CPU model (hyperrag.kernels), aten (F.linear / MKL) or onednn"},
     )
     cpu_stream_threads: int = field(
