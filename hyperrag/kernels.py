@@ -75,8 +75,8 @@ def onednn_works(dtype: torch.dtype) -> bool:
 
 def probe(shapes: list[tuple[int, int]], head: tuple[int, int], dtype: torch.dtype,
           repeats: int = REPEATS) -> dict[str, dict[str, float]]:
-    """Median ms per size and path for one call of each layer projection shape ``(in, out)``
-    (the ``head`` size: of the output head's shape)."""
+    """Best ms (:func:`best_time`) per size and path for one call of each layer projection shape
+    ``(in, out)`` (the ``head`` size: of the output head's shape)."""
     paths = {k: v for k, v in PATHS.items() if k == "aten" or onednn_works(dtype)}
     layer = [torch.nn.Linear(i, o, bias=False).to(dtype) for i, o in shapes]
     threads = torch.get_num_threads()
