@@ -64,8 +64,7 @@ class Decoder:
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size = cfg.hidden_size
-        self.lm_head = model.lm_head.weight  # [vocab, hidden]
-        self.head = model.lm_head
+        self.head = model.lm_head  # weight [vocab, hidden]
         self.eps = cfg.rms_norm_eps
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype

@@ -127,7 +127,7 @@ class Reranker:
         # On CPU a batch's rows run as concurrent streams (see rowsplit); one stream on GPU.
         self.rows = row_streams(streams if self.decoder.device.type == "cpu" else 1)
         self.stream_choice = {"small_stream_threads": self.rows.small_threads, "source": "not measured"}
-        head = self.decoder.lm_head
+        head = self.decoder.head.weight
         self.score_vec = (head[self.prompt.yes_id] - head[self.prompt.no_id]).float()
         self.lock = threading.Lock()  # one batch at a time (the reader takes it too)
         self.prefix_len = len(self.prompt.prefix_ids)

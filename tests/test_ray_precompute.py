@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import Server, redis_server  # noqa: F401 - fixture
+from tests.servers import Server, free_port, redis_server  # noqa: F401 - fixture
 
 ray = pytest.importorskip("ray")
 
@@ -34,12 +33,6 @@ def _entries(url: str, flush: bool = False) -> dict[bytes, bytes]:
         client.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _ray(kind: str):
     """``local``: a Ray started in this process (address None). ``cluster``: a head node started
@@ -54,9 +47,9 @@ def _ray(kind: str):
         return
     cli = Path(sys.executable).with_name("ray")
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    client_port = _free_port()
+    client_port = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run([str(cli), "start", "--head", f"--port={_free_port()}", f"--ray-client-server-port={client_port}",
+    subprocess.run([str(cli), "start", "--head", f"--port={free_port()}", f"--ray-client-server-port={client_port}",
                     "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
     try:
