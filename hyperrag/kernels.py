@@ -17,7 +17,8 @@ the model's own projection shapes at the two sizes that matter, each as it runs 
 Each size gets the faster path by its best time over interleaved repeats (calls below
 :data:`~hyperrag.rowsplit.SMALL_STREAM_TOKENS` tokens use the small choice). The choice and its
 figures are cached per CPU model, torch version, thread count, dtype and projection shapes in
-``<cache_dir>/kernels/``; ``Settings.cpu_linear`` (``HYPERRAG_CPU_LINEAR``) overrides it.
+``<cache_dir>/kernels/``, for good once probes at two starts agree (:func:`measured`);
+``Settings.cpu_linear`` (``HYPERRAG_CPU_LINEAR``) overrides it.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -146,34 +148,59 @@ def machine_busy(sample_s: float = 0.25) -> bool:
     return psutil.cpu_percent(interval=sample_s) >= 50.0
 
 
-_UNCACHED: dict[Path, dict] = {}  # probes taken on a busy machine: kept for this process only
+CONFIRMING_PROBES = 2  # a choice is cached for good once this many probes, each at its own start, agree
+KEPT_PROBES = 5  # probes a pending choice remembers (binary choices agree within three)
+_THIS_PROCESS: dict[Path, dict] = {}  # what this process measured: one probe per start
+
+
+def agreed(probes: list[dict]) -> dict | None:
+    """Per choice key the value that :data:`CONFIRMING_PROBES` of ``probes`` chose, or None while
+    some key has no such value (``figures_ms`` is not a choice)."""
+    choice = {}
+    for key in (k for k in probes[-1] if k != "figures_ms"):
+        value, votes = Counter(p.get(key) for p in probes).most_common(1)[0]
+        if votes < CONFIRMING_PROBES:
+            return None
+        choice[key] = value
+    return choice
 
 
 def measured(path: Path, valid: Callable[[dict], bool], measure: Callable[[], dict]) -> dict:
-    """The choice cached at ``path`` when ``valid``, else ``measure()`` (then cached), with its
+    """The choice cached at ``path`` when confirmed and ``valid``, else ``measure()``, with its
     ``source``. Why cached: a probe costs seconds at every start, and the machine does not change.
-    A probe taken while the machine is busy (:func:`machine_busy`) is used by this process only
-    and taken again at the next start."""
+    Why confirmed: one probe can be wrong for a whole start, not just a repeat (twice a fresh
+    machine's first start cached two threads per reuse stream, 587 vs 427 ms, where every later
+    start measured one thread faster, 294-351 vs 320-374 ms). So each start, until
+    :data:`CONFIRMING_PROBES` probes agree, probes once and adds its result to the file; the
+    choice is then cached for good. A probe taken while the machine is busy
+    (:func:`machine_busy`) is used by its own start only and not counted."""
     try:
         cached = json.loads(path.read_text())
-        if valid(cached):
-            return {**cached, "source": f"cached probe ({path})"}
     except (OSError, ValueError):
-        pass
-    if path in _UNCACHED:
-        return _UNCACHED[path]
+        cached = {}
+    if cached.get("confirmed") and valid(cached):
+        return {**cached, "source": f"cached probe ({path})"}
+    if path in _THIS_PROCESS:
+        return _THIS_PROCESS[path]
     busy = machine_busy()
-    result = {**measure(), "cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    log.info("probe %s: %s", path.name, result)
+    probe = measure()
+    meta = {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    log.info("probe %s: %s", path.name, probe)
     if busy or machine_busy():
-        _UNCACHED[path] = {**result, "source": "probe on a busy machine (not cached: measured again next start)"}
-        return _UNCACHED[path]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-    except OSError as err:  # a read-only cache folder costs a probe per start, nothing more
-        log.warning("could not cache the probe in %s: %s", path, err)
-    return {**result, "source": "probe"}
+        result = {**probe, **meta, "source": "probe on a busy machine (not cached: measured again next start)"}
+    else:
+        probes = [p for p in cached.get("probes", []) if valid(p)][-(KEPT_PROBES - 1):] + [probe]
+        choice = agreed(probes)
+        record = {**probe, **(choice or {}), **meta, "confirmed": choice is not None, "probes": probes}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=1))
+        except OSError as err:  # a read-only cache folder costs a probe per start, nothing more
+            log.warning("could not cache the probe in %s: %s", path, err)
+        result = {**record, "source": f"probe {len(probes)}, " + (
+            "agreeing with an earlier one: cached" if choice else "cached once a later start's probe agrees")}
+    _THIS_PROCESS[path] = result
+    return result
 
 
 def choose(shapes: list[tuple[int, int]], head: tuple[int, int], dtype: torch.dtype, cache_dir: str,

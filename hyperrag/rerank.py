@@ -145,8 +145,8 @@ class Reranker:
     def tune_streams(self, cache_dir: str, setting: int = 0, repeats: int = 5) -> dict:
         """How many OpenMP threads a small (KV-reuse) row stream gets here: ``setting`` when > 0,
         else one or all of torch's threads, whichever ran a reuse-shaped batch (every row a
-        200-token document and a 20-token question) faster on this machine, timed once and
-        cached (:func:`hyperrag.kernels.measured`). One thread won on the AMD EPYC the README's
+        200-token document and a 20-token question) faster on this machine, timed once per start
+        until two starts agree, then cached (:func:`hyperrag.kernels.measured`). One thread won on the AMD EPYC the README's
         figures come from; nothing says it does on another CPU."""
         every = torch.get_num_threads()
         choices = sorted({1, every})
