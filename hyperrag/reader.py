@@ -13,6 +13,10 @@ the candidate with the best ``ranking score + selection_weight x answer log-like
 step only tokens that continue some span of the document's tokens (or the end token, once the
 answer is not empty) may be chosen. SQuAD answers are spans, so this removes paraphrase and
 restatement; the log-likelihood is the model's own, unconstrained probability of the tokens.
+Greedy is kept over a beam of first tokens: span-decoded rows started from each of the 4
+likeliest first tokens, continued greedily and picked by log-likelihood, read the gold paragraph
+alone (300 questions of 10 held-out SQuAD train articles, shipped adapter) at F1 0.543 / EM 0.370
+for the best of 2 and 0.538 / 0.367 for 4, against greedy's 0.534 / 0.377, at up to 4x the rows.
 
 ``mode="full"`` computes the documents' KV instead of loading it (``reader_full``: what a
 system without a KV store pays); the answers are the same up to float rounding.
