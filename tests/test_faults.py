@@ -10,10 +10,12 @@
   cleanly;
 - a precompute process killed midway: the rerun completes, replaces a damaged entry, and no
   half-written file is read as an entry;
-- the retry queue is bounded: overflow is dropped, counted and reported.
+- the retry queue is bounded: overflow is dropped, counted and reported;
+- a CPU tier with no room for a read: a miss, and the stored entry is kept.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -451,6 +453,31 @@ def test_killed_precompute_resumes(tmp_path, reranker, tiny_corpus_dir, cache_di
 # -- bounded retry queue ------------------------------------------------------------------------
 
 @pytest.mark.servers
+def test_a_full_cpu_tier_is_a_miss_not_a_bad_entry(tmp_path, batch, make_store, monkeypatch):
+    """When every object in the CPU tier is in use, LMCache cannot give a read the memory it needs
+    and its fs:// connector returns nothing, as for an unreadable file: the load is a miss, and
+    the entry stays stored (it once would have been deleted as damaged) and loads once there is room."""
+    _, docs, kvs, _ = batch
+    url = f"fs://{tmp_path / 'kv'}"
+    writer = make_store(url, hot_cache_gb=0)
+    writer.put(docs[0], kvs[docs[0]])
+    assert writer.flush(10)
+    path = entry_file(writer, docs[0])
+    reader = make_store(url, hot_cache_gb=0)
+    out = torch.empty_like(kvs[docs[0]])
+    with monkeypatch.context() as m:  # the tier refuses, as one full of objects in use does
+        m.setattr(type(reader._cpu), "allocate", lambda self, *args, **kwargs: None)
+        assert not reader.load_into(docs[0], out)
+    assert path.exists() and reader.stats.corrupt == 0 and reader.stats.misses == 1
+    assert reader.take_warnings() == []
+    assert reader.load_into(docs[0], out) and torch.allclose(out, kvs[docs[0]], atol=1e-2, rtol=1e-2)
+    # LMCache's own warning for a full tier (it evicts right after) is not shown to users
+    lm_log = logging.getLogger("lmcache.v1.memory_management")
+    notice = "Failed to allocate memory block of size %d because no memory is available"
+    assert not lm_log.filter(lm_log.makeRecord(lm_log.name, logging.WARNING, "", 0, notice, (5,), None))
+    assert lm_log.filter(lm_log.makeRecord(lm_log.name, logging.WARNING, "", 0, "another warning", (), None))
+
+
 def test_retry_queue_is_bounded(make_store):
     server = Server("redis", free_port())
     store = make_store(server.url, retry_queue_mb=3)

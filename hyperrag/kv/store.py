@@ -50,6 +50,18 @@ os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
 
 log = logging.getLogger("hyperrag.store")
+
+
+class _FullTierNotice(logging.Filter):
+    """Drops LMCache's "Failed to allocate memory block" warning: LMCache logs it whenever the CPU
+    tier is full and then evicts its oldest entry, which is the normal state of a tier the memory
+    budget sized below the corpus (the app logged it on most questions)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to allocate memory block")
+
+
+logging.getLogger("lmcache.v1.memory_management").addFilter(_FullTierNotice())
 READ_WINDOW = 4  # backend reads in flight while a batch of entries is checked and decoded
 STALE_TMP_S = 600  # fs://: leftover ``*.tmp`` files of killed writers older than this are removed
 T = TypeVar("T")
@@ -113,6 +125,7 @@ class KVStore:
         self._retry_limit = int(retry_queue_mb * 2**20)
         self._inflight_limit = int(max_inflight_mb * 2**20)
         self._closed = False
+        self._tier_refusals = 0  # reads the CPU tier had no room for (every object in it in use)
         self._wake = threading.Event()
         self._prober: threading.Thread | None = None
         if self.scheme != "memory":
@@ -168,7 +181,7 @@ class KVStore:
         self._drop_connection()
 
         def create():
-            guarded = _GuardedAllocator(self._cpu, self._capacity)
+            guarded = _GuardedAllocator(self._cpu, self._capacity, self._tier_refused)
             conn = CreateConnector(self._remote_url, self._loop, guarded, self._config, self._metadata)
             return conn.getWrappedConnector() if hasattr(conn, "getWrappedConnector") else conn
 
@@ -481,14 +494,21 @@ class KVStore:
 
     def _read_again(self, address: str):
         """After a get found nothing: the entry may have been written by another process just
-        now, or be there but unreadable (short file, bad metadata); a second read tells which."""
+        now, be there but unreadable (short file, bad metadata), or the CPU tier may have had no
+        room to read it into; a second read tells which. Only an unreadable entry is evicted: one
+        that found no room is a miss this time and stays stored."""
         key = self._key(address)
         if not self._call("exists", lambda c: c.exists(key)):
             return None
+        refusals = self._tier_refusals
         obj = self._call("get", lambda c: c.get(key))
-        if obj is None:
+        if obj is None and self._tier_refusals == refusals:
             self._evict(address, "unreadable entry (truncated or damaged)")
         return obj
+
+    def _tier_refused(self) -> None:
+        with self._lock:
+            self._tier_refusals += 1
 
     def load_into(self, text: str, out: torch.Tensor) -> bool:
         """Decode a stored document KV into ``out``; False on a miss, a bad entry or a down store."""
@@ -675,11 +695,12 @@ class _GuardedAllocator:
     read from the size in the stored metadata, and ``LocalCPUBackend.allocate`` retries forever
     (a busy loop on the event loop thread) when the size cannot fit. A damaged or foreign entry
     could ask for anything: here a size beyond the tier is refused at once and a full tier
-    returns None (a miss) instead of waiting."""
+    returns None (a miss, reported to ``refused``) instead of waiting."""
 
-    def __init__(self, backend, capacity: int):
+    def __init__(self, backend, capacity: int, refused: Callable[[], None]):
         self._backend = backend
         self._capacity = capacity
+        self._refused = refused
 
     def __getattr__(self, name: str):
         return getattr(self._backend, name)
@@ -695,7 +716,10 @@ class _GuardedAllocator:
             size += n * torch.empty((), dtype=dtype).element_size()
         if not 0 < size <= self._capacity:
             raise ValueError(f"stored metadata asks for {size} bytes (CPU tier: {self._capacity})")
-        return self._backend.allocate(shapes, dtypes, fmt, eviction=eviction, busy_loop=False)
+        obj = self._backend.allocate(shapes, dtypes, fmt, eviction=eviction, busy_loop=False)
+        if obj is None:
+            self._refused()
+        return obj
 
 
 def _release_result(future: cf.Future) -> None:
