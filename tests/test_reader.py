@@ -45,7 +45,7 @@ def hf_greedy(llm, ids: list[int], steps: int, stop: set[int]) -> tuple[list[int
 
 def test_reading_stored_kv_equals_full_prompt(llm, reranker, docs_and_question):
     docs, question = docs_and_question
-    reader = Reader(reranker, max_rows=4, max_new_tokens=6, span=False)
+    reader = Reader(reranker, max_rows=4, max_new_tokens=6, span=False, prune=False)  # every row to its end
     source = LocalKV()
     for text, kv in zip(docs, reranker.encode_docs(docs)):
         source.put(text, kv)
@@ -118,7 +118,7 @@ def test_questions_read_together_as_alone(reranker, docs_and_question):
     """The reader's rows of several questions (different question lengths, so padded query
     columns) decode together to the answers each question gets alone."""
     docs, question = docs_and_question
-    reader = Reader(reranker, max_rows=3, max_new_tokens=6, span=True)
+    reader = Reader(reranker, max_rows=3, max_new_tokens=6, span=True, prune=False)  # every row to its end
     source = LocalKV()
     requests = [(question, docs, [0.0, 1.0, 2.0]),
                 ("When did the Normans first reach Italy, and who led them there?", docs[1:], [1.0, 0.0]),
@@ -163,7 +163,7 @@ def test_drafted_decoding_equals_one_token_steps(tiny_engine, span):
     reranker.decoder.forward_groups = counted
     try:
         for k in (0, 8):
-            reader = Reader(reranker, max_rows=3, max_new_tokens=12, span=span, draft_tokens=k)
+            reader = Reader(reranker, max_rows=3, max_new_tokens=12, span=span, draft_tokens=k, prune=False)
             calls["n"] = 0
             readings[k] = [reader.read(q, ds, sc, "kv", engine.runtime.store) for q, ds, sc in requests]
             forwards[k] = calls["n"]
@@ -175,3 +175,31 @@ def test_drafted_decoding_equals_one_token_steps(tiny_engine, span):
             assert abs(a.logprob - b.logprob) <= FP32_SCORE_BOUND * (a.tokens + 1)
     assert sum(c.tokens > 1 for r in readings[0] for c in r.candidates) >= 3  # answers long enough to draft
     assert forwards[8] < forwards[0], forwards
+
+
+@pytest.mark.parametrize("span", [False, True])
+def test_pruning_stops_rows_that_cannot_win_and_keeps_the_answer(tiny_engine, span):
+    """A row whose ranking score + w x log-likelihood so far is below a finished answer's can
+    never be chosen (the value only falls as it decodes): it stops, and the reading's answer,
+    document and log-likelihood are those of decoding every row to its end."""
+    engine = tiny_engine
+    reranker = engine.runtime.reranker
+    questions = [q for q in engine.corpus.queries if q.doc_ids][:4]
+    requests = [(q.question, [engine.corpus.by_id[d].text for d, _ in engine.retrieve(q.question, 3)]) for q in questions]
+    source = engine.runtime.store
+    stopped = 0
+    for weight in (0.0, 1.0, 4.0):
+        whole = Reader(reranker, max_rows=3, max_new_tokens=12, span=span, selection_weight=weight, prune=False)
+        pruning = Reader(reranker, max_rows=3, max_new_tokens=12, span=span, selection_weight=weight)
+        for q, docs in requests:
+            scores = [2.0, 1.0, 0.0]
+            a, b = whole.read(q, docs, scores, "kv", source), pruning.read(q, docs, scores, "kv", source)
+            assert (b.answer, b.doc, b.start, b.end) == (a.answer, a.doc, a.start, a.end), (weight, q)
+            chosen = next(c for c in b.candidates if c.doc == b.doc)
+            assert not chosen.pruned and abs(chosen.logprob - a.candidates[a.doc].logprob) <= FP32_SCORE_BOUND * (chosen.tokens + 1)
+            for cut, full in zip(b.candidates, a.candidates):
+                assert cut.pruned or cut.text == full.text
+                stopped += cut.pruned
+                if cut.pruned:  # stopped early (at the latest before its end token): valued at least as high
+                    assert cut.tokens <= full.tokens and cut.logprob >= full.logprob - FP32_SCORE_BOUND * (full.tokens + 1)
+    assert stopped, "no row was pruned: the test did not exercise pruning"
