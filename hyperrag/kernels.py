@@ -172,9 +172,9 @@ def measured(path: Path, valid: Callable[[dict], bool], measure: Callable[[], di
     AMD EPYC, two bench starts cached two threads per reuse stream (best of five: 587 vs 427 ms,
     540 vs 408 ms) where nine other starts measured one thread faster (294-351 vs 320-374 ms) and
     one thread won 91% of 388 back-to-back pairs in one process (mean 367 vs 407 ms): slow spells
-    of a few seconds hit single-threaded streams (no hypervisor steal above 4% during them). So each start, until
-    :data:`CONFIRMING_PROBES` probes agree, probes once and adds its result to the file; the
-    choice is then cached for good. A probe taken while the machine is busy
+    of a few seconds hit single-threaded streams (no hypervisor steal above 4% during them). So
+    each start, until :data:`CONFIRMING_PROBES` probes agree, probes once and adds its result to
+    the file; the choice is then cached for good. A probe taken while the machine is busy
     (:func:`machine_busy`) is used by its own start only and not counted."""
     try:
         cached = json.loads(path.read_text())

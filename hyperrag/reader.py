@@ -142,7 +142,7 @@ class Reader:
             query = self.prompt.read_query(question).ids
             rows += [QueryRow(r, i, d, query) for i, d in enumerate(list(docs)[: self.max_rows])]
         load_s = compute_s = 0.0
-        scores = [list(rank_scores) for _, _, rank_scores in requests]
+        scores = [rank_scores for _, _, rank_scores in requests]
         best = [float("-inf")] * len(requests)  # per request: the best finished candidate's value so far
         with self._lock:
             for batch in query_batches(rows, self.reranker.doc_tokens, self.layout.max_batch):
@@ -160,7 +160,7 @@ class Reader:
         return readings
 
     def _read(self, rows: list[QueryRow], mode: str, source: DocKVSource | None, readings: list[Reading],
-              scores: list[list[float]], best: list[float]) -> tuple[float, float]:
+              scores: list[Sequence[float]], best: list[float]) -> tuple[float, float]:
         """One batch of rows (ascending document length): their candidates go to their
         requests' readings (``scores``: their ranking scores; ``best``: see :meth:`_decode`).
         Returns (seconds loading KV, seconds computing)."""
