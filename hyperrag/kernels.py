@@ -52,15 +52,26 @@ def _onednn(x: torch.Tensor, proj: torch.nn.Linear) -> torch.Tensor:
 PATHS: dict[str, Linear] = {"aten": _aten, "onednn": _onednn}
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), e.g. "AMD EPYC 7B13"; "unknown" elsewhere."""
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name with its family and model numbers (``/proc/cpuinfo``), e.g.
+    "AMD EPYC (family 26, model 2)"; "unknown" elsewhere. Why the numbers: cloud VMs often name
+    only the brand, and two EPYC generations this project ran on were both "AMD EPYC", with
+    kernel and stream timings twice apart: a choice cached for one must not steer the other."""
+    fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:  # the first processor's block is enough
+                break
     except OSError:
         pass
-    return "unknown"
+    name = fields.get("model name", "unknown")
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def onednn_works(dtype: torch.dtype) -> bool:

@@ -97,8 +97,15 @@ def test_dispatch_computes_the_same_projection(small, large):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_model_is_named():
+def test_cpu_model_is_named(tmp_path):
     assert kernels.cpu_model() and "\n" not in kernels.cpu_model()
+    info = tmp_path / "cpuinfo"
+    block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {f}\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\n"
+    info.write_text(block.format(n=0, f=26) + block.format(n=1, f=25))
+    assert kernels.cpu_model(info) == "AMD EPYC (family 26, model 2)", "two EPYC generations must not share a name"
+    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nmodel name\t: ARMv8 Processor\n")  # no family on ARM
+    assert kernels.cpu_model(info) == "ARMv8 Processor"
+    assert kernels.cpu_model(tmp_path / "missing") == "unknown"
 
 
 def test_a_probe_on_a_busy_machine_is_not_cached(tmp_path, monkeypatch):
