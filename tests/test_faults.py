@@ -450,9 +450,8 @@ def test_killed_precompute_resumes(tmp_path, reranker, tiny_corpus_dir, cache_di
     assert store.stats.corrupt == 0
 
 
-# -- bounded retry queue ------------------------------------------------------------------------
+# -- a full CPU tier -----------------------------------------------------------------------------
 
-@pytest.mark.servers
 def test_a_full_cpu_tier_is_a_miss_not_a_bad_entry(tmp_path, batch, make_store, monkeypatch):
     """When every object in the CPU tier is in use, LMCache cannot give a read the memory it needs
     and its fs:// connector returns nothing, as for an unreadable file: the load is a miss, and
@@ -478,6 +477,9 @@ def test_a_full_cpu_tier_is_a_miss_not_a_bad_entry(tmp_path, batch, make_store, 
     assert lm_log.filter(lm_log.makeRecord(lm_log.name, logging.WARNING, "", 0, "another warning", (), None))
 
 
+# -- bounded retry queue ------------------------------------------------------------------------
+
+@pytest.mark.servers
 def test_retry_queue_is_bounded(make_store):
     server = Server("redis", free_port())
     store = make_store(server.url, retry_queue_mb=3)
