@@ -62,12 +62,18 @@ class Reading:
     warnings: list[str] = field(default_factory=list)
 
 
+def selection_value(rank_score: float, logprob: float, weight: float) -> float:
+    """What the answer is chosen by: ranking score + ``weight`` x answer log-likelihood (the
+    weight is tuned on SQuAD train)."""
+    return rank_score + weight * logprob
+
+
 def select(candidates: Sequence[Candidate], rank_scores: Sequence[float], weight: float) -> int:
-    """Index of the chosen candidate: ranking score + ``weight`` x answer log-likelihood (the
-    weight is tuned on SQuAD train); empty answers are never chosen while another exists."""
+    """Index of the candidate with the best :func:`selection_value`; empty answers are never
+    chosen while another exists."""
     best, best_value = -1, float("-inf")
     for i, c in enumerate(candidates):
-        value = rank_scores[c.doc] + weight * c.logprob - (1e9 if not c.text else 0.0)
+        value = selection_value(rank_scores[c.doc], c.logprob, weight) - (1e9 if not c.text else 0.0)
         if value > best_value:
             best, best_value = i, value
     return best
@@ -249,8 +255,8 @@ class Reader:
             if self.prune and w >= 0:
                 for r in fed:
                     if r not in going and answers[r]:
-                        best[rows[r].request] = max(best[rows[r].request], rank[r] + w * logprob[r])
-                for r in [r for r in going if rank[r] + w * logprob[r] < best[rows[r].request]]:
+                        best[rows[r].request] = max(best[rows[r].request], selection_value(rank[r], logprob[r], w))
+                for r in [r for r in going if selection_value(rank[r], logprob[r], w) < best[rows[r].request]]:
                     del going[r]
                     pruned[r] = True
             if not going:

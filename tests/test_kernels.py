@@ -47,9 +47,9 @@ def test_probe_chooses_the_faster_path_per_size_and_keeps_it(tmp_path, monkeypat
 
 
 def test_a_choice_is_cached_for_good_once_two_starts_agree(tmp_path, monkeypatch):
-    """One start's probe can be wrong throughout (a fresh machine's first start once measured
-    one thread per stream 40% slower than every later start did): a choice is final only when
-    probes at two starts agree, per key, and until then each start probes once."""
+    """One start's probe can be wrong throughout (two bench starts measured one thread per
+    stream 25-40% slower than two, where nine other starts measured it faster): a choice is final
+    only when probes at two starts agree, per key, and until then each start probes once."""
     monkeypatch.setattr(kernels, "machine_busy", lambda: False)
     results = iter([{"small": "aten", "large": "aten"}, {"small": "onednn", "large": "aten"},
                     {"small": "onednn", "large": "onednn"}])
