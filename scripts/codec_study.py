@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,41 @@ def quantise(x: torch.Tensor, bits: int, dim: int, group: int, nf: bool = False)
     return (q * scale + lo).flatten(-2)[..., :n].movedim(-1, dim)
 
 
+def rope_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``[heads, T, D]`` -> ``[heads * D/2, T, 2]``: channels ``i`` and ``i + D/2``, the pairs RoPE rotates together."""
+    a, b = x.chunk(2, -1)
+    return torch.stack([a, b], -1).transpose(1, 2).flatten(0, 1)
+
+
+def pair_quantise(x: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+    """Each RoPE channel pair of ``x`` [heads, T, D] replaced by its nearest centroid of ``books``."""
+    heads, tokens, d = x.shape
+    p = rope_pairs(x)
+    q = torch.gather(books, 1, torch.cdist(p, books).argmin(-1)[..., None].expand(-1, -1, 2))
+    q = q.view(heads, d // 2, tokens, 2).transpose(1, 2)
+    return torch.cat([q[..., 0], q[..., 1]], -1)
+
+
+def fit_pair_codebooks(kvs: list[torch.Tensor], bits: int, iters: int = 12, seed: int = 0) -> torch.Tensor:
+    """Coupled quantisation (CQ-style): ``2**(2 * bits)`` centroids per (layer, k/v, head, RoPE
+    channel pair), fit by batched Lloyd iterations on calibration documents' KV; no per-token
+    metadata, so ``bits`` per value exactly."""
+    g = torch.Generator().manual_seed(seed)
+    n_layers, k = kvs[0].shape[0], 2 ** (2 * bits)
+    books = []
+    for layer in range(n_layers):
+        for part in (0, 1):
+            pts = torch.cat([rope_pairs(kv[layer, part]) for kv in kvs], 1)  # [heads * D/2, N, 2]
+            cent = torch.gather(pts, 1, torch.randint(0, pts.shape[1], (pts.shape[0], k), generator=g)[..., None].expand(-1, -1, 2))
+            for _ in range(iters):
+                a = torch.cdist(pts, cent).argmin(-1)
+                total = torch.zeros_like(cent).scatter_add_(1, a[..., None].expand(-1, -1, 2), pts)
+                count = torch.zeros(cent.shape[:2]).scatter_add_(1, a, torch.ones(a.shape))
+                cent = torch.where(count[..., None] > 0, total / count.clamp_min(1)[..., None], cent)
+            books.append(cent)
+    return torch.stack(books).unflatten(0, (n_layers, 2))
+
+
 @dataclass
 class Variant:
     """A simulated codec: ``bits`` for keys/values, group axes, and the techniques switched on."""
@@ -72,6 +108,7 @@ class Variant:
     layer_bits: dict[int, int] = field(default_factory=dict)  # per-layer override (keys and values)
     key_per_token: bool = False  # keys grouped along channels per token (as values), not per channel
     nf: bool = False  # normal-quantile levels
+    books: torch.Tensor | None = None  # [L, 2, heads * D/2, k, 2]: 2-D codebooks per RoPE channel pair (replaces bits)
 
     def apply(self, kv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         out = kv.clone()
@@ -87,7 +124,9 @@ class Variant:
                 if rotated:
                     x = x @ h
                 bits = self.layer_bits.get(layer, self.kbits if part == 0 else self.vbits)
-                if bits < 16:
+                if self.books is not None:
+                    x = pair_quantise(x, self.books[layer, part])
+                elif bits < 16:
                     if part == 0 and not self.key_per_token:
                         x = quantise(x, bits, 1, self.kgroup, self.nf)
                     else:
@@ -138,6 +177,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--json", default="")
     ap.add_argument("--only", default="", help="comma-separated variant names")
+    ap.add_argument("--calibration-docs", type=int, default=20,
+                    help="non-candidate documents the vq variant's codebooks are fit on")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("STUDY_THREADS", "1")))
     # the keys as the model computes them: the study simulates the rotation itself
@@ -210,6 +251,12 @@ def main() -> None:
         Variant("int4 rot k128 v64", rotate=True, kgroup=128, vgroup=64),
     ]
     variants += [Variant(f"int4 layer {i} only", layers=(i,)) for i in range(L)]
+    if not args.only or any(k.startswith("vq") for k in args.only.split(",")):  # fitting takes minutes
+        others = [d.text for d in engine.corpus.docs if d.text not in exact]
+        random.Random(engine.settings.seed).shuffle(others)
+        calibration = rr.encode_docs(others[: args.calibration_docs])
+        variants.append(Variant(f"vq4 rope pairs ({len(calibration)} calibration docs)",
+                                books=fit_pair_codebooks(calibration, 4)))
     if args.only:
         keep = set(args.only.split(","))
         variants = [v for v in variants if v.name in keep or any(v.name.startswith(k) for k in keep)]
