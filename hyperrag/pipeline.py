@@ -8,8 +8,9 @@ Modes (:mod:`hyperrag.modes`; one parameter, same candidates):
 - ``reuse``: the reranker loads each document's stored KV and runs only the question;
 - ``reader_full``: full-prefill rerank, then the reader over the top-n documents, computing
   their KV (no store);
-- ``reader_kv``: KV-reuse rerank, then the reader on the same stored document KV: no document
-  token is computed at query time.
+- ``reader_kv``: KV-reuse rerank, then the reader on the same stored document KV and on the
+  question KV the rerank just computed: no document token is computed at query time, and the
+  question once.
 
 The first four answer with the traditional generator over the concatenated top-n; the reader
 modes read each document in its own row and pick one answer (:mod:`hyperrag.reader`).
@@ -142,8 +143,9 @@ class Engine:
         if spec.rerank is None:
             scores = [[cos for _, cos in h] for h in hits]
         else:
+            keep = spec.rerank == "reuse" and spec.read == "kv" and generate  # the reader continues from it
             reranks = self.reranker.score_many([(q, [d.text for d in ds]) for q, ds in zip(questions, docs)],
-                                               spec.rerank, self.store if spec.rerank == "reuse" else None)
+                                               spec.rerank, self.store if spec.rerank == "reuse" else None, keep)
             weight = self.runtime.retrieval_weight  # score fusion: w tuned with the adapter, on SQuAD train
             scores = [fuse_scores(r.scores, [cos for _, cos in h], weight) if weight else r.scores
                       for r, h in zip(reranks, hits)]
@@ -161,9 +163,14 @@ class Engine:
         if spec.read is not None and generate:
             if self.reader is None:
                 raise ValueError(f"mode {mode!r} needs the reader, which this engine was loaded without")
+            question_kv = None
+            if reranks[0] is not None and reranks[0].question_kv:  # each top document's, then let go
+                question_kv = [[rr.question_kv[d.retrieval_rank - 1] for d in r[:top_n]] for rr, r in zip(reranks, ranked)]
+                for rr in reranks:
+                    rr.question_kv = []
             readings = self.reader.read_many(
                 [(q, [d.text for d in r[:top_n]], [d.score for d in r[:top_n]]) for q, r in zip(questions, ranked)],
-                spec.read, self.store if spec.read == "kv" else None)
+                spec.read, self.store if spec.read == "kv" else None, question_kv)
             answers = [reading.answer for reading in readings]
             timings["kv_load"] += readings[0].load_s
             timings["generate"] = time.perf_counter() - t1 - readings[0].load_s

@@ -3,10 +3,11 @@
 The reader's prompt is the reranker's plus an answer cue,
 ``[prefix][document][question][suffix] Answer:``, and one adapter is trained for both jobs
 (:mod:`hyperrag.train_reranker`). So the document KV the store already holds for reranking is
-exactly the reader's too: at answer time only ``[question][suffix][cue]`` and the answer's own
-tokens run. The top-n documents sit in the rows of one static batch buffer (the reranker's
-layout type), the question runs on all rows in one forward, and the rows decode together, one
-token per row per step. Each row yields a candidate answer from its own document; the answer is
+exactly the reader's too. And the reranker's reuse run has just computed ``[question][suffix]``
+over each of these documents: the engine keeps that KV (``keep_question_kv``), so at answer time
+only the cue and the answer's own tokens run (without it, ``[question][suffix][cue]`` does). The
+top-n documents sit in the rows of one static batch buffer (the reranker's layout type), the
+cue (or the question) runs on all rows in one forward, and the rows decode together. Each row yields a candidate answer from its own document; the answer is
 the candidate with the best ``ranking score + selection_weight x answer log-likelihood``.
 
 ``span`` decoding (the default) keeps each row's answer a span of its own document: at every
@@ -132,10 +133,14 @@ class Reader:
         return self.read_many([(question, docs, rank_scores)], mode, source)[0]
 
     def read_many(self, requests: Sequence[tuple[str, Sequence[str], Sequence[float]]], mode: str = "kv",
-                  source: DocKVSource | None = None) -> list[Reading]:
+                  source: DocKVSource | None = None,
+                  question_kv: Sequence[Sequence[torch.Tensor | None]] | None = None) -> list[Reading]:
         """:meth:`read` for several (question, documents, ranking scores) requests at once: their
         rows share batches and decode steps (concurrent users; :mod:`hyperrag.batching`). Each
-        reading equals reading alone up to float rounding; its times are the whole call's."""
+        reading equals reading alone up to float rounding; its times are the whole call's.
+        ``question_kv`` (per request, per document): the KV of ``[question][suffix]`` over that
+        document, as the reranker's reuse run left it (``keep_question_kv``); those rows run only
+        the answer cue instead of the whole question."""
         if mode not in READ_MODES:
             raise ValueError(f"unknown read mode {mode!r}; choose one of {READ_MODES}")
         if mode == "kv" and source is None:
@@ -146,7 +151,8 @@ class Reader:
             if len(docs) > self.max_rows:
                 readings[r].warnings.append(f"the reader reads at most {self.max_rows} documents: the rest were left out")
             query = self.prompt.read_query(question).ids
-            rows += [QueryRow(r, i, d, query) for i, d in enumerate(list(docs)[: self.max_rows])]
+            kvs = question_kv[r] if question_kv is not None else [None] * len(docs)
+            rows += [QueryRow(r, i, d, query, kv) for i, (d, kv) in enumerate(zip(list(docs)[: self.max_rows], kvs))]
         load_s = compute_s = 0.0
         scores = [rank_scores for _, _, rank_scores in requests]
         best = [float("-inf")] * len(requests)  # per request: the best finished candidate's value so far
@@ -181,13 +187,9 @@ class Reader:
                 readings[rows[r].request].encoded_docs += 1
         else:
             self.reranker.encode_rows([self.prompt.doc_ids(t) for t in texts], layout.kv.rows(slice(0, len(rows))))
-        # Questions of different lengths are right-padded to ``width`` columns; each row's answer
-        # follows its own question (positions) and never attends to the padding (step_mask).
-        ids, last = self.reranker.batch_ids([row.query for row in rows])
-        width = ids.shape[1]
-        pos, groups = layout.query_groups(lens, width)
-        hidden = self.decoder.forward_groups(ids, pos, layout.kv.rows(slice(0, len(rows))), groups, out_index=last)
-        tokens = self._decode(hidden, rows, lens, groups, width, [scores[row.request][row.doc] for row in rows], best)
+        hidden, groups, width, query_lens, written = self._run_question(rows, lens)
+        tokens = self._decode(hidden, rows, lens, groups, width, query_lens, written,
+                              [scores[row.request][row.doc] for row in rows], best)
         compute_s = time.perf_counter() - t0 - load_s  # documents the store lacked count as compute
         tok = self.reranker.llm.tokenizer
         for row, (answer, logprob, pruned) in zip(rows, tokens):
@@ -197,10 +199,44 @@ class Reader:
                                                               start + len(text) if start >= 0 else -1, pruned))
         return load_s, compute_s
 
+    def _run_question(self, rows: list[QueryRow], lens: list[int]
+                      ) -> tuple[torch.Tensor, list[RowGroup], int, list[int], torch.Tensor]:
+        """The reader's prompt after the documents, run on rows ``0..``: each row's last hidden
+        state [rows, H], the row groups, the query columns ``width``, each row's tokens in them,
+        and the answer columns already written [rows, A].
+
+        Questions of different lengths are right-padded to ``width`` columns; each row's answer
+        follows its own question (positions) and never attends to the padding (step_mask). When
+        every row carries its question's KV from the reranker, that KV is copied into the query
+        columns and only the answer cue runs, as the first answer columns: the same prompt, its
+        question computed once for both jobs."""
+        layout, device, n = self.layout, self.decoder.device, len(rows)
+        kv = layout.kv.rows(slice(0, n))
+        if any(row.question_kv is None for row in rows):
+            ids, last = self.reranker.batch_ids([row.query for row in rows])
+            pos, groups = layout.query_groups(lens, ids.shape[1])
+            hidden = self.decoder.forward_groups(ids, pos, kv, groups, out_index=last)
+            return hidden, groups, ids.shape[1], [len(row.query) for row in rows], torch.zeros(n, 0, dtype=torch.bool, device=device)
+        asked = [row.question_kv.shape[3] for row in rows]
+        width, p, cue = max(asked), layout.prefix_len, self.prompt.answer_cue_ids
+        _, groups = layout.query_groups(lens, width)
+        for g in groups:
+            for r in range(g.lo, g.hi):
+                kv.row_view(r, g.start, asked[r]).copy_(rows[r].question_kv)
+        none = torch.zeros(n, 0, dtype=torch.bool, device=device)
+        cue_groups = [RowGroup(g.lo, g.hi, g.start + width, layout.step_mask(
+            lens[g.lo:g.hi], g.start - p, asked[g.lo:g.hi], width, none[g.lo:g.hi], len(cue))) for g in groups]
+        ids = torch.tensor([cue] * n, device=device)
+        pos = torch.tensor([p + d + q for d, q in zip(lens, asked)], device=device)[:, None] + torch.arange(len(cue), device=device)
+        hidden = self.decoder.forward_groups(ids, pos, kv, cue_groups, out_index=torch.full((n,), len(cue) - 1, device=device))
+        return hidden, groups, width, asked, torch.ones(n, len(cue), dtype=torch.bool, device=device)
+
     def _decode(self, hidden: torch.Tensor, rows: list[QueryRow], lens: list[int], groups: list[RowGroup],
-                width: int, rank: list[float], best: list[float]) -> list[tuple[list[int], float, bool]]:
-        """Greedy decoding of every row at once; per row its answer tokens, log-likelihood and
-        whether it was pruned.
+                width: int, query_lens: list[int], written: torch.Tensor, rank: list[float],
+                best: list[float]) -> list[tuple[list[int], float, bool]]:
+        """Greedy decoding of every row at once, after :meth:`_run_question`; per row its answer
+        tokens, log-likelihood and whether it was pruned. ``written`` [rows, A] marks the answer
+        columns that hold kept tokens (it grows by each step's columns).
 
         Answers are mostly spans of their documents, so each step feeds a row its next token and,
         as a draft, the up to ``draft_tokens`` document tokens that follow the answer so far where
@@ -222,12 +258,10 @@ class Reader:
         tail = len(self.prompt.tail_ids)
         docs = [list(self.prompt.doc_ids(row.text)[:-tail]) for row in rows]
         limits = [SpanConstraint(d, self.prompt.answer_end_id) if self.span else None for d in docs]
-        query_lens = [len(row.query) for row in rows]
-        next_pos = [p + d + q for d, q in zip(lens, query_lens)]
+        next_pos = [p + d + q + int(w.sum()) for d, q, w in zip(lens, query_lens, written)]
         columns = kv.tensor.shape[-2] - width - max(g.start for g in groups)  # answer columns every group has
         answers: list[list[int]] = [[] for _ in range(n)]
         logprob = [0.0] * n
-        written = torch.zeros(n, 0, dtype=torch.bool, device=device)  # answer columns holding kept tokens
         logp = torch.log_softmax(self.decoder.logits(hidden).float(), -1)[:, None]  # [rows, fed, vocab]
         fed: dict[int, list[int]] = {r: [] for r in range(n)}  # per row in logp: the tokens just run
         w, pruned = self.selection_weight, [False] * n

@@ -54,6 +54,9 @@ class QueryRow:
     doc: int
     text: str
     query: list[int]
+    # The KV of this row's [question][suffix] over its document, computed already (the
+    # reranker's run of the same tokens): a reader row then runs only its answer cue.
+    question_kv: torch.Tensor | None = None
 
 
 def load_batch(source: DocKVSource, texts: Sequence[str], outs: Sequence[torch.Tensor]) -> list[bool]:
@@ -72,6 +75,9 @@ class RerankResult:
     prompt_tokens: list[int] = field(default_factory=list)  # full prompt length per pair
     encoded_docs: int = 0  # documents encoded because the store did not have them
     warnings: list[str] = field(default_factory=list)
+    # keep_question_kv: per document, the KV of [question][suffix] this run computed over it,
+    # [layers, 2, kv_heads, query_tokens, head_dim]; the reader continues from it
+    question_kv: list[torch.Tensor | None] = field(default_factory=list)
 
 
 def length_batches(lengths: Sequence[int], max_batch: int, max_waste: float = 0.15) -> list[list[int]]:
@@ -273,12 +279,18 @@ class Reranker:
             source.put(texts[r], layout.doc_view(r, lens[r]).clone())
         return load_s, computed
 
-    def _score_queries(self, ids: torch.Tensor, last: torch.Tensor, lens: Sequence[int], part: slice) -> list[float]:
+    def _score_queries(self, ids: torch.Tensor, last: torch.Tensor, lens: Sequence[int], part: slice,
+                       keep: list[torch.Tensor] | None = None) -> list[float]:
         """Scores of right-padded queries ``ids`` (each read at its ``last`` real token) run over
         layout rows ``part``, which hold documents of ``lens`` tokens. A row's own tokens never
-        attend to its padding (causal), so rows of questions of different lengths can share a batch."""
+        attend to its padding (causal), so rows of questions of different lengths can share a batch.
+        ``keep`` gets a copy of each row's query KV (before the next batch overwrites it)."""
         pos, groups = self.layout.query_groups(lens, ids.shape[1])
-        return self.score_hidden(self.decoder.forward_groups(ids, pos, self.layout.kv.rows(part), groups, out_index=last))
+        kv = self.layout.kv.rows(part)
+        hidden = self.decoder.forward_groups(ids, pos, kv, groups, out_index=last)
+        if keep is not None:
+            keep += [kv.row_view(r, g.start, int(last[r]) + 1).clone() for g in groups for r in range(g.lo, g.hi)]
+        return self.score_hidden(hidden)
 
     def score_hidden(self, hidden: torch.Tensor) -> list[float]:
         """Each row's score from its last position's final hidden state [B, H]:
@@ -293,19 +305,23 @@ class Reranker:
         return self.score_many([(question, docs)], mode, source)[0]
 
     def score_many(self, requests: Sequence[tuple[str, Sequence[str]]], mode: str = "reuse",
-                   source: DocKVSource | None = None) -> list[RerankResult]:
+                   source: DocKVSource | None = None, keep_question_kv: bool = False) -> list[RerankResult]:
         """Scores for several (question, documents) requests at once: their pairs share batches,
         each row with its own question (concurrent users; :mod:`hyperrag.batching`). Every
         result equals asking alone up to float rounding; its times are the whole call's, which
-        is what each request waited for."""
+        is what each request waited for. ``keep_question_kv`` (reuse mode) keeps each pair's
+        question KV in its result, for the reader to continue from."""
         if mode not in MODES:
             raise ValueError(f"unknown rerank mode {mode!r}; choose one of {MODES}")
         if mode == "reuse" and source is None:
             raise ValueError("reuse mode needs a document KV source (a KVStore)")
+        if keep_question_kv and mode != "reuse":
+            raise ValueError("only reuse mode runs the question on its own, so only it can keep the question's KV")
         results, pairs = [], []
         for r, (question, docs) in enumerate(requests):
             query = self.prompt.query(question)
-            result = RerankResult(scores=[0.0] * len(docs), pairs=len(docs), query_tokens=len(query.ids))
+            result = RerankResult(scores=[0.0] * len(docs), pairs=len(docs), query_tokens=len(query.ids),
+                                  question_kv=[None] * len(docs) if keep_question_kv else [])
             result.prompt_tokens = [self.prefix_len + self.doc_tokens(d) + len(query.ids) for d in docs]
             if query.truncated:
                 result.warnings.append(f"question cut to {self.prompt.max_question_tokens} tokens")
@@ -313,7 +329,7 @@ class Reranker:
             pairs += [QueryRow(r, i, d, query.ids) for i, d in enumerate(docs)]
         if pairs:
             with self.lock:
-                load_s, compute_s = (self._score_reuse(pairs, source, results) if mode == "reuse"
+                load_s, compute_s = (self._score_reuse(pairs, source, results, keep_question_kv) if mode == "reuse"
                                      else self._score_prefill(pairs, mode, results))
             for result in results:
                 result.load_s, result.compute_s = load_s, compute_s
@@ -345,7 +361,8 @@ class Reranker:
             self.layout.kv.fill_prefix(self.prefix_kv)
         return 0.0, time.perf_counter() - t0
 
-    def _score_reuse(self, pairs: Sequence[QueryRow], source: DocKVSource, results: list[RerankResult]) -> tuple[float, float]:
+    def _score_reuse(self, pairs: Sequence[QueryRow], source: DocKVSource, results: list[RerankResult],
+                     keep_question_kv: bool) -> tuple[float, float]:
         layout, total_load, total = self.layout, 0.0, time.perf_counter()
         for chunk in query_batches(pairs, self.doc_tokens, self.batch_size):
             lens = [self.doc_tokens(p.text) for p in chunk]  # batch row r holds chunk[r]
@@ -354,9 +371,13 @@ class Reranker:
             for r in missing:
                 results[chunk[r].request].encoded_docs += 1
 
-            def score(part: slice) -> list[float]:
-                return self._score_queries(*self.batch_ids([p.query for p in chunk[part]]), lens[part], part)
+            def score(part: slice) -> list[tuple[float, torch.Tensor | None]]:
+                kept: list[torch.Tensor] | None = [] if keep_question_kv else None
+                scores = self._score_queries(*self.batch_ids([p.query for p in chunk[part]]), lens[part], part, kept)
+                return list(zip(scores, kept or [None] * len(scores)))
 
-            for p, s in zip(chunk, self.rows.run(len(chunk), score, max(len(p.query) for p in chunk))):
+            for p, (s, kv) in zip(chunk, self.rows.run(len(chunk), score, max(len(p.query) for p in chunk))):
                 results[p.request].scores[p.doc] = s
+                if keep_question_kv:
+                    results[p.request].question_kv[p.doc] = kv
         return total_load, time.perf_counter() - total - total_load  # documents computed count as compute

@@ -64,6 +64,29 @@ def test_reading_stored_kv_equals_full_prompt(llm, reranker, docs_and_question):
         assert abs(logprob - kv_c.logprob) <= FP32_SCORE_BOUND * (len(tokens) + 1), (logprob, kv_c.logprob)
 
 
+def test_reading_on_the_rerankers_question_kv_equals_running_the_question(reranker, docs_and_question):
+    """The reader continues from the question KV the reranker's reuse run computed (only the
+    cue runs): the same answers, within the fp32 bound, for questions of different lengths read
+    together (padded query columns) and documents in two row groups."""
+    docs, question = docs_and_question
+    reader = Reader(reranker, max_rows=3, max_new_tokens=6, span=False, prune=False)  # every row to its end
+    source = LocalKV()
+    requests = [(question, docs, [0.0, 1.0, 2.0]), ("Who?", docs[::-1], [0.5, 0.0, 1.0]),
+                ("When did the Normans first reach Italy, and who led them there?", docs[1:], [1.0, 0.0])]
+    ranked = reranker.score_many([(q, ds) for q, ds, _ in requests], "reuse", source, keep_question_kv=True)
+    for (q, ds, _), r in zip(requests, ranked):
+        assert [kv.shape[3] for kv in r.question_kv] == [len(reranker.prompt.query(q).ids)] * len(ds)
+    continued = reader.read_many(requests, "kv", source, [r.question_kv for r in ranked])
+    for (q, ds, scores), cont in zip(requests, continued):
+        whole = reader.read(q, ds, scores, "kv", source)
+        assert (cont.answer, cont.doc) == (whole.answer, whole.doc)
+        for a, b in zip(whole.candidates, cont.candidates):
+            assert (a.doc, a.text) == (b.doc, b.text)
+            assert abs(a.logprob - b.logprob) <= FP32_SCORE_BOUND * (a.tokens + 1)
+    with pytest.raises(ValueError, match="only reuse mode"):
+        reranker.score_many([(question, docs)], "full", keep_question_kv=True)
+
+
 def test_a_missing_document_is_computed_and_stored(reranker, docs_and_question):
     docs, question = docs_and_question
     reader = Reader(reranker, max_rows=4, max_new_tokens=3)
