@@ -126,11 +126,19 @@ def test_selection_combines_ranking_and_likelihood():
     assert select([], [], 1.0) == -1
 
 
-def test_engine_reader_modes(tiny_engine):
+def test_engine_reader_modes(tiny_engine, monkeypatch):
     q = next(q for q in tiny_engine.corpus.queries if q.doc_ids)
+    given = []
+    read_many = tiny_engine.reader.read_many
+    monkeypatch.setattr(tiny_engine.reader, "read_many",
+                        lambda requests, mode, source, question_kv=None: given.append(question_kv) or
+                        read_many(requests, mode, source, question_kv))
     kv = tiny_engine.ask(q.question, "reader_kv")
     full = tiny_engine.ask(q.question, "reader_full")
     assert kv.answer == full.answer and kv.reading.doc == full.reading.doc
+    # reader_kv continues from the rerank's question KV of each top document; reader_full runs it
+    assert [len(g) for g in given[0]] == [kv.top_n] and all(isinstance(t, torch.Tensor) for t in given[0][0])
+    assert given[1] is None and kv.rerank.question_kv == []  # and the result does not hold it
     assert kv.timings["generate"] > 0 and kv.reading.encoded_docs == 0
     assert kv.ranked_ids == full.ranked_ids
     doc = kv.docs[kv.reading.doc]
