@@ -7,8 +7,9 @@ exactly the reader's too. And the reranker's reuse run has just computed ``[ques
 over each of these documents: the engine keeps that KV (``keep_question_kv``), so at answer time
 only the cue and the answer's own tokens run (without it, ``[question][suffix][cue]`` does). The
 top-n documents sit in the rows of one static batch buffer (the reranker's layout type), the
-cue (or the question) runs on all rows in one forward, and the rows decode together. Each row yields a candidate answer from its own document; the answer is
-the candidate with the best ``ranking score + selection_weight x answer log-likelihood``.
+cue (or the question) runs on all rows in one forward, and the rows decode together. Each row
+yields a candidate answer from its own document; the answer is the candidate with the best
+``ranking score + selection_weight x answer log-likelihood``.
 
 ``span`` decoding (the default) keeps each row's answer a span of its own document: at every
 step only tokens that continue some span of the document's tokens (or the end token, once the
@@ -216,7 +217,8 @@ class Reader:
             ids, last = self.reranker.batch_ids([row.query for row in rows])
             pos, groups = layout.query_groups(lens, ids.shape[1])
             hidden = self.decoder.forward_groups(ids, pos, kv, groups, out_index=last)
-            return hidden, groups, ids.shape[1], [len(row.query) for row in rows], torch.zeros(n, 0, dtype=torch.bool, device=device)
+            none = torch.zeros(n, 0, dtype=torch.bool, device=device)
+            return hidden, groups, ids.shape[1], [len(row.query) for row in rows], none
         asked = [row.question_kv.shape[3] for row in rows]
         width, p, cue = max(asked), layout.prefix_len, self.prompt.answer_cue_ids
         _, groups = layout.query_groups(lens, width)
@@ -227,8 +229,10 @@ class Reader:
         cue_groups = [RowGroup(g.lo, g.hi, g.start + width, layout.step_mask(
             lens[g.lo:g.hi], g.start - p, asked[g.lo:g.hi], width, none[g.lo:g.hi], len(cue))) for g in groups]
         ids = torch.tensor([cue] * n, device=device)
-        pos = torch.tensor([p + d + q for d, q in zip(lens, asked)], device=device)[:, None] + torch.arange(len(cue), device=device)
-        hidden = self.decoder.forward_groups(ids, pos, kv, cue_groups, out_index=torch.full((n,), len(cue) - 1, device=device))
+        pos = torch.tensor([p + d + q for d, q in zip(lens, asked)], device=device)[:, None]
+        pos = pos + torch.arange(len(cue), device=device)
+        last = torch.full((n,), len(cue) - 1, device=device)
+        hidden = self.decoder.forward_groups(ids, pos, kv, cue_groups, out_index=last)
         return hidden, groups, width, asked, torch.ones(n, len(cue), dtype=torch.bool, device=device)
 
     def _decode(self, hidden: torch.Tensor, rows: list[QueryRow], lens: list[int], groups: list[RowGroup],
