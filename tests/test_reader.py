@@ -29,6 +29,21 @@ def docs_and_question():
     return [picked[0], picked[-1], picked[2]], "Who was the leader of the Norse raiders?"
 
 
+def three_questions(question: str, docs: list[str]) -> list[tuple[str, list[str], list[float]]]:
+    """Reading requests with questions of three lengths (padded query columns when batched)."""
+    return [(question, docs, [0.0, 1.0, 2.0]),
+            ("When did the Normans first reach Italy, and who led them there?", docs[1:], [1.0, 0.0]),
+            ("Who?", docs[::-1], [0.5, 0.0, 1.0])]
+
+
+def assert_same_reading(a, b) -> None:
+    """Same answer and document, every candidate the same text within the fp32 bound per token."""
+    assert (a.answer, a.doc) == (b.answer, b.doc)
+    for x, y in zip(a.candidates, b.candidates):
+        assert (x.doc, x.text) == (y.doc, y.text)
+        assert abs(x.logprob - y.logprob) <= FP32_SCORE_BOUND * (x.tokens + 1)
+
+
 def hf_greedy(llm, ids: list[int], steps: int, stop: set[int]) -> tuple[list[int], float]:
     """Greedy tokens and their summed log-probability from the plain model on the whole prompt."""
     seq, total = list(ids), 0.0
@@ -71,18 +86,13 @@ def test_reading_on_the_rerankers_question_kv_equals_running_the_question(rerank
     docs, question = docs_and_question
     reader = Reader(reranker, max_rows=3, max_new_tokens=6, span=False, prune=False)  # every row to its end
     source = LocalKV()
-    requests = [(question, docs, [0.0, 1.0, 2.0]), ("Who?", docs[::-1], [0.5, 0.0, 1.0]),
-                ("When did the Normans first reach Italy, and who led them there?", docs[1:], [1.0, 0.0])]
+    requests = three_questions(question, docs)
     ranked = reranker.score_many([(q, ds) for q, ds, _ in requests], "reuse", source, keep_question_kv=True)
     for (q, ds, _), r in zip(requests, ranked):
         assert [kv.shape[3] for kv in r.question_kv] == [len(reranker.prompt.query(q).ids)] * len(ds)
     continued = reader.read_many(requests, "kv", source, [r.question_kv for r in ranked])
     for (q, ds, scores), cont in zip(requests, continued):
-        whole = reader.read(q, ds, scores, "kv", source)
-        assert (cont.answer, cont.doc) == (whole.answer, whole.doc)
-        for a, b in zip(whole.candidates, cont.candidates):
-            assert (a.doc, a.text) == (b.doc, b.text)
-            assert abs(a.logprob - b.logprob) <= FP32_SCORE_BOUND * (a.tokens + 1)
+        assert_same_reading(reader.read(q, ds, scores, "kv", source), cont)
     with pytest.raises(ValueError, match="only reuse mode"):
         reranker.score_many([(question, docs)], "full", keep_question_kv=True)
 
@@ -151,17 +161,11 @@ def test_questions_read_together_as_alone(reranker, docs_and_question):
     docs, question = docs_and_question
     reader = Reader(reranker, max_rows=3, max_new_tokens=6, span=True, prune=False)  # every row to its end
     source = LocalKV()
-    requests = [(question, docs, [0.0, 1.0, 2.0]),
-                ("When did the Normans first reach Italy, and who led them there?", docs[1:], [1.0, 0.0]),
-                ("Who?", docs[::-1], [0.5, 0.0, 1.0])]
+    requests = three_questions(question, docs)
     assert len({len(reranker.prompt.read_query(q).ids) for q, _, _ in requests}) == 3
     together = reader.read_many(requests, "kv", source)
     for (q, ds, scores), batched in zip(requests, together):
-        alone = reader.read(q, ds, scores, "kv", source)
-        assert (batched.answer, batched.doc) == (alone.answer, alone.doc)
-        for a, b in zip(alone.candidates, batched.candidates):
-            assert (a.doc, a.text) == (b.doc, b.text)
-            assert abs(a.logprob - b.logprob) <= FP32_SCORE_BOUND * (a.tokens + 1)
+        assert_same_reading(reader.read(q, ds, scores, "kv", source), batched)
 
 
 def test_draft_is_what_follows_the_answer_in_the_document():
