@@ -213,11 +213,11 @@ class Reader:
         question computed once for both jobs."""
         layout, device, n = self.layout, self.decoder.device, len(rows)
         kv = layout.kv.rows(slice(0, n))
+        none = torch.zeros(n, 0, dtype=torch.bool, device=device)  # no answer column written yet
         if any(row.question_kv is None for row in rows):
             ids, last = self.reranker.batch_ids([row.query for row in rows])
             pos, groups = layout.query_groups(lens, ids.shape[1])
             hidden = self.decoder.forward_groups(ids, pos, kv, groups, out_index=last)
-            none = torch.zeros(n, 0, dtype=torch.bool, device=device)
             return hidden, groups, ids.shape[1], [len(row.query) for row in rows], none
         asked = [row.question_kv.shape[3] for row in rows]
         width, p, cue = max(asked), layout.prefix_len, self.prompt.answer_cue_ids
@@ -225,7 +225,6 @@ class Reader:
         for g in groups:
             for r in range(g.lo, g.hi):
                 kv.row_view(r, g.start, asked[r]).copy_(rows[r].question_kv)
-        none = torch.zeros(n, 0, dtype=torch.bool, device=device)
         cue_groups = [RowGroup(g.lo, g.hi, g.start + width, layout.step_mask(
             lens[g.lo:g.hi], g.start - p, asked[g.lo:g.hi], width, none[g.lo:g.hi], len(cue))) for g in groups]
         ids = torch.tensor([cue] * n, device=device)
