@@ -221,12 +221,13 @@ class Reader:
             return hidden, groups, ids.shape[1], [len(row.query) for row in rows], none
         asked = [row.question_kv.shape[3] for row in rows]
         width, p, cue = max(asked), layout.prefix_len, self.prompt.answer_cue_ids
-        _, groups = layout.query_groups(lens, width)
-        for g in groups:
-            for r in range(g.lo, g.hi):
-                kv.row_view(r, g.start, asked[r]).copy_(rows[r].question_kv)
-        cue_groups = [RowGroup(g.lo, g.hi, g.start + width, layout.step_mask(
-            lens[g.lo:g.hi], g.start - p, asked[g.lo:g.hi], width, none[g.lo:g.hi], len(cue))) for g in groups]
+        groups, cue_groups = [], []
+        for lo, hi, slots in layout.row_splits(lens, width):
+            for r in range(lo, hi):
+                kv.row_view(r, p + slots, asked[r]).copy_(rows[r].question_kv)
+            groups.append(RowGroup(lo, hi, p + slots))  # where the question is; its mask is not needed
+            cue_groups.append(RowGroup(lo, hi, p + slots + width, layout.step_mask(
+                lens[lo:hi], slots, asked[lo:hi], width, none[lo:hi], len(cue))))
         ids = torch.tensor([cue] * n, device=device)
         pos = torch.tensor([p + d + q for d, q in zip(lens, asked)], device=device)[:, None]
         pos = pos + torch.arange(len(cue), device=device)

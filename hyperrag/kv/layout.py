@@ -88,12 +88,12 @@ class StaticLayout:
         return torch.cat([head[:, None, :].expand(rows, new, -1), written[:, None, :].expand(rows, new, -1),
                           own.expand(rows, new, new)], -1)[:, None]
 
-    def query_groups(self, doc_lens: Sequence[int], n_query: int) -> tuple[torch.Tensor, list[RowGroup]]:
-        """Positions and row groups for the query run over rows whose documents have
-        ``doc_lens`` tokens, in ascending order. The rows are cut in two where that shrinks the
-        attended (row, column) area by ``SPLIT_GAIN``: each group runs its query right after its
-        own longest document, so short documents are not attended with the longest one's
-        padding. (Measured on 2 cores: two groups take most of the gain; more cost calls.)"""
+    def row_splits(self, doc_lens: Sequence[int], n_query: int) -> list[tuple[int, int, int]]:
+        """Rows whose documents have ``doc_lens`` tokens, in ascending order, as ``(lo, hi,
+        slots)`` runs that each run their ``n_query`` query columns right after their own longest
+        document (``slots`` columns), so short documents are not attended with the longest one's
+        padding. The rows are cut in two where that shrinks the attended (row, column) area by
+        ``SPLIT_GAIN``. (Measured on 2 cores: two groups take most of the gain; more cost calls.)"""
         lens = list(doc_lens)
         if lens != sorted(lens):
             raise ValueError("rows must be in ascending order of document length")
@@ -107,11 +107,14 @@ class StaticLayout:
             cut = min(range(1, n), key=lambda c: area(0, c) + area(c, n))
             if area(0, cut) + area(cut, n) <= (1 - SPLIT_GAIN) * area(0, n):
                 cuts = [0, cut, n]
-        groups = []
-        for lo, hi in zip(cuts, cuts[1:]):
-            slots = self.slots_for(lens[lo:hi])
-            groups.append(RowGroup(lo, hi, self.prefix_len + slots, self.query_mask(lens[lo:hi], slots, n_query)))
-        return self.positions(lens, n_query), groups
+        return [(lo, hi, self.slots_for(lens[lo:hi])) for lo, hi in zip(cuts, cuts[1:])]
+
+    def query_groups(self, doc_lens: Sequence[int], n_query: int) -> tuple[torch.Tensor, list[RowGroup]]:
+        """Positions and row groups (:meth:`row_splits`, with their query masks) for a query of
+        ``n_query`` tokens run over rows whose documents have ``doc_lens`` tokens."""
+        groups = [RowGroup(lo, hi, self.prefix_len + slots, self.query_mask(doc_lens[lo:hi], slots, n_query))
+                  for lo, hi, slots in self.row_splits(doc_lens, n_query)]
+        return self.positions(doc_lens, n_query), groups
 
 
 def concat_layout(prefix_kv: torch.Tensor, doc_kvs: list[torch.Tensor], n_query: int) -> tuple[BatchKV, list[int]]:
