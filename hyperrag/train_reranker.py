@@ -6,7 +6,8 @@
 
 Data (SQuAD v1.1 **train** only, never dev): ``--articles`` train articles drawn with ``--seed``;
 ``--val-articles`` further train articles are held out to validate and to tune the optional
-retriever-score fusion weight. Every (training) paragraph is embedded with our own retriever
+retriever-score fusion weight. A later stage on new articles moves ``--first-article`` along the
+same shuffle and keeps the held-out ones with ``--val-start``. Every (training) paragraph is embedded with our own retriever
 (MiniLM + faiss, cached in ``--data-dir``) and each anchor question's top-``--mine-k`` paragraphs
 are its hard-negative pool (same article and the rest of the sampled corpus).
 
@@ -87,13 +88,29 @@ class TrainData:
     val_articles: list[str]
 
 
-def pick_articles(n: int, n_val: int, seed: int, cache_dir: str) -> tuple[list[dict], list[dict]]:
+def article_split(count: int, n: int, n_val: int, seed: int, first: int = 0,
+                  val_start: int = -1) -> tuple[list[int], list[int]]:
+    """Indices of the training and validation articles among ``count``, in one seeded shuffle:
+    training takes ``n`` from position ``first``, validation ``n_val`` from ``val_start`` (-1:
+    right after the training ones). A later stage on new articles moves ``first`` and keeps
+    ``val_start``, so it is chosen on the same held-out questions as the stages before it."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    val_start = first + n if val_start < 0 else val_start
+    train, val = order[first : first + n], order[val_start : val_start + n_val]
+    if set(train) & set(val):
+        raise ValueError(f"training articles {first}-{first + n - 1} overlap validation articles "
+                         f"{val_start}-{val_start + n_val - 1}: move --first-article or --val-start")
+    return train, val
+
+
+def pick_articles(args) -> tuple[list[dict], list[dict]]:
     from hyperrag.squad import load_squad
 
-    articles = load_squad("train", cache_dir)
-    order = list(range(len(articles)))
-    random.Random(seed).shuffle(order)
-    return [articles[i] for i in order[:n]], [articles[i] for i in order[n : n + n_val]]
+    articles = load_squad("train", args.cache_dir)
+    train, val = article_split(len(articles), args.articles, args.val_articles, args.seed,
+                               args.first_article, args.val_start)
+    return [articles[i] for i in train], [articles[i] for i in val]
 
 
 def cut_paragraphs(articles: list[dict], per_article: int) -> list[dict]:
@@ -121,7 +138,7 @@ def indexed_articles(articles: list[dict], name: str, key_extra: list, args, emb
 
 def prepare_data(args, prompt: RerankPrompt, embedder) -> TrainData:
     """Sampled train articles, their paragraph index (cached) and each anchor's mined pool."""
-    train_articles, val_articles = pick_articles(args.articles, args.val_articles, args.seed, args.cache_dir)
+    train_articles, val_articles = pick_articles(args)
     train_articles = cut_paragraphs(train_articles, args.paragraphs_per_article)
     corpus, index = indexed_articles(train_articles, "train", [args.paragraphs_per_article], args, embedder)
     texts = [d.text for d in corpus.docs]
@@ -360,7 +377,8 @@ def save_checkpoint(folder: Path, model, optimizer, step: int, history: list[dic
 
 def load_checkpoint(folder: Path, model, optimizer, config: dict) -> tuple[int, list[dict]]:
     state = torch.load(folder / "state.pt", weights_only=False)
-    changed = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
+    saved = {**LATER_KEYS, **state["config"]}
+    changed = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
     if changed:
         raise SystemExit(f"{folder}: checkpoint was made with other settings {changed}; use --fresh or another --out")
     params = dict(model.named_parameters())
@@ -428,7 +446,7 @@ def validate(args, out: Path, embedder) -> dict:
     from hyperrag.rerank import fuse_scores
     from hyperrag.runtime import load_reranker
 
-    _, val_articles = pick_articles(args.articles, args.val_articles, args.seed, args.cache_dir)
+    _, val_articles = pick_articles(args)
     corpus, index = indexed_articles(val_articles, "val", [], args, embedder)
     s = adapter_settings(args, out)
     cands = retrieve(index, corpus.sample_queries(args.val_questions, args.seed), s.top_k)
@@ -501,7 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--articles", type=int, default=48, help="SQuAD train articles to train on")
     d.add_argument("--paragraphs-per-article", type=int, default=0, help="cap per article (0 = all; for tiny runs)")
+    d.add_argument("--first-article", type=int, default=0,
+                   help="train on the shuffled articles from this one on (a later stage on new articles)")
     d.add_argument("--val-articles", type=int, default=3, help="further train articles held out for validation")
+    d.add_argument("--val-start", type=int, default=-1,
+                   help="the held-out articles' first position in the shuffle (-1: right after the training ones)")
     d.add_argument("--val-questions", type=int, default=80, help="validation questions (0 = skip validation)")
     d.add_argument("--pool", type=int, default=600, help="anchor questions mined (one anchor per step)")
     d.add_argument("--mine-k", type=int, default=30, help="retrieved paragraphs per anchor (negative pool)")
@@ -539,7 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
 # Settings a checkpoint must agree with to be resumed (--steps may grow: train longer).
 CONFIG_KEYS = ("seed", "articles", "paragraphs_per_article", "pool", "mine_k", "docs", "hard", "questions",
                "gold_questions", "max_doc_tokens", "lr", "warmup", "weight_decay", "rank", "alpha",
-               "dropout", "lora_layers", "targets", "bce", "model", "answer_weight", "init_adapter")
+               "dropout", "lora_layers", "targets", "bce", "model", "answer_weight", "init_adapter",
+               "first_article")
+# Keys added after checkpoints already existed, with the value those checkpoints were made with.
+LATER_KEYS = {"first_article": 0}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -144,3 +144,14 @@ def test_packed_training_forward_is_the_inference_computation(llm, reranker, dev
         ids = prompt.prefix_ids + list(prompt.doc_ids(texts[0])) + prompt.read_query(q["question"]).ids + target[:-1]
         full = llm.model(torch.tensor([ids])).logits[0, -len(target):]
     assert (full - logits).abs().max().item() <= FP32_SCORE_BOUND  # 3.8e-5 measured (AMD EPYC)
+
+
+def test_a_later_stage_on_new_articles_keeps_the_held_out_articles():
+    from hyperrag.train_reranker import article_split
+
+    train, val = article_split(442, 100, 3, seed=0)
+    later, later_val = article_split(442, 100, 3, seed=0, first=103, val_start=100)
+    assert later_val == val  # chosen on the same held-out questions as the stages before
+    assert not set(later) & (set(train) | set(val)) and len(later) == 100
+    with pytest.raises(ValueError, match="overlap"):
+        article_split(442, 100, 3, seed=0, first=50, val_start=100)
