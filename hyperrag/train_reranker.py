@@ -7,9 +7,10 @@
 Data (SQuAD v1.1 **train** only, never dev): ``--articles`` train articles drawn with ``--seed``;
 ``--val-articles`` further train articles are held out to validate and to tune the optional
 retriever-score fusion weight. A later stage on new articles moves ``--first-article`` along the
-same shuffle and keeps the held-out ones with ``--val-start``. Every (training) paragraph is embedded with our own retriever
-(MiniLM + faiss, cached in ``--data-dir``) and each anchor question's top-``--mine-k`` paragraphs
-are its hard-negative pool (same article and the rest of the sampled corpus).
+same shuffle and keeps the held-out ones with ``--val-start``. Every (training) paragraph is
+embedded with our own retriever (MiniLM + faiss, cached in ``--data-dir``) and each anchor
+question's top-``--mine-k`` paragraphs are its hard-negative pool (same article and the rest of
+the sampled corpus).
 
 One training step is one *group*: an anchor question, its gold paragraph and ``--docs - 1``
 retrieved negatives (the ``--hard`` best-ranked ones plus a random draw from the rest of the
