@@ -98,6 +98,10 @@ def article_split(count: int, n: int, n_val: int, seed: int, first: int = 0,
     order = list(range(count))
     random.Random(seed).shuffle(order)
     val_start = first + n if val_start < 0 else val_start
+    end = max(first + n, val_start + n_val)
+    if end > count:
+        raise ValueError(f"articles {first}-{end - 1} asked for, but the split has only {count}: "
+                         f"lower --articles or move --first-article / --val-start")
     train, val = order[first : first + n], order[val_start : val_start + n_val]
     if set(train) & set(val):
         raise ValueError(f"training articles {first}-{first + n - 1} overlap validation articles "

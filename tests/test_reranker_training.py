@@ -155,3 +155,5 @@ def test_a_later_stage_on_new_articles_keeps_the_held_out_articles():
     assert not set(later) & (set(train) | set(val)) and len(later) == 100
     with pytest.raises(ValueError, match="overlap"):
         article_split(442, 100, 3, seed=0, first=50, val_start=100)
+    with pytest.raises(ValueError, match="only 442"):  # past the end: never a silently short stage
+        article_split(442, 100, 3, seed=0, first=400, val_start=100)
