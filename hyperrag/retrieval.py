@@ -35,6 +35,9 @@ HNSW_MIN_VECTORS = 50_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
+# Texts per embedder call: it sorts a call's texts by length before batching, so a larger call
+# pads less; it is also the unit a stopped build resumes from.
+EMBED_CHUNK = 1024
 
 
 def make_index(dim: int, n: int, exact: bool | None = None) -> faiss.Index:
@@ -56,6 +59,52 @@ def _tune(index: faiss.Index) -> faiss.Index:
     return index
 
 
+def _dimension(embedder) -> int:
+    """The embedding width, by embedding one text (any embedder with ``encode`` answers the same way)."""
+    return embedder.encode(["width"], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False).shape[1]
+
+
+def _vector_array(spill: Path | None, n: int, dim: int) -> tuple[np.ndarray, int]:
+    """The ``[n, dim]`` float32 array to embed into and how many rows of it are done: in memory,
+    or a file at ``spill`` (resumed when a build of the same corpus and embedder stopped)."""
+    if spill is None:
+        return np.empty((n, dim), dtype=np.float32), 0
+    path, marker = _spill_files(spill)
+    if path.exists() and marker.exists():
+        try:
+            vectors = np.lib.format.open_memmap(path, mode="r+")
+            done = int(marker.read_text())
+        except (OSError, ValueError):  # a damaged file: start again rather than trust it
+            vectors, done = None, 0
+        if vectors is not None and vectors.shape == (n, dim) and vectors.dtype == np.float32:
+            return vectors, min(done, n)
+    marker.unlink(missing_ok=True)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim)), 0
+
+
+def _spill_files(spill: Path) -> tuple[Path, Path]:
+    """A spilled build's vectors (.npy) and its count of finished rows."""
+    return spill.parent / f"{spill.name}.vectors.npy", spill.parent / f"{spill.name}.done"
+
+
+def _mark_done(vectors: np.ndarray, spill: Path, done: int) -> None:
+    """Rows before ``done`` are on disk: flush them, then say so (atomically, so a stop between
+    the two at worst redoes one chunk)."""
+    vectors.flush()
+    marker = _spill_files(spill)[1]
+    tmp = marker.parent / (marker.name + ".tmp")
+    tmp.write_text(str(done))
+    os.replace(tmp, marker)
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return os.access(folder, os.W_OK)
+    except OSError:
+        return False
+
+
 def corpus_digest(corpus: Corpus) -> str:
     digest = hashlib.sha256()
     for doc in corpus.docs:
@@ -70,42 +119,50 @@ class DenseIndex:
         self.embedder = embedder
 
     @classmethod
-    def build(cls, corpus: Corpus, embedder, batch_size: int = 32, progress: Progress | None = None) -> "DenseIndex":
-        """Embed the corpus in batches of ``batch_size`` (``progress(done, total)`` after each),
-        into one preallocated array (no second copy at the end), then index it."""
+    def build(cls, corpus: Corpus, embedder, batch_size: int = 32, progress: Progress | None = None,
+              spill: Path | None = None, chunk: int = EMBED_CHUNK) -> "DenseIndex":
+        """Embed the corpus ``chunk`` texts at a time (the embedder sorts each chunk by length, so
+        its batches of ``batch_size`` carry little padding; ``progress(done, total)`` after each)
+        into one preallocated array, then index it. With ``spill`` (a path without suffix) the
+        array is a file there and a run that stops resumes after its last finished chunk: a large
+        corpus neither restarts from zero nor holds its vectors in memory twice
+        (:meth:`load_or_build` removes the files once the index is saved)."""
         texts = [doc.text for doc in corpus.docs]
-        vectors = None
-        for start in range(0, len(texts), batch_size):
-            part = embedder.encode(texts[start : start + batch_size], normalize_embeddings=True,
-                                   convert_to_numpy=True, show_progress_bar=False)
-            if vectors is None:
-                vectors = np.empty((len(texts), part.shape[1]), dtype=np.float32)
-            vectors[start : start + len(part)] = part
-            if progress:
-                progress(min(start + batch_size, len(texts)), len(texts))
-        if vectors is None:
+        if not texts:
             raise ValueError("the corpus has no documents to index")
+        vectors, done = _vector_array(spill, len(texts), _dimension(embedder))
+        if progress and done:
+            progress(done, len(texts))
+        for start in range(done, len(texts), chunk):
+            part = embedder.encode(texts[start : start + chunk], batch_size=batch_size, normalize_embeddings=True,
+                                   convert_to_numpy=True, show_progress_bar=False)
+            vectors[start : start + len(part)] = part
+            if spill is not None:
+                _mark_done(vectors, spill, start + len(part))
+            if progress:
+                progress(start + len(part), len(texts))
         index = make_index(vectors.shape[1], len(vectors))
-        index.add(vectors)
+        index.add(np.ascontiguousarray(vectors))
         return cls(index, [doc.id for doc in corpus.docs], embedder)
 
     @classmethod
     def load_or_build(cls, corpus: Corpus, embedder, embedder_name: str, cache_dir: str | Path,
                       progress: Progress | None = None) -> "DenseIndex":
-        """Load the saved index for this corpus content and embedder, or build and save it."""
+        """Load the saved index for this corpus content and embedder, or build (resuming an
+        interrupted build) and save it."""
         name = f"index-{embedder_name}-{corpus_digest(corpus)}"
-        for folder in (corpus.root / ".cache", Path(cache_dir) / "indexes" / corpus.name):
+        folders = (corpus.root / ".cache", Path(cache_dir) / "indexes" / corpus.name)
+        for folder in folders:
             path = folder / f"{name}.faiss"
             if path.exists():
                 ids = json.loads((folder / f"{name}.ids.json").read_text())
                 return cls(_tune(faiss.read_index(str(path))), ids, embedder)
-        built = cls.build(corpus, embedder, progress=progress)
-        for folder in (corpus.root / ".cache", Path(cache_dir) / "indexes" / corpus.name):
-            try:
-                built.save(folder, name)
-                break
-            except OSError:
-                continue
+        folder = next((f for f in folders if _writable(f)), None)
+        built = cls.build(corpus, embedder, progress=progress, spill=folder / name if folder else None)
+        if folder is not None:
+            built.save(folder, name)
+            for path in _spill_files(folder / name):
+                path.unlink(missing_ok=True)
         return built
 
     def save(self, folder: Path, name: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
+import pytest
 
 from hyperrag import retrieval
 from hyperrag.corpus import Corpus, Doc
@@ -13,7 +14,10 @@ from hyperrag.retrieval import DenseIndex
 class HashEmbedder:
     """A stand-in embedder (no model): a fixed random unit vector per text."""
 
-    def encode(self, texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False):
+    calls = 0
+
+    def encode(self, texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False, **_):
+        self.calls += 1
         out = np.stack([np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(32) for t in texts])
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
@@ -24,7 +28,7 @@ def _corpus(root, n):
 
 def test_index_kind_by_size_persists_and_resumes(tmp_path, monkeypatch):
     embedder, seen = HashEmbedder(), []
-    small = DenseIndex.build(_corpus(tmp_path / "a", 30), embedder, batch_size=8, progress=lambda d, t: seen.append(d))
+    small = DenseIndex.build(_corpus(tmp_path / "a", 30), embedder, chunk=8, progress=lambda d, t: seen.append(d))
     assert isinstance(small.index, faiss.IndexFlatIP) and seen == [8, 16, 24, 30]
     monkeypatch.setattr(retrieval, "HNSW_MIN_VECTORS", 20)
     corpus = _corpus(tmp_path / "b", 200)
@@ -35,6 +39,34 @@ def test_index_kind_by_size_persists_and_resumes(tmp_path, monkeypatch):
                                      progress=lambda *_: (_ for _ in ()).throw(AssertionError("rebuilt")))
     assert isinstance(faiss.downcast_index(again.index), faiss.IndexHNSWFlat) and again.doc_ids == big.doc_ids
     assert again.search("passage number 42", 1)[0][0] == "d42"
+
+
+class StopsAfter(HashEmbedder):
+    """Embeds ``n`` calls' worth, then fails as a killed process would."""
+
+    def __init__(self, n):
+        self.left = n
+
+    def encode(self, texts, **kw):
+        if self.left == 0:
+            raise KeyboardInterrupt
+        self.left -= 1
+        return super().encode(texts, **kw)
+
+
+def test_an_interrupted_embedding_resumes_where_it_stopped(tmp_path):
+    corpus, spill = _corpus(tmp_path / "c", 50), tmp_path / "spill" / "index-x"
+    spill.parent.mkdir()
+    with pytest.raises(KeyboardInterrupt):  # the width probe, then 3 chunks of 10, then the stop
+        DenseIndex.build(corpus, StopsAfter(4), chunk=10, spill=spill)
+    resumed, seen = HashEmbedder(), []
+    index = DenseIndex.build(corpus, resumed, chunk=10, spill=spill, progress=lambda d, t: seen.append(d))
+    assert seen == [30, 40, 50] and resumed.calls == 1 + 2  # the probe and the 2 chunks left
+    whole = DenseIndex.build(corpus, HashEmbedder())
+    assert np.array_equal(index.index.reconstruct_n(0, 50), whole.index.reconstruct_n(0, 50))
+    again = DenseIndex.load_or_build(corpus, HashEmbedder(), "hash", tmp_path / "cache")
+    assert again.index.ntotal == 50 and sorted(p.name for p in (corpus.root / ".cache").iterdir()) == [
+        f"index-hash-{retrieval.corpus_digest(corpus)}.faiss", f"index-hash-{retrieval.corpus_digest(corpus)}.ids.json"]
 
 
 def test_scale_bench_small():
