@@ -517,7 +517,9 @@ def run(args: argparse.Namespace) -> dict:
     try:
         t0 = time.perf_counter()
         corpus = load_corpus(settings.folder("corpus"))
-        engine = Engine.load(settings, corpus=corpus, with_generator=not args.no_generate)
+        with tqdm(total=len(corpus.docs), desc="index (embed)", unit="doc", **bar_opts) as bar:
+            engine = Engine.load(settings, corpus=corpus, with_generator=not args.no_generate,
+                                 progress=_tqdm_progress(bar))
         setup["load_s"] = time.perf_counter() - t0
         memory["load"] = _peak_rss_gb()
         machine = machine_info(engine)

@@ -2,6 +2,7 @@
 
     python -m hyperrag.bench --scale 100000 [--json out.json]
     python -m hyperrag.scale 100000 [--m 32 --ef-search 128 --ef-construction 80]
+    python -m hyperrag.scale --corpus DIR    # a real corpus's embeddings and its questions
 
 The vectors are unit vectors drawn around random cluster centres (a clustered Gaussian, like
 embeddings of a corpus of many topics), queries from the same distribution, so the nearest
@@ -51,6 +52,24 @@ def synthetic(n: int, dim: int, seed: int = 0, queries: int = 0, clusters: int |
     return draw(n), draw(queries)
 
 
+def corpus_vectors(folder: str, queries: int, settings=None) -> tuple[np.ndarray, np.ndarray]:
+    """A corpus's passage embeddings (from its saved index, built first if there is none) and
+    up to ``queries`` of its questions embedded the same way: the real data for :func:`scale_bench`."""
+    from hyperrag.corpus import load_corpus
+    from hyperrag.models import load_embedder
+    from hyperrag.retrieval import DenseIndex
+    from hyperrag.settings import Settings
+
+    s = settings or Settings.from_env()
+    corpus = load_corpus(folder)
+    if not corpus.queries:
+        raise ValueError(f"{folder} has no queries.jsonl: its questions are what recall is measured on")
+    embedder = load_embedder(s.embedder, s.cache_dir, s.device)
+    index = DenseIndex.load_or_build(corpus, embedder, s.embedder, s.cache_dir).index
+    questions = [q.question for q in corpus.queries[:queries]]
+    return index.reconstruct_n(0, index.ntotal), embedder.encode(questions, normalize_embeddings=True, convert_to_numpy=True)
+
+
 def _measure(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[dict, np.ndarray]:
     gc.collect()
     rss0 = resident_bytes()
@@ -73,16 +92,19 @@ def _measure(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: in
 
 
 def scale_bench(n: int, dim: int = 384, k: int = 10, queries: int = 200, seed: int = 0,
-                m: int | None = None, ef_search: int | None = None, ef_construction: int | None = None) -> dict:
-    """Build an exact and an HNSW index over ``n`` synthetic unit vectors of ``dim`` and compare
-    them on ``queries`` questions (HNSW parameters default to :mod:`hyperrag.retrieval`'s)."""
-    if n < k:
-        raise ValueError(f"need n >= k ({n} < {k})")
+                m: int | None = None, ef_search: int | None = None, ef_construction: int | None = None,
+                data: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Build an exact and an HNSW index over ``n`` synthetic unit vectors of ``dim`` (or over
+    ``data``: real vectors and queries, :func:`corpus_vectors`) and compare them on the queries
+    (HNSW parameters default to :mod:`hyperrag.retrieval`'s)."""
     m = m or retrieval.HNSW_M
     ef_search = ef_search or retrieval.HNSW_EF_SEARCH
     ef_construction = ef_construction or retrieval.HNSW_EF_CONSTRUCTION
     t0 = time.perf_counter()
-    vectors, qs = synthetic(n, dim, seed, queries)
+    vectors, qs = data if data is not None else synthetic(n, dim, seed, queries)
+    (n, dim), queries = vectors.shape, len(qs)
+    if n < k:
+        raise ValueError(f"need n >= k ({n} < {k})")
     data_s = time.perf_counter() - t0
 
     exact, truth = _measure(faiss.IndexFlatIP(dim), vectors, qs, k)
@@ -93,6 +115,7 @@ def scale_bench(n: int, dim: int = 384, k: int = 10, queries: int = 200, seed: i
     recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, found)]))
     hnsw.update({"recall_at_k": round(recall, 4), "M": m, "efSearch": ef_search, "efConstruction": ef_construction})
     return {"n": n, "dim": dim, "k": k, "queries": queries, "seed": seed, "data_s": round(data_s, 3),
+            "data": "real" if data is not None else "synthetic",
             "vector_bytes": int(vectors.nbytes), "faiss_threads": faiss.omp_get_max_threads(),
             "engine_choice": "hnsw" if n >= retrieval.HNSW_MIN_VECTORS else "exact",
             "hnsw_min_vectors": retrieval.HNSW_MIN_VECTORS, "exact": exact, "hnsw": hnsw}
@@ -128,7 +151,7 @@ def sweep_ef(n: int, ef_values=(16, 32, 64, 96, 128, 192, 256), dim: int = 384, 
 
 
 def format_report(r: dict) -> str:
-    lines = [f"N={r['n']:,} dim={r['dim']} k={r['k']} queries={r['queries']} faiss threads={r['faiss_threads']} "
+    lines = [f"N={r['n']:,} ({r.get('data', 'synthetic')}) dim={r['dim']} k={r['k']} queries={r['queries']} faiss threads={r['faiss_threads']} "
              f"(the engine uses {r['engine_choice']} at this size; HNSW from {r['hnsw_min_vectors']:,})"]
     for name in ("exact", "hnsw"):
         x = r[name]
@@ -143,7 +166,8 @@ def format_report(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hyperrag.scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("n", type=int)
+    parser.add_argument("n", type=int, nargs="?", default=100_000, help="synthetic vectors (ignored with --corpus)")
+    parser.add_argument("--corpus", default=None, help="measure a corpus folder's own embeddings and questions instead")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--m", type=int, default=None)
@@ -157,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         for row in result:
             print(row)
     else:
+        data = corpus_vectors(args.corpus, args.queries) if args.corpus else None
         result = scale_bench(args.n, args.dim, queries=args.queries, m=args.m, ef_search=args.ef_search,
-                             ef_construction=args.ef_construction)
+                             ef_construction=args.ef_construction, data=data)
         print(format_report(result))
     if args.json:
         with open(args.json, "w") as f:

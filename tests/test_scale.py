@@ -79,6 +79,16 @@ def test_scale_bench_small():
     assert r["hnsw"]["recall_at_k"] >= 0.9 and r["engine_choice"] == "exact"
 
 
+def test_scale_bench_on_a_corpus_own_embeddings(tiny_corpus_dir, cache_dir):
+    from hyperrag.scale import corpus_vectors, scale_bench
+    from hyperrag.settings import Settings
+
+    vectors, questions = corpus_vectors(str(tiny_corpus_dir), 8, Settings.from_env(cache_dir=cache_dir))
+    assert vectors.shape == (24, 384) and questions.shape == (8, 384)
+    r = scale_bench(0, data=(vectors, questions))
+    assert (r["n"], r["queries"], r["data"]) == (24, 8, "real") and r["hnsw"]["recall_at_k"] == 1.0
+
+
 def test_planner_cli_million(capsys):
     from hyperrag.kv import planner
 
