@@ -137,6 +137,27 @@ def precompute(reranker: Reranker, store: KVStore, texts: Sequence[str], progres
     return report
 
 
+def plan_lines(reranker: Reranker, texts: Sequence[str], store: KVStore) -> list[str]:
+    """What the run will cost, said before it starts: bytes and hours (:mod:`hyperrag.kv.planner`),
+    and a warning when an ``fs://`` store's disk has less room than that (what is already stored
+    is skipped, so a resumed run needs less)."""
+    import shutil
+
+    from hyperrag.kv.planner import docs_per_s_for, format_bytes, plan_corpus, precompute_hours
+
+    plan = plan_corpus(reranker, texts, store.codec)
+    hours = precompute_hours(plan.docs, docs_per_s_for(plan.tokens / max(plan.docs, 1)))
+    lines = [f"plan: {plan.human()}; about {hours:,.1f} h on one 2-core worker like the measured one "
+             "(python -m hyperrag.kv.planner for more workers)"]
+    if store.folder is not None:
+        free = shutil.disk_usage(store.folder).free
+        if free < plan.total_bytes:
+            lines.append(f"warning: the store's disk has {format_bytes(free)} free, less than the "
+                         f"{format_bytes(plan.total_bytes)} the corpus needs in {plan.codec} (entries already "
+                         "stored are skipped): documents that do not fit are computed at query time")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     from hyperrag.corpus import load_corpus
     from hyperrag.kv.urls import redact_url
@@ -165,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     texts = [d.text for d in corpus.docs]
     store = open_store(settings if settings.store_url.startswith("memory://") else settings.replace(hot_cache_gb=0.0),
                        reranker, texts)
+    for line in plan_lines(reranker, texts, store):
+        print(line)
     bar, progress = progress_bar(len(texts), "precompute")
     try:
         report = precompute(reranker, store, texts, progress, verify=args.verify)

@@ -439,6 +439,7 @@ def test_killed_precompute_resumes(tmp_path, reranker, tiny_corpus_dir, cache_di
     assert main(cmd[3:]) == 0
     printed = capsys.readouterr().out
     assert f"{len(written) - 1} already stored (verified), 1 damaged entries replaced, 0 not stored" in printed
+    assert printed.startswith(f"plan: {len(docs)} docs x ") and " h on one 2-core worker" in printed
     assert len(list(kv_dir.glob("*.data"))) == len(docs)
     store = make_store(f"fs://{kv_dir}", codec="fp16")
     for doc in docs:
@@ -448,6 +449,23 @@ def test_killed_precompute_resumes(tmp_path, reranker, tiny_corpus_dir, cache_di
     store.load_into(docs[0].text, out := torch.empty_like(exact_kv))
     assert torch.equal(out, exact_kv.half().float())
     assert store.stats.corrupt == 0
+
+
+def test_precompute_warns_before_it_starts_when_the_disk_is_too_small(tmp_path, reranker, make_store, monkeypatch):
+    import shutil
+
+    from hyperrag.kv.planner import plan_corpus
+    from hyperrag.precompute import plan_lines
+
+    texts = ["A first document about rivers.", "A second one, about mountains and their glaciers."]
+    store = make_store(f"fs://{tmp_path / 'kv'}", codec="fp16")
+    need = plan_corpus(reranker, texts, "fp16").total_bytes
+    assert len(plan_lines(reranker, texts, store)) == 1  # this disk has room
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * need, 10 * need - 1000, 1000))
+    plan, warning = plan_lines(reranker, texts, store)
+    assert plan.startswith("plan: 2 docs x") and "fp16" in plan
+    assert warning.startswith("warning: the store's disk has 1 KB free") and "computed at query time" in warning
+    assert len(plan_lines(reranker, texts, make_store("memory://", codec="fp16"))) == 1  # no disk to check
 
 
 # -- a full CPU tier -----------------------------------------------------------------------------

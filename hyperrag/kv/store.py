@@ -679,8 +679,13 @@ class KVStore:
         closer.start()
         closer.join(timeout=self.timeout_s)
 
+    @property
+    def folder(self) -> Path | None:
+        """The folder of an ``fs://`` store (None for the others)."""
+        return Path(self._remote_url.removeprefix("fs://host:0")) if self.scheme == "fs" else None
+
     def _clean_stale_tmp(self) -> None:
-        folder = Path(self._remote_url.removeprefix("fs://host:0"))
+        folder = self.folder
         now = time.time()
         for tmp in folder.glob("*.tmp"):
             try:
