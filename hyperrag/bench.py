@@ -472,15 +472,6 @@ def machine_info(engine) -> dict:
     return info
 
 
-def _tqdm_progress(bar):
-    """A precompute progress callback ``(done, total)`` that drives a tqdm bar."""
-    def report(done: int, total: int) -> None:
-        bar.total, bar.n = total, done
-        bar.refresh()
-
-    return report
-
-
 def _loadavg() -> float:
     try:
         return os.getloadavg()[0]
@@ -496,7 +487,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from hyperrag.corpus import load_corpus
     from hyperrag.pipeline import Engine
-    from hyperrag.precompute import precompute
+    from hyperrag.precompute import plan_lines, precompute, progress_bar
     from hyperrag.report import record_from_result, summarize
     from hyperrag.settings import settings_from_args
 
@@ -517,9 +508,9 @@ def run(args: argparse.Namespace) -> dict:
     try:
         t0 = time.perf_counter()
         corpus = load_corpus(settings.folder("corpus"))
-        with tqdm(total=len(corpus.docs), desc="index (embed)", unit="doc", **bar_opts) as bar:
-            engine = Engine.load(settings, corpus=corpus, with_generator=not args.no_generate,
-                                 progress=_tqdm_progress(bar))
+        bar, progress = progress_bar(len(corpus.docs), "index (embed)", **bar_opts)
+        with bar:
+            engine = Engine.load(settings, corpus=corpus, with_generator=not args.no_generate, progress=progress)
         setup["load_s"] = time.perf_counter() - t0
         memory["load"] = _peak_rss_gb()
         machine = machine_info(engine)
@@ -539,9 +530,11 @@ def run(args: argparse.Namespace) -> dict:
             texts = [d.text for d in corpus.docs]
         else:
             texts = list(dict.fromkeys(t for ts in candidate_texts for t in ts))
-        bar = tqdm(total=len(texts), desc="precompute", unit="doc", **bar_opts)
-        report = precompute(engine.reranker, engine.store, texts, _tqdm_progress(bar))
-        bar.close()
+        for line in plan_lines(engine.reranker, texts, engine.store):
+            print(line, file=sys.stderr)
+        bar, progress = progress_bar(len(texts), "precompute", **bar_opts)
+        with bar:
+            report = precompute(engine.reranker, engine.store, texts, progress)
         setup["precompute_s"] = report.seconds
         memory["precompute"] = _peak_rss_gb()
         warnings = list(report.warnings)
@@ -553,9 +546,9 @@ def run(args: argparse.Namespace) -> dict:
             union = list(dict.fromkeys(t for ts in candidate_texts for t in ts))
             need = plan_corpus(engine.reranker, union, engine.store.codec).payload_bytes
             zero_shot = engine.zero_shot(hot_cache_gb=need * 1.25 / 1e9 + 0.05)
-            bar = tqdm(total=len(union), desc="precompute zero-shot", unit="doc", **bar_opts)
-            zs_report = precompute(zero_shot.reranker, zero_shot.store, union, _tqdm_progress(bar))
-            bar.close()
+            bar, progress = progress_bar(len(union), "precompute zero-shot", **bar_opts)
+            with bar:
+                zs_report = precompute(zero_shot.reranker, zero_shot.store, union, progress)
             setup["zero_shot_precompute_s"] = zs_report.seconds
             memory["zero_shot"] = _peak_rss_gb()
             modes = ("zero_shot", *modes)

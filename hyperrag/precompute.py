@@ -70,11 +70,11 @@ class PrecomputeReport:
                 f"({per_token:.0f} B/token, {codec}); {self.docs_per_s:.2f} docs/s into {where}")
 
 
-def progress_bar(total: int, desc: str):
-    """A tqdm bar and the ``progress(done, total)`` callback that moves it."""
+def progress_bar(total: int, desc: str, **opts):
+    """A tqdm bar (``opts`` go to tqdm) and the ``progress(done, total)`` callback that moves it."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="doc")
+    bar = tqdm(total=total, desc=desc, unit="doc", **opts)
 
     def progress(done: int, total: int) -> None:
         bar.total = total
