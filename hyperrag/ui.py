@@ -29,7 +29,7 @@ from hyperrag import figures, report
 from hyperrag.batching import Busy
 from hyperrag.corpus import Query
 from hyperrag.kv.codec import CODECS
-from hyperrag.kv.planner import format_bytes
+from hyperrag.kv.planner import format_bytes, format_duration
 from hyperrag.kv.urls import redact_url
 from hyperrag.metrics import agreement, exact_match, f1_score
 from hyperrag.modes import MODE_TABLE, MODES as MODE_SPECS
@@ -229,7 +229,9 @@ def corpus_markdown(entry: CorpusEntry, estimate: dict | None = None) -> str:
                            if r["codec"] != estimate["codec"])
         text += (f"\n\n**Storage estimate:** {estimate['tokens']:,} document tokens × "
                  f"{chosen['bytes_per_token'] / 1e3:.1f} KB/token = **{format_bytes(chosen['bytes'])}** "
-                 f"with the {estimate['codec']} codec in `{estimate['store']}` (other codecs: {others}).")
+                 f"with the {estimate['codec']} codec in `{estimate['store']}` (other codecs: {others}); "
+                 f"precomputing takes about {format_duration(estimate['precompute_s'])} on a 2-core CPU "
+                 "(the rate measured on one, scaled by tokens).")
     if entry.report is not None:
         r = entry.report
         text += (f"\n\n**KV caches:** {r.encoded} encoded, {r.skipped} already stored, {r.failed} failed; "

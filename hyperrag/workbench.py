@@ -301,7 +301,8 @@ class Workbench:
         rows = [{"codec": p.codec, "bytes": p.total_bytes, "bytes_per_token": p.bytes_per_token,
                  "tokens": p.tokens, "docs": p.docs}
                 for p in planner.codec_table(len(tokens), tokens, geometry, codecs)]
-        return {"docs": len(tokens), "tokens": sum(tokens), "codecs": rows,
+        seconds = len(tokens) / planner.docs_per_s_for(sum(tokens) / len(tokens)) if tokens else 0.0
+        return {"docs": len(tokens), "tokens": sum(tokens), "codecs": rows, "precompute_s": seconds,
                 "codec": self.settings.codec, "store": self.store_label()}
 
     # -- settings -----------------------------------------------------------------------------

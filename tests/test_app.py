@@ -55,6 +55,7 @@ def test_default_corpus_estimate(wb):
     key, info, gold, warn = ui.cb_select_corpus(ui.SHIPPED, None, ui.DEFAULT_KEY)
     assert key == ui.DEFAULT_KEY
     assert "24 documents" in info and "Storage estimate" in info and "fp16" in info
+    assert "precomputing takes about " in info and " s on a 2-core CPU" in info  # 24 short paragraphs: seconds
     assert len(gold["choices"]) > 20 and warn["visible"] is False
     est = wb.estimate(wb.entry(key))
     rows = {r["codec"]: r for r in est["codecs"]}

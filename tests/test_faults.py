@@ -439,7 +439,7 @@ def test_killed_precompute_resumes(tmp_path, reranker, tiny_corpus_dir, cache_di
     assert main(cmd[3:]) == 0
     printed = capsys.readouterr().out
     assert f"{len(written) - 1} already stored (verified), 1 damaged entries replaced, 0 not stored" in printed
-    assert printed.startswith(f"plan: {len(docs)} docs x ") and " h on one 2-core worker" in printed
+    assert printed.startswith(f"plan: {len(docs)} docs x ") and " on one 2-core worker" in printed
     assert len(list(kv_dir.glob("*.data"))) == len(docs)
     store = make_store(f"fs://{kv_dir}", codec="fp16")
     for doc in docs:

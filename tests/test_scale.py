@@ -96,3 +96,10 @@ def test_planner_cli_million(capsys):
     out = capsys.readouterr().out
     assert "fp16      4.61 TB" in out and "int4" in out
     assert f"{1e6 / 3.67 / 3600:,.1f} h" in out and f"{1e6 / 3.67 / 16 / 3600:,.1f} h" in out
+
+
+def test_durations_read_at_their_scale():
+    from hyperrag.kv.planner import format_duration
+
+    assert [format_duration(s) for s in (42, 450, 3 * 3600 + 720, 30 * 3600, 5 * 86_400)] == [
+        "42 s", "7.5 min", "3.2 h", "30.0 h", "5.0 days"]

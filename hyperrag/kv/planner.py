@@ -227,6 +227,14 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``7.5 min``, ``3.2 h``, ``2.1 days``: a precompute estimate at a readable scale."""
+    for unit, size, from_ in (("days", 86_400, 172_800), ("h", 3600, 3600), ("min", 60, 60)):
+        if seconds >= from_:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 def docs_per_s_for(tokens_per_doc: float, docs_per_s: float | None = None) -> float:
     """A precompute rate for documents of ``tokens_per_doc`` tokens: ``docs_per_s`` when given,
     else the measured rate scaled by tokens (encoding cost is close to linear in tokens at a
