@@ -138,7 +138,7 @@ def precompute(reranker: Reranker, store: KVStore, texts: Sequence[str], progres
 
 
 def plan_lines(reranker: Reranker, texts: Sequence[str], store: KVStore) -> list[str]:
-    """What the run will cost, said before it starts: bytes and hours (:mod:`hyperrag.kv.planner`),
+    """What the run will cost, said before it starts: bytes and time (:mod:`hyperrag.kv.planner`),
     and a warning when an ``fs://`` store's disk has less room than that (what is already stored
     is skipped, so a resumed run needs less)."""
     import shutil

@@ -19,12 +19,16 @@ import gc
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
 from hyperrag import retrieval
 from hyperrag.memory import peak_resident_bytes, resident_bytes
+
+if TYPE_CHECKING:
+    from hyperrag.settings import Settings
 
 
 def synthetic(n: int, dim: int, seed: int = 0, queries: int = 0, clusters: int | None = None,
@@ -52,7 +56,7 @@ def synthetic(n: int, dim: int, seed: int = 0, queries: int = 0, clusters: int |
     return draw(n), draw(queries)
 
 
-def corpus_vectors(folder: str, queries: int, settings=None) -> tuple[np.ndarray, np.ndarray]:
+def corpus_vectors(folder: str, queries: int, settings: "Settings | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """A corpus's passage embeddings (from its saved index, built first if there is none) and
     up to ``queries`` of its questions embedded the same way: the real data for :func:`scale_bench`."""
     from hyperrag.corpus import load_corpus
