@@ -126,10 +126,13 @@ def scale_bench(n: int, dim: int = 384, k: int = 10, queries: int = 200, seed: i
 
 
 def sweep_ef(n: int, ef_values=(16, 32, 64, 96, 128, 192, 256), dim: int = 384, k: int = 10, queries: int = 200,
-             seed: int = 0, m: int | None = None, ef_construction: int | None = None) -> list[dict]:
-    """Recall@k and latency of one HNSW graph at several efSearch values (one build)."""
+             seed: int = 0, m: int | None = None, ef_construction: int | None = None,
+             data: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
+    """Recall@k and latency of one HNSW graph at several efSearch values (one build), over
+    synthetic vectors or ``data`` (:func:`corpus_vectors`)."""
     m = m or retrieval.HNSW_M
-    vectors, qs = synthetic(n, dim, seed, queries)
+    vectors, qs = data if data is not None else synthetic(n, dim, seed, queries)
+    dim = vectors.shape[1]
     flat = faiss.IndexFlatIP(dim)
     flat.add(vectors)
     _, truth = flat.search(qs, k)
@@ -180,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="one HNSW build, recall/latency at several efSearch")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    data = corpus_vectors(args.corpus, args.queries) if args.corpus else None
     if args.sweep:
-        result = sweep_ef(args.n, dim=args.dim, queries=args.queries, m=args.m, ef_construction=args.ef_construction)
+        result = sweep_ef(args.n, dim=args.dim, queries=args.queries, m=args.m, ef_construction=args.ef_construction,
+                          data=data)
         for row in result:
             print(row)
     else:
-        data = corpus_vectors(args.corpus, args.queries) if args.corpus else None
         result = scale_bench(args.n, args.dim, queries=args.queries, m=args.m, ef_search=args.ef_search,
                              ef_construction=args.ef_construction, data=data)
         print(format_report(result))

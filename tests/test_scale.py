@@ -80,13 +80,14 @@ def test_scale_bench_small():
 
 
 def test_scale_bench_on_a_corpus_own_embeddings(tiny_corpus_dir, cache_dir):
-    from hyperrag.scale import corpus_vectors, scale_bench
+    from hyperrag.scale import corpus_vectors, scale_bench, sweep_ef
     from hyperrag.settings import Settings
 
     vectors, questions = corpus_vectors(str(tiny_corpus_dir), 8, Settings.from_env(cache_dir=cache_dir))
     assert vectors.shape == (24, 384) and questions.shape == (8, 384)
     r = scale_bench(0, data=(vectors, questions))
     assert (r["n"], r["queries"], r["data"]) == (24, 8, "real") and r["hnsw"]["recall_at_k"] == 1.0
+    assert [row["recall_at_k"] for row in sweep_ef(0, ef_values=(16, 64), data=(vectors, questions))] == [1.0, 1.0]
 
 
 def test_planner_cli_million(capsys):
