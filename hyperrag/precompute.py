@@ -143,11 +143,10 @@ def plan_lines(reranker: Reranker, texts: Sequence[str], store: KVStore) -> list
     is skipped, so a resumed run needs less)."""
     import shutil
 
-    from hyperrag.kv.planner import docs_per_s_for, format_bytes, format_duration, plan_corpus
+    from hyperrag.kv.planner import format_bytes, format_duration, plan_corpus
 
     plan = plan_corpus(reranker, texts, store.codec)
-    seconds = plan.docs / docs_per_s_for(plan.tokens / max(plan.docs, 1))
-    lines = [f"plan: {plan.human()}; about {format_duration(seconds)} on one 2-core worker like the measured "
+    lines = [f"plan: {plan.human()}; about {format_duration(plan.precompute_s)} on one 2-core worker like the measured "
              "one (python -m hyperrag.kv.planner for more workers)"]
     if store.folder is not None:
         free = shutil.disk_usage(store.folder).free

@@ -298,11 +298,10 @@ class Workbench:
         """What the document KV of this corpus will take in the store, per codec (the planner)."""
         geometry = planner.KVGeometry.of(self.wait_ready().reranker)
         tokens = self.doc_tokens(entry)
+        plans = planner.codec_table(len(tokens), tokens, geometry, codecs)
         rows = [{"codec": p.codec, "bytes": p.total_bytes, "bytes_per_token": p.bytes_per_token,
-                 "tokens": p.tokens, "docs": p.docs}
-                for p in planner.codec_table(len(tokens), tokens, geometry, codecs)]
-        seconds = len(tokens) / planner.docs_per_s_for(sum(tokens) / len(tokens)) if tokens else 0.0
-        return {"docs": len(tokens), "tokens": sum(tokens), "codecs": rows, "precompute_s": seconds,
+                 "tokens": p.tokens, "docs": p.docs} for p in plans]
+        return {"docs": len(tokens), "tokens": sum(tokens), "codecs": rows, "precompute_s": plans[0].precompute_s,
                 "codec": self.settings.codec, "store": self.store_label()}
 
     # -- settings -----------------------------------------------------------------------------

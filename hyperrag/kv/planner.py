@@ -124,6 +124,12 @@ class StorePlan:
     def bytes_per_doc(self) -> float:
         return self.total_bytes / self.docs if self.docs else 0.0
 
+    @property
+    def precompute_s(self) -> float:
+        """Seconds to precompute these documents on one worker like the measured one (its rate
+        scaled by this plan's tokens per document)."""
+        return precompute_hours(self.docs, docs_per_s_for(self.tokens / self.docs)) * 3600 if self.docs else 0.0
+
     def human(self) -> str:
         mean_tokens = self.tokens / self.docs if self.docs else 0
         return (f"{self.docs:,} docs x {mean_tokens:,.0f} tokens, {self.codec}: {format_bytes(self.total_bytes)} "
