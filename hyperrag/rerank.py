@@ -57,6 +57,7 @@ class QueryRow:
     # The KV of this row's [question][suffix] over its document, computed already (the
     # reranker's run of the same tokens): a reader row then runs only its answer cue.
     question_kv: torch.Tensor | None = None
+    branch: int = 0  # reader: the row's answer starts with its document's (branch+1)-th likeliest token
 
 
 def load_batch(source: DocKVSource, texts: Sequence[str], outs: Sequence[torch.Tensor]) -> list[bool]:

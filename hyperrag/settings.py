@@ -90,6 +90,11 @@ class Settings:
                                       "decoding), 0 = free greedy decoding, -1 = the adapter's choice, measured "
                                       "on SQuAD train (span if it has none)"},
     )
+    reader_first_tokens: int = field(
+        default=2, metadata={"help": "reader: rows per document, whose answers start with its 1st, 2nd, ... likeliest "
+                                     "first token and go on greedily; every row is a candidate (2: measured best "
+                                     "on held-out SQuAD train, see hyperrag.reader)"},
+    )
     draft_tokens: int = field(
         default=8, metadata={"help": "reader: document tokens after the answer so far that one decode step checks "
                                      "as a draft (prompt-lookup decoding: the same greedy answers in fewer "
@@ -150,7 +155,7 @@ class Settings:
         if not self.store_url:
             self.store_url = f"fs://{Path(self.cache_dir) / 'kv'}"
         for name in ("top_k", "top_n", "batch_size", "cpu_streams", "max_new_tokens", "max_question_tokens", "max_doc_tokens",
-                     "batch_requests", "queue_size"):
+                     "batch_requests", "queue_size", "reader_first_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
         if self.draft_tokens < 0:

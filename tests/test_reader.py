@@ -97,6 +97,39 @@ def test_reading_on_the_rerankers_question_kv_equals_running_the_question(rerank
         reranker.score_many([(question, docs)], "full", keep_question_kv=True)
 
 
+def test_rows_from_the_likeliest_first_tokens(llm, reranker, docs_and_question):
+    """``first_tokens=2`` reads each document twice: one row is greedy (as a reader of one row
+    per document), the other starts with the second likeliest first token and then goes on
+    greedily, as the plain model does on the whole prompt; the answer is the best candidate of all."""
+    docs, question = docs_and_question
+    source = LocalKV()
+    one = Reader(reranker, max_rows=3, max_new_tokens=6, span=False, prune=False)
+    two = Reader(reranker, max_rows=3, max_new_tokens=6, span=False, prune=False, first_tokens=2)
+    scores = [0.5, 0.0, 1.0]
+    greedy, both = one.read(question, docs, scores, "kv", source), two.read(question, docs, scores, "kv", source)
+    assert len(both.candidates) == 2 * len(docs)
+    prompt, tok = reranker.prompt, llm.tokenizer
+    for d in range(len(docs)):
+        g = [c for c in greedy.candidates if c.doc == d][0]
+        pair = [c for c in both.candidates if c.doc == d]
+        same = [c for c in pair if c.text == g.text]
+        assert same and abs(same[0].logprob - g.logprob) <= FP32_SCORE_BOUND * (g.tokens + 1)
+        other = [c for c in pair if c is not same[0]][0]
+        ids = prompt.prefix_ids + list(prompt.doc_ids(docs[d])) + prompt.read_query(question).ids
+        with torch.no_grad():
+            first = torch.log_softmax(llm.model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        second = int(first.topk(2).indices[1])
+        rest, logprob = hf_greedy(llm, ids + [second], two.max_new_tokens - 1, two.stop_ids)
+        assert other.text == tok.decode([second] + rest, skip_special_tokens=True).strip()
+        expected = float(first[second]) + logprob
+        assert abs(other.logprob - expected) <= FP32_SCORE_BOUND * (other.tokens + 1), (other.logprob, expected)
+    values = [scores[c.doc] + two.selection_weight * c.logprob for c in both.candidates if c.text]
+    chosen = [c for c in both.candidates if (c.text, c.doc) == (both.answer, both.doc)][0]
+    assert scores[chosen.doc] + two.selection_weight * chosen.logprob == max(values)
+    with pytest.raises(ValueError, match="first_tokens"):
+        Reader(reranker, first_tokens=0)
+
+
 def test_a_missing_document_is_computed_and_stored(reranker, docs_and_question):
     docs, question = docs_and_question
     reader = Reader(reranker, max_rows=4, max_new_tokens=3)
