@@ -457,7 +457,8 @@ def machine_info(engine) -> dict:
     from hyperrag.kernels import cpu_model
 
     cpu = cpu_model()
-    info = {"cpu": cpu if cpu != "unknown" else platform.processor() or cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"cpu": cpu if cpu != "unknown" else platform.processor() or cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "device": str(engine.reranker.decoder.device), "dtype": str(engine.reranker.decoder.dtype).replace("torch.", ""),
             "python": platform.python_version(), "platform": platform.platform(),
             "linear": engine.reranker.llm.kernels, "streams": engine.reranker.stream_choice}
