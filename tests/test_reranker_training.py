@@ -31,7 +31,8 @@ def test_shipped_adapter_is_the_default_and_loads(trained_llm):
     from hyperrag.models import adapter_hash
 
     assert Settings().adapter == str(ADAPTER)
-    assert (ADAPTER / "adapter_model.safetensors").stat().st_size < 20 * 2**20
+    # a size budget for the repo, wheel and Space: rank 32 on 20 layers in fp32 is 26 MB
+    assert (ADAPTER / "adapter_model.safetensors").stat().st_size < 32 * 2**20
     config = json.loads((ADAPTER / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     assert trained_llm.fingerprint == f"smollm2-135m+lora-{adapter_hash(ADAPTER)}"
