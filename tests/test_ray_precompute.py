@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.servers import Server, free_port, redis_server  # noqa: F401 - fixture
 
@@ -72,9 +73,15 @@ def test_ray_precompute_equals_single_process(kind, tiny_corpus_dir, cache_dir, 
 
     texts = sorted((d.text for d in load_corpus(tiny_corpus_dir).docs), key=len)[:10]
     settings = Settings.from_env(corpus=str(tiny_corpus_dir), cache_dir=cache_dir, store_url=redis_server.url,
-                                 codec="fp16", dtype="float32", adapter="", batch_size=3, hot_cache_gb=0.0)
-    # The reference: the single-process precompute into another Redis server.
+                                 codec="fp16", dtype="float32", adapter="", batch_size=3, hot_cache_gb=0.0,
+                                 cpu_linear="aten")
+    # The reference: the single-process precompute into another Redis server, computed as each
+    # actor computes (one thread, the same kernels). Bit-for-bit equality holds only then: another
+    # thread count or kernel may round an fp32 KV value differently in the last bit, and that can
+    # flip its fp16 rounding (seen on an Intel Xeon, where the probe picks ATen/MKL).
     other = Server("redis").start()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         reranker = load_reranker(settings)  # built as the Ray actors build it
         store = _open_store(settings.replace(store_url=other.url), reranker)
@@ -85,6 +92,7 @@ def test_ray_precompute_equals_single_process(kind, tiny_corpus_dir, cache_dir, 
         assert single.complete and single.encoded == len(texts), single
         reference = _entries(other.url)
     finally:
+        torch.set_num_threads(threads)
         other.kill()
 
     _entries(redis_server.url, flush=True)  # the module's server: another kind's run may have filled it
