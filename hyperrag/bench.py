@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "only the candidates of the sampled queries (explicit flags still win)")
     bench.add_argument("--codecs", default="",
                        help="comma-separated codec sweep, e.g. fp16,int8,int4 (fp32 bf16 too): bytes/token, "
-                            "score error and ranking agreement against fp32 full prefill, pairs/s")
+                            "score error and ranking agreement against fp32 full prefill, pairs/s; a quantized "
+                            "codec rounds as --kv-rounding says, or as its suffix asks (int4:nearest, int4:hessian)")
     bench.add_argument("--frontier", action="store_true",
                        help="add the quality-vs-throughput points of every configuration measured")
     bench.add_argument("--precompute", choices=("all", "candidates"), default=None,
@@ -122,10 +123,13 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("--clients must be >= 1")
     from hyperrag.kv.codec import CODECS
 
+    ROUNDINGS = ("", "hessian", "nearest")
+
     args.codec_list = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    unknown = [c for c in args.codec_list if c not in CODECS]
+    unknown = [c for c in args.codec_list if c.partition(":")[0] not in CODECS or c.partition(":")[2] not in ROUNDINGS]
     if unknown:
-        raise SystemExit(f"--codecs: unknown codec(s) {unknown}; choose from {', '.join(CODECS)}")
+        raise SystemExit(f"--codecs: unknown codec(s) {unknown}; choose from {', '.join(CODECS)}, each optionally "
+                         f"with :{' or :'.join(r for r in ROUNDINGS if r)}")
     return args
 
 
@@ -284,6 +288,7 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
 
     from hyperrag.kv.codec import get_codec
     from hyperrag.kv.local import LocalKV
+    from hyperrag.kv.rounding import codec_for
     from hyperrag.metrics import agreement, ndcg_at_k
     from hyperrag.rerank import fuse_scores
 
@@ -291,17 +296,26 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
     union = list(dict.fromkeys(t for texts in candidate_texts for t in texts))
     dec = reranker.decoder
     corpus_tokens = [reranker.doc_tokens(t) for t in all_texts]
-    sources = {name: LocalKV(get_codec(name)) for name in codecs}
+
+    def sweep_codec(entry: str):  # "int4" rounds as the settings say, "int4:nearest" as asked
+        name, _, rounding = entry.partition(":")
+        return codec_for(name, rounding or engine.settings.kv_rounding, reranker, engine.settings.cache_dir)
+
+    sources = {name: LocalKV(sweep_codec(name)) for name in codecs}
+    encode_s = dict.fromkeys(codecs, 0.0)
     for text, kv in _exact_kvs(engine, union):  # one document at a time when the store is exact
-        for source in sources.values():
+        for name, source in sources.items():
+            start = time.perf_counter()
             source.put(text, kv)
+            encode_s[name] += time.perf_counter() - start
         del kv
     gc.collect()
     rows = {}
     for name in codecs:
-        codec = get_codec(name)
+        codec = sources[name].codec
         payload = sum(codec.nbytes(KVGeometry.of(reranker).shape(n)) for n in corpus_tokens)
-        rows[name] = {"bytes_per_token": codec.bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim),
+        rows[name] = {"spec": codec.spec, "encode_ms_per_doc": 1e3 * encode_s[name] / max(len(union), 1),
+                      "bytes_per_token": codec.bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim),
                       "bytes": payload, "tokens": sum(corpus_tokens), "records": [], "secs": 0.0, "load_s": 0.0,
                       "pairs": 0, "ndcg": [], "encoded": 0, "held_bytes": sources[name].nbytes}
     top_n = engine.settings.top_n
@@ -334,7 +348,8 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
     for name in codecs:
         r = rows[name]
         out.append({
-            "codec": name, "bytes_per_token": r["bytes_per_token"], "bytes": r["bytes"], "tokens": r["tokens"],
+            "codec": name, "spec": r["spec"], "encode_ms_per_doc": r["encode_ms_per_doc"],
+            "bytes_per_token": r["bytes_per_token"], "bytes": r["bytes"], "tokens": r["tokens"],
             "compression_vs_fp32": fp32_bpt / r["bytes_per_token"],
             "fraction_of_fp16": r["bytes_per_token"] / fp16_bpt,
             **agreement(references, r["records"]),
@@ -604,7 +619,7 @@ def run(args: argparse.Namespace) -> dict:
             "config": {
                 "corpus": corpus.name, "corpus_path": str(corpus.root), "corpus_docs": len(corpus.docs),
                 "queries": len(questions), "query_source": source, "top_k": top_k, "top_n": top_n,
-                "codec": settings.codec, "store": settings.store_url if tmp is None else "fs://<temporary folder>",
+                "codec": settings.codec, "kv_rounding": settings.kv_rounding, "store": settings.store_url if tmp is None else "fs://<temporary folder>",
                 "store_temporary": tmp is not None, "batch_size": settings.batch_size, "seed": settings.seed,
                 "cpu_streams": engine.reranker.rows.size,
                 "model": settings.model, "adapter": settings.adapter, "dtype": settings.dtype,

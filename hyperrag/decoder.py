@@ -74,6 +74,10 @@ class Decoder:
         # matrix: q.k and so attention are unchanged, but the cached keys' outlier channels are
         # spread over all channels, which is what quantized codecs need (QuaRot).
         self.rotation = hadamard(self.head_dim).to(self.device, self.dtype) if rotate else None
+        # ``probe(layer, q)`` sees every layer's queries [B, heads, T, head_dim] as attention
+        # gets them (after RoPE and rotation): how the quantized codecs measure what reads the
+        # cached KV (:mod:`hyperrag.kv.rounding`). Set only while nothing else runs.
+        self.probe: Callable[[int, torch.Tensor], None] | None = None
 
     def kv_shape(self, batch: int, columns: int) -> tuple[int, ...]:
         return (self.n_layers, 2, batch, self.n_kv_heads, columns, self.head_dim)
@@ -155,6 +159,8 @@ class Decoder:
             else:
                 q = _rope(lin(h, attn.q_proj).view(bsz, n_new, self.n_heads, self.head_dim).transpose(1, 2), cos, sin,
                           self.rotation)
+            if self.probe is not None:
+                self.probe(i, q)
             for rows, kv_rows, begin, end in spans:
                 buf[i, 0, kv_rows, :, begin:end] = k[rows]
                 buf[i, 1, kv_rows, :, begin:end] = v[rows]

@@ -304,11 +304,12 @@ def _codec_table(results: Mapping[str, Any]) -> str:
         return ""
     return "<h2>Codec sweep</h2>" + _table(
         ["codec", "bytes/token", "of fp16", "corpus bytes", "max / mean |score diff| vs fp32 full", "identical rankings",
-         "same top-n", "NDCG@10", "pairs/s", "decode share"],
-        [[r.get("codec"), fmt_number(r.get("bytes_per_token")), fmt_number(r.get("fraction_of_fp16")), _mib(r.get("bytes")),
+         "same top-n", "NDCG@10", "pairs/s", "decode share", "encode ms/doc"],
+        [[r.get("spec") or r.get("codec"), fmt_number(r.get("bytes_per_token")), fmt_number(r.get("fraction_of_fp16")), _mib(r.get("bytes")),
           f"{fmt_number(r.get('max_abs_score_diff'))} / {fmt_number(r.get('mean_abs_score_diff'))}",
           fmt_share(r.get("ranking_agreement")), fmt_share(r.get("top_n_agreement")), fmt_number(r.get("ndcg@10")),
-          fmt_number(r.get("pairs_per_s")), fmt_share(r.get("decode_share"))] for r in rows])
+          fmt_number(r.get("pairs_per_s")), fmt_share(r.get("decode_share")), fmt_number(r.get("encode_ms_per_doc"))]
+         for r in rows])
 
 
 def _kv_table(title: str, block: Any) -> str:

@@ -16,7 +16,7 @@ Result schema (the whole dict; this module builds ``e2e``, ``rerank`` and ``qual
               max_abs_score_diff, ranking_agreement, top_n_agreement, answer_agreement}
     storage  {codec, docs, tokens, bytes, bytes_per_token, precompute_docs_per_s, load_gb_per_s}
     machine  {cpu, cores, threads, torch, device, ...}
-    codecs   [ {codec, bytes_per_token, fraction_of_fp16, max_abs_score_diff, mean_abs_score_diff, ranking_agreement,
+    codecs   [ {codec, spec, encode_ms_per_doc, bytes_per_token, fraction_of_fp16, max_abs_score_diff, mean_abs_score_diff, ranking_agreement,
                top_n_agreement, ndcg@10, pairs_per_s, decode_share, ...} ]
     frontier [ {label, queries_per_s | pairs_per_s, ndcg@10, f1} ]
     layout   {static_ms, concat_ms, ratio, saved_ms, ...}              (optional)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from hyperrag.corpus import Corpus
 from hyperrag.generate import Generator
 from hyperrag.kv import planner
+from hyperrag.kv.rounding import codec_for
 from hyperrag.kv.store import KVStore
 from hyperrag.kv.urls import StoreError, redact_url
 from hyperrag.models import LLM, adapter_meta, load_embedder, load_llm
@@ -74,7 +75,7 @@ class Runtime:
             self.reranker = load_reranker(new, self.reranker.llm)
             self.reader = load_reader(new, self.reranker) if self.reader is not None else None
             notes.append(f"reranker batch size {old.batch_size} -> {new.batch_size}")
-        if new.codec != self.store.codec.name or new.store_url != self.store.url:
+        if new.codec != self.store.codec.name or new.kv_rounding != old.kv_rounding or new.store_url != self.store.url:
             previous = self.store
             self.store = open_store(new, self.reranker)
             previous.close()
@@ -142,11 +143,12 @@ def open_store(settings: Settings, reranker: Reranker, texts: Sequence[str] = ()
     if hot_gb < 0:
         hot_gb = planner.hot_tier_gb(planner.plan_corpus(reranker, texts, settings.codec).total_bytes,
                                      room_gb=planner.budget_room_gb(settings.memory_budget_gb))
+    codec = codec_for(settings.codec, settings.kv_rounding, reranker, settings.cache_dir)
     try:
-        return KVStore(settings.store_url, settings.codec, reranker.kv_identity, hot_gb,
+        return KVStore(settings.store_url, codec, reranker.kv_identity, hot_gb,
                        settings.store_timeout_s, backoff_s=max(1.0, 2 * settings.store_timeout_s))
     except StoreError as err:
-        fallback = KVStore("memory://", settings.codec, reranker.kv_identity, max(hot_gb, 1.0))
+        fallback = KVStore("memory://", codec, reranker.kv_identity, max(hot_gb, 1.0))
         fallback.note(f"{err}; using an in-process store until restarted")
         log.warning("%s; falling back to an in-process store", err)
         return fallback

@@ -67,3 +67,18 @@ def tiny_engine(tiny_corpus_dir, cache_dir, tmp_path_factory):
     engine = Engine.load(settings)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def real_batch(reranker):
+    """One SQuAD question with 20 candidates (its article's paragraphs, gold first, and other
+    articles'), encoded once in fp32."""
+    docs = [json.loads(line) for line in (SHIPPED / "docs.jsonl").read_text().splitlines()]
+    query = json.loads((SHIPPED / "queries.jsonl").read_text().splitlines()[0])
+    gold = query["doc_ids"][0]
+    article = gold.rsplit("-", 1)[0]
+    same = [d["text"] for d in docs if d["id"].startswith(article) and d["id"] != gold]
+    others = [d["text"] for d in docs if not d["id"].startswith(article)]
+    candidates = [next(d["text"] for d in docs if d["id"] == gold)] + same[:11] + others[::37][:8]
+    kvs = dict(zip(candidates, reranker.encode_docs(candidates)))
+    return query["question"], candidates, kvs

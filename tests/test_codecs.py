@@ -14,8 +14,6 @@ hyperrag.kv.codec and in the README's "KV compression" table):
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -23,26 +21,10 @@ from hyperrag.decoder import RowGroup
 from hyperrag.kv.codec import CODECS, QuantCodec, get_codec
 from hyperrag.kv.local import LocalKV
 from hyperrag.rerank import FP32_SCORE_BOUND
-from tests.conftest import SHIPPED
 
 REL_BOUND = {"fp32": 0.0, "fp16": 1e-3, "bf16": 8e-3, "int8": 0.01, "int4": 0.08, "int2": 0.4}
 # fp32 stores exact bytes; its scores still move by the kernels' rounding (FP32_SCORE_BOUND).
 SCORE_BOUND = {"fp32": FP32_SCORE_BOUND, "fp16": 5e-3, "bf16": 0.05, "int8": 0.06, "int4": 0.4, "int2": 3.0}
-
-
-@pytest.fixture(scope="module")
-def real_batch(reranker):
-    """One SQuAD question with 20 candidates (its article's paragraphs, gold first, and other
-    articles'), encoded once in fp32."""
-    docs = [json.loads(line) for line in (SHIPPED / "docs.jsonl").read_text().splitlines()]
-    query = json.loads((SHIPPED / "queries.jsonl").read_text().splitlines()[0])
-    gold = query["doc_ids"][0]
-    article = gold.rsplit("-", 1)[0]
-    same = [d["text"] for d in docs if d["id"].startswith(article) and d["id"] != gold]
-    others = [d["text"] for d in docs if not d["id"].startswith(article)]
-    candidates = [next(d["text"] for d in docs if d["id"] == gold)] + same[:11] + others[::37][:8]
-    kvs = dict(zip(candidates, reranker.encode_docs(candidates)))
-    return query["question"], candidates, kvs
 
 
 def test_quantization_error_within_half_step():

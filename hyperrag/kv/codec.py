@@ -58,11 +58,12 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
 KV_DIMS = 5  # layers, k/v, heads, tokens, head_dim
+_SWEEP_BLOCK = 16  # channels per block of the Hessian-aware sweep (QuantCodec._sweep)
 _ALIGN = 8  # every part of a payload starts 8-byte aligned (fp16 views need it)
 
 
@@ -130,10 +131,21 @@ class QuantCodec(Codec):
     bits: int
     key_group: int  # tokens per key group (per channel)
     value_group: int  # channels per value group (per token)
+    # [layers, 2, heads, D, D]: upper Cholesky factors of H^-1 for Hessian-aware rounding
+    # (:meth:`rounded_by`); None rounds each value to its nearest level.
+    hinv: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def spec(self) -> str:
-        return f"{self.name}-asym-k{self.key_group}v{self.value_group}"
+        base = f"{self.name}-asym-k{self.key_group}v{self.value_group}"
+        # The bytes decode the same either way; the tag keeps the two encodings' entries apart,
+        # so a store filled by nearest rounding is re-encoded, not silently kept.
+        return base if self.hinv is None else f"{base}-gptq"
+
+    def rounded_by(self, hinv: torch.Tensor | None) -> "QuantCodec":
+        """This codec choosing its codes by Hessian-aware rounding with ``hinv``
+        (:func:`hyperrag.kv.rounding.hinv_factors`), or by nearest rounding when None."""
+        return replace(self, hinv=hinv)
 
     @property
     def levels(self) -> int:
@@ -163,12 +175,17 @@ class QuantCodec(Codec):
     def nbytes(self, shape: tuple[int, ...]) -> int:
         return sum(self._parts(shape))
 
+    def _grid(self, g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and minimum (fp16, ``dim`` kept as 1) of groups that span axis ``dim``."""
+        lo16 = g.amin(dim, keepdim=True).half()
+        scale16 = ((g.amax(dim, keepdim=True) - lo16.float()) / self.levels).half().clamp_min(1e-6)
+        return scale16, lo16
+
     def _quantize(self, g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes (uint8, shape of ``g``), scale and minimum (fp16, ``dim`` kept as 1) of groups
         that span axis ``dim``. The minimum and scale are rounded to fp16 before coding, so the
         decoder reproduces exactly the grid the encoder used."""
-        lo16 = g.amin(dim, keepdim=True).half()
-        scale16 = ((g.amax(dim, keepdim=True) - lo16.float()) / self.levels).half().clamp_min(1e-6)
+        scale16, lo16 = self._grid(g, dim)
         q = ((g - lo16.float()) / scale16.float()).round_().clamp_(0, self.levels).to(torch.uint8)
         return q, scale16, lo16
 
@@ -204,9 +221,12 @@ class QuantCodec(Codec):
         pad = nk * kg - tokens
         if pad:
             keys = torch.cat([keys, keys[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
-        kq, ks, km = self._quantize(keys.reshape(layers, heads, nk, kg, head_dim), dim=3)
+        if self.hinv is None:
+            kq, ks, km = self._quantize(keys.reshape(layers, heads, nk, kg, head_dim), dim=3)
+            vq, vs, vm = self._quantize(kv[:, 1].reshape(layers, heads, tokens, head_dim // vg, vg), dim=4)
+        else:
+            kq, ks, km, vq, vs, vm = self._swept(keys, kv[:, 1])
         kq = kq.reshape(layers, heads, nk * kg, head_dim)[:, :, :tokens]  # padding is not stored
-        vq, vs, vm = self._quantize(kv[:, 1].reshape(layers, heads, tokens, head_dim // vg, vg), dim=4)
         out = torch.zeros(self.nbytes(tuple(kv.shape)), dtype=torch.uint8)
         offset = 0
         for part, size in zip((self._pack(kq), ks, km, self._pack(vq.reshape(layers, heads, tokens, head_dim)), vs, vm), self._parts(tuple(kv.shape))):
@@ -214,6 +234,71 @@ class QuantCodec(Codec):
             out[offset : offset + flat.numel()] = flat
             offset += size
         return out
+
+    def _swept(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`encode`'s codes, scales and minima by :meth:`_sweep`, in its shapes; keys
+        [L, H, T', D] are padded to whole groups, values [L, H, T, D]. Both go through one
+        sweep, channel-major ([D, rows, T']: the column a step reads is contiguous), values
+        padded like keys and cut after."""
+        layers, heads, padded, d = keys.shape
+        tokens, rows = values.shape[2], layers * heads
+        x = torch.empty(d, 2 * rows, padded)
+        x[:, :rows] = keys.reshape(rows, padded, d).permute(2, 0, 1)
+        x[:, rows:, :tokens] = values.reshape(rows, tokens, d).permute(2, 0, 1)
+        x[:, rows:, tokens:] = x[:, rows:, tokens - 1 : tokens]
+        hinv = torch.cat([self.hinv[:, 0].flatten(0, 1), self.hinv[:, 1].flatten(0, 1)]).float()
+        codes, ks, km, vs, vm = self._sweep(x, hinv, rows)
+        codes = codes.to(torch.uint8)
+        nk, nv = ks.shape[-1], vs.shape[0]
+        key_stats = (t.permute(1, 2, 0).reshape(layers, heads, nk, 1, d) for t in (ks, km))
+        value_stats = (t[..., :tokens].permute(1, 2, 0).reshape(layers, heads, tokens, nv, 1) for t in (vs, vm))
+        return (codes[:, :rows].permute(1, 2, 0).reshape(layers, heads, padded, d), *key_stats,
+                codes[:, rows:, :tokens].permute(1, 2, 0).reshape(layers, heads, tokens, d), *value_stats)
+
+    def _sweep(self, w: torch.Tensor, hinv: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
+        """Hessian-aware rounding (GPTQ's column sweep, on cached KV rather than on weights).
+
+        What a KV error costs is how much it moves what reads it: a key error ``e`` moves the
+        attention logit of a query ``q`` by ``q.e``, so the cost is ``e^T H e`` with ``H`` the
+        second moment of the queries; a value error is weighed by o_proj's columns the same way
+        (:mod:`hyperrag.kv.rounding` measures both). Nearest rounding ignores ``H``. Here each
+        token's vector [D] is rounded one channel at a time and each rounding error is pushed
+        onto the channels not rounded yet through ``hinv`` (the upper Cholesky factor of
+        ``H^-1``), into directions the queries barely read. A group's minimum and scale are
+        taken from its values as updated when the sweep reaches it (keys: each channel's
+        token groups; values: each channel group per token), so the stored grid is the one the
+        codes were chosen on and decoding is unchanged. Channels go in blocks (GPTQ's lazy
+        batches): inside a block one column at a time, then one batched GEMM for the channels
+        after it; a value group starts at a block start or fits inside one (powers of two), so
+        its grid sees every earlier push. ``w`` [D, 2R, T] channel-major (rows ``[:rows]`` keys,
+        the rest values; overwritten), ``hinv`` [2R, D, D]. Returns codes [D, 2R, T] (float),
+        key scales and minima [D, R, T / key_group], value scales and minima [D / vg, R, T]."""
+        d, _, tokens = w.shape
+        kg, vg = self.key_group, self.value_group if d % self.value_group == 0 else d
+        codes, errs = torch.empty_like(w), torch.empty_like(w)
+        ks, km = (torch.empty(d, rows, tokens // kg, dtype=torch.float16) for _ in range(2))
+        vs, vm = (torch.empty(d // vg, rows, tokens, dtype=torch.float16) for _ in range(2))
+        scale, lo = torch.empty(w.shape[1:]), torch.empty(w.shape[1:])  # the current column's grid
+        inv_diag = (1.0 / hinv.diagonal(dim1=-2, dim2=-1)).T[..., None]  # [D, 2R, 1]
+        pushes = hinv.permute(1, 2, 0)[..., None]  # [D, D, 2R, 1]: row j = how channel j's error moves the others
+        for first in range(0, d, _SWEEP_BLOCK):
+            end = min(first + _SWEEP_BLOCK, d)
+            for j in range(first, end):
+                if j % vg == 0:
+                    s16, m16 = self._grid(w[j : j + vg, rows:], dim=0)
+                    vs[j // vg], vm[j // vg] = s16[0], m16[0]
+                    scale[rows:], lo[rows:] = s16[0], m16[0]
+                s16, m16 = self._grid(w[j, :rows].view(rows, -1, kg), dim=2)
+                ks[j], km[j] = s16[..., 0], m16[..., 0]
+                scale[:rows].view(rows, -1, kg).copy_(s16)
+                lo[:rows].view(rows, -1, kg).copy_(m16)
+                q, err = codes[j], errs[j]
+                torch.round((w[j] - lo) / scale, out=q).clamp_(0, self.levels)
+                torch.mul(w[j] - (q * scale + lo), inv_diag[j], out=err)
+                w[j + 1 : end].addcmul_(pushes[j, j + 1 : end], err, value=-1.0)
+            if end < d:  # [2R, T, B] @ [2R, B, D - end]
+                w[end:] -= torch.bmm(errs[first:end].permute(1, 2, 0), hinv[:, first:end, end:]).permute(2, 0, 1)
+        return codes, ks, km, vs, vm
 
     def _split(self, payload: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
         parts, offset = [], 0

@@ -1,0 +1,110 @@
+"""Hessian-aware rounding for the quantized codecs: what reads a document's cached KV, measured once per model.
+
+Nearest rounding treats every channel of a cached key alike, but the reranker does not read them
+alike: a key error ``e`` moves the attention logit of a query ``q`` by ``q.e``, so what an error
+costs is ``e^T H e`` with ``H = E[q q^T]`` over the queries that attend to the document, and
+those queries are far from isotropic. A value error reaches the residual stream through o_proj,
+so its ``H`` is ``sum_h W_o,h^T W_o,h`` over the query heads that share the KV head. Given
+``H`` per layer, part and KV head, :meth:`QuantCodec._sweep <hyperrag.kv.codec.QuantCodec._sweep>`
+rounds each token's vector channel by channel and pushes each error into directions ``H`` weighs
+little (GPTQ's sweep, applied to cached KV). The byte format and the decoder are unchanged.
+
+``H`` for keys is measured by scoring the shipped calibration set (``shipped/kv-calibration``:
+32 SQuAD **train** questions, each against the five paragraphs of its article; no dev question)
+in reuse mode and summing the outer products of every query that attention receives; the
+factors are cached per reranker identity in ``<cache_dir>/kv-rounding`` (a few seconds to
+measure, once). Measured with ``scripts/codec_study.py`` (12 dev questions x 20 candidates,
+rotated keys, reuse scores against exact KV): int4 k32/v32 max / mean score error 0.51 / 0.075
+with nearest rounding, 0.27 / 0.057 with this; int2 k128/v64 6.5 -> 2.7 max.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hyperrag.corpus import load_corpus
+from hyperrag.kv.codec import Codec, QuantCodec, get_codec
+from hyperrag.kv.local import LocalKV
+from hyperrag.settings import SHIPPED
+
+log = logging.getLogger("hyperrag")
+CALIBRATION = SHIPPED / "kv-calibration"
+# H + DAMP x mean(diag H) x I before inverting (GPTQ's default; 0.001 and 0.1 measured the same).
+DAMP = 0.01
+
+
+def codec_for(name: str, rounding: str, reranker, cache_dir: str | Path) -> Codec:
+    """Codec ``name`` as ``reranker``'s store uses it: quantized codecs round by ``rounding``
+    (``hessian``: with this reranker's measured factors; ``nearest``), casts are as they are."""
+    codec = get_codec(name)
+    if isinstance(codec, QuantCodec) and rounding == "hessian":
+        return codec.rounded_by(rounding_factors(reranker, cache_dir))
+    return codec
+
+
+def rounding_factors(reranker, cache_dir: str | Path) -> torch.Tensor:
+    """[layers, 2, kv_heads, D, D]: upper Cholesky factors of the damped ``H^-1`` of keys
+    (index 0) and values (1), loaded from the cache or measured and cached."""
+    digest = hashlib.sha256()
+    for part in (reranker.kv_identity, str(DAMP), *(p.read_text() for p in sorted(CALIBRATION.glob("*.jsonl")))):
+        digest.update(part.encode())
+    path = Path(cache_dir) / "kv-rounding" / f"{digest.hexdigest()[:16]}.safetensors"
+    if path.exists():
+        return load_file(path)["hinv"]
+    log.info("measuring what reads the cached KV for Hessian-aware rounding (once per model)")
+    hinv = hinv_factors(reader_moments(reranker))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file({"hinv": hinv.contiguous()}, tmp)
+    os.replace(tmp, path)  # workers measuring at once each write a whole file
+    return hinv
+
+
+def reader_moments(reranker) -> torch.Tensor:
+    """[layers, 2, kv_heads, D, D] float64: the second moment of the queries that attend to a
+    cached document (keys), summed over each KV head's query heads, and ``sum_h W_o,h^T W_o,h``
+    over the same heads (values). Each is scaled to a mean diagonal of 1 (scale does not change
+    the rounding)."""
+    dec = reranker.decoder
+    n_q, n_kv, d = dec.n_heads, dec.n_kv_heads, dec.head_dim
+    keys = torch.zeros(dec.n_layers, n_kv, d, d, dtype=torch.float64)
+    lock = threading.Lock()
+
+    def probe(layer: int, q: torch.Tensor) -> None:
+        g = q.detach().double().cpu().unflatten(1, (n_kv, n_q // n_kv)).transpose(0, 1).flatten(1, 3)  # [kv, N, D]
+        with lock:  # the batch's row streams run in threads
+            keys[layer] += g.transpose(1, 2) @ g
+
+    corpus = load_corpus(CALIBRATION)
+    by_title: dict[str, list[str]] = {}
+    for doc in corpus.docs:
+        by_title.setdefault(doc.title, []).append(doc.text)
+    source = LocalKV()  # exact KV: the probe must see queries only, not the documents' encoding
+    texts = [doc.text for doc in corpus.docs]
+    for text, kv in zip(texts, reranker.encode_docs(texts)):
+        source.put(text, kv)
+    dec.probe = probe
+    try:
+        for query in corpus.queries:
+            reranker.score(query.question, by_title[corpus.by_id[query.doc_ids[0]].title], "reuse", source)
+    finally:
+        dec.probe = None
+    wo = torch.stack([layer.self_attn.o_proj.weight.detach().double().cpu().unflatten(1, (n_kv, n_q // n_kv, d))
+                      for layer in dec.body.layers])  # [L, hidden, kv, group, D]
+    values = torch.einsum("lnkgc,lnkgd->lkcd", wo, wo)
+    moments = torch.stack([keys, values], 1)
+    return moments / moments.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+
+
+def hinv_factors(moments: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """Upper Cholesky factors of ``(H + damp x mean(diag H) x I)^-1`` over the leading axes, as
+    GPTQ's sweep uses them (float32)."""
+    h = moments.double()
+    h = h + damp * h.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(h.shape[-1], dtype=h.dtype)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
