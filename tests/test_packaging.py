@@ -14,6 +14,7 @@ from tests.conftest import REPO
 SHIPPED_FILES = ["hyperrag/shipped/squad-dev-mini/docs.jsonl", "hyperrag/shipped/squad-dev-mini/queries.jsonl",
                  "hyperrag/shipped/hyperrag-lora/adapter_model.safetensors",
                  "hyperrag/shipped/hyperrag-lora/adapter_config.json", "hyperrag/shipped/hyperrag-lora/hyperrag.json",
+                 "hyperrag/shipped/kv-calibration/docs.jsonl", "hyperrag/shipped/kv-calibration/queries.jsonl",
                  "hyperrag/shipped/ui/logo.svg", "hyperrag/shipped/ui/style.css"]
 
 
@@ -43,7 +44,7 @@ def test_wheel_carries_the_shipped_corpus_and_adapter(tmp_path):
     # It says what it carries: Apache-2.0 code and CC BY-SA 4.0 data, with the data's attribution.
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: Apache-2.0 AND CC-BY-SA-4.0" in meta
-    assert {"LICENSE", "hyperrag/shipped/squad-dev-mini/README.md"} <= {
+    assert {"LICENSE", "hyperrag/shipped/squad-dev-mini/README.md", "hyperrag/shipped/kv-calibration/README.md"} <= {
         n.split("/licenses/", 1)[1] for n in names if "/licenses/" in n}
 
     site = tmp_path.resolve() / "site"  # the wheel unpacked is what an install puts in site-packages
