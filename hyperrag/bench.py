@@ -121,15 +121,14 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("--queries must be >= 1")
     if args.clients < 1:
         raise SystemExit("--clients must be >= 1")
-    from hyperrag.kv.codec import CODECS
-
-    ROUNDINGS = ("", "hessian", "nearest")
+    from hyperrag.kv.rounding import parse_codec
 
     args.codec_list = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    unknown = [c for c in args.codec_list if c.partition(":")[0] not in CODECS or c.partition(":")[2] not in ROUNDINGS]
-    if unknown:
-        raise SystemExit(f"--codecs: unknown codec(s) {unknown}; choose from {', '.join(CODECS)}, each optionally "
-                         f"with :{' or :'.join(r for r in ROUNDINGS if r)}")
+    for entry in args.codec_list:
+        try:
+            parse_codec(entry)
+        except ValueError as err:
+            raise SystemExit(f"--codecs: {err}") from None
     return args
 
 
@@ -297,11 +296,8 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
     dec = reranker.decoder
     corpus_tokens = [reranker.doc_tokens(t) for t in all_texts]
 
-    def sweep_codec(entry: str):  # "int4" rounds as the settings say, "int4:nearest" as asked
-        name, _, rounding = entry.partition(":")
-        return codec_for(name, rounding or engine.settings.kv_rounding, reranker, engine.settings.cache_dir)
-
-    sources = {name: LocalKV(sweep_codec(name)) for name in codecs}
+    s = engine.settings
+    sources = {name: LocalKV(codec_for(name, s.kv_rounding, reranker, s.cache_dir)) for name in codecs}
     encode_s = dict.fromkeys(codecs, 0.0)
     for text, kv in _exact_kvs(engine, union):  # one document at a time when the store is exact
         for name, source in sources.items():

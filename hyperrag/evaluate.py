@@ -245,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--queries", type=int, default=300, help="questions sampled with --seed (default 300)")
     g.add_argument("--systems", default="retrieval,zero-shot,trained",
                    help="comma list: retrieval, zero-shot, wording:<name> (" + ", ".join(WORDINGS) +
-                        "), trained, trained+retrieval, query-first")
+                        "), trained, trained+retrieval, query-first; trained@CODEC or trained+retrieval@CODEC "
+                        "(after the system itself; e.g. trained+retrieval@int4, @int4:nearest) scores from "
+                        "document KV stored through that codec and is compared with the exact-KV run")
     g.add_argument("--subset", type=int, default=0,
                    help="run wording:* and query-first on the first N sampled questions only (0 = all)")
     g.add_argument("--mode", default="reuse", choices=("reuse", "full", "prefix"), help="reranker mode")
@@ -273,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     from hyperrag.corpus import load_corpus
     from hyperrag.generate import Generator
+    from hyperrag.kv.rounding import codec_for
     from hyperrag.models import adapter_meta, load_embedder, load_llm
     from hyperrag.retrieval import DenseIndex
     from hyperrag.runtime import load_reranker
@@ -299,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     trained_kv = LocalKV()  # exact fp32 document KV of the trained model: reranking and reading share it
     report: dict = {"corpus": str(s.corpus), "queries": len(cands), "seed": s.seed, "top_k": s.top_k,
                     "top_n": s.top_n, "mode": args.mode, "max_doc_tokens": s.max_doc_tokens,
-                    "adapter": adapter, "systems": {}, "full_check": {}}
+                    "adapter": adapter, "systems": {}, "full_check": {}, "codec_check": {}}
     if adapter:
         from hyperrag.models import adapter_hash
         report["adapter_hash"] = adapter_hash(adapter)
@@ -318,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for name, sc in q["scores"].items():
                 previous.setdefault(name, []).append(sc)
     for name in systems:
+        base_name, _, codec = name.partition("@")
         n = subset if (name.startswith("wording:") or name == "query-first") else len(cands)
         part = cands[:n]
         run = SystemRun(name)
@@ -352,12 +356,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     full = rerank_scores(reranker, part[: args.check_full], by_id, "full")
                     report["full_check"][name] = agreement(score_records(full, part, s.top_n),
                                                            score_records(run.scores, part, s.top_n))
-        elif name in ("trained", "trained+retrieval"):
+        elif base_name in ("trained", "trained+retrieval"):
             if not adapter:
                 raise SystemExit("the trained systems need an adapter (--adapter or HYPERRAG_ADAPTER)")
             if trained_llm is None:
                 trained_llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter, cpu_linear=s.cpu_linear)
-            if "trained" in runs:
+            if codec:  # the same scores from document KV stored through a codec: what it costs in ranking
+                if base_name not in runs:
+                    raise SystemExit(f"{name}: list {base_name} before it (its exact-KV run is the reference)")
+                source = LocalKV(codec_for(codec, s.kv_rounding, trained_reranker, s.cache_dir))
+                for text, (_, kv) in trained_kv.entries.items():
+                    source.put(text, kv)
+                run.scores = rerank_scores(trained_reranker, part, by_id, args.mode, source, progress=tick)
+            elif "trained" in runs:
                 run.scores = [list(x) for x in runs["trained"].scores]
             else:
                 trained_reranker = reranker = make_reranker(trained_llm)
@@ -366,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     full = rerank_scores(reranker, part[: args.check_full], by_id, "full")
                     report["full_check"]["trained"] = agreement(score_records(full, part, s.top_n),
                                                                 score_records(run.scores, part, s.top_n))
-            if name == "trained+retrieval":
+            if base_name == "trained+retrieval":
                 w = float(adapter_meta(adapter).get("retrieval_weight", 0.0))
                 report["retrieval_weight"] = w
                 run.scores = [fuse_scores(sc, c.cosine, w) for sc, c in zip(run.scores, part)]
@@ -375,9 +386,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         bar.close()
         run.seconds = time.perf_counter() - t1 + (retrieve_s if name == "retrieval" else 0.0)
         runs[name] = run
-        metrics = with_intervals(ranking_per_question(run, part)) | {"questions": len(part)}
+        per_question = ranking_per_question(run, part)
+        metrics = with_intervals(per_question) | {"questions": len(part)}
         report["systems"][name] = {"ranking": metrics, "seconds": run.seconds,
                                    "seconds_per_question": run.seconds / max(1, len(part))}
+        if codec:  # against the exact-KV run of the same system, question by question
+            exact = runs[base_name]
+            diff = [a - b for a, b in zip(per_question["ndcg@10"], ranking_per_question(exact, part)["ndcg@10"])]
+            report["codec_check"][name] = agreement(score_records(exact.scores, part, s.top_n),
+                                                    score_records(run.scores, part, s.top_n)) | {
+                "ndcg@10_minus_exact": sum(diff) / len(diff), "ndcg@10_minus_exact_ci95": mean_interval(diff)}
         log.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items() if not k.endswith("_ci95")})
         if name == "retrieval":  # same questions, for a paired comparison with subset systems
             report["systems"][name]["ranking_subset"] = ranking_summary(
@@ -455,6 +473,12 @@ def format_table(report: dict) -> str:
         lines.append(f"{name}: {report['mode']} vs full on {chk['compared_queries']} questions: max |diff| "
                      f"{chk['max_abs_score_diff']:.2e}, identical rankings {chk['ranking_agreement']:.0%}, "
                      f"same top-{report['top_n']} {chk['top_n_agreement']:.0%}")
+    for name, chk in report.get("codec_check", {}).items():
+        lo, hi = chk["ndcg@10_minus_exact_ci95"]
+        lines.append(f"{name} vs exact KV on {chk['compared_queries']} questions: max / mean |diff| "
+                     f"{chk['max_abs_score_diff']:.3f} / {chk['mean_abs_score_diff']:.4f}, identical rankings "
+                     f"{chk['ranking_agreement']:.0%}, same top-{report['top_n']} {chk['top_n_agreement']:.0%}, "
+                     f"NDCG@10 {chk['ndcg@10_minus_exact']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
     if report.get("answers"):
         lines.append(f"{'answers (system+answerer)':30s} {'n':>4s} {'EM [95% CI]':>22s} {'F1 [95% CI]':>22s} "
                      f"{'F1 - retrieval-only [95% CI]':>30s}")

@@ -19,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # a checkout's root (trainin
 SHIPPED = Path(__file__).resolve().parent / "shipped"
 SHIPPED_CORPUS = SHIPPED / "squad-dev-mini"
 SHIPPED_ADAPTER = SHIPPED / "hyperrag-lora"
+KV_ROUNDINGS = ("hessian", "nearest")  # how quantized codecs choose codes (hyperrag.kv.rounding)
 FOLDER_SETTINGS = {
     "corpus": "a corpus folder (docs.jsonl [+ queries.jsonl], or .txt/.md files)",
     "adapter": "a LoRA adapter folder, or '' for the zero-shot base model (no reader)",
@@ -165,8 +166,8 @@ class Settings:
                      "batch_requests", "queue_size", "reader_first_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
-        if self.kv_rounding not in ("hessian", "nearest"):
-            raise ValueError(f"setting kv_rounding must be hessian or nearest, got {self.kv_rounding!r}")
+        if self.kv_rounding not in KV_ROUNDINGS:
+            raise ValueError(f"setting kv_rounding must be one of {', '.join(KV_ROUNDINGS)}, got {self.kv_rounding!r}")
         if self.draft_tokens < 0:
             raise ValueError(f"setting draft_tokens must be >= 0, got {self.draft_tokens}")
         if self.cpu_stream_threads < 0:

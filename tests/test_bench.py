@@ -28,6 +28,16 @@ def test_help_documents_every_flag(capsys):
         assert action.help, action.option_strings
 
 
+def test_codec_entries_are_checked_before_any_model_loads():
+    from hyperrag.bench import build_parser, resolve_options
+
+    args = resolve_options(build_parser().parse_args(["--codecs", "fp16,int4:nearest,int2:hessian"]))
+    assert args.codec_list == ["fp16", "int4:nearest", "int2:hessian"]
+    for entry, message in (("zstd", "unknown codec 'zstd'"), ("int4:best", "unknown rounding 'best' in 'int4:best'")):
+        with pytest.raises(SystemExit, match=f"--codecs: {message}"):
+            resolve_options(build_parser().parse_args(["--codecs", entry]))
+
+
 def _records():
     """Synthetic records of three questions in every mode (no model needed)."""
     records = []

@@ -5,7 +5,8 @@ Stated bounds (SmolLM2-135M, fp32 compute; measured values in the module doc of
 hyperrag.kv.codec and in the README's "KV compression" table):
 
 - fp32 exact; fp16 / bf16 are casts (fp16 bit-equal to ``kv.half()``);
-- int8 / int4 / int2: every element within half a quantization step of its group,
+- int8 / int4 / int2 with nearest rounding (what `get_codec` returns; Hessian-aware rounding is
+  tested in test_rounding.py): every element within half a quantization step of its group,
   ``(max - min) / (2 * (2**bits - 1))``, plus fp16 rounding of the group's scale and minimum;
   relative (Frobenius) error on real document KV <= 1% (int8), <= 8% (int4), <= 40% (int2;
   measured 0.3%, 5%, 31%);

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from hyperrag.metrics import mean_interval
+from hyperrag.rerank import FP32_SCORE_BOUND
 from tests.conftest import SHIPPED
 
 
@@ -40,7 +41,8 @@ def test_evaluate_on_a_tiny_corpus(tiny_corpus_dir, cache_dir, tmp_path):
 
     out = tmp_path / "eval.json"
     report = main(["--corpus", str(tiny_corpus_dir), "--cache-dir", cache_dir, "--queries", "3", "--top-k", "4",
-                   "--top-n", "2", "--max-new-tokens", "6", "--systems", "retrieval,trained,trained+retrieval",
+                   "--top-n", "2", "--max-new-tokens", "6",
+                   "--systems", "retrieval,trained,trained+retrieval,trained@fp32,trained+retrieval@int8:nearest",
                    "--generate", "3", "--generate-systems", "retrieval", "--read", "3", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["queries"] == 3
@@ -56,6 +58,14 @@ def test_evaluate_on_a_tiny_corpus(tiny_corpus_dir, cache_dir, tmp_path):
     assert answers["oracle+reader"]["top_n"] == 1
     assert all(set(q["answers"]) == set(answers) for q in saved["per_question"])
     assert report["reader"]["selection_weight"] >= 0
+    # a codec system: the same reranker on document KV stored through the codec, against its exact run
+    checks = saved["codec_check"]
+    assert set(checks) == {"trained@fp32", "trained+retrieval@int8:nearest"}
+    assert checks["trained@fp32"]["max_abs_score_diff"] <= FP32_SCORE_BOUND  # fp32 stores the exact bytes
+    assert checks["trained@fp32"]["ndcg@10_minus_exact"] == 0.0
+    assert checks["trained+retrieval@int8:nearest"]["max_abs_score_diff"] > 0.0  # lossy: not the exact scores
+    with pytest.raises(SystemExit, match="list trained before it"):
+        main(["--corpus", str(tiny_corpus_dir), "--cache-dir", cache_dir, "--queries", "1", "--systems", "trained@int4"])
 
 
 def test_query_first_prefix_cache_scores_like_its_full_prefill(reranker):

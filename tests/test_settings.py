@@ -23,6 +23,8 @@ def test_bad_values_are_clear(monkeypatch):
         Settings.from_env()
     with pytest.raises(ValueError, match="top_n must be >= 1"):
         Settings(top_n=0)
+    with pytest.raises(ValueError, match="kv_rounding must be one of hessian, nearest, got 'gptq'"):
+        Settings(kv_rounding="gptq")
 
 
 def test_missing_folders_name_the_setting_to_give(monkeypatch, tmp_path):

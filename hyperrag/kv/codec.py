@@ -11,8 +11,10 @@ one fused ``addcmul`` per run of key groups, written into the view.
   channel (a group spans ``key_group`` tokens of one channel, because key outliers sit in fixed
   channels), values per token (a group spans ``value_group`` channels of one token). int4 and
   int2 pack 2 / 4 values per byte (slices of the last axis in bit fields: unpacking is a shift
-  and a mask). Each element's reconstruction error is at most half a step,
-  ``(max - min) / (2 * (2**bits - 1))`` of its group, plus fp16 rounding of scale and minimum.
+  and a mask). With nearest rounding each element's reconstruction error is at most half a
+  step, ``(max - min) / (2 * (2**bits - 1))`` of its group, plus fp16 rounding of scale and
+  minimum; Hessian-aware rounding (the default, below) gives up that per-element bound for a
+  lower error in what the reranker reads.
   Bytes per token (SmolLM2-135M, 256-token documents; fp16 = 23,040): int8 12,240 (0.53x),
   int4 7,200 (0.31x), int2 3,420 (0.148x: groups of 128 tokens for keys and one head for values,
   the largest the 0.15x budget allows).
@@ -47,9 +49,22 @@ prefix, which is never quantized. Techniques, each measured the same way:
 - more bits where it counts: rotation + int8 keys 0.26 / 0.047 (but 0.45x of fp16), int8 on the
   first or last 10 layers 0.40 / 0.52.
 
-No uniform int4 variant at <= 0.31x of fp16 came near a 0.15 max error, and none kept full
-20-document rankings identical (top-3 sets mostly do); int2 (0.148x) costs 1.6-4.8 max error.
-The codecs therefore keep the plain KIVI layout; the measured trade-off is in the README.
+No grid (uniform int4 variant at <= 0.31x of fp16, NF4, codebooks) came near a 0.15 max error,
+and none kept full 20-document rankings identical (top-3 sets mostly do); int2 (0.148x) costs
+1.6-4.8 max error. The grid stays the plain KIVI layout. What did help is choosing the codes
+on it differently:
+
+- **Hessian-aware rounding** (GPTQ's column sweep, applied to the cached KV at encode time;
+  :meth:`QuantCodec._sweep`, factors from :mod:`hyperrag.kv.rounding`): the queries that read a
+  key are far from isotropic, so each token's rounding errors are pushed into the directions
+  they barely read. The format and the decoder are unchanged. Prototype on the study's 12
+  questions (rotated keys, simulated): int4 k32/v32 0.51 / 0.075 -> 0.27 / 0.057; on keys only
+  0.21; int2 k128/v64 6.5 -> 2.7; weighting query heads by their attention mass, GPTQ's
+  activation order and damping 0.001-0.1 changed nothing beyond noise (0.25-0.32), so none is
+  kept. The codec's own sweep, same questions and candidates: int4 0.226 / 0.050 (nearest
+  0.508 / 0.075), int8 0.021 / 0.0036, int2 2.78 / 0.56 (nearest 6.50 / 1.31). Its cost is at
+  encode time only: ~55 ms per document against ~6 ms for nearest rounding (a 365-token document:
+  113 ms, next to ~330 ms of model time to compute its KV; 2-core Intel Xeon).
 
 A codec's ``spec`` (name + format parameters) is part of every store key and entry header:
 changing a codec's format can only miss, never decode old bytes with the new layout.
@@ -132,7 +147,8 @@ class QuantCodec(Codec):
     key_group: int  # tokens per key group (per channel)
     value_group: int  # channels per value group (per token)
     # [layers, 2, heads, D, D]: upper Cholesky factors of H^-1 for Hessian-aware rounding
-    # (:meth:`rounded_by`); None rounds each value to its nearest level.
+    # (:meth:`rounded_by`); None rounds each value to its nearest level. Not compared: the
+    # spec tells the two roundings apart.
     hinv: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -186,8 +202,11 @@ class QuantCodec(Codec):
         that span axis ``dim``. The minimum and scale are rounded to fp16 before coding, so the
         decoder reproduces exactly the grid the encoder used."""
         scale16, lo16 = self._grid(g, dim)
-        q = ((g - lo16.float()) / scale16.float()).round_().clamp_(0, self.levels).to(torch.uint8)
-        return q, scale16, lo16
+        return self._codes(g, scale16.float(), lo16.float()).to(torch.uint8), scale16, lo16
+
+    def _codes(self, x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The nearest level of each value of ``x`` on the grid ``lo + scale * code`` (as float)."""
+        return torch.round((x - lo) / scale, out=out).clamp_(0, self.levels)
 
     @property
     def per_byte(self) -> int:
@@ -293,7 +312,7 @@ class QuantCodec(Codec):
                 scale[:rows].view(rows, -1, kg).copy_(s16)
                 lo[:rows].view(rows, -1, kg).copy_(m16)
                 q, err = codes[j], errs[j]
-                torch.round((w[j] - lo) / scale, out=q).clamp_(0, self.levels)
+                self._codes(w[j], scale, lo, out=q)
                 torch.mul(w[j] - (q * scale + lo), inv_diag[j], out=err)
                 w[j + 1 : end].addcmul_(pushes[j, j + 1 : end], err, value=-1.0)
             if end < d:  # [2R, T, B] @ [2R, B, D - end]

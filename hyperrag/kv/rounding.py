@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from hyperrag.corpus import load_corpus
 from hyperrag.kv.codec import Codec, QuantCodec, get_codec
 from hyperrag.kv.local import LocalKV
-from hyperrag.settings import SHIPPED
+from hyperrag.settings import KV_ROUNDINGS, SHIPPED
 
 log = logging.getLogger("hyperrag")
 CALIBRATION = SHIPPED / "kv-calibration"
@@ -39,11 +39,23 @@ CALIBRATION = SHIPPED / "kv-calibration"
 DAMP = 0.01
 
 
-def codec_for(name: str, rounding: str, reranker, cache_dir: str | Path) -> Codec:
-    """Codec ``name`` as ``reranker``'s store uses it: quantized codecs round by ``rounding``
-    (``hessian``: with this reranker's measured factors; ``nearest``), casts are as they are."""
+def parse_codec(entry: str) -> tuple[str, str]:
+    """``int4`` or ``int4:nearest`` (a codec, optionally with the rounding to use) -> (name,
+    rounding or ''); a ValueError names what is unknown."""
+    name, _, rounding = entry.partition(":")
+    get_codec(name)
+    if rounding and rounding not in KV_ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r} in {entry!r}; choose one of {', '.join(KV_ROUNDINGS)}")
+    return name, rounding
+
+
+def codec_for(entry: str, rounding: str, reranker, cache_dir: str | Path) -> Codec:
+    """Codec ``entry`` (``int4``, or ``int4:nearest`` to override ``rounding``) as ``reranker``'s
+    store uses it: quantized codecs round by ``hessian`` (with this reranker's measured factors)
+    or ``nearest``; casts are as they are."""
+    name, asked = parse_codec(entry)
     codec = get_codec(name)
-    if isinstance(codec, QuantCodec) and rounding == "hessian":
+    if isinstance(codec, QuantCodec) and (asked or rounding) == "hessian":
         return codec.rounded_by(rounding_factors(reranker, cache_dir))
     return codec
 
