@@ -15,7 +15,8 @@ recall@1/5, MRR@10 and NDCG@10 (binary relevance: the question's gold paragraph)
   system's top-n documents, concatenated (``retrieval+generator`` is retrieval-only RAG);
 - ``--read N``: answered by the reader from the top-n of each of ``--read-systems``, one
   document per row, from the trained model's stored (exact fp32) document KV, as ``reader_kv``
-  reads; ``oracle`` reads the gold paragraph alone (the reader's ceiling).
+  reads (a codec system, ``trained+retrieval@int4``, reads its codec's KV); ``oracle`` reads
+  the gold paragraph alone (the reader's ceiling).
 
 Every answer row also gets a paired interval of "row minus retrieval-only RAG" on the same
 questions. Systems:
@@ -27,7 +28,11 @@ questions. Systems:
 - ``trained+retrieval``: the trained score plus ``w`` times the retriever's cosine, where ``w``
   is read from the adapter folder's ``hyperrag.json`` (tuned on SQuAD train, never on dev);
 - ``query-first``: ``[instruction][question][document][suffix]`` in full prefill (its KV cannot
-  be reused), built here from token ids and run through the :class:`Decoder`.
+  be reused), built here from token ids and run through the :class:`Decoder`;
+- ``trained@CODEC``, ``trained+retrieval@CODEC`` (listed after the system itself; ``CODEC`` as
+  in ``bench --codecs``, e.g. ``int4`` or ``int4:nearest``): the same scores from document KV
+  stored through the codec, with the agreement and a paired NDCG@10 difference against the
+  exact-KV run (``codec_check``).
 
 Rerankers run in ``reuse`` mode against an exact in-memory fp32 document-KV source (``--mode``
 chooses); ``--check-full N`` also scores the first N questions in ``full`` mode and reports their
@@ -260,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer the first N sampled questions with the reader (one document per row, its KV "
                         "exact fp32) from the top-n of each of --read-systems")
     g.add_argument("--read-systems", default="trained+retrieval,oracle",
-                   help="comma list of ranked systems the reader reads from; 'oracle' = the gold paragraph alone")
+                   help="comma list of ranked systems the reader reads from; 'oracle' = the gold paragraph alone; "
+                        "a codec system (trained+retrieval@int4) reads the KV stored through its codec")
     g.add_argument("--json", default="", help="write metrics and per-question scores here")
     g.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     g.add_argument("--scores-from", default="",
@@ -307,10 +313,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
         from hyperrag.models import adapter_hash
         report["adapter_hash"] = adapter_hash(adapter)
     runs: dict[str, SystemRun] = {}
+    codec_kv: dict[str, LocalKV] = {}  # "int4" -> the candidates' KV through that codec (reranking and reading)
     subset = args.subset or len(cands)
 
     def make_reranker(llm, instruction: str | None = None) -> Reranker:
         return load_reranker(s, llm, RerankTemplate(instruction=instruction) if instruction else None)
+
+    def codec_source(codec: str) -> LocalKV:
+        """Every candidate's exact KV (from the trained run) stored through ``codec``, once."""
+        if codec not in codec_kv:
+            texts = list(dict.fromkeys(by_id[d].text for c in cands for d in c.doc_ids))
+            missing = [t for t in texts if t not in trained_kv.entries]
+            for text, kv in zip(missing, trained_reranker.encode_docs(missing) if missing else []):
+                trained_kv.put(text, kv)
+            codec_kv[codec] = LocalKV(codec_for(codec, s.kv_rounding, trained_reranker, s.cache_dir))
+            for text in texts:
+                codec_kv[codec].put(text, trained_kv.entries[text][1])
+        return codec_kv[codec]
 
     previous: dict[str, list[list[float]]] = {}
     if args.scores_from:
@@ -364,10 +383,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if codec:  # the same scores from document KV stored through a codec: what it costs in ranking
                 if base_name not in runs:
                     raise SystemExit(f"{name}: list {base_name} before it (its exact-KV run is the reference)")
-                source = LocalKV(codec_for(codec, s.kv_rounding, trained_reranker, s.cache_dir))
-                for text, (_, kv) in trained_kv.entries.items():
-                    source.put(text, kv)
-                run.scores = rerank_scores(trained_reranker, part, by_id, args.mode, source, progress=tick)
+                run.scores = rerank_scores(trained_reranker, part, by_id, args.mode, codec_source(codec), progress=tick)
             elif "trained" in runs:
                 run.scores = [list(x) for x in runs["trained"].scores]
             else:
@@ -426,7 +442,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if name != "oracle" and (run is None or len(run.scores) < n):
                 raise SystemExit(f"--read-systems: {name!r} is not among the ranked systems {sorted(runs)}")
             bar = tqdm(total=n, desc=f"reader {name}", mininterval=10)
-            answered[f"{name}+reader"] = read_answers(reader, run, cands[:n], by_id, s.top_n, trained_kv,
+            codec = name.partition("@")[2]
+            source = codec_source(codec) if codec else trained_kv  # a codec system reads its codec's KV
+            answered[f"{name}+reader"] = read_answers(reader, run, cands[:n], by_id, s.top_n, source,
                                                       lambda i, t: bar.update(1))
             bar.close()
     reference = answered.get("retrieval+generator")  # retrieval-only RAG: what the others are paired against
@@ -440,6 +458,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 diff = [a - b for a, b in zip(per[key][:m], ref[key][:m])]
                 entry[f"{key}_minus_retrieval"] = sum(diff) / max(1, m)
                 entry[f"{key}_minus_retrieval_ci95"] = mean_interval(diff)
+        system, _, codec = row.removesuffix("+reader").partition("@")
+        exact_row = f"{system}+reader"
+        if codec and exact_row in answered:  # a codec's reading, paired with the same reading from exact KV
+            ref = answer_scores(answered[exact_row], cands)
+            for key in ("em", "f1"):
+                diff = [a - b for a, b in zip(per[key], ref[key])]
+                entry[f"{key}_minus_exact"] = sum(diff) / max(1, len(diff))
+                entry[f"{key}_minus_exact_ci95"] = mean_interval(diff)
+            entry["same_answer_as_exact"] = sum(a == b for a, b in zip(answers, answered[exact_row])) / max(1, len(answers))
         report.setdefault("answers", {})[row] = entry
         log.info("%s: EM %.3f F1 %.3f", row, entry["em"], entry["f1"])
     report["per_question"] = [
@@ -488,6 +515,10 @@ def format_table(report: dict) -> str:
                 lo, hi = row["f1_minus_retrieval_ci95"]
                 paired = f"{row['f1_minus_retrieval']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
             lines.append(f"{name:30s} {row['questions']:4d} {_ci(row, 'em'):>22s} {_ci(row, 'f1'):>22s} {paired:>30s}")
+            if "f1_minus_exact" in row:
+                lo, hi = row["f1_minus_exact_ci95"]
+                lines.append(f"  {name} vs the same reading from exact KV: F1 {row['f1_minus_exact']:+.3f} "
+                             f"[{lo:+.3f}, {hi:+.3f}], same answer {row['same_answer_as_exact']:.0%}")
     return "\n".join(lines)
 
 

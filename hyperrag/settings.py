@@ -122,9 +122,10 @@ class Settings:
     kv_rounding: str = field(
         default="hessian",
         metadata={"help": "how int8/int4/int2 choose their codes: hessian = GPTQ-style rounding that pushes "
-                          "errors where the reranker's queries barely read (measured once per model on the "
-                          "shipped SQuAD-train calibration set, cached; about half the score error of int4), "
-                          "nearest = each value to its nearest level. The bytes decode the same way"},
+                          "errors where the reranker's and the reader's queries barely read (measured once per "
+                          "model on the shipped SQuAD-train calibration set, cached; about half of int4's "
+                          "largest score error), nearest = each value to its nearest level. The bytes decode "
+                          "the same way"},
     )
     hot_cache_gb: float = field(
         default=-1.0,

@@ -43,7 +43,8 @@ def test_evaluate_on_a_tiny_corpus(tiny_corpus_dir, cache_dir, tmp_path):
     report = main(["--corpus", str(tiny_corpus_dir), "--cache-dir", cache_dir, "--queries", "3", "--top-k", "4",
                    "--top-n", "2", "--max-new-tokens", "6",
                    "--systems", "retrieval,trained,trained+retrieval,trained@fp32,trained+retrieval@int8:nearest",
-                   "--generate", "3", "--generate-systems", "retrieval", "--read", "3", "--json", str(out)])
+                   "--generate", "3", "--generate-systems", "retrieval", "--read", "3",
+                   "--read-systems", "trained+retrieval,oracle,trained+retrieval@int8:nearest", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["queries"] == 3
     for name in ("retrieval", "trained", "trained+retrieval"):
@@ -52,10 +53,14 @@ def test_evaluate_on_a_tiny_corpus(tiny_corpus_dir, cache_dir, tmp_path):
             lo, hi = ranking[key + "_ci95"]
             assert 0.0 <= lo <= ranking[key] <= hi <= 1.0, (name, key)
     answers = saved["answers"]
-    assert set(answers) == {"retrieval+generator", "trained+retrieval+reader", "oracle+reader"}
-    for row in ("trained+retrieval+reader", "oracle+reader"):
+    assert set(answers) == {"retrieval+generator", "trained+retrieval+reader", "oracle+reader",
+                            "trained+retrieval@int8:nearest+reader"}
+    for row in ("trained+retrieval+reader", "oracle+reader", "trained+retrieval@int8:nearest+reader"):
         assert "f1_minus_retrieval_ci95" in answers[row] and answers[row]["questions"] == 3
     assert answers["oracle+reader"]["top_n"] == 1
+    paired = answers["trained+retrieval@int8:nearest+reader"]  # paired with the same reading from exact KV
+    lo, hi = paired["f1_minus_exact_ci95"]
+    assert lo <= paired["f1_minus_exact"] <= hi and 0.0 <= paired["same_answer_as_exact"] <= 1.0
     assert all(set(q["answers"]) == set(answers) for q in saved["per_question"])
     assert report["reader"]["selection_weight"] >= 0
     # a codec system: the same reranker on document KV stored through the codec, against its exact run

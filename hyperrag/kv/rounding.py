@@ -9,13 +9,17 @@ so its ``H`` is ``sum_h W_o,h^T W_o,h`` over the query heads that share the KV h
 rounds each token's vector channel by channel and pushes each error into directions ``H`` weighs
 little (GPTQ's sweep, applied to cached KV). The byte format and the decoder are unchanged.
 
-``H`` for keys is measured by scoring the shipped calibration set (``shipped/kv-calibration``:
-32 SQuAD **train** questions, each against the five paragraphs of its article; no dev question)
-in reuse mode and summing the outer products of every query that attention receives; the
-factors are cached per reranker identity in ``<cache_dir>/kv-rounding`` (a few seconds to
-measure, once). Measured with ``scripts/codec_study.py`` (12 dev questions x 20 candidates,
-rotated keys, reuse scores against exact KV): int4 k32/v32 max / mean score error 0.51 / 0.075
-with nearest rounding, 0.27 / 0.057 with this; int2 k128/v64 6.5 -> 2.7 max.
+``H`` for keys is measured on the shipped calibration set (``shipped/kv-calibration``: 32 SQuAD
+**train** questions, each against the five paragraphs of its article; no dev question) by
+summing the outer products of every query attention receives while the reranker scores them in
+reuse mode and while the reader reads them (both jobs read the stored KV, and count alike); the
+factors are cached per reranker identity in ``<cache_dir>/kv-rounding`` (~30 s to measure,
+once). Calibrated on the reranker's queries alone, reading from int4 KV moved F1 by -0.019
+(-0.036 to -0.003) against exact KV on 300 dev questions, with 91% of answers unchanged; with
+the reader's queries too, -0.013 (-0.033 to +0.005) and 94% (nearest rounding: -0.008, 92%).
+Ranking, 12 dev questions x 20 candidates (reuse scores against exact KV): int4 k32/v32 max /
+mean score error 0.51 / 0.075 with nearest rounding, 0.29 / 0.056 with this; int2 k128/v64
+6.5 -> 3.3 max (README "KV compression" has the 24- and 300-question figures).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ log = logging.getLogger("hyperrag")
 CALIBRATION = SHIPPED / "kv-calibration"
 # H + DAMP x mean(diag H) x I before inverting (GPTQ's default; 0.001 and 0.1 measured the same).
 DAMP = 0.01
+METHOD = "rerank+read"  # what reader_moments measures; part of the cache key, so a change re-measures
 
 
 def parse_codec(entry: str) -> tuple[str, str]:
@@ -64,7 +69,7 @@ def rounding_factors(reranker, cache_dir: str | Path) -> torch.Tensor:
     """[layers, 2, kv_heads, D, D]: upper Cholesky factors of the damped ``H^-1`` of keys
     (index 0) and values (1), loaded from the cache or measured and cached."""
     digest = hashlib.sha256()
-    for part in (reranker.kv_identity, str(DAMP), *(p.read_text() for p in sorted(CALIBRATION.glob("*.jsonl")))):
+    for part in (reranker.kv_identity, str(DAMP), METHOD, *(p.read_text() for p in sorted(CALIBRATION.glob("*.jsonl")))):
         digest.update(part.encode())
     path = Path(cache_dir) / "kv-rounding" / f"{digest.hexdigest()[:16]}.safetensors"
     if path.exists():
@@ -79,20 +84,18 @@ def rounding_factors(reranker, cache_dir: str | Path) -> torch.Tensor:
 
 
 def reader_moments(reranker) -> torch.Tensor:
-    """[layers, 2, kv_heads, D, D] float64: the second moment of the queries that attend to a
-    cached document (keys), summed over each KV head's query heads, and ``sum_h W_o,h^T W_o,h``
-    over the same heads (values). Each is scaled to a mean diagonal of 1 (scale does not change
-    the rounding)."""
+    """[layers, 2, kv_heads, D, D] float64. Keys: the second moment of the queries that attend
+    to a cached document, summed over each KV head's query heads, from both jobs that read the
+    store: the reranker's question and suffix (reuse scoring of each calibration question
+    against its article's paragraphs) and the reader's question, cue and answer tokens (reading
+    the same paragraphs); each job's moment is scaled to a mean diagonal of 1 before they are
+    added, so both count alike. Values: ``sum_h W_o,h^T W_o,h`` over the same query heads.
+    Every matrix is scaled to a mean diagonal of 1 (scale does not change the rounding)."""
+    from hyperrag.reader import Reader
+
     dec = reranker.decoder
     n_q, n_kv, d = dec.n_heads, dec.n_kv_heads, dec.head_dim
-    keys = torch.zeros(dec.n_layers, n_kv, d, d, dtype=torch.float64)
     lock = threading.Lock()
-
-    def probe(layer: int, q: torch.Tensor) -> None:
-        g = q.detach().double().cpu().unflatten(1, (n_kv, n_q // n_kv)).transpose(0, 1).flatten(1, 3)  # [kv, N, D]
-        with lock:  # the batch's row streams run in threads
-            keys[layer] += g.transpose(1, 2) @ g
-
     corpus = load_corpus(CALIBRATION)
     by_title: dict[str, list[str]] = {}
     for doc in corpus.docs:
@@ -101,17 +104,35 @@ def reader_moments(reranker) -> torch.Tensor:
     texts = [doc.text for doc in corpus.docs]
     for text, kv in zip(texts, reranker.encode_docs(texts)):
         source.put(text, kv)
-    dec.probe = probe
-    try:
-        for query in corpus.queries:
-            reranker.score(query.question, by_title[corpus.by_id[query.doc_ids[0]].title], "reuse", source)
-    finally:
-        dec.probe = None
+    pairs = [(q.question, by_title[corpus.by_id[q.doc_ids[0]].title]) for q in corpus.queries]
+    reader = Reader(reranker, max_rows=max(len(docs) for _, docs in pairs), max_new_tokens=reranker.answer_tokens)
+    jobs = {"rerank": lambda q, docs: reranker.score(q, docs, "reuse", source),
+            "read": lambda q, docs: reader.read(q, docs, [0.0] * len(docs), "kv", source)}
+    keys = torch.zeros(dec.n_layers, n_kv, d, d, dtype=torch.float64)
+    for job in jobs.values():
+        moment = torch.zeros_like(keys)
+
+        def probe(layer: int, q: torch.Tensor) -> None:
+            g = q.detach().double().cpu().unflatten(1, (n_kv, n_q // n_kv)).transpose(0, 1).flatten(1, 3)  # [kv, N, D]
+            with lock:  # the batch's row streams run in threads
+                moment[layer] += g.transpose(1, 2) @ g
+
+        dec.probe = probe
+        try:
+            for question, docs in pairs:
+                job(question, docs)
+        finally:
+            dec.probe = None
+        keys += _unit_trace(moment)
     wo = torch.stack([layer.self_attn.o_proj.weight.detach().double().cpu().unflatten(1, (n_kv, n_q // n_kv, d))
                       for layer in dec.body.layers])  # [L, hidden, kv, group, D]
     values = torch.einsum("lnkgc,lnkgd->lkcd", wo, wo)
-    moments = torch.stack([keys, values], 1)
-    return moments / moments.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    return _unit_trace(torch.stack([keys, values], 1))
+
+
+def _unit_trace(m: torch.Tensor) -> torch.Tensor:
+    """``m`` [..., D, D] scaled to a mean diagonal of 1 per matrix."""
+    return m / m.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
 
 
 def hinv_factors(moments: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
