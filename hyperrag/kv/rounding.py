@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,6 +37,9 @@ from hyperrag.corpus import load_corpus
 from hyperrag.kv.codec import Codec, QuantCodec, get_codec
 from hyperrag.kv.local import LocalKV
 from hyperrag.settings import KV_ROUNDINGS, SHIPPED
+
+if TYPE_CHECKING:
+    from hyperrag.rerank import Reranker
 
 log = logging.getLogger("hyperrag")
 CALIBRATION = SHIPPED / "kv-calibration"
@@ -54,7 +58,7 @@ def parse_codec(entry: str) -> tuple[str, str]:
     return name, rounding
 
 
-def codec_for(entry: str, rounding: str, reranker, cache_dir: str | Path) -> Codec:
+def codec_for(entry: str, rounding: str, reranker: "Reranker", cache_dir: str | Path) -> Codec:
     """Codec ``entry`` (``int4``, or ``int4:nearest`` to override ``rounding``) as ``reranker``'s
     store uses it: quantized codecs round by ``hessian`` (with this reranker's measured factors)
     or ``nearest``; casts are as they are."""
@@ -65,7 +69,7 @@ def codec_for(entry: str, rounding: str, reranker, cache_dir: str | Path) -> Cod
     return codec
 
 
-def rounding_factors(reranker, cache_dir: str | Path) -> torch.Tensor:
+def rounding_factors(reranker: "Reranker", cache_dir: str | Path) -> torch.Tensor:
     """[layers, 2, kv_heads, D, D]: upper Cholesky factors of the damped ``H^-1`` of keys
     (index 0) and values (1), loaded from the cache or measured and cached."""
     digest = hashlib.sha256()
@@ -83,14 +87,15 @@ def rounding_factors(reranker, cache_dir: str | Path) -> torch.Tensor:
     return hinv
 
 
-def reader_moments(reranker) -> torch.Tensor:
+def reader_moments(reranker: "Reranker") -> torch.Tensor:
     """[layers, 2, kv_heads, D, D] float64. Keys: the second moment of the queries that attend
     to a cached document, summed over each KV head's query heads, from both jobs that read the
     store: the reranker's question and suffix (reuse scoring of each calibration question
     against its article's paragraphs) and the reader's question, cue and answer tokens (reading
     the same paragraphs); each job's moment is scaled to a mean diagonal of 1 before they are
     added, so both count alike. Values: ``sum_h W_o,h^T W_o,h`` over the same query heads.
-    Every matrix is scaled to a mean diagonal of 1 (scale does not change the rounding)."""
+    Every matrix is scaled to a mean diagonal of 1 (scale does not change the rounding). (The
+    reader is imported here: this is where the KV package meets the model that reads it.)"""
     from hyperrag.reader import Reader
 
     dec = reranker.decoder
@@ -106,13 +111,13 @@ def reader_moments(reranker) -> torch.Tensor:
         source.put(text, kv)
     pairs = [(q.question, by_title[corpus.by_id[q.doc_ids[0]].title]) for q in corpus.queries]
     reader = Reader(reranker, max_rows=max(len(docs) for _, docs in pairs), max_new_tokens=reranker.answer_tokens)
-    jobs = {"rerank": lambda q, docs: reranker.score(q, docs, "reuse", source),
-            "read": lambda q, docs: reader.read(q, docs, [0.0] * len(docs), "kv", source)}
+    jobs = (lambda q, docs: reranker.score(q, docs, "reuse", source),
+            lambda q, docs: reader.read(q, docs, [0.0] * len(docs), "kv", source))
     keys = torch.zeros(dec.n_layers, n_kv, d, d, dtype=torch.float64)
-    for job in jobs.values():
+    for job in jobs:
         moment = torch.zeros_like(keys)
 
-        def probe(layer: int, q: torch.Tensor) -> None:
+        def probe(layer: int, q: torch.Tensor, moment: torch.Tensor = moment) -> None:
             g = q.detach().double().cpu().unflatten(1, (n_kv, n_q // n_kv)).transpose(0, 1).flatten(1, 3)  # [kv, N, D]
             with lock:  # the batch's row streams run in threads
                 moment[layer] += g.transpose(1, 2) @ g
