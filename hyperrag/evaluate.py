@@ -321,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     def codec_source(codec: str) -> LocalKV:
         """Every candidate's exact KV (from the trained run) stored through ``codec``, once."""
+        if trained_reranker is None:
+            raise SystemExit(f"@{codec}: the trained model must run in this process (list trained or "
+                             "trained+retrieval without --scores-from covering it)")
         if codec not in codec_kv:
             texts = list(dict.fromkeys(by_id[d].text for c in cands for d in c.doc_ids))
             missing = [t for t in texts if t not in trained_kv.entries]
