@@ -77,6 +77,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 
@@ -247,7 +248,7 @@ class QuantCodec(Codec):
             kq, ks, km = self._quantize(keys.reshape(layers, heads, nk, kg, head_dim), dim=3)
             vq, vs, vm = self._quantize(kv[:, 1].reshape(layers, heads, tokens, head_dim // vg, vg), dim=4)
         else:
-            kq, ks, km, vq, vs, vm = self._swept(keys, kv[:, 1])
+            kq, ks, km, vq, vs, vm = self._swept(keys, kv[:, 1], vg)
         kq = kq.reshape(layers, heads, nk * kg, head_dim)[:, :, :tokens]  # padding is not stored
         out = torch.zeros(self.nbytes(tuple(kv.shape)), dtype=torch.uint8)
         offset = 0
@@ -257,9 +258,16 @@ class QuantCodec(Codec):
             offset += size
         return out
 
-    def _swept(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    @cached_property
+    def _sweep_hinv(self) -> torch.Tensor:
+        """``hinv`` as :meth:`_sweep` reads it, [2 x layers x heads, D, D] float32 with the key
+        rows first: built once per codec, not once per document."""
+        return torch.cat([self.hinv[:, 0].flatten(0, 1), self.hinv[:, 1].flatten(0, 1)]).float()
+
+    def _swept(self, keys: torch.Tensor, values: torch.Tensor, vg: int) -> tuple[torch.Tensor, ...]:
         """:meth:`encode`'s codes, scales and minima by :meth:`_sweep`, in its shapes; keys
-        [L, H, T', D] are padded to whole groups, values [L, H, T, D]. Both go through one
+        [L, H, T', D] are padded to whole groups, values [L, H, T, D] in groups of ``vg``
+        channels (:meth:`_geometry`'s). Both go through one
         sweep, channel-major ([D, rows, T']: the column a step reads is contiguous), values
         padded like keys and cut after."""
         layers, heads, padded, d = keys.shape
@@ -268,8 +276,7 @@ class QuantCodec(Codec):
         x[:, :rows] = keys.reshape(rows, padded, d).permute(2, 0, 1)
         x[:, rows:, :tokens] = values.reshape(rows, tokens, d).permute(2, 0, 1)
         x[:, rows:, tokens:] = x[:, rows:, tokens - 1 : tokens]
-        hinv = torch.cat([self.hinv[:, 0].flatten(0, 1), self.hinv[:, 1].flatten(0, 1)]).float()
-        codes, ks, km, vs, vm = self._sweep(x, hinv, rows)
+        codes, ks, km, vs, vm = self._sweep(x, self._sweep_hinv, rows, vg)
         codes = codes.to(torch.uint8)
         nk, nv = ks.shape[-1], vs.shape[0]
         key_stats = (t.permute(1, 2, 0).reshape(layers, heads, nk, 1, d) for t in (ks, km))
@@ -277,7 +284,7 @@ class QuantCodec(Codec):
         return (codes[:, :rows].permute(1, 2, 0).reshape(layers, heads, padded, d), *key_stats,
                 codes[:, rows:, :tokens].permute(1, 2, 0).reshape(layers, heads, tokens, d), *value_stats)
 
-    def _sweep(self, w: torch.Tensor, hinv: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
+    def _sweep(self, w: torch.Tensor, hinv: torch.Tensor, rows: int, vg: int) -> tuple[torch.Tensor, ...]:
         """Hessian-aware rounding (GPTQ's column sweep, on cached KV rather than on weights).
 
         What a KV error costs is how much it moves what reads it: a key error ``e`` moves the
@@ -296,7 +303,7 @@ class QuantCodec(Codec):
         the rest values; overwritten), ``hinv`` [2R, D, D]. Returns codes [D, 2R, T] (float),
         key scales and minima [D, R, T / key_group], value scales and minima [D / vg, R, T]."""
         d, _, tokens = w.shape
-        kg, vg = self.key_group, self.value_group if d % self.value_group == 0 else d
+        kg = self.key_group
         codes, errs = torch.empty_like(w), torch.empty_like(w)
         ks, km = (torch.empty(d, rows, tokens // kg, dtype=torch.float16) for _ in range(2))
         vs, vm = (torch.empty(d // vg, rows, tokens, dtype=torch.float16) for _ in range(2))
