@@ -226,6 +226,31 @@ def test_row_streams_score_as_one_batch(llm, squad_batch):
         assert a.shape == b.shape and (a - b).abs().max().item() <= FP32_SCORE_BOUND
 
 
+
+def test_reuse_loads_in_the_row_streams(llm, squad_batch):
+    """Each row stream decodes its own rows into the batch buffer. In the calling thread the
+    decode ran on an OpenMP team that libgomp throttles once big streams have run (a full
+    prefill): int4 decoding then took ~2.3x as long on 2 cores."""
+    import threading
+
+    from hyperrag.rerank import Reranker
+
+    class Recording(LocalKV):
+        def load_into(self, text: str, out: torch.Tensor) -> bool:
+            loaders.append((threading.current_thread().name, text))
+            return super().load_into(text, out)
+
+    loaders: list[tuple[str, str]] = []
+    two = Reranker(llm, batch_size=8, streams=2)
+    question, docs = squad_batch[0]
+    source = Recording()
+    for text, kv in zip(docs, two.encode_docs(docs)):
+        source.put(text, kv)
+    result = two.score(question, docs, "reuse", source)
+    assert result.encoded_docs == 0 and sorted(t for _, t in loaders) == sorted(docs)
+    names = {name for name, _ in loaders}
+    assert len(names) == 2 and all(name.startswith("hyperrag-rows") for name in names), names
+
 def test_long_question_is_truncated_with_notice(reranker, squad_batch):
     _, docs = squad_batch[0]
     result = reranker.score("why " * 500, docs[:2], "full")

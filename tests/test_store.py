@@ -92,6 +92,32 @@ def test_hot_tier_serves_repeat_loads(tmp_path, make_store):
     assert cold.stats.hot_hits == 1
 
 
+
+def test_concurrent_loads_count_their_wall_time_once(make_store):
+    """The reranker's row streams load at once; ``load_s`` (and so the reported GB/s) counts
+    time with any load in flight, not the sum over threads. Every load is still counted."""
+    import threading
+    import time
+
+    store = make_store("memory://")
+    kvs = {f"doc{i}": fake_kv(40, i) for i in range(6)}
+    for text, kv in kvs.items():
+        store.put(text, kv)
+    t0 = time.perf_counter()
+    with store._load_clock():  # a second load overlapping the whole of a first one
+        time.sleep(0.05)
+        with store._load_clock():
+            time.sleep(0.05)
+    assert 0.1 <= store.stats.load_s <= time.perf_counter() - t0
+    outs = {text: torch.empty_like(kv) for text, kv in kvs.items()}
+    halves = [list(kvs)[0::2], list(kvs)[1::2]]
+    threads = [threading.Thread(target=store.load_many, args=(h, [outs[t] for t in h])) for h in halves]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert store.stats.hits == len(kvs) and all(torch.equal(outs[t], kv.half().float()) for t, kv in kvs.items())
+
 def test_bad_urls(tmp_path):
     assert parse_store_url("redis://127.0.0.1:6379") == ("redis", "redis://127.0.0.1:6379")
     assert parse_store_url("redis://:pw@127.0.0.1:6379") == ("redis", "redis://:pw@127.0.0.1:6379")

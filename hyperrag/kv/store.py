@@ -36,9 +36,10 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -84,7 +85,7 @@ class StoreStats:
     dropped: int = 0  # entries not written: store down and retry queue full (recomputed later)
     reconnects: int = 0
     load_bytes: int = 0  # stored bytes read and decoded
-    load_s: float = 0.0
+    load_s: float = 0.0  # wall seconds with a load in flight (concurrent loads counted once)
 
     @property
     def load_gb_per_s(self) -> float:
@@ -125,6 +126,7 @@ class KVStore:
         self._retry_limit = int(retry_queue_mb * 2**20)
         self._inflight_limit = int(max_inflight_mb * 2**20)
         self._closed = False
+        self._loading, self._loads_since = 0, 0.0  # loads in flight, since when (_load_clock)
         self._tier_refusals = 0  # reads the CPU tier had no room for (every object in it in use)
         self._wake = threading.Event()
         self._prober: threading.Thread | None = None
@@ -518,26 +520,40 @@ class KVStore:
         """:meth:`load_into` for a batch. Entries in the CPU tier are decoded at once; backend
         reads are kept ``READ_WINDOW`` in flight, so reading the next entries overlaps checking
         and decoding the one that arrived."""
-        t0 = time.perf_counter()
-        addresses = [self.address(t) for t in texts]
-        loaded = [0] * len(texts)  # bytes decoded per entry, 0 = not loaded
-        cold = []
-        for i, address in enumerate(addresses):
-            obj = self._cpu.get_blocking(self._key(address)) if self._hot else None
-            if obj is None:
-                cold.append(i)
-            else:
-                loaded[i] = self._decode(address, obj, outs[i], from_hot=True)
-        hot_hits = sum(n > 0 for n in loaded)
-        misses = len(cold) if self.scheme == "memory" else self._load_cold(addresses, outs, cold, loaded)
+        with self._load_clock():
+            addresses = [self.address(t) for t in texts]
+            loaded = [0] * len(texts)  # bytes decoded per entry, 0 = not loaded
+            cold = []
+            for i, address in enumerate(addresses):
+                obj = self._cpu.get_blocking(self._key(address)) if self._hot else None
+                if obj is None:
+                    cold.append(i)
+                else:
+                    loaded[i] = self._decode(address, obj, outs[i], from_hot=True)
+            hot_hits = sum(n > 0 for n in loaded)
+            misses = len(cold) if self.scheme == "memory" else self._load_cold(addresses, outs, cold, loaded)
         with self._lock:
             self.stats.misses += misses
             self.stats.hot_hits += hot_hits
-            if any(loaded):
-                self.stats.hits += sum(n > 0 for n in loaded)
-                self.stats.load_bytes += sum(loaded)
-                self.stats.load_s += time.perf_counter() - t0
+            self.stats.hits += sum(n > 0 for n in loaded)
+            self.stats.load_bytes += sum(loaded)
         return [n > 0 for n in loaded]
+
+    @contextmanager
+    def _load_clock(self) -> Iterator[None]:
+        """Adds to ``stats.load_s`` the wall time during which any load is in flight: the
+        reranker's row streams load at once, and time they overlap counts once."""
+        with self._lock:
+            if not self._loading:
+                self._loads_since = time.perf_counter()
+            self._loading += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._loading -= 1
+                if not self._loading:
+                    self.stats.load_s += time.perf_counter() - self._loads_since
 
     def _load_cold(self, addresses: list[str], outs: Sequence[torch.Tensor], todo: list[int], loaded: list[int]) -> int:
         """Read entries ``todo`` from the backend into ``outs``; returns the number not found
