@@ -21,6 +21,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,16 +73,19 @@ def make_store(reranker):
 
 
 class FaultAfter:
-    """A KV source that runs ``fault()`` after ``n`` loads: the fault lands inside a batch."""
+    """A KV source that runs ``fault()`` after ``n`` loads: the fault lands inside a batch. The
+    reranker's row streams load at once; one load at a time here keeps "after n loads" exact."""
 
     def __init__(self, store: KVStore, n: int, fault):
         self.store, self.n, self.fault, self.loads = store, n, fault, 0
+        self.lock = threading.Lock()
 
     def load_into(self, text, out):
-        if self.loads == self.n:
-            self.fault()
-        self.loads += 1
-        return self.store.load_into(text, out)
+        with self.lock:
+            if self.loads == self.n:
+                self.fault()
+            self.loads += 1
+            return self.store.load_into(text, out)
 
     def put(self, text, kv):
         self.store.put(text, kv)
