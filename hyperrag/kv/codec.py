@@ -6,18 +6,26 @@ quantized codecs unpack their codes once into a reused float scratch and dequant
 one fused ``addcmul`` per run of key groups, written into the view.
 
 - ``fp32``, ``fp16``, ``bf16``: casts; fp32 is exact.
-- ``int8``, ``int4``, ``int2``: asymmetric min/max quantization with a zero point (fp16 scale
-  and minimum per group) in plain torch, on the axes KIVI found right for each tensor: keys per
-  channel (a group spans ``key_group`` tokens of one channel, because key outliers sit in fixed
-  channels), values per token (a group spans ``value_group`` channels of one token). int4 and
-  int2 pack 2 / 4 values per byte (slices of the last axis in bit fields: unpacking is a shift
-  and a mask). With nearest rounding each element's reconstruction error is at most half a
-  step, ``(max - min) / (2 * (2**bits - 1))`` of its group, plus fp16 rounding of scale and
-  minimum; Hessian-aware rounding (the default, below) gives up that per-element bound for a
-  lower error in what the reranker reads.
-  Bytes per token (SmolLM2-135M, 256-token documents; fp16 = 23,040): int8 12,240 (0.53x),
-  int4 7,200 (0.31x), int2 3,420 (0.148x: groups of 128 tokens for keys and one head for values,
-  the largest the 0.15x budget allows).
+- ``int8``, ``int4``, ``int2``: asymmetric min/max quantization in plain torch, on the axes
+  KIVI found right for each tensor: keys per channel (a group spans ``key_group`` tokens of one
+  channel, because key outliers sit in fixed channels; fp16 scale and minimum), values per token
+  (a group spans ``value_group`` channels of one token; a one-byte scale and a zero point of
+  ``bits`` bits, see :class:`QuantCodec`). int4 and int2 pack 2 / 4 values per byte (slices of
+  the last axis in bit fields: unpacking is a shift and a mask). With nearest rounding each
+  element's reconstruction error is at most half a step of its group: keys
+  ``(max - min) / (2 * (2**bits - 1))`` plus fp16 rounding of scale and minimum, values the
+  same over the range widened to include 0 with the step up to 2**(1/8) x coarser;
+  Hessian-aware rounding (the default, below) gives up that per-element bound for a lower error
+  in what the reranker reads.
+  Bytes per token (SmolLM2-135M, 256-token documents; fp16 = 23,040): int8 12,060 (0.523x),
+  int4 6,390 (0.277x; keys 64 tokens, values 32 channels), int2 3,285 (0.143x; keys 128 tokens,
+  values 32 channels). With fp16 values metadata int4 took 7,200 (0.3125x, k32/v32): the
+  cheaper value metadata pays for keys' groups of 64 (24 questions, Hessian rounding: max / mean
+  0.286 / 0.055 against 0.285 / 0.051 at k32/v32); int4 at <= 0.27x measured worse every way
+  tried: k128 keys 0.41 / 0.064 (0.2695x), one-byte key scales 0.39 / 0.060 (0.2734x), key zero
+  points 0.60-0.74. int2's values at 64 channels (0.1377x) measured 3.11 / 0.534 against
+  3.24 / 0.515 at 32, and worse with nearest rounding (3.05 against 2.98 on the tests'
+  20-document batch).
 
 Where the quantization error comes from (``scripts/codec_study.py``: simulated quantizers applied
 to one part of the KV at a time, reuse scores against exact fp32 KV, trained adapter, 12 shipped
@@ -50,8 +58,9 @@ prefix, which is never quantized. Techniques, each measured the same way:
   first or last 10 layers 0.40 / 0.52.
 
 No grid (uniform int4 variant at <= 0.31x of fp16, NF4, codebooks) came near a 0.15 max error,
-and none kept full 20-document rankings identical (top-3 sets mostly do); int2 (0.148x) costs
-1.6-4.8 max error. The grid stays the plain KIVI layout. What did help is choosing the codes
+and none kept full 20-document rankings identical (top-3 sets mostly do); int2 (then 0.148x)
+cost 1.6-4.8 max error. (The study's figures are for the earlier int4 k32/v32 with fp16 value
+metadata.) The grid stays the plain KIVI layout. What did help is choosing the codes
 on it differently:
 
 - **Hessian-aware rounding** (GPTQ's column sweep, applied to the cached KV at encode time;
@@ -74,6 +83,7 @@ changing a codec's format can only miss, never decode old bytes with the new lay
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass, field, replace
@@ -86,8 +96,19 @@ _SWEEP_BLOCK = 16  # channels per block of the Hessian-aware sweep (QuantCodec._
 _ALIGN = 8  # every part of a payload starts 8-byte aligned (fp16 views need it)
 
 
+# Value scales take one byte: 2^(e/8 - 20) for e in 0..255 (2^-20 .. 2^11.9, 1/8-octave steps),
+# rounded up to the next step so a group's range still fits (its step is at most 9% coarser). The
+# encoder and decoder read the same table, so both see the same grid on every device.
+_LOG_SCALES = torch.exp2(torch.arange(256, dtype=torch.float64) / 8 - 20).float()
+
+
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
+
+
+@functools.lru_cache(maxsize=None)
+def _log_scales(device: torch.device) -> torch.Tensor:
+    return _LOG_SCALES.to(device)
 
 
 class Codec:
@@ -139,11 +160,19 @@ class QuantCodec(Codec):
     """Asymmetric (min/max + zero point) integer quantization, KIVI axes.
 
     Payload parts, each 8-byte aligned: key codes ``[L, H, T, D']``, key scales and minima
-    ``[L, H, nK, 1, D]`` (fp16), value codes ``[L, H, T, D']``, value scales and minima
-    ``[L, H, T, nV]``. Keys are grouped along tokens (``nK = ceil(T / kg)``; the last group's
-    statistics treat it as padded with copies of the last token; padding is not stored), values
-    along channels. int4 packs the first half of the last axis in the low nibbles and the
-    second half in the high nibbles, so unpacking is two shifts, not an interleave.
+    ``[L, H, nK, 1, D]`` (fp16), value codes ``[L, H, T, D']``, value scale exponents
+    ``[L, H, T, nV]`` (one byte each, :data:`_LOG_SCALES`) and value zero points (codes of
+    ``bits`` bits, packed like the codes over the flattened ``[L, H, T, nV]``). Keys are grouped
+    along tokens (``nK = ceil(T / kg)``; the last group's statistics treat it as padded with
+    copies of the last token; padding is not stored), values along channels. int4 packs the
+    first half of the last axis in the low nibbles and the second half in the high nibbles, so
+    unpacking is two shifts, not an interleave.
+
+    Why two kinds of group metadata: a key channel can sit far from zero (an offset larger than
+    its range), so keys keep an fp16 minimum and scale; value groups straddle zero, so a
+    zero point in code units and a one-byte scale lose almost nothing (int4 k64/v32, 24
+    questions: max / mean score error 0.289 / 0.054 against 0.291 / 0.056 with fp16 values
+    metadata) for 12 bits instead of 32 per group. The same for keys cost 0.60-0.74 max.
     """
 
     name: str
@@ -157,7 +186,7 @@ class QuantCodec(Codec):
 
     @property
     def spec(self) -> str:
-        base = f"{self.name}-asym-k{self.key_group}v{self.value_group}"
+        base = f"{self.name}-asym-k{self.key_group}v{self.value_group}-vlogz"
         # The bytes decode the same either way; the tag keeps the two encodings' entries apart,
         # so a store filled by nearest rounding is re-encoded, not silently kept.
         return base if self.hinv is None else f"{base}-gptq"
@@ -182,15 +211,15 @@ class QuantCodec(Codec):
         return layers, heads, tokens, head_dim, kg, -(-tokens // kg), vg
 
     def _parts(self, shape: tuple[int, ...]) -> list[int]:
-        """Aligned byte sizes of [key codes, key scales, key minima, value codes, value scales, value minima]."""
+        """Aligned byte sizes of [key codes, key scales, key minima, value codes, value scale
+        exponents, value zero points]."""
         layers, heads, tokens, head_dim, kg, nk, vg = self._geometry(shape)
         per_byte = self.per_byte
         rows = layers * heads
-        key_codes = rows * tokens * head_dim // per_byte
+        codes = rows * tokens * head_dim // per_byte
         key_stats = rows * nk * head_dim * 2
-        value_codes = rows * tokens * head_dim // per_byte
-        value_stats = rows * tokens * (head_dim // vg) * 2
-        return [_aligned(n) for n in (key_codes, key_stats, key_stats, value_codes, value_stats, value_stats)]
+        value_groups = rows * tokens * (head_dim // vg)
+        return [_aligned(n) for n in (codes, key_stats, key_stats, codes, value_groups, -(-value_groups // per_byte))]
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         return sum(self._parts(shape))
@@ -201,10 +230,21 @@ class QuantCodec(Codec):
         scale16 = ((g.amax(dim, keepdim=True) - lo16.float()) / self.levels).half().clamp_min(1e-6)
         return scale16, lo16
 
+    def _value_grid(self, g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scale exponents and zero points (uint8, ``dim`` kept as 1) of value groups that span
+        axis ``dim``, and the grid they stand for: scale and minimum (float32). The range is
+        widened to include 0, so the zero point is a level and no value falls off the grid."""
+        hi, lo = g.amax(dim, keepdim=True).clamp_min(0), g.amin(dim, keepdim=True).clamp_max(0)
+        table = _log_scales(g.device)
+        exps = torch.searchsorted(table, ((hi - lo) / self.levels).contiguous()).clamp_max_(255)
+        scale = table[exps]
+        zero = torch.round(-lo / scale).clamp_(0, self.levels)
+        return exps.to(torch.uint8), zero.to(torch.uint8), scale, -zero * scale
+
     def _quantize(self, g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Codes (uint8, shape of ``g``), scale and minimum (fp16, ``dim`` kept as 1) of groups
-        that span axis ``dim``. The minimum and scale are rounded to fp16 before coding, so the
-        decoder reproduces exactly the grid the encoder used."""
+        """Codes (uint8, shape of ``g``), scale and minimum (fp16, ``dim`` kept as 1) of key
+        groups that span axis ``dim``. The minimum and scale are rounded to fp16 before coding,
+        so the decoder reproduces exactly the grid the encoder used."""
         scale16, lo16 = self._grid(g, dim)
         return self._codes(g, scale16.float(), lo16.float()).to(torch.uint8), scale16, lo16
 
@@ -225,12 +265,14 @@ class QuantCodec(Codec):
             packed |= chunk << (self.bits * i)
         return packed
 
-    def _unpack(self, codes: torch.Tensor, width: int) -> torch.Tensor:
-        """The codes of packed ``codes`` (last axis ``width // per_byte``) as float32, in a
-        per-thread scratch of shape ``[..., width]``: one shift and mask per bit field over the
-        whole tensor, concatenated and converted in one pass (converting each slice inside the
-        dequantization measured slower)."""
-        out = _scratch(codes.numel() * self.per_byte, codes.device).view(*codes.shape[:-1], width)
+    def _unpack(self, codes: torch.Tensor, width: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The codes of packed ``codes`` (last axis ``width // per_byte``) as float32, in ``out``
+        or a per-thread scratch, of shape ``[..., width]``: one shift and mask per bit field over
+        the whole tensor, concatenated and converted in one pass (converting each slice inside
+        the dequantization measured slower)."""
+        if out is None:
+            out = _scratch(codes.numel() * self.per_byte, codes.device)
+        out = out.view(*codes.shape[:-1], width)
         if self.bits == 8:
             out.copy_(codes)
         else:
@@ -246,13 +288,18 @@ class QuantCodec(Codec):
             keys = torch.cat([keys, keys[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
         if self.hinv is None:
             kq, ks, km = self._quantize(keys.reshape(layers, heads, nk, kg, head_dim), dim=3)
-            vq, vs, vm = self._quantize(kv[:, 1].reshape(layers, heads, tokens, head_dim // vg, vg), dim=4)
+            values = kv[:, 1].reshape(layers, heads, tokens, head_dim // vg, vg)
+            ve, vz, scale, lo = self._value_grid(values, dim=4)
+            vq = self._codes(values, scale, lo).to(torch.uint8)
         else:
-            kq, ks, km, vq, vs, vm = self._swept(keys, kv[:, 1], vg)
+            kq, ks, km, vq, ve, vz = self._swept(keys, kv[:, 1], vg)
         kq = kq.reshape(layers, heads, nk * kg, head_dim)[:, :, :tokens]  # padding is not stored
+        zeros = vz.reshape(-1)
+        zeros = torch.cat([zeros, zeros.new_zeros(-zeros.numel() % self.per_byte)])
         out = torch.zeros(self.nbytes(tuple(kv.shape)), dtype=torch.uint8)
         offset = 0
-        for part, size in zip((self._pack(kq), ks, km, self._pack(vq.reshape(layers, heads, tokens, head_dim)), vs, vm), self._parts(tuple(kv.shape))):
+        parts = (self._pack(kq), ks, km, self._pack(vq.reshape(layers, heads, tokens, head_dim)), ve, self._pack(zeros))
+        for part, size in zip(parts, self._parts(tuple(kv.shape))):
             flat = part.contiguous().view(-1).view(torch.uint8)
             out[offset : offset + flat.numel()] = flat
             offset += size
@@ -276,11 +323,11 @@ class QuantCodec(Codec):
         x[:, :rows] = keys.reshape(rows, padded, d).permute(2, 0, 1)
         x[:, rows:, :tokens] = values.reshape(rows, tokens, d).permute(2, 0, 1)
         x[:, rows:, tokens:] = x[:, rows:, tokens - 1 : tokens]
-        codes, ks, km, vs, vm = self._sweep(x, self._sweep_hinv, rows, vg)
+        codes, ks, km, ve, vz = self._sweep(x, self._sweep_hinv, rows, vg)
         codes = codes.to(torch.uint8)
-        nk, nv = ks.shape[-1], vs.shape[0]
+        nk, nv = ks.shape[-1], ve.shape[0]
         key_stats = (t.permute(1, 2, 0).reshape(layers, heads, nk, 1, d) for t in (ks, km))
-        value_stats = (t[..., :tokens].permute(1, 2, 0).reshape(layers, heads, tokens, nv, 1) for t in (vs, vm))
+        value_stats = (t[..., :tokens].permute(1, 2, 0).reshape(layers, heads, tokens, nv, 1) for t in (ve, vz))
         return (codes[:, :rows].permute(1, 2, 0).reshape(layers, heads, padded, d), *key_stats,
                 codes[:, rows:, :tokens].permute(1, 2, 0).reshape(layers, heads, tokens, d), *value_stats)
 
@@ -301,12 +348,13 @@ class QuantCodec(Codec):
         after it; a value group starts at a block start or fits inside one (powers of two), so
         its grid sees every earlier push. ``w`` [D, 2R, T] channel-major (rows ``[:rows]`` keys,
         the rest values; overwritten), ``hinv`` [2R, D, D]. Returns codes [D, 2R, T] (float),
-        key scales and minima [D, R, T / key_group], value scales and minima [D / vg, R, T]."""
+        key scales and minima [D, R, T / key_group] (fp16), value scale exponents and zero
+        points [D / vg, R, T] (uint8)."""
         d, _, tokens = w.shape
         kg = self.key_group
         codes, errs = torch.empty_like(w), torch.empty_like(w)
         ks, km = (torch.empty(d, rows, tokens // kg, dtype=torch.float16) for _ in range(2))
-        vs, vm = (torch.empty(d // vg, rows, tokens, dtype=torch.float16) for _ in range(2))
+        ve, vz = (torch.empty(d // vg, rows, tokens, dtype=torch.uint8) for _ in range(2))
         scale, lo = torch.empty(w.shape[1:]), torch.empty(w.shape[1:])  # the current column's grid
         inv_diag = (1.0 / hinv.diagonal(dim1=-2, dim2=-1)).T[..., None]  # [D, 2R, 1]
         pushes = hinv.permute(1, 2, 0)[..., None]  # [D, D, 2R, 1]: row j = how channel j's error moves the others
@@ -314,9 +362,9 @@ class QuantCodec(Codec):
             end = min(first + _SWEEP_BLOCK, d)
             for j in range(first, end):
                 if j % vg == 0:
-                    s16, m16 = self._grid(w[j : j + vg, rows:], dim=0)
-                    vs[j // vg], vm[j // vg] = s16[0], m16[0]
-                    scale[rows:], lo[rows:] = s16[0], m16[0]
+                    exps, zero, s32, m32 = self._value_grid(w[j : j + vg, rows:], dim=0)
+                    ve[j // vg], vz[j // vg] = exps[0], zero[0]
+                    scale[rows:], lo[rows:] = s32[0], m32[0]
                 s16, m16 = self._grid(w[j, :rows].view(rows, -1, kg), dim=2)
                 ks[j], km[j] = s16[..., 0], m16[..., 0]
                 scale[:rows].view(rows, -1, kg).copy_(s16)
@@ -327,7 +375,7 @@ class QuantCodec(Codec):
                 w[j + 1 : end].addcmul_(pushes[j, j + 1 : end], err, value=-1.0)
             if end < d:  # [2R, T, B] @ [2R, B, D - end]
                 w[end:] -= torch.bmm(errs[first:end].permute(1, 2, 0), hinv[:, first:end, end:]).permute(2, 0, 1)
-        return codes, ks, km, vs, vm
+        return codes, ks, km, ve, vz
 
     def _split(self, payload: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
         parts, offset = [], 0
@@ -341,7 +389,7 @@ class QuantCodec(Codec):
         nv, width = head_dim // vg, self.per_byte
         if payload.device != out.device:  # ship the compact bytes, dequantize where the buffer is
             payload = payload.to(out.device, non_blocking=True)
-        kq, ks, km, vq, vs, vm = self._split(payload, shape)
+        kq, ks, km, vq, ve, vz = self._split(payload, shape)
         kq = kq[: layers * heads * tokens * head_dim // width].view(layers, heads, tokens, head_dim // width)
         ks = ks[: layers * heads * nk * head_dim * 2].view(torch.float16).view(layers, heads, nk, 1, head_dim).float()
         km = km[: layers * heads * nk * head_dim * 2].view(torch.float16).view(layers, heads, nk, 1, head_dim).float()
@@ -358,8 +406,10 @@ class QuantCodec(Codec):
         # [.., nV, vg] and copy once into the destination (measured ~2x faster).
         n_rows = layers * heads * tokens
         vq = vq[: n_rows * head_dim // width].view(layers, heads, tokens, head_dim // width)
-        vs = vs[: n_rows * nv * 2].view(torch.float16).view(layers, heads, tokens, nv, 1)
-        vm = vm[: n_rows * nv * 2].view(torch.float16).view(layers, heads, tokens, nv, 1)
+        vs = _log_scales(out.device)[ve[: n_rows * nv].long()].view(layers, heads, tokens, nv, 1)
+        padded = -(-n_rows * nv // width) * width
+        zeros = self._unpack(vz[: padded // width], padded, out=torch.empty(padded, device=out.device))
+        vm = zeros[: n_rows * nv].view(layers, heads, tokens, nv, 1).mul_(vs).neg_()
         tmp = self._unpack(vq, head_dim)
         grouped = tmp.view(layers, heads, tokens, nv, vg)
         grouped.mul_(vs).add_(vm)
@@ -385,9 +435,9 @@ CODECS: dict[str, Codec] = {
     "fp16": CastCodec("fp16", torch.float16),
     "bf16": CastCodec("bf16", torch.bfloat16),
     "int8": QuantCodec("int8", bits=8, key_group=64, value_group=64),
-    "int4": QuantCodec("int4", bits=4, key_group=32, value_group=32),
-    # 2 bits: groups as large as the 0.15x-of-fp16 budget allows (keys 128 tokens, values one head)
-    "int2": QuantCodec("int2", bits=2, key_group=128, value_group=64),
+    "int4": QuantCodec("int4", bits=4, key_group=64, value_group=32),
+    # 2 bits: keys in groups as large as the 0.15x-of-fp16 budget allows
+    "int2": QuantCodec("int2", bits=2, key_group=128, value_group=32),
 }
 
 

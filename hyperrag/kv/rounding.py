@@ -17,7 +17,8 @@ factors are cached per reranker identity in ``<cache_dir>/kv-rounding`` (~30 s t
 once). Calibrated on the reranker's queries alone, reading from int4 KV moved F1 by -0.019
 (-0.036 to -0.003) against exact KV on 300 dev questions, with 91% of answers unchanged; with
 the reader's queries too, -0.013 (-0.033 to +0.005) and 94% (nearest rounding: -0.008, 92%).
-Ranking, 12 dev questions x 20 candidates (reuse scores against exact KV): int4 k32/v32 max /
+Ranking, 12 dev questions x 20 candidates (reuse scores against exact KV; the format then,
+fp16 value metadata): int4 k32/v32 max /
 mean score error 0.51 / 0.075 with nearest rounding, 0.29 / 0.056 with this; int2 k128/v64
 6.5 -> 3.3 max (README "KV compression" has the 24- and 300-question figures).
 """
