@@ -15,7 +15,10 @@ faster in four of five in-process A/Bs, no gain in the fifth). A big one (full p
 keeps the calling thread's count: its streams do not finish together (uneven batches), and with
 one thread each a core would sit idle (full prefill 3% slower). Each stream thread has its own
 OpenMP team; ``hyperrag/__init__`` shortens OpenMP's idle spin so those teams do not keep the
-cores busy after a batch.
+cores busy after a batch. Once big streams have run, libgomp manages more threads than there
+are cores and throttles every team's spin, so the calling thread's own team wakes late at each
+op (int4 decoding in the calling thread took ~2.3x as long after a full prefill on 2 cores):
+that is why loading stored KV runs in the streams too (:meth:`hyperrag.rerank.Reranker.load_rows`).
 """
 from __future__ import annotations
 
