@@ -91,6 +91,8 @@ from functools import cached_property
 
 import torch
 
+from hyperrag.kv.dequant import dequantize_into
+
 KV_DIMS = 5  # layers, k/v, heads, tokens, head_dim
 _SWEEP_BLOCK = 16  # channels per block of the Hessian-aware sweep (QuantCodec._sweep)
 _ALIGN = 8  # every part of a payload starts 8-byte aligned (fp16 views need it)
@@ -183,6 +185,9 @@ class QuantCodec(Codec):
     # (:meth:`rounded_by`); None rounds each value to its nearest level. Not compared: the
     # spec tells the two roundings apart.
     hinv: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # Decode on CPU with the fused kernel (:mod:`hyperrag.kv.dequant`); False: torch's ops,
+    # which every other device uses and which define the result (tests compare the two).
+    fused: bool = field(default=True, compare=False, repr=False)
 
     @property
     def spec(self) -> str:
@@ -390,9 +395,19 @@ class QuantCodec(Codec):
         if payload.device != out.device:  # ship the compact bytes, dequantize where the buffer is
             payload = payload.to(out.device, non_blocking=True)
         kq, ks, km, vq, ve, vz = self._split(payload, shape)
-        kq = kq[: layers * heads * tokens * head_dim // width].view(layers, heads, tokens, head_dim // width)
+        n_rows = layers * heads * tokens
+        kq = kq[: n_rows * head_dim // width].view(layers, heads, tokens, head_dim // width)
         ks = ks[: layers * heads * nk * head_dim * 2].view(torch.float16).view(layers, heads, nk, 1, head_dim).float()
         km = km[: layers * heads * nk * head_dim * 2].view(torch.float16).view(layers, heads, nk, 1, head_dim).float()
+        vq = vq[: n_rows * head_dim // width].view(layers, heads, tokens, head_dim // width)
+        vs = _log_scales(out.device)[ve[: n_rows * nv].long()].view(layers, heads, tokens, nv, 1)
+        padded = -(-n_rows * nv // width) * width
+        zeros = self._unpack(vz[: padded // width], padded, out=torch.empty(padded, device=out.device))
+        vm = zeros[: n_rows * nv].view(layers, heads, tokens, nv, 1).mul_(vs).neg_()
+        if self.fused and out.device.type == "cpu" and out.dtype == torch.float32 and out.stride(-1) == 1:
+            dequantize_into(out[:, 0], kq, ks, km, True, kg, self.bits)
+            dequantize_into(out[:, 1], vq, vs, vm, False, vg, self.bits)
+            return
         keys = out[:, 0]  # [L, H, T, D] view of the destination
         codes = self._unpack(kq, head_dim)
         full = tokens // kg  # whole key groups first, then the shorter last one
@@ -404,12 +419,6 @@ class QuantCodec(Codec):
         # Values: scale and minimum are constant along channels, a broadcast that elementwise
         # kernels handle badly in the innermost axis; scale the unpacked codes in place over
         # [.., nV, vg] and copy once into the destination (measured ~2x faster).
-        n_rows = layers * heads * tokens
-        vq = vq[: n_rows * head_dim // width].view(layers, heads, tokens, head_dim // width)
-        vs = _log_scales(out.device)[ve[: n_rows * nv].long()].view(layers, heads, tokens, nv, 1)
-        padded = -(-n_rows * nv // width) * width
-        zeros = self._unpack(vz[: padded // width], padded, out=torch.empty(padded, device=out.device))
-        vm = zeros[: n_rows * nv].view(layers, heads, tokens, nv, 1).mul_(vs).neg_()
         tmp = self._unpack(vq, head_dim)
         grouped = tmp.view(layers, heads, tokens, nv, vg)
         grouped.mul_(vs).add_(vm)
