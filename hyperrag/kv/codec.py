@@ -1,13 +1,14 @@
 """KV codecs: how one document's KV ``[layers, 2, kv_heads, tokens, head_dim]`` becomes bytes.
 
 Every codec encodes to one flat ``uint8`` tensor and decodes straight into a destination view
-of the compute dtype (a row of the static batch buffer), so loading needs no extra copy: the
-quantized codecs unpack their codes once into a reused float scratch and dequantize keys with
-one fused ``addcmul`` per run of key groups, written into the view.
+of the compute dtype (a row of the static batch buffer), so loading needs no extra copy. On
+CPU the quantized codecs decode in one pass with a compiled kernel (:mod:`hyperrag.kv.dequant`);
+elsewhere they unpack their codes once into a reused float scratch and dequantize keys with one
+fused ``addcmul`` per run of key groups, written into the view (the same result, bit for bit).
 
 - ``fp32``, ``fp16``, ``bf16``: casts; fp32 is exact.
-- ``int8``, ``int4``, ``int2``: asymmetric min/max quantization in plain torch, on the axes
-  KIVI found right for each tensor: keys per channel (a group spans ``key_group`` tokens of one
+- ``int8``, ``int4``, ``int2``: asymmetric min/max quantization, on the axes KIVI found
+  right for each tensor: keys per channel (a group spans ``key_group`` tokens of one
   channel, because key outliers sit in fixed channels; fp16 scale and minimum), values per token
   (a group spans ``value_group`` channels of one token; a one-byte scale and a zero point of
   ``bits`` bits, see :class:`QuantCodec`). int4 and int2 pack 2 / 4 values per byte (slices of
@@ -246,7 +247,7 @@ class QuantCodec(Codec):
         zero = torch.round(-lo / scale).clamp_(0, self.levels)
         return exps.to(torch.uint8), zero.to(torch.uint8), scale, -zero * scale
 
-    def _quantize(self, g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _quantize_keys(self, g: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes (uint8, shape of ``g``), scale and minimum (fp16, ``dim`` kept as 1) of key
         groups that span axis ``dim``. The minimum and scale are rounded to fp16 before coding,
         so the decoder reproduces exactly the grid the encoder used."""
@@ -292,7 +293,7 @@ class QuantCodec(Codec):
         if pad:
             keys = torch.cat([keys, keys[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
         if self.hinv is None:
-            kq, ks, km = self._quantize(keys.reshape(layers, heads, nk, kg, head_dim), dim=3)
+            kq, ks, km = self._quantize_keys(keys.reshape(layers, heads, nk, kg, head_dim), dim=3)
             values = kv[:, 1].reshape(layers, heads, tokens, head_dim // vg, vg)
             ve, vz, scale, lo = self._value_grid(values, dim=4)
             vq = self._codes(values, scale, lo).to(torch.uint8)
