@@ -268,10 +268,7 @@ class Reranker:
         it: hold ``lock``."""
         t0 = time.perf_counter()
         views = [layout.doc_view(r, n) for r, n in enumerate(lens)]
-        # Decoding runs in the row streams, each on its share of the rows with its own threads:
-        # in the calling thread it would use an OpenMP team that libgomp throttles (its idle
-        # threads sleep at once, so every op waits for them to wake) after any big stream has
-        # run, which made int4 decoding ~2.3x slower after a full prefill on 2 cores.
+        # Each row stream decodes its share of the rows (why not the calling thread: rowsplit).
         found = self.rows.run(len(texts), lambda part: load_batch(source, texts[part], views[part]), 1)
         load_s = time.perf_counter() - t0
         first: dict[str, int] = {}  # text -> the row that computes it
