@@ -200,6 +200,13 @@ def with_intervals(per_question: dict[str, list[float]]) -> dict[str, float | li
     return out
 
 
+def paired_differences(per: dict[str, list[float]], ref: dict[str, list[float]], keys: Sequence[str],
+                       suffix: str) -> dict[str, float | list[float]]:
+    """``<key>_<suffix>``: the mean of ``per - ref`` question by question (as far as both go) and
+    its 95% bootstrap interval (``_ci95``), for each of ``keys``."""
+    return with_intervals({f"{key}_{suffix}": [a - b for a, b in zip(per[key], ref[key])] for key in keys})
+
+
 def answer_scores(answers: Sequence[str], cands: Sequence[Candidates]) -> dict[str, list[float]]:
     return {"em": [exact_match(a, c.answers) for a, c in zip(answers, cands)],
             "f1": [f1_score(a, c.answers) for a, c in zip(answers, cands)]}
@@ -411,10 +418,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                    "seconds_per_question": run.seconds / max(1, len(part))}
         if codec:  # against the exact-KV run of the same system, question by question
             exact = runs[base_name]
-            diff = [a - b for a, b in zip(per_question["ndcg@10"], ranking_per_question(exact, part)["ndcg@10"])]
             report["codec_check"][name] = agreement(score_records(exact.scores, part, s.top_n),
-                                                    score_records(run.scores, part, s.top_n)) | {
-                "ndcg@10_minus_exact": sum(diff) / len(diff), "ndcg@10_minus_exact_ci95": mean_interval(diff)}
+                                                    score_records(run.scores, part, s.top_n)) | paired_differences(
+                per_question, ranking_per_question(exact, part), ["ndcg@10"], "minus_exact")
         log.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items() if not k.endswith("_ci95")})
         if name == "retrieval":  # same questions, for a paired comparison with subset systems
             report["systems"][name]["ranking_subset"] = ranking_summary(
@@ -455,20 +461,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         per = answer_scores(answers, cands)
         entry = with_intervals(per) | {"questions": len(answers), "top_n": 1 if row.startswith("oracle") else s.top_n}
         if reference is not None and row != "retrieval+generator":
-            ref = answer_scores(reference, cands)
-            m = min(len(answers), len(reference))
-            for key in ("em", "f1"):
-                diff = [a - b for a, b in zip(per[key][:m], ref[key][:m])]
-                entry[f"{key}_minus_retrieval"] = sum(diff) / max(1, m)
-                entry[f"{key}_minus_retrieval_ci95"] = mean_interval(diff)
+            entry |= paired_differences(per, answer_scores(reference, cands), ("em", "f1"), "minus_retrieval")
         system, _, codec = row.removesuffix("+reader").partition("@")
         exact_row = f"{system}+reader"
         if codec and exact_row in answered:  # a codec's reading, paired with the same reading from exact KV
-            ref = answer_scores(answered[exact_row], cands)
-            for key in ("em", "f1"):
-                diff = [a - b for a, b in zip(per[key], ref[key])]
-                entry[f"{key}_minus_exact"] = sum(diff) / max(1, len(diff))
-                entry[f"{key}_minus_exact_ci95"] = mean_interval(diff)
+            entry |= paired_differences(per, answer_scores(answered[exact_row], cands), ("em", "f1"), "minus_exact")
             entry["same_answer_as_exact"] = sum(a == b for a, b in zip(answers, answered[exact_row])) / max(1, len(answers))
         report.setdefault("answers", {})[row] = entry
         log.info("%s: EM %.3f F1 %.3f", row, entry["em"], entry["f1"])
