@@ -186,9 +186,6 @@ class QuantCodec(Codec):
     # (:meth:`rounded_by`); None rounds each value to its nearest level. Not compared: the
     # spec tells the two roundings apart.
     hinv: torch.Tensor | None = field(default=None, compare=False, repr=False)
-    # Decode on CPU with the fused kernel (:mod:`hyperrag.kv.dequant`); False: torch's ops,
-    # which every other device uses and which define the result (tests compare the two).
-    fused: bool = field(default=True, compare=False, repr=False)
 
     @property
     def spec(self) -> str:
@@ -391,6 +388,12 @@ class QuantCodec(Codec):
         return parts
 
     def decode_into(self, payload: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor) -> None:
+        kernel = out.device.type == "cpu" and out.dtype == torch.float32 and out.stride(-1) == 1
+        self._decode(payload, shape, out, kernel)
+
+    def _decode(self, payload: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor, kernel: bool) -> None:
+        """Decode with the compiled CPU kernel (:mod:`hyperrag.kv.dequant`) or with torch's ops,
+        which every other device runs and which define the result (tests compare the two)."""
         layers, heads, tokens, head_dim, kg, nk, vg = self._geometry(shape)
         nv, width = head_dim // vg, self.per_byte
         if payload.device != out.device:  # ship the compact bytes, dequantize where the buffer is
@@ -405,7 +408,7 @@ class QuantCodec(Codec):
         padded = -(-n_rows * nv // width) * width
         zeros = self._unpack(vz[: padded // width], padded, out=torch.empty(padded, device=out.device))
         vm = zeros[: n_rows * nv].view(layers, heads, tokens, nv, 1).mul_(vs).neg_()
-        if self.fused and out.device.type == "cpu" and out.dtype == torch.float32 and out.stride(-1) == 1:
+        if kernel:
             dequantize_into(out[:, 0], kq, ks, km, True, kg, self.bits)
             dequantize_into(out[:, 1], vq, vs, vm, False, vg, self.bits)
             return
