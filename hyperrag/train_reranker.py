@@ -35,12 +35,6 @@ document KV then serves both jobs. Training starts from ``--init-adapter`` (the 
 adapter) where its layers overlap; validation also tunes the reader's decoding (span-constrained
 or free) and the selection weight of its answer rule (:func:`tune_reader`).
 
-Quantization-aware training (``--kv-codec int4 --kv-consistency W``): the question blocks read
-each document's KV as that codec stores it (nearest rounding; the document's own tokens still
-read it exact, as when the KV was computed), gradients pass straight through the rounding, and
-``W`` x the mean squared difference from the scores on exact KV (a second forward, without
-gradients) joins the loss: the adapter learns to read stored KV the way it reads exact KV.
-
 LoRA (peft) on the attention and MLP projections of the top ``--lora-layers`` layers: the lower
 layers stay frozen, so no gradient flows through them. ``--compute bfloat16`` runs the forward
 under bf16 autocast (LoRA weights and AdamW stay fp32): 1.3x faster per step on a CPU with AMX,
@@ -73,7 +67,6 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from hyperrag.kv.codec import get_codec
 from hyperrag.models import ADAPTER_META, adapter_meta
 from hyperrag.prompts import RerankPrompt, RerankTemplate
 
@@ -231,7 +224,6 @@ class Packed:
     last: torch.Tensor  # [D, Q]: each question block's scored (last suffix) token
     answer_at: torch.Tensor  # [A, 2]: (row, column) of hidden states that predict an answer token
     answer_ids: torch.Tensor  # [A]: the answer token each of them should predict
-    doc_spans: list[tuple[int, int]]  # per row: the document's columns (what the KV store keeps)
 
 
 def packed_inputs(prompt: RerankPrompt, doc_texts: Sequence[str], questions: Sequence[str],
@@ -247,10 +239,9 @@ def packed_inputs(prompt: RerankPrompt, doc_texts: Sequence[str], questions: Seq
     """
     answers = answers or {}
     queries = [prompt.query(q).ids for q in questions]
-    rows, blocks, lasts, positions, targets, spans = [], [], [], [], [], []
+    rows, blocks, lasts, positions, targets = [], [], [], [], []
     for d, text in enumerate(doc_texts):
         head = prompt.prefix_ids + list(prompt.doc_ids(text))
-        spans.append((len(prompt.prefix_ids), len(head)))
         ids, block, pos, last = list(head), [0] * len(head), list(range(len(head))), []
         for b, q in enumerate(queries, 1):
             first = len(ids)
@@ -279,32 +270,12 @@ def packed_inputs(prompt: RerankPrompt, doc_texts: Sequence[str], questions: Seq
     same = (blk[:, None, :] == 0) | (blk[:, None, :] == blk[:, :, None])  # [D, Tq, Tk]
     mask = (causal[None] & same)[:, None]
     at = torch.tensor([(r, c) for r, c, _ in targets], dtype=torch.long).reshape(-1, 2)
-    return Packed(ids, pos, mask, torch.tensor(lasts), at, torch.tensor([t for *_, t in targets], dtype=torch.long),
-                  spans)
+    return Packed(ids, pos, mask, torch.tensor(lasts), at, torch.tensor([t for *_, t in targets], dtype=torch.long))
 
 
-@torch.no_grad()
-def codec_noise(k: torch.Tensor, v: torch.Tensor, spans: Sequence[tuple[int, int]], codec,
-                rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What storing each row's document KV with ``codec`` adds to it (zero elsewhere): keys in
-    the engine's rotated basis (``rotation``, as :class:`hyperrag.decoder.Decoder` caches them),
-    k, v [rows, kv_heads, T, head_dim] after RoPE. Added to the KV as a constant, it is the
-    straight-through estimate of quantization: forward sees the stored KV, gradients flow as if
-    it were exact."""
-    nk, nv = torch.zeros_like(k), torch.zeros_like(v)
-    for r, (a, b) in enumerate(spans):
-        kv = torch.stack([k[r, :, a:b].float() @ rotation, v[r, :, a:b].float()])[None]
-        back = codec.decode(codec.encode(kv), tuple(kv.shape))[0]
-        nk[r, :, a:b] = (back[0] @ rotation.T - k[r, :, a:b].float()).to(k.dtype)
-        nv[r, :, a:b] = (back[1] - v[r, :, a:b].float()).to(v.dtype)
-    return nk, nv
-
-
-def forward_packed(model, score_vec: torch.Tensor, packed: Packed, codec=None) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_packed(model, score_vec: torch.Tensor, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores [D, Q] and answer-token logits [A, vocab] of a packed batch through a
-    (LoRA-wrapped) Llama ``*ForCausalLM``. With ``codec`` (a :class:`hyperrag.kv.codec.Codec`),
-    the question blocks read each document's KV as that codec stores it and the document's own
-    tokens read it exact, as at inference with a quantized store."""
+    (LoRA-wrapped) Llama ``*ForCausalLM``."""
     body, cfg = model.model, model.config
     n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
@@ -312,12 +283,6 @@ def forward_packed(model, score_vec: torch.Tensor, packed: Packed, codec=None) -
     bsz, width = ids.shape
     x = body.embed_tokens(ids)
     cos, sin = body.rotary_emb(x, packed.pos)
-    if codec is not None:
-        from hyperrag.decoder import hadamard
-
-        rotation = hadamard(head_dim)
-        cols = torch.arange(width)
-        doc_side = torch.stack([cols < b for _, b in packed.doc_spans])[:, None, :, None]  # [D, 1, T, 1]
     for layer in body.layers:
         attn = layer.self_attn
         h = layer.input_layernorm(x)
@@ -326,11 +291,6 @@ def forward_packed(model, score_vec: torch.Tensor, packed: Packed, codec=None) -
         v = attn.v_proj(h).view(bsz, width, n_kv, head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=packed.mask, enable_gqa=n_heads != n_kv)
-        if codec is not None:
-            nk, nv = codec_noise(k, v, packed.doc_spans, codec, rotation)
-            stored = F.scaled_dot_product_attention(q, k + nk, v + nv, attn_mask=packed.mask,
-                                                    enable_gqa=n_heads != n_kv)
-            o = torch.where(doc_side, o, stored)
         x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, width, n_heads * head_dim))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     picked = x[torch.arange(bsz)[:, None], packed.last]  # [D, Q, H]
@@ -596,12 +556,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this adapter's LoRA weights where its layers overlap ('' = fresh init)")
     t.add_argument("--targets", default=",".join(TARGETS), help="projections that get LoRA")
     t.add_argument("--bce", type=float, default=0.5, help="weight of the pointwise BCE term")
-    t.add_argument("--kv-codec", default="", choices=("", "int8", "int4", "int2"),
-                   help="quantization-aware training: question blocks read each document's KV as this "
-                        "codec stores it (nearest rounding, straight-through gradients)")
-    t.add_argument("--kv-consistency", type=float, default=0.0,
-                   help="with --kv-codec: weight of the mean squared difference between the scores read "
-                        "from the stored KV and from exact KV (the exact forward runs without gradients)")
     t.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps")
     t.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     t.add_argument("--compute", choices=("float32", "bfloat16"), default="float32",
@@ -619,9 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
 CONFIG_KEYS = ("seed", "articles", "paragraphs_per_article", "pool", "mine_k", "docs", "hard", "questions",
                "gold_questions", "max_doc_tokens", "lr", "warmup", "weight_decay", "rank", "alpha",
                "dropout", "lora_layers", "targets", "bce", "model", "answer_weight", "init_adapter",
-               "first_article", "compute", "kv_codec", "kv_consistency")
+               "first_article", "compute")
 # Keys added after checkpoints already existed, with the value those checkpoints were made with.
-LATER_KEYS = {"first_article": 0, "compute": "float32", "kv_codec": "", "kv_consistency": 0.0}
+LATER_KEYS = {"first_article": 0, "compute": "float32"}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -662,7 +616,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log.info("data: %d articles, %d paragraphs, %d usable questions, %d anchors mined (%.0fs)",
              len(data.articles), len(data.texts), sum(len(v) for v in data.by_doc.values()), len(data.anchors), data_s)
 
-    codec = get_codec(args.kv_codec) if args.kv_codec else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     step, history, resumed_from = 0, [], 0
@@ -686,15 +639,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                [data.questions[q] for q in group.questions],
                                group_answers(data, group) if args.answer_weight else None)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.compute == "bfloat16"):
-            scores, answer_logits = forward_packed(lm, score_vec, inputs, codec)
-            if codec is not None:
-                with torch.no_grad():
-                    exact = forward_packed(lm, score_vec, inputs)[0].float()
+            scores, answer_logits = forward_packed(lm, score_vec, inputs)
         loss, info = group_loss(scores.float(), answer_logits.float(), inputs.answer_ids, group, args)
-        if codec is not None:
-            drift = scores.float() - exact
-            loss = loss + args.kv_consistency * drift.pow(2).mean()
-            info["kv_drift"] = drift.abs().max().item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()

@@ -170,36 +170,6 @@ def test_packed_training_forward_is_the_inference_computation(llm, reranker, dev
     assert (full - logits).abs().max().item() <= FP32_SCORE_BOUND  # 3.8e-5 measured (AMD EPYC)
 
 
-def test_quantization_aware_forward_reads_the_stored_kv(llm, reranker, real_batch):
-    """``--kv-codec``: question blocks read each document's KV as the store keeps it. Through
-    fp32 that is the exact forward; through int4 the scores are the reuse scores from an int4
-    store, up to the few codes that fp32 noise between the two forwards moves across a rounding
-    boundary (each such code moves one value by one step: far below the codec's own error)."""
-    from hyperrag.kv.codec import get_codec
-    from hyperrag.kv.store import KVStore
-    from hyperrag.rerank import FP32_SCORE_BOUND
-    from hyperrag.train_reranker import forward_packed, packed_inputs
-
-    question, candidates, kvs = real_batch
-    texts = candidates[:2] + candidates[-2:]
-    questions = [question, "Who ruled Normandy?"]
-    packed = packed_inputs(reranker.prompt, texts, questions)
-    with torch.no_grad():
-        exact, through_fp32, through_int4 = (forward_packed(llm.model, reranker.score_vec, packed, codec)[0].T
-                                             for codec in (None, get_codec("fp32"), get_codec("int4")))
-    assert (exact - through_fp32).abs().max().item() <= FP32_SCORE_BOUND
-    store = KVStore("memory://", "int4", reranker.kv_identity, hot_cache_gb=0.25)
-    try:
-        for text in texts:
-            store.put(text, kvs[text])
-        stored = torch.tensor([reranker.score(q, texts, "reuse", store).scores for q in questions])
-    finally:
-        store.close()
-    int4_error = (stored - exact).abs().max().item()
-    assert int4_error > 100 * FP32_SCORE_BOUND  # the codec is really in the path
-    assert (through_int4 - stored).abs().max().item() <= 0.1 * int4_error
-
-
 def test_a_later_stage_on_new_articles_keeps_the_held_out_articles():
     from hyperrag.train_reranker import article_split
 
