@@ -79,6 +79,17 @@ on it differently:
   encode time only: ~55-65 ms per document against ~6 ms for nearest rounding (a 365-token
   document: 113 ms, next to ~330 ms of model time to compute its KV; 2-core Intel Xeon).
 
+How far int4 is from keeping whole rankings (``scripts/ranking_error_budget.py``: each
+question's measured int4 error pattern scaled down, 300 dev questions): the same top 3 on 98%
+of questions needs the error 5x smaller (max 0.14), identical 20-document rankings on 75% needs
+it 14x smaller (max 0.05, int8's level: int8 itself keeps 86%); the median question's closest
+two candidates are 0.008 apart. A uniform grid halves its error per bit: that is 2.3 and 3.8
+more bits. Training the adapter to read stored KV (quantization-aware: question blocks read
+int4 KV straight-through, plus the squared score difference from exact KV, weight 10 or 100;
+commit 46cf585) did not lower the error: on 20 fixed training groups the int4 score drift went
+from rms 0.149 (shipped) to 0.178 (weight 100, 80 steps) and 0.296 (weight 10, 110 steps, whose
+scores doubled in spread: the same 2.7% of it), so it is not kept.
+
 A codec's ``spec`` (name + format parameters) is part of every store key and entry header:
 changing a codec's format can only miss, never decode old bytes with the new layout.
 """
