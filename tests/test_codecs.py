@@ -181,6 +181,9 @@ def test_codec_errors():
         shape = (30, 2, 3, n, 64)
         sizes = [CODECS[c].nbytes(shape) for c in ("fp32", "fp16", "int8", "int4", "int2")]
         assert sizes == sorted(sizes, reverse=True), (n, sizes)
+    # int2's layout is chosen within 0.15x of fp16 (issue #19's budget), metadata included
+    fp16 = CODECS["fp16"].bytes_per_token(30, 3, 64)
+    assert CODECS["int2"].bytes_per_token(30, 3, 64) <= 0.15 * fp16
 
 
 def test_rotated_keys_score_as_unrotated_and_have_flatter_channels(llm, reranker, real_batch):
