@@ -1,6 +1,8 @@
-"""Rebuild the shipped corpus (hyperrag/shipped/squad-dev-mini) from SQuAD v1.1 dev (whole articles, all their questions).
+"""Rebuild the shipped corpus (hyperrag/shipped/squad-dev-mini) from SQuAD v1.1 dev (whole articles, all their questions),
+or build another corpus of whole SQuAD articles, e.g. the adapter's held-out train articles.
 
     python scripts/build_squad_mini.py [--out FOLDER]
+    python scripts/build_squad_mini.py --split train --articles "Frédéric_Chopin,Madrasa,Canadian_football" --out /tmp/heldout
 """
 from __future__ import annotations
 
@@ -18,9 +20,14 @@ ARTICLES = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(SHIPPED_CORPUS))
+    parser.add_argument("--split", choices=("dev", "train"), default="dev", help="SQuAD v1.1 split")
+    parser.add_argument("--articles", default=",".join(ARTICLES), help="comma-separated article titles")
     args = parser.parse_args()
-    articles = [a for a in load_squad("dev", Settings.from_env().cache_dir) if a["title"] in ARTICLES]
-    assert len(articles) == len(ARTICLES), "SQuAD dev no longer has the expected articles"
+    wanted = args.articles.split(",")
+    articles = [a for a in load_squad(args.split, Settings.from_env().cache_dir) if a["title"] in wanted]
+    missing = set(wanted) - {a["title"] for a in articles}
+    if missing:
+        raise SystemExit(f"SQuAD {args.split} has no article titled {', '.join(sorted(missing))}")
     docs, queries = articles_to_corpus(articles)
     write_corpus(args.out, docs, queries)
     print(f"wrote {len(docs)} documents and {len(queries)} questions to {args.out}")
