@@ -86,7 +86,6 @@ def test_round_trip_on_real_kv_into_a_batch_row(real_batch, name):
         assert (buf[untouched] == 9.0).all()
 
 
-
 @pytest.mark.parametrize("name", ["int8", "int4", "int2"])
 def test_fused_cpu_decode_equals_torch_ops(real_batch, name):
     """The CPU kernel (hyperrag.kv.dequant) writes what the torch ops other devices run write,

@@ -7,7 +7,7 @@ float once: two threads decoding 20 documents (2,866 tokens) took 16 ms instead 
 int4, 18 instead of 32 for int2, 14.5 instead of 21.5 for int8 (fp32's plain copy: 11) on a
 2-core Intel Xeon. numba comes with LMCache already; the kernel compiles when this module is
 first imported on a machine (~1 s), from numba's on-disk cache after. Other devices keep the
-torch ops in :meth:`hyperrag.kv.codec.QuantCodec.decode_into`, which define the result (tested
+torch ops in :meth:`hyperrag.kv.codec.QuantCodec._decode`, which define the result (tested
 bit-equal).
 """
 from __future__ import annotations
