@@ -6,7 +6,7 @@ which Hugging Face Spaces sets). The UI lives in hyperrag/ui.py; all work is eng
 import argparse
 import os
 
-from hyperrag.settings import add_cli_args, settings_from_args
+from hyperrag.common.settings import add_cli_args, settings_from_args
 
 
 def main(argv=None):
@@ -20,7 +20,7 @@ def main(argv=None):
                         help="also open a public gradio.live link (off by default)")
     parser.add_argument("--concurrency", type=int, default=int(env("HYPERRAG_APP_CONCURRENCY") or 0) or None,
                         help="requests worked on at once (default: batch_requests, so that many users' questions "
-                             "can share model calls, hyperrag.batching)")
+                             "can share model calls, hyperrag.workbench.batcher)")
     parser.add_argument("--data-dir", default=None, help="uploads, exports (default <cache-dir>/app)")
     parser.add_argument("--allow-any-store", action="store_true", default=None,
                         help="let users point the app at any store URL (trusted deployments only)")
@@ -33,7 +33,7 @@ def main(argv=None):
         args.data_dir or env("HYPERRAG_DATA_DIR") or os.path.join(settings.cache_dir, "app")))
     os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(data_dir, "gradio"))  # Gradio's upload cache too
     from hyperrag import ui  # imports gradio: after GRADIO_TEMP_DIR is set
-    from hyperrag.workbench import AppConfig, Workbench
+    from hyperrag.workbench.operations import AppConfig, Workbench
 
     config = AppConfig.from_env(settings, data_dir, allow_any_store=args.allow_any_store)
     workbench = Workbench(settings, config)

@@ -19,15 +19,15 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 _EXPORTS = {
-    "Settings": "hyperrag.settings",
-    "Engine": "hyperrag.pipeline",
-    "RAGResult": "hyperrag.pipeline",
-    "Corpus": "hyperrag.corpus",
-    "CorpusError": "hyperrag.corpus",
-    "load_corpus": "hyperrag.corpus",
-    "Reranker": "hyperrag.rerank",
+    "Settings": "hyperrag.common.settings",
+    "Engine": "hyperrag.rag.pipeline",
+    "RAGResult": "hyperrag.rag.pipeline",
+    "Corpus": "hyperrag.data.corpus",
+    "CorpusError": "hyperrag.data.corpus",
+    "load_corpus": "hyperrag.data.corpus",
+    "Reranker": "hyperrag.rag.rerank",
     "KVStore": "hyperrag.kv.store",
-    "DenseIndex": "hyperrag.retrieval",
+    "DenseIndex": "hyperrag.rag.retrieval",
 }
 __all__ = sorted(_EXPORTS)
 

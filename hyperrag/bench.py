@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hyperrag.kv.planner import KVGeometry, estimate, plan_corpus
-from hyperrag.metrics import latency_summary
-from hyperrag.modes import E2E_KEYS, ENGINE_MODES, MODE_TABLE, MODES
+from hyperrag.rag.metrics import latency_summary
+from hyperrag.rag.modes import E2E_KEYS, ENGINE_MODES, MODE_TABLE, MODES
 
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,7 +55,7 @@ QUICK = {"queries": 3, "top_k": 8, "top_n": 2, "max_new_tokens": 8, "precompute"
 # -- command line -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from hyperrag.settings import add_cli_args
+    from hyperrag.common.settings import add_cli_args
 
     parser = argparse.ArgumentParser(prog="python -m hyperrag.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "document KV held in memory), which runs by default when an adapter is set")
     bench.add_argument("--serve", action="store_true",
                        help="add the concurrency run: --clients clients ask the bench questions at once through the "
-                            "request batcher (hyperrag.batching), against one client asking them in turn (serve block)")
+                            "request batcher (hyperrag.workbench.batcher), against one client asking them in turn (serve block)")
     bench.add_argument("--clients", type=int, default=8, help="concurrent clients of --serve (default 8)")
     add_cli_args(parser, skip=("store_url",))
     return parser
@@ -121,7 +121,7 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("--queries must be >= 1")
     if args.clients < 1:
         raise SystemExit("--clients must be >= 1")
-    from hyperrag.kv.rounding import parse_codec
+    from hyperrag.rag.kv_rounding import parse_codec
 
     args.codec_list = [c.strip() for c in args.codecs.split(",") if c.strip()]
     for entry in args.codec_list:
@@ -180,7 +180,7 @@ def query_first_block(engine, questions: list[dict], candidate_texts: list[list[
     caching gives), so only each document's tokens run. Same model, same candidates; the two
     alternate per question, so drift hits both alike."""
     from hyperrag.evaluate import QueryFirstScorer
-    from hyperrag.metrics import latency_summary
+    from hyperrag.rag.metrics import latency_summary
 
     scorer, reranker = QueryFirstScorer(engine.reranker), engine.reranker
     first_s: list[float] = []
@@ -212,7 +212,7 @@ def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repea
     from the store (static: decode into the row; concat: decode into a new tensor, then concat)."""
     import torch
 
-    from hyperrag.kv.layout import concat_layout
+    from hyperrag.model.layout import concat_layout
 
     reranker, store = engine.reranker, engine.store
     layout = reranker.layout
@@ -287,9 +287,9 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
 
     from hyperrag.kv.codec import get_codec
     from hyperrag.kv.local import LocalKV
-    from hyperrag.kv.rounding import codec_for
-    from hyperrag.metrics import agreement, ndcg_at_k
-    from hyperrag.rerank import fuse_scores
+    from hyperrag.rag.kv_rounding import codec_for
+    from hyperrag.rag.metrics import agreement, ndcg_at_k
+    from hyperrag.rag.rerank import fuse_scores
 
     reranker = engine.reranker
     union = list(dict.fromkeys(t for texts in candidate_texts for t in texts))
@@ -391,7 +391,7 @@ def serve_block(engine, questions: list[str], clients: int, mode: str) -> dict:
     answers and rankings compared between the two runs."""
     import concurrent.futures as cf
 
-    from hyperrag.batching import Batcher
+    from hyperrag.workbench.batcher import Batcher
 
     settings = engine.settings
     batcher = Batcher(settings.batch_window_ms, max(settings.batch_requests, clients), settings.queue_size)
@@ -457,7 +457,7 @@ def frontier_points(results: dict) -> list[dict]:
 
 def _peak_rss_gb() -> float:
     """This process's peak resident memory so far, GB."""
-    from hyperrag.memory import peak_resident_bytes
+    from hyperrag.common.memory import peak_resident_bytes
 
     return round(peak_resident_bytes() / 2**30, 3)
 
@@ -465,7 +465,7 @@ def _peak_rss_gb() -> float:
 def machine_info(engine) -> dict:
     import torch
 
-    from hyperrag.kernels import cpu_model
+    from hyperrag.model.kernels import cpu_model
 
     cpu = cpu_model()
     info = {"cpu": cpu if cpu != "unknown" else platform.processor() or cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -497,11 +497,11 @@ def run(args: argparse.Namespace) -> dict:
     """The whole benchmark for resolved options; returns the result dict."""
     from tqdm import tqdm
 
-    from hyperrag.corpus import load_corpus
-    from hyperrag.pipeline import Engine
-    from hyperrag.precompute import plan_lines, precompute, progress_bar
+    from hyperrag.data.corpus import load_corpus
+    from hyperrag.rag.pipeline import Engine
+    from hyperrag.rag.precompute import plan_lines, precompute, progress_bar
     from hyperrag.report import record_from_result, summarize
-    from hyperrag.settings import settings_from_args
+    from hyperrag.common.settings import settings_from_args
 
     if args.threads:
         import torch

@@ -36,7 +36,7 @@ questions. Systems:
 
 Rerankers run in ``reuse`` mode against an exact in-memory fp32 document-KV source (``--mode``
 chooses); ``--check-full N`` also scores the first N questions in ``full`` mode and reports their
-agreement (:func:`hyperrag.metrics.agreement`: largest score difference, identical rankings, same top-n).
+agreement (:func:`hyperrag.rag.metrics.agreement`: largest score difference, identical rankings, same top-n).
 """
 from __future__ import annotations
 
@@ -56,10 +56,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from hyperrag.kv.local import LocalKV
-from hyperrag.metrics import agreement, exact_match, f1_score, mean_interval, ranking_metrics
-from hyperrag.prompts import ASSISTANT, SYSTEM, RerankTemplate
-from hyperrag.decoder import causal_mask
-from hyperrag.rerank import Reranker, fuse_scores, length_batches
+from hyperrag.rag.metrics import agreement, exact_match, f1_score, mean_interval, ranking_metrics
+from hyperrag.model.prompts import ASSISTANT, SYSTEM, RerankTemplate
+from hyperrag.model.decoder import causal_mask
+from hyperrag.rag.rerank import Reranker, fuse_scores, length_batches
 
 log = logging.getLogger("hyperrag.evaluate")
 
@@ -101,7 +101,7 @@ def ranked_order(scores: Sequence[float]) -> list[int]:
 
 
 def score_records(scores: Sequence[Sequence[float]], cands: Sequence[Candidates], top_n: int) -> list[dict]:
-    """One system's per-question scores as the records :func:`hyperrag.metrics.agreement` pairs up."""
+    """One system's per-question scores as the records :func:`hyperrag.rag.metrics.agreement` pairs up."""
     return [{"query_id": c.qid, "scores": dict(zip(c.doc_ids, s)), "top_n": top_n,
              "ranked_ids": [c.doc_ids[j] for j in ranked_order(s)]} for s, c in zip(scores, cands)]
 
@@ -249,7 +249,7 @@ def read_answers(reader, run: SystemRun | None, cands: Sequence[Candidates], by_
 # -- command line ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from hyperrag.settings import add_cli_args
+    from hyperrag.common.settings import add_cli_args
 
     p = argparse.ArgumentParser(prog="python -m hyperrag.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -286,13 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     from tqdm import tqdm
 
-    from hyperrag.corpus import load_corpus
-    from hyperrag.generate import Generator
-    from hyperrag.kv.rounding import codec_for
-    from hyperrag.models import adapter_meta, load_embedder, load_llm
-    from hyperrag.retrieval import DenseIndex
-    from hyperrag.runtime import load_reranker
-    from hyperrag.settings import settings_from_args
+    from hyperrag.data.corpus import load_corpus
+    from hyperrag.rag.generate import Generator
+    from hyperrag.rag.kv_rounding import codec_for
+    from hyperrag.model.loading import adapter_meta, load_embedder, load_llm
+    from hyperrag.rag.retrieval import DenseIndex
+    from hyperrag.rag.runtime import load_reranker
+    from hyperrag.common.settings import settings_from_args
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     "top_n": s.top_n, "mode": args.mode, "max_doc_tokens": s.max_doc_tokens,
                     "adapter": adapter, "systems": {}, "full_check": {}, "codec_check": {}}
     if adapter:
-        from hyperrag.models import adapter_hash
+        from hyperrag.model.loading import adapter_hash
         report["adapter_hash"] = adapter_hash(adapter)
     runs: dict[str, SystemRun] = {}
     codec_kv: dict[str, LocalKV] = {}  # "int4" -> the candidates' KV through that codec (reranking and reading)
@@ -439,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                                  by_id, s.top_n, cache, lambda i, t: bar.update(1))
                 bar.close()
     if args.read:
-        from hyperrag.runtime import load_reader
+        from hyperrag.rag.runtime import load_reader
 
         if trained_reranker is None:
             raise SystemExit("--read needs a trained system (trained or trained+retrieval) in --systems")

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from hyperrag.modes import BENCH_ONLY_RERANK, E2E_KEYS, MODE_TABLE, MODES, RERANK_KEYS
+from hyperrag.rag.modes import BENCH_ONLY_RERANK, E2E_KEYS, MODE_TABLE, MODES, RERANK_KEYS
 from hyperrag.report import (QUALITY_KEYS, STAGES, as_number, fmt_number, fmt_share, get_path,
                              ratio_rows)
 

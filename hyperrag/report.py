@@ -25,7 +25,7 @@ Result schema (the whole dict; this module builds ``e2e``, ``rerank`` and ``qual
               sequential_p50_ms, sequential_p95_ms, speedup, mean_group, identical_answers, ...}  (--serve)
     planner  {label, bytes} or a list of them                          (optional)
 
-Mode names come from the one mode table, :mod:`hyperrag.modes`: records use the engine's names,
+Mode names come from the one mode table, :mod:`hyperrag.rag.modes`: records use the engine's names,
 the schema each mode's ``e2e_key`` (end to end and quality) and ``rerank_key`` (reranker rows).
 ``e2e.reader_speedup`` is reader_kv's queries/s over reader_full's (the same reader, documents
 loaded vs computed); ``quality.reader_kv_vs_full`` says whether they answered alike.
@@ -36,8 +36,8 @@ import math
 import random
 from typing import Any, Iterable, Mapping, Sequence
 
-from hyperrag.metrics import agreement, exact_match, f1_score, latency_summary, ranking_metrics
-from hyperrag.modes import E2E_KEYS, MODE_TABLE
+from hyperrag.rag.metrics import agreement, exact_match, f1_score, latency_summary, ranking_metrics
+from hyperrag.rag.modes import E2E_KEYS, MODE_TABLE
 
 STAGES = ("retrieve", "kv_load", "rerank", "generate")
 # Records may name a mode by its engine name or its report key (and "full" for the baseline).
@@ -50,9 +50,9 @@ BOOTSTRAP_DRAWS = 2000
 
 def record_from_result(result: Any, query: Any = None, query_id: str | None = None,
                        generated: bool | None = None) -> dict:
-    """One record from an :class:`hyperrag.pipeline.RAGResult` (duck-typed; no engine import).
+    """One record from an :class:`hyperrag.rag.pipeline.RAGResult` (duck-typed; no engine import).
 
-    ``query``: the corpus :class:`~hyperrag.corpus.Query` (or any object/dict with ``id``,
+    ``query``: the corpus :class:`~hyperrag.data.corpus.Query` (or any object/dict with ``id``,
     ``doc_ids``, ``answers``) when the question is a gold one; gives the quality numbers.
     ``generated``: whether an answer was generated (default: whether the answer is non-empty).
     """

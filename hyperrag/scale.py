@@ -7,8 +7,8 @@
 The vectors are unit vectors drawn around random cluster centres (a clustered Gaussian, like
 embeddings of a corpus of many topics), queries from the same distribution, so the nearest
 neighbours are not all equally far and recall@k says something. :func:`scale_bench` reports,
-for the exact ``IndexFlatIP`` and the ``IndexHNSWFlat`` that :mod:`hyperrag.retrieval` uses
-above :data:`~hyperrag.retrieval.HNSW_MIN_VECTORS`: build seconds, index bytes, resident memory
+for the exact ``IndexFlatIP`` and the ``IndexHNSWFlat`` that :mod:`hyperrag.rag.retrieval` uses
+above :data:`~hyperrag.rag.retrieval.HNSW_MIN_VECTORS`: build seconds, index bytes, resident memory
 (peak of the process and growth over the build), one-question query latency p50/p95 in ms, and
 the HNSW index's recall@k against the exact one.
 """
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 import faiss
 import numpy as np
 
-from hyperrag import retrieval
-from hyperrag.memory import peak_resident_bytes, resident_bytes
+from hyperrag.rag import retrieval
+from hyperrag.common.memory import peak_resident_bytes, resident_bytes
 
 if TYPE_CHECKING:
-    from hyperrag.settings import Settings
+    from hyperrag.common.settings import Settings
 
 
 def synthetic(n: int, dim: int, seed: int = 0, queries: int = 0, clusters: int | None = None,
@@ -59,10 +59,10 @@ def synthetic(n: int, dim: int, seed: int = 0, queries: int = 0, clusters: int |
 def corpus_vectors(folder: str, queries: int, settings: "Settings | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """A corpus's passage embeddings (from its saved index, built first if there is none) and
     up to ``queries`` of its questions embedded the same way: the real data for :func:`scale_bench`."""
-    from hyperrag.corpus import load_corpus
-    from hyperrag.models import load_embedder
-    from hyperrag.retrieval import DenseIndex
-    from hyperrag.settings import Settings
+    from hyperrag.data.corpus import load_corpus
+    from hyperrag.model.loading import load_embedder
+    from hyperrag.rag.retrieval import DenseIndex
+    from hyperrag.common.settings import Settings
 
     s = settings or Settings.from_env()
     corpus = load_corpus(folder)
@@ -100,7 +100,7 @@ def scale_bench(n: int, dim: int = 384, k: int = 10, queries: int = 200, seed: i
                 data: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Build an exact and an HNSW index over ``n`` synthetic unit vectors of ``dim`` (or over
     ``data``: real vectors and queries, :func:`corpus_vectors`) and compare them on the queries
-    (HNSW parameters default to :mod:`hyperrag.retrieval`'s)."""
+    (HNSW parameters default to :mod:`hyperrag.rag.retrieval`'s)."""
     m = m or retrieval.HNSW_M
     ef_search = ef_search or retrieval.HNSW_EF_SEARCH
     ef_construction = ef_construction or retrieval.HNSW_EF_CONSTRUCTION

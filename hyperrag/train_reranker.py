@@ -20,7 +20,7 @@ document of the group; loss = listwise softmax cross-entropy (the gold against t
 ``--bce`` x pointwise BCE on the same scores (keeps them calibrated around 0). Negatives that
 contain one of the question's answer strings are left out of both (likely false negatives).
 
-The prompt is exactly the inference one (:class:`hyperrag.prompts.RerankPrompt`,
+The prompt is exactly the inference one (:class:`hyperrag.model.prompts.RerankPrompt`,
 ``[prefix][doc + tail][question][suffix]``, score = logit(Yes) - logit(No) at the last token).
 Because the document comes first, its tokens do not depend on the question: each document is
 run once per step with all the group's questions packed behind it, each question in its own
@@ -67,8 +67,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from hyperrag.models import ADAPTER_META, adapter_meta
-from hyperrag.prompts import RerankPrompt, RerankTemplate
+from hyperrag.model.loading import ADAPTER_META, adapter_meta
+from hyperrag.model.prompts import RerankPrompt, RerankTemplate
 
 log = logging.getLogger("hyperrag.train")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -112,7 +112,7 @@ def article_split(count: int, n: int, n_val: int, seed: int, first: int = 0,
 
 
 def pick_articles(args) -> tuple[list[dict], list[dict]]:
-    from hyperrag.squad import load_squad
+    from hyperrag.data.squad import load_squad
 
     articles = load_squad("train", args.cache_dir)
     train, val = article_split(len(articles), args.articles, args.val_articles, args.seed,
@@ -129,9 +129,9 @@ def cut_paragraphs(articles: list[dict], per_article: int) -> list[dict]:
 def indexed_articles(articles: list[dict], name: str, key_extra: list, args, embedder):
     """SQuAD articles as a corpus folder in ``--data-dir`` (named by their titles, written once)
     and its retrieval index (cached like the engine's)."""
-    from hyperrag.corpus import load_corpus
-    from hyperrag.retrieval import DenseIndex
-    from hyperrag.squad import articles_to_corpus, write_corpus
+    from hyperrag.data.corpus import load_corpus
+    from hyperrag.rag.retrieval import DenseIndex
+    from hyperrag.data.squad import articles_to_corpus, write_corpus
 
     key = hashlib.sha256(json.dumps([a["title"] for a in articles] + key_extra).encode()).hexdigest()[:12]
     folder = Path(args.data_dir) / f"{name}-{key}"
@@ -417,7 +417,7 @@ def _bar(desc: str):
 def adapter_settings(args, out: Path, **changes):
     """The engine's default settings for the adapter in ``out``, on the CPU in fp32: how the
     training checks and validates what it wrote."""
-    from hyperrag.settings import Settings
+    from hyperrag.common.settings import Settings
 
     return Settings(model=args.model, cache_dir=args.cache_dir, device="cpu", dtype="float32", adapter=str(out),
                     **changes)
@@ -426,7 +426,7 @@ def adapter_settings(args, out: Path, **changes):
 def check_against_reranker(args, model, prompt: RerankPrompt, score_vec, data: TrainData, out: Path) -> dict:
     """Packed training forward (LoRA unmerged) vs ``Reranker.score(..., "full")`` on the merged
     model loaded the way the engine loads it: same tokens, same scores."""
-    from hyperrag.runtime import load_reranker
+    from hyperrag.rag.runtime import load_reranker
 
     reranker = load_reranker(adapter_settings(args, out, max_doc_tokens=prompt.max_doc_tokens,
                                               max_question_tokens=prompt.max_question_tokens, batch_size=4),
@@ -450,8 +450,8 @@ def validate(args, out: Path, embedder) -> dict:
     weight ``w`` (score + w * cosine) that maximizes MRR@10 there."""
     from hyperrag.evaluate import SystemRun, rerank_scores, retrieve, ranking_summary
     from hyperrag.kv.local import LocalKV
-    from hyperrag.rerank import fuse_scores
-    from hyperrag.runtime import load_reranker
+    from hyperrag.rag.rerank import fuse_scores
+    from hyperrag.rag.runtime import load_reranker
 
     _, val_articles = pick_articles(args)
     corpus, index = indexed_articles(val_articles, "val", [], args, embedder)
@@ -484,8 +484,8 @@ def tune_reader(reranker, cands, ranked: list[list[float]], by_id: dict, kv, s) 
     """Span-constrained vs free decoding, and the selection weight ``w`` (ranking score + w x
     answer log-likelihood), by answer F1 on the held-out train questions: the reader reads each
     question's top-n once per decoding, and every ``w`` picks among the same candidates."""
-    from hyperrag.metrics import exact_match, f1_score
-    from hyperrag.reader import Reader, select
+    from hyperrag.rag.metrics import exact_match, f1_score
+    from hyperrag.rag.reader import Reader, select
 
     grid: dict[str, dict] = {}
     for span in (True, False):
@@ -513,7 +513,7 @@ def tune_reader(reranker, cands, ranked: list[list[float]], by_id: dict, kv, s) 
 # -- main -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from hyperrag.settings import REPO_ROOT, SHIPPED_ADAPTER, _default_cache_dir
+    from hyperrag.common.settings import REPO_ROOT, SHIPPED_ADAPTER, _default_cache_dir
 
     p = argparse.ArgumentParser(prog="python -m hyperrag.train_reranker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=_default_cache_dir(), help="model and SQuAD cache (as the engine's)")
     p.add_argument("--data-dir", default="",
                    help="mined training data and indexes (default <cache-dir>/train-reranker)")
-    p.add_argument("--model", default="smollm2-135m", help="base model id (hyperrag.models.MODELS)")
+    p.add_argument("--model", default="smollm2-135m", help="base model id (hyperrag.model.loading.MODELS)")
     p.add_argument("--seed", type=int, default=0, help="seeds article choice, data order, LoRA init")
     d = p.add_argument_group("data")
     d.add_argument("--articles", type=int, default=48, help="SQuAD train articles to train on")
@@ -581,8 +581,8 @@ LATER_KEYS = {"first_article": 0, "compute": "float32"}
 def main(argv: Sequence[str] | None = None) -> dict:
     from tqdm import tqdm
 
-    from hyperrag.models import _safetensors_copy, load_embedder
-    from hyperrag.settings import existing_folder
+    from hyperrag.model.loading import _safetensors_copy, load_embedder
+    from hyperrag.common.settings import existing_folder
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -659,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bar.close()
     train_s = sum(r["seconds"] for r in history)
 
-    # The adapter itself (merged by hyperrag.models.load_llm at inference).
+    # The adapter itself (merged by hyperrag.model.loading.load_llm at inference).
     model.eval()
     card = (out / "README.md").read_bytes() if (out / "README.md").exists() else None
     model.save_pretrained(out)

@@ -1,7 +1,7 @@
 """The HyperRAG workbench's UI: a Gradio Blocks app over the engine (``app.py`` launches it).
 
-All work is engine calls through the gradio-free :class:`~hyperrag.workbench.Workbench` (one
-runtime, a registry of corpora, settings) and uploads through :mod:`hyperrag.uploads`; this
+All work is engine calls through the gradio-free :class:`~hyperrag.workbench.operations.Workbench` (one
+runtime, a registry of corpora, settings) and uploads through :mod:`hyperrag.workbench.uploads`; this
 module turns results into components (rendering), wires callbacks and lays out the page.
 Callbacks (``cb_*``) take and return plain component values, so tests call them directly; the
 workbench's and the uploads' errors reach the user as messages (:func:`shows_errors`).
@@ -26,18 +26,18 @@ import gradio as gr
 import pandas as pd
 
 from hyperrag import figures, report
-from hyperrag.batching import Busy
-from hyperrag.corpus import Query
+from hyperrag.workbench.batcher import Busy
+from hyperrag.data.corpus import Query
 from hyperrag.kv.codec import CODECS
 from hyperrag.kv.planner import format_bytes, format_duration
 from hyperrag.kv.urls import redact_url
-from hyperrag.metrics import agreement, exact_match, f1_score
-from hyperrag.modes import MODE_TABLE, MODES as MODE_SPECS
-from hyperrag.pipeline import MODES, QuestionError, RAGResult, clean_question
-from hyperrag.precompute import precompute
-from hyperrag.settings import SHIPPED, Settings
-from hyperrag.uploads import UPLOAD_DOC_SUFFIXES, UPLOAD_KINDS, UploadError, prune_folders
-from hyperrag.workbench import (DEFAULT_KEY, MAX_BATCH_SIZE, AppConfig, CorpusEntry, UserError as WorkbenchError,
+from hyperrag.rag.metrics import agreement, exact_match, f1_score
+from hyperrag.rag.modes import MODE_TABLE, MODES as MODE_SPECS
+from hyperrag.rag.pipeline import MODES, QuestionError, RAGResult, clean_question
+from hyperrag.rag.precompute import precompute
+from hyperrag.common.settings import SHIPPED, Settings
+from hyperrag.workbench.uploads import UPLOAD_DOC_SUFFIXES, UPLOAD_KINDS, UploadError, prune_folders
+from hyperrag.workbench.operations import (DEFAULT_KEY, MAX_BATCH_SIZE, AppConfig, CorpusEntry, UserError as WorkbenchError,
                                 Workbench)
 
 log = logging.getLogger("hyperrag.ui")
@@ -169,7 +169,7 @@ def timing_markdown(result: RAGResult) -> str:
     t = result.timings
     spec = MODE_SPECS[result.mode]
     parts = [f"retrieve {seconds_text(t['retrieve'])}"]
-    if t.get("queue", 0.0) >= 0.05:  # another user's batch was running (hyperrag.batching)
+    if t.get("queue", 0.0) >= 0.05:  # another user's batch was running (hyperrag.workbench.batcher)
         parts.insert(0, f"queued {seconds_text(t['queue'])}")
     if spec.rerank is not None:
         if "reuse" == spec.rerank:

@@ -5,7 +5,7 @@
 Eight train articles that the shipped adapter neither trained nor validated on (its
 ``hyperrag.json`` lists both), the first five paragraphs of each and four of their questions:
 the quantized codecs' Hessian-aware rounding weighs KV errors by the queries these questions
-send (:mod:`hyperrag.kv.rounding`). Never dev questions: those are what quality is measured on.
+send (:mod:`hyperrag.rag.kv_rounding`). Never dev questions: those are what quality is measured on.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import argparse
 import json
 import random
 
-from hyperrag.settings import SHIPPED, SHIPPED_ADAPTER, Settings
-from hyperrag.squad import articles_to_corpus, load_squad, write_corpus
+from hyperrag.common.settings import SHIPPED, SHIPPED_ADAPTER, Settings
+from hyperrag.data.squad import articles_to_corpus, load_squad, write_corpus
 
 ARTICLES, PARAGRAPHS, QUESTIONS = 8, 5, 4
 

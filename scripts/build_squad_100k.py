@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from hyperrag.ingest import ingest, load_tokenizer
-from hyperrag.memory import peak_resident_bytes
-from hyperrag.settings import Settings
-from hyperrag.squad import load_squad
+from hyperrag.data.ingest import ingest, load_tokenizer
+from hyperrag.common.memory import peak_resident_bytes
+from hyperrag.common.settings import Settings
+from hyperrag.data.squad import load_squad
 
 
 def write_articles(folder: Path, cache_dir: str) -> list[dict]:

@@ -7,8 +7,8 @@ or build another corpus of whole SQuAD articles, e.g. the adapter's held-out tra
 from __future__ import annotations
 
 import argparse
-from hyperrag.settings import SHIPPED_CORPUS, Settings
-from hyperrag.squad import articles_to_corpus, load_squad, write_corpus
+from hyperrag.common.settings import SHIPPED_CORPUS, Settings
+from hyperrag.data.squad import articles_to_corpus, load_squad, write_corpus
 
 # Nine whole articles of varied topics: 309 paragraphs, 1,607 questions.
 ARTICLES = (

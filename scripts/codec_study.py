@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hyperrag.decoder import hadamard
+from hyperrag.model.decoder import hadamard
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -168,9 +168,9 @@ class Source:
 
 
 def main() -> None:
-    from hyperrag.pipeline import Engine
-    from hyperrag.rerank import fuse_scores
-    from hyperrag.settings import Settings
+    from hyperrag.rag.pipeline import Engine
+    from hyperrag.rag.rerank import fuse_scores
+    from hyperrag.common.settings import Settings
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--queries", type=int, default=12)

@@ -23,10 +23,10 @@ def gb(n: float) -> float:
 
 
 def main() -> None:
-    from hyperrag.kernels import cpu_model
-    from hyperrag.memory import peak_resident_bytes, resident_bytes
-    from hyperrag.settings import Settings
-    from hyperrag.workbench import AppConfig, Workbench
+    from hyperrag.model.kernels import cpu_model
+    from hyperrag.common.memory import peak_resident_bytes, resident_bytes
+    from hyperrag.common.settings import Settings
+    from hyperrag.workbench.operations import AppConfig, Workbench
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--question", default="Who was the leader of the Norse raiders?")

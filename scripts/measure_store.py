@@ -41,15 +41,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from hyperrag.corpus import load_corpus
+    from hyperrag.data.corpus import load_corpus
     from hyperrag.kv.codec import CODECS
     from hyperrag.kv.planner import KVGeometry, plan_corpus
     from hyperrag.kv.store import KVStore
-    from hyperrag.models import load_embedder
-    from hyperrag.runtime import load_reranker
-    from hyperrag.precompute import precompute
-    from hyperrag.retrieval import DenseIndex
-    from hyperrag.settings import Settings
+    from hyperrag.model.loading import load_embedder
+    from hyperrag.rag.runtime import load_reranker
+    from hyperrag.rag.precompute import precompute
+    from hyperrag.rag.retrieval import DenseIndex
+    from hyperrag.common.settings import Settings
     from tests.servers import Server, lmcache_server_binary
 
     s = Settings.from_env(dtype="float32")

@@ -4,7 +4,7 @@
 
 Reads an evaluation's per-question scores (``python -m hyperrag.evaluate --json``: exact KV and
 a codec's KV for the same candidates), keeps each question's error pattern and scales it by
-``a`` (scores ``exact + a * (codec - exact)``), and reports, with :func:`hyperrag.metrics.agreement`
+``a`` (scores ``exact + a * (codec - exact)``), and reports, with :func:`hyperrag.rag.metrics.agreement`
 (the definition the bench and evaluation use), the identical full rankings, the same top-n and the
 largest score difference at each ``a``. The ``a`` where a target is first met says how many
 times smaller the codec's error must get; a uniform quantizer halves its error per extra bit.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hyperrag.metrics import agreement
+from hyperrag.rag.metrics import agreement
 
 SCALES = (1.0, 0.7, 0.5, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03)
 

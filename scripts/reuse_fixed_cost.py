@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hyperrag.pipeline import Engine  # noqa: E402
-from hyperrag.settings import Settings  # noqa: E402
+from hyperrag.rag.pipeline import Engine  # noqa: E402
+from hyperrag.common.settings import Settings  # noqa: E402
 
 WORDS = ("what is the name of the city where the river meets the sea and who built the first bridge "
          "there in the old days of the empire").split()

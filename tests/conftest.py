@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperrag.settings import SHIPPED_CORPUS as SHIPPED  # the default corpus, cut into test corpora
+from hyperrag.common.settings import SHIPPED_CORPUS as SHIPPED  # the default corpus, cut into test corpora
 
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,14 +43,14 @@ def tiny_corpus_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def llm(cache_dir):
-    from hyperrag.models import load_llm
+    from hyperrag.model.loading import load_llm
 
     return load_llm("smollm2-135m", cache_dir, device="auto", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def reranker(llm):
-    from hyperrag.rerank import Reranker
+    from hyperrag.rag.rerank import Reranker
 
     return Reranker(llm, batch_size=8)
 
@@ -58,8 +58,8 @@ def reranker(llm):
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_corpus_dir, cache_dir, tmp_path_factory):
     """An engine on the tiny corpus with an fp32 fs:// store in a temporary folder."""
-    from hyperrag.pipeline import Engine
-    from hyperrag.settings import Settings
+    from hyperrag.rag.pipeline import Engine
+    from hyperrag.common.settings import Settings
 
     store = tmp_path_factory.mktemp("kv")
     settings = Settings.from_env(corpus=str(tiny_corpus_dir), cache_dir=cache_dir, store_url=f"fs://{store}",

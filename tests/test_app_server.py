@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hyperrag import ui
-from hyperrag.rerank import FP32_SCORE_BOUND
+from hyperrag.rag.rerank import FP32_SCORE_BOUND
 from scripts.drive_app import AppProcess, launch_app
 
 QUESTIONS = [
@@ -148,7 +148,7 @@ def test_eight_concurrent_clients_get_sequential_answers(app, client):
     wall = time.perf_counter() - t0
     errors = {i: r for i, r in results.items() if isinstance(r, Exception)}
     assert not errors and len(results) == len(jobs)
-    # Questions asked at once share batches (hyperrag.batching): the same answers and rankings,
+    # Questions asked at once share batches (hyperrag.workbench.batcher): the same answers and rankings,
     # scores within the documented fp32 bound (other batch shapes round differently).
     for (answer, ranked, scores), (answer0, ranked0, scores0) in zip((results[i] for i in range(len(jobs))), sequential):
         assert (answer, ranked) == (answer0, ranked0)

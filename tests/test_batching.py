@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from hyperrag.batching import Batcher, Busy
-from hyperrag.pipeline import QuestionError
+from hyperrag.workbench.batcher import Batcher, Busy
+from hyperrag.rag.pipeline import QuestionError
 
 
 def test_concurrent_requests_share_calls_and_answer_as_alone(tiny_engine):
@@ -38,7 +38,7 @@ def test_groups_by_mode_and_bounded(tiny_engine):
 
 
 def batcher_request(engine, question, mode):
-    from hyperrag.batching import _Request
+    from hyperrag.workbench.batcher import _Request
 
     return _Request(engine, question, mode, None, None, False)
 

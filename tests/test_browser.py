@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hyperrag import ui
-from hyperrag.uploads import UPLOAD_KINDS
+from hyperrag.workbench.uploads import UPLOAD_KINDS
 from scripts.drive_app import CHROMIUM_FLAGS, Chromium, ask_in_browser, chromium_binary
 from tests.test_app_server import shared_app
 

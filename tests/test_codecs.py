@@ -20,10 +20,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperrag.decoder import RowGroup
+from hyperrag.model.decoder import RowGroup
 from hyperrag.kv.codec import CODECS, QuantCodec, get_codec
 from hyperrag.kv.local import LocalKV
-from hyperrag.rerank import FP32_SCORE_BOUND
+from hyperrag.rag.rerank import FP32_SCORE_BOUND
 
 REL_BOUND = {"fp32": 0.0, "fp16": 1e-3, "bf16": 8e-3, "int8": 0.01, "int4": 0.08, "int2": 0.4}
 # fp32 stores exact bytes; its scores still move by the kernels' rounding (FP32_SCORE_BOUND).
@@ -133,7 +133,7 @@ def test_static_layout_matches_concat_and_per_document(reranker, real_batch):
     """The preallocated static buffer (rows in two groups, each running the question right after
     its own longest document) and the padded concatenation (one group) hold the same KV and give
     the same scores; both equal full prefill of each (question, document) pair."""
-    from hyperrag.kv.layout import concat_layout
+    from hyperrag.model.layout import concat_layout
 
     question, candidates, kvs = real_batch
     docs = sorted(candidates, key=lambda d: kvs[d].shape[3])  # the layout's row order
@@ -190,8 +190,8 @@ def test_rotated_keys_score_as_unrotated_and_have_flatter_channels(llm, reranker
     every score unchanged within the fp32 bound, in reuse and in full prefill; what it changes is
     the cached keys: their largest channel range shrinks relative to the typical one, which is
     what per-channel quantization needs. And it is orthonormal."""
-    from hyperrag.decoder import hadamard
-    from hyperrag.rerank import Reranker
+    from hyperrag.model.decoder import hadamard
+    from hyperrag.rag.rerank import Reranker
 
     h = hadamard(64)
     assert torch.allclose(h @ h.T, torch.eye(64), atol=1e-6)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hyperrag.corpus import CorpusError, load_corpus
+from hyperrag.data.corpus import CorpusError, load_corpus
 from tests.conftest import SHIPPED, write_jsonl
 
 DOC = {"id": "d1", "title": "T", "text": "Some text."}

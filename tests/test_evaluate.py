@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from hyperrag.metrics import mean_interval
-from hyperrag.rerank import FP32_SCORE_BOUND
+from hyperrag.rag.metrics import mean_interval
+from hyperrag.rag.rerank import FP32_SCORE_BOUND
 from tests.conftest import SHIPPED
 
 
@@ -26,7 +26,7 @@ def test_full_check_agreement_from_score_lists():
     """``--check-full`` compares score lists through the one agreement function (ties keep
     retrieval order on both sides)."""
     from hyperrag.evaluate import Candidates, score_records
-    from hyperrag.metrics import agreement
+    from hyperrag.rag.metrics import agreement
 
     cands = [Candidates(f"q{i}", "?", [], ["a"], ["a", "b", "c"], [0.9, 0.8, 0.7]) for i in range(2)]
     full = [[1.0, 1.0, 0.0], [0.0, 2.0, 1.0]]
@@ -77,7 +77,7 @@ def test_query_first_prefix_cache_scores_like_its_full_prefill(reranker):
     """The query-first baseline with ``[instruction][question]`` cached scores every candidate as
     the whole query-first prompt does (the bench times it; it must compute the same thing)."""
     from hyperrag.evaluate import QueryFirstScorer
-    from hyperrag.rerank import FP32_SCORE_BOUND
+    from hyperrag.rag.rerank import FP32_SCORE_BOUND
 
     docs = [json.loads(line)["text"] for line in (SHIPPED / "docs.jsonl").read_text().splitlines()[:5]]
     qf = QueryFirstScorer(reranker)

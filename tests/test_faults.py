@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyperrag.rerank import FP32_SCORE_BOUND
+from hyperrag.rag.rerank import FP32_SCORE_BOUND
 
 from hyperrag.kv.frame import content_address, frame
 from hyperrag.kv.store import KVStore
@@ -42,7 +42,7 @@ FAST = {"timeout_s": 1.0, "backoff_s": 0.5, "hot_cache_gb": 0}
 def batch(reranker, tiny_corpus_dir):
     """A question and the 6 shortest documents of the tiny corpus, their fp32 KV and the exact
     reuse scores (the reference every faulty run must reproduce)."""
-    from hyperrag.corpus import load_corpus
+    from hyperrag.data.corpus import load_corpus
 
     corpus = load_corpus(tiny_corpus_dir)
     docs = sorted((d.text for d in corpus.docs), key=len)[:6]
@@ -190,7 +190,7 @@ def test_redis_refuses_the_password(reranker, batch, make_store):
 
 def test_engine_answers_when_store_is_down(tiny_engine):
     """The pipeline keeps answering, computing every candidate's KV, and shows the warning."""
-    from hyperrag.runtime import open_store
+    from hyperrag.rag.runtime import open_store
 
     url = f"lm://127.0.0.1:{free_port()}"
     down = open_store(tiny_engine.settings.replace(store_url=url, store_timeout_s=1.0), tiny_engine.reranker)
@@ -395,7 +395,7 @@ def test_batch_load_mixes_hot_cold_missing_and_damaged(tmp_path, make_store):
 
 
 def test_precompute_skips_verified_and_replaces_damaged(tmp_path, reranker, batch, make_store):
-    from hyperrag.precompute import precompute
+    from hyperrag.rag.precompute import precompute
 
     _, docs, kvs, _ = batch
     store = make_store(f"fs://{tmp_path / 'kv'}")
@@ -411,7 +411,7 @@ def test_precompute_skips_verified_and_replaces_damaged(tmp_path, reranker, batc
 
 @pytest.mark.servers
 def test_killed_precompute_resumes(tmp_path, reranker, tiny_corpus_dir, cache_dir, make_store, monkeypatch, capsys):
-    from hyperrag.corpus import load_corpus
+    from hyperrag.data.corpus import load_corpus
 
     corpus = load_corpus(tiny_corpus_dir)
     docs = sorted(corpus.docs, key=lambda d: len(d.text))[:8]
@@ -438,7 +438,7 @@ def test_killed_precompute_resumes(tmp_path, reranker, tiny_corpus_dir, cache_di
     (kv_dir / "half-written.tmp").write_bytes(written[0].read_bytes()[:1000])
     written[1].write_bytes(written[1].read_bytes()[:5000])
     # The rerun: the same CLI entry point, in this process (a second interpreter start is slow).
-    from hyperrag.precompute import main
+    from hyperrag.rag.precompute import main
 
     assert main(cmd[3:]) == 0
     printed = capsys.readouterr().out
@@ -459,7 +459,7 @@ def test_precompute_warns_before_it_starts_when_the_disk_is_too_small(tmp_path, 
     import shutil
 
     from hyperrag.kv.planner import plan_corpus
-    from hyperrag.precompute import plan_lines
+    from hyperrag.rag.precompute import plan_lines
 
     texts = ["A first document about rivers.", "A second one, about mountains and their glaciers."]
     store = make_store(f"fs://{tmp_path / 'kv'}", codec="fp16")

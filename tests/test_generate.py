@@ -5,8 +5,8 @@ import threading
 import pytest
 import torch
 
-from hyperrag.decoder import LayerSync
-from hyperrag.generate import MIN_CHUNK_TOKENS, Generator
+from hyperrag.model.decoder import LayerSync
+from hyperrag.rag.generate import MIN_CHUNK_TOKENS, Generator
 
 NORMANS = "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France."
 LONG_DOCS = [

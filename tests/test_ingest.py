@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from hyperrag.corpus import CorpusError, load_corpus
-from hyperrag.ingest import ingest, load_tokenizer
-from hyperrag.settings import Settings
+from hyperrag.data.corpus import CorpusError, load_corpus
+from hyperrag.data.ingest import ingest, load_tokenizer
+from hyperrag.common.settings import Settings
 from tests.conftest import REPO, SHIPPED
 
 MAX = Settings().max_doc_tokens
@@ -277,7 +277,7 @@ def test_cli_end_to_end(tmp_path, tok, cache_dir):
     assert {d.source["file"] for d in corpus.docs} == {"notes.md", "paper.pdf"}
     assert any(d.source["page"] == 2 and "seventeen herons" in d.text for d in corpus.docs)
     # No passage at all: exit code 2 and nothing written.
-    from hyperrag.ingest.__main__ import main
+    from hyperrag.data.ingest.__main__ import main
 
     assert main([str(src / "empty.txt"), "--out", str(tmp_path / "none"), "--cache-dir", cache_dir]) == 2
     assert not (tmp_path / "none").exists()

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from hyperrag import kernels
+from hyperrag.model import kernels
 
 SHAPES = [(64, 64), (64, 16), (64, 160), (160, 64)]  # small stand-ins for a layer's projections
 HEAD = (64, 1000)  # and for the output head

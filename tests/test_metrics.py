@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from hyperrag.metrics import (agreement, exact_match, f1_score, latency_summary, mrr_at_k, ndcg_at_k, normalize_answer,
+from hyperrag.rag.metrics import (agreement, exact_match, f1_score, latency_summary, mrr_at_k, ndcg_at_k, normalize_answer,
                               percentile, recall_at_k)
 
 RANKED = ["a", "b", "c", "d", "e"]

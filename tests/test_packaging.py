@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from hyperrag.settings import SHIPPED_ADAPTER, SHIPPED_CORPUS, Settings
+from hyperrag.common.settings import SHIPPED_ADAPTER, SHIPPED_CORPUS, Settings
 from tests.conftest import REPO
 
 SHIPPED_FILES = ["hyperrag/shipped/squad-dev-mini/docs.jsonl", "hyperrag/shipped/squad-dev-mini/queries.jsonl",
@@ -25,7 +25,7 @@ def test_checkout_defaults_are_the_shipped_folders():
 
 
 def test_wheel_carries_the_shipped_corpus_and_adapter(tmp_path):
-    from hyperrag.models import adapter_hash
+    from hyperrag.model.loading import adapter_hash
 
     src = tmp_path / "src"  # built from a copy, so the checkout gets no build/ or egg-info
     src.mkdir()
@@ -49,12 +49,12 @@ def test_wheel_carries_the_shipped_corpus_and_adapter(tmp_path):
 
     site = tmp_path.resolve() / "site"  # the wheel unpacked is what an install puts in site-packages
     zipfile.ZipFile(wheel).extractall(site)
-    probe = ("import hyperrag.settings as m; s = m.Settings(); "
+    probe = ("import hyperrag.common.settings as m; s = m.Settings(); "
              "print(m.__file__, s.folder('corpus'), s.folder('adapter'), sep='\\n')")
     out = subprocess.run([sys.executable, "-c", probe], env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
                          cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
     installed = site / "hyperrag"
-    assert [Path(p) for p in out] == [installed / "settings.py", installed / "shipped" / "squad-dev-mini",
+    assert [Path(p) for p in out] == [installed / "common" / "settings.py", installed / "shipped" / "squad-dev-mini",
                                       installed / "shipped" / "hyperrag-lora"]
     # The store key depends on the adapter's content, not its folder: an install reads a checkout's KV.
     assert adapter_hash(installed / "shipped" / "hyperrag-lora") == adapter_hash(SHIPPED_ADAPTER)

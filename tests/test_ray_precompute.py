@@ -65,11 +65,11 @@ def _ray(kind: str):
 @pytest.mark.slow  # ~70 s (local) / ~90 s (cluster) on 2 busy cores: Ray start, two actors loading the model
 @pytest.mark.parametrize("kind", ["local", "cluster"])
 def test_ray_precompute_equals_single_process(kind, tiny_corpus_dir, cache_dir, redis_server):
-    from hyperrag.corpus import load_corpus
-    from hyperrag.precompute import precompute
-    from hyperrag.ray_precompute import _open_store, precompute_ray
-    from hyperrag.runtime import load_reranker
-    from hyperrag.settings import Settings
+    from hyperrag.data.corpus import load_corpus
+    from hyperrag.rag.precompute import precompute
+    from hyperrag.rag.ray_precompute import _open_store, precompute_ray
+    from hyperrag.rag.runtime import load_reranker
+    from hyperrag.common.settings import Settings
 
     texts = sorted((d.text for d in load_corpus(tiny_corpus_dir).docs), key=len)[:10]
     settings = Settings.from_env(corpus=str(tiny_corpus_dir), cache_dir=cache_dir, store_url=redis_server.url,
@@ -115,8 +115,8 @@ def test_ray_precompute_equals_single_process(kind, tiny_corpus_dir, cache_dir, 
 
 
 def test_ray_precompute_refuses_memory_store(tiny_corpus_dir):
-    from hyperrag.ray_precompute import precompute_ray
-    from hyperrag.settings import Settings
+    from hyperrag.rag.ray_precompute import precompute_ray
+    from hyperrag.common.settings import Settings
 
     with pytest.raises(ValueError, match="shared store"):
         precompute_ray(Settings.from_env(corpus=str(tiny_corpus_dir), store_url="memory://"), ["a text"])

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from hyperrag.kv.local import LocalKV
-from hyperrag.reader import Candidate, Reader, SpanConstraint, draft, select
-from hyperrag.rerank import FP32_SCORE_BOUND
+from hyperrag.rag.reader import Candidate, Reader, SpanConstraint, draft, select
+from hyperrag.rag.rerank import FP32_SCORE_BOUND
 from tests.conftest import SHIPPED
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hyperrag.kv.local import LocalKV
-from hyperrag.rerank import FP32_SCORE_BOUND
+from hyperrag.rag.rerank import FP32_SCORE_BOUND
 from tests.conftest import SHIPPED
 
 
@@ -25,7 +25,7 @@ def squad_batch():
 
 def test_batch_kv_cuts_are_views_of_one_buffer():
     """Rows, a row's columns and the shared prefix all write the one preallocated tensor."""
-    from hyperrag.kv.batch import BatchKV
+    from hyperrag.model.batch_kv import BatchKV
 
     kv = BatchKV(torch.zeros(3, 2, 4, 2, 10, 5))  # layers, K/V, rows, kv heads, columns, head dim
     assert kv.shape[2] == 4 and kv.nbytes == 3 * 2 * 4 * 2 * 10 * 5 * 4
@@ -42,7 +42,7 @@ def test_batch_kv_cuts_are_views_of_one_buffer():
 def test_decoder_matches_transformers(llm):
     """Our explicit forward gives the same logits as the Hugging Face model, with F.linear and
     with the kernels measured fastest on this machine for the projections and the output head."""
-    from hyperrag.decoder import Decoder
+    from hyperrag.model.decoder import Decoder
 
     ids = llm.tokenizer("The Normans gave their name to Normandy, a region in France.", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -56,7 +56,7 @@ def test_output_positions_skip_nothing_they_need(llm):
     """With ``out_index`` the last layer runs queries, MLP and norm for one position per row:
     the same hidden states as the whole forward, and the same K/V written for every token
     (causal from column 0, and with a mask after cached columns)."""
-    from hyperrag.decoder import Decoder, causal_mask
+    from hyperrag.model.decoder import Decoder, causal_mask
 
     dec = Decoder(llm.model)
     ids = llm.tokenizer(["The Normans gave their name to Normandy, a region in France.",
@@ -80,9 +80,9 @@ def test_output_positions_skip_nothing_they_need(llm):
 def test_load_reranker_builds_on_a_given_model(llm, tmp_path):
     """The one way to build a reranker: on a loaded model as given, with the wording asked for
     and every size from the settings, keyed by all of them."""
-    from hyperrag.prompts import RerankTemplate
-    from hyperrag.runtime import load_reranker
-    from hyperrag.settings import Settings
+    from hyperrag.model.prompts import RerankTemplate
+    from hyperrag.rag.runtime import load_reranker
+    from hyperrag.common.settings import Settings
 
     s = Settings(adapter="", cache_dir=str(tmp_path), batch_size=3, max_doc_tokens=100, max_question_tokens=20,
                  max_new_tokens=5, cpu_streams=1)
@@ -100,8 +100,8 @@ def test_adapter_model_shares_unchanged_weights_with_the_base(llm, cache_dir):
     """The merged reranker holds only the tensors its adapter changed; the rest are the base
     model's own (held once). Sharing changes no value: every tensor equals the unshared merge,
     and the base model is untouched."""
-    from hyperrag.models import load_llm
-    from hyperrag.settings import SHIPPED_ADAPTER
+    from hyperrag.model.loading import load_llm
+    from hyperrag.common.settings import SHIPPED_ADAPTER
 
     top_q = llm.model.model.layers[-1].self_attn.q_proj.weight
     before = top_q.clone()
@@ -173,7 +173,7 @@ def test_one_buffer_serves_every_mode(reranker, squad_batch):
 
 
 def test_row_streams_keep_row_order():
-    from hyperrag.rowsplit import row_streams
+    from hyperrag.model.rowsplit import row_streams
 
     streams = row_streams(2)
     assert streams.slices(7) == [slice(0, 7, 2), slice(1, 7, 2)]
@@ -188,7 +188,7 @@ def test_row_streams_size_openmp_teams_by_work():
 
     import torch
 
-    from hyperrag.rowsplit import SMALL_STREAM_TOKENS, row_streams
+    from hyperrag.model.rowsplit import SMALL_STREAM_TOKENS, row_streams
 
     streams, caller = row_streams(2), torch.get_num_threads()
     measured, streams.small_threads = streams.small_threads, 1  # what the machine chose, put back below
@@ -212,7 +212,7 @@ def test_row_streams_size_openmp_teams_by_work():
 def test_row_streams_score_as_one_batch(llm, squad_batch):
     """Rows run as two concurrent streams score as one batch does, in every mode, and encode
     the same document KV."""
-    from hyperrag.rerank import Reranker
+    from hyperrag.rag.rerank import Reranker
 
     one, two = Reranker(llm, batch_size=8, streams=1), Reranker(llm, batch_size=8, streams=2)
     assert (one.rows.size, two.rows.size) == (1, 2)
@@ -233,7 +233,7 @@ def test_reuse_loads_in_the_row_streams(llm, squad_batch):
     prefill): int4 decoding then took ~2.3x as long on 2 cores."""
     import threading
 
-    from hyperrag.rerank import Reranker
+    from hyperrag.rag.rerank import Reranker
 
     class Recording(LocalKV):
         def load_into(self, text: str, out: torch.Tensor) -> bool:
@@ -259,7 +259,7 @@ def test_long_question_is_truncated_with_notice(reranker, squad_batch):
 
 
 def test_length_batches_bound_padding():
-    from hyperrag.rerank import length_batches
+    from hyperrag.rag.rerank import length_batches
 
     lengths = [10, 200, 11, 190, 12, 205, 100]
     batches = length_batches(lengths, max_batch=3)
@@ -291,8 +291,8 @@ def test_stream_threads_are_measured_cached_or_set(llm, tmp_path, monkeypatch):
     machine (one against all of torch's threads), is cached per CPU model, and a setting wins."""
     import torch
 
-    from hyperrag import kernels
-    from hyperrag.rerank import Reranker
+    from hyperrag.model import kernels
+    from hyperrag.rag.rerank import Reranker
 
     monkeypatch.setattr(kernels, "machine_busy", lambda: False)  # caching is what is tested here
 

@@ -9,13 +9,13 @@ import shutil
 import pytest
 import torch
 
-from hyperrag.settings import SHIPPED_ADAPTER as ADAPTER, Settings
+from hyperrag.common.settings import SHIPPED_ADAPTER as ADAPTER, Settings
 from tests.conftest import SHIPPED
 
 
 @pytest.fixture(scope="module")
 def trained_llm(cache_dir):
-    from hyperrag.models import load_llm
+    from hyperrag.model.loading import load_llm
 
     return load_llm("smollm2-135m", cache_dir, device="cpu", dtype="float32", adapter=str(ADAPTER))
 
@@ -28,7 +28,7 @@ def dev():
 
 
 def test_shipped_adapter_is_the_default_and_loads(trained_llm):
-    from hyperrag.models import adapter_hash
+    from hyperrag.model.loading import adapter_hash
 
     assert Settings().adapter == str(ADAPTER)
     # a size budget for the repo, wheel and Space: rank 32 on 20 layers in fp32 is 26 MB
@@ -51,7 +51,7 @@ CASES = [
 
 
 def test_trained_reranker_scores_gold_above_negatives(trained_llm, dev):
-    from hyperrag.rerank import Reranker
+    from hyperrag.rag.rerank import Reranker
 
     docs, queries = dev
     reranker = Reranker(trained_llm, batch_size=4)
@@ -64,8 +64,8 @@ def test_trained_reranker_scores_gold_above_negatives(trained_llm, dev):
 
 def test_store_key_changes_with_the_adapter(llm, trained_llm, tmp_path):
     from hyperrag.kv.frame import content_address
-    from hyperrag.models import adapter_hash
-    from hyperrag.prompts import RerankTemplate
+    from hyperrag.model.loading import adapter_hash
+    from hyperrag.model.prompts import RerankTemplate
 
     assert llm.fingerprint == "smollm2-135m"  # no adapter: the plain model id
     assert "+lora-" in trained_llm.fingerprint
@@ -101,7 +101,7 @@ TINY = ["--articles", "2", "--paragraphs-per-article", "4", "--val-articles", "0
 
 
 def test_training_runs_writes_a_loadable_adapter_and_resumes(tmp_path, cache_dir):
-    from hyperrag.models import adapter_hash, load_llm
+    from hyperrag.model.loading import adapter_hash, load_llm
     from hyperrag.train_reranker import main
 
     out, data = tmp_path / "lora", tmp_path / "data"
@@ -150,7 +150,7 @@ def test_bfloat16_training_follows_the_float32_run(tmp_path, cache_dir):
 def test_packed_training_forward_is_the_inference_computation(llm, reranker, dev):
     """Appending a reading target to a question block leaves its relevance score unchanged, and
     the logits before each answer token are the plain model's on the reader's whole prompt."""
-    from hyperrag.rerank import FP32_SCORE_BOUND
+    from hyperrag.rag.rerank import FP32_SCORE_BOUND
     from hyperrag.train_reranker import forward_packed, packed_inputs
 
     docs, queries = dev

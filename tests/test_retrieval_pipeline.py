@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from hyperrag.corpus import load_corpus
-from hyperrag.metrics import recall_at_k
-from hyperrag.pipeline import MODES, QuestionError
+from hyperrag.data.corpus import load_corpus
+from hyperrag.rag.metrics import recall_at_k
+from hyperrag.rag.pipeline import MODES, QuestionError
 
 
 def test_retrieval_finds_gold(tiny_engine):
@@ -17,7 +17,7 @@ def test_retrieval_finds_gold(tiny_engine):
 
 
 def test_index_is_saved_beside_corpus_and_reused(tiny_engine, tiny_corpus_dir):
-    from hyperrag.retrieval import DenseIndex
+    from hyperrag.rag.retrieval import DenseIndex
 
     saved = list((tiny_corpus_dir / ".cache").glob("index-*.faiss"))
     assert len(saved) == 1

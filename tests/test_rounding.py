@@ -1,4 +1,4 @@
-"""Hessian-aware rounding of the quantized codecs (hyperrag.kv.rounding, QuantCodec._sweep).
+"""Hessian-aware rounding of the quantized codecs (hyperrag.rag.kv_rounding, QuantCodec._sweep).
 
 What must hold: with H = I the sweep is nearest rounding, byte for byte; with an anisotropic H it
 lowers the H-weighted error e^T H e it minimises (and raises the plain error, which it trades);
@@ -13,7 +13,7 @@ import torch
 
 from hyperrag.kv.codec import get_codec
 from hyperrag.kv.local import LocalKV
-from hyperrag.kv.rounding import codec_for, hinv_factors, reader_moments, rounding_factors
+from hyperrag.rag.kv_rounding import codec_for, hinv_factors, reader_moments, rounding_factors
 from hyperrag.kv.store import content_address
 
 QUANTIZED = ("int8", "int4", "int2")
@@ -83,7 +83,7 @@ def test_measured_factors_lower_real_score_errors(reranker, real_batch, tmp_path
     dec = reranker.decoder
     assert hinv.shape == (dec.n_layers, 2, dec.n_kv_heads, dec.head_dim, dec.head_dim)
     assert torch.isfinite(hinv).all()
-    monkeypatch.setattr("hyperrag.kv.rounding.reader_moments", lambda r: pytest.fail("measured twice"))
+    monkeypatch.setattr("hyperrag.rag.kv_rounding.reader_moments", lambda r: pytest.fail("measured twice"))
     assert torch.equal(rounding_factors(reranker, tmp_path), hinv)  # from the cache file
 
     question, candidates, kvs = real_batch

@@ -6,9 +6,9 @@ import faiss
 import numpy as np
 import pytest
 
-from hyperrag import retrieval
-from hyperrag.corpus import Corpus, Doc
-from hyperrag.retrieval import DenseIndex
+from hyperrag.rag import retrieval
+from hyperrag.data.corpus import Corpus, Doc
+from hyperrag.rag.retrieval import DenseIndex
 
 
 class HashEmbedder:
@@ -81,7 +81,7 @@ def test_scale_bench_small():
 
 def test_scale_bench_on_a_corpus_own_embeddings(tiny_corpus_dir, cache_dir):
     from hyperrag.scale import corpus_vectors, scale_bench, sweep_ef
-    from hyperrag.settings import Settings
+    from hyperrag.common.settings import Settings
 
     vectors, questions = corpus_vectors(str(tiny_corpus_dir), 8, Settings.from_env(cache_dir=cache_dir))
     assert vectors.shape == (24, 384) and questions.shape == (8, 384)

@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from hyperrag.settings import Settings, add_cli_args, settings_from_args
+from hyperrag.common.settings import Settings, add_cli_args, settings_from_args
 
 
 def test_defaults_env_and_cli_precedence(monkeypatch, tmp_path):
@@ -40,7 +40,7 @@ def test_missing_folders_name_the_setting_to_give(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"does not exist: set HYPERRAG_ADAPTER or --adapter to .*''"):
         Settings(adapter=str(tmp_path / "no-adapter")).folder("adapter")
 
-    from hyperrag.pipeline import Engine
+    from hyperrag.rag.pipeline import Engine
 
     with pytest.raises(FileNotFoundError, match="HYPERRAG_CORPUS"):  # before any model loads
         Engine.load(Settings(corpus=str(missing), cache_dir=str(tmp_path)))

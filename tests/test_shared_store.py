@@ -10,14 +10,14 @@ import sys
 import pytest
 
 from hyperrag.kv.store import KVStore
-from hyperrag.precompute import precompute
-from hyperrag.rerank import FP32_SCORE_BOUND
+from hyperrag.rag.precompute import precompute
+from hyperrag.rag.rerank import FP32_SCORE_BOUND
 from tests.servers import lm_server, redis_server  # noqa: F401 - fixtures
 
 
 @pytest.mark.servers
 def test_second_worker_finds_everything(reranker, tiny_corpus_dir, cache_dir, tmp_path, lm_server, redis_server):
-    from hyperrag.corpus import load_corpus
+    from hyperrag.data.corpus import load_corpus
 
     corpus = load_corpus(tiny_corpus_dir)
     docs = sorted((d.text for d in corpus.docs), key=len)[:6]

@@ -135,9 +135,9 @@ def test_bad_urls(tmp_path):
 
 def test_key_changes_with_model_template_codec_text_adapter(llm, tmp_path, make_store):
     """Every input of a document's KV is in its address, so a change can only miss."""
-    from hyperrag.models import adapter_hash
-    from hyperrag.prompts import RerankTemplate
-    from hyperrag.rerank import Reranker
+    from hyperrag.model.loading import adapter_hash
+    from hyperrag.model.prompts import RerankTemplate
+    from hyperrag.rag.rerank import Reranker
 
     base = Reranker(llm, batch_size=1)
     variants = {
@@ -172,9 +172,9 @@ def test_key_changes_with_model_template_codec_text_adapter(llm, tmp_path, make_
 
 
 def test_precompute_resumes_and_reports(reranker, tiny_corpus_dir, tmp_path, make_store):
-    from hyperrag.corpus import load_corpus
+    from hyperrag.data.corpus import load_corpus
     from hyperrag.kv.planner import plan_corpus
-    from hyperrag.precompute import precompute
+    from hyperrag.rag.precompute import precompute
 
     texts = [d.text for d in load_corpus(tiny_corpus_dir).docs][:5]
     store = make_store(f"fs://{tmp_path / 'kv'}", "fp16", reranker.kv_identity, hot_cache_gb=0)
@@ -218,11 +218,11 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     """``hot_cache_gb = -1`` (the default) sizes the CPU tier to the corpus's entries, so a
     server's steady-state loads never wait on the backend; bounded by a quarter of memory and
     by what the memory budget leaves."""
-    from hyperrag.corpus import load_corpus
+    from hyperrag.data.corpus import load_corpus
     from hyperrag.kv.planner import WORKING_MARGIN_GB, budget_room_gb, hot_tier_gb, memory_bytes, plan_corpus
-    from hyperrag.memory import resident_bytes
-    from hyperrag.runtime import open_store
-    from hyperrag.settings import Settings
+    from hyperrag.common.memory import resident_bytes
+    from hyperrag.rag.runtime import open_store
+    from hyperrag.common.settings import Settings
 
     gib = 2**30
     assert hot_tier_gb(1 * gib, memory=64 * gib) == pytest.approx(1.1)

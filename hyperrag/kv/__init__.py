@@ -1,1 +1,2 @@
-"""Document KV: codecs (compression), static batch layout, and the LMCache-backed store."""
+"""The storage layer: the KV entry format, codecs, the LMCache-backed store and its backends, the planner.
+Bytes only, no model code: imports only :mod:`hyperrag.common`."""

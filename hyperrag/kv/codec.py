@@ -68,7 +68,7 @@ metadata.) The grid stays the plain KIVI layout. What did help is choosing the c
 on it differently:
 
 - **Hessian-aware rounding** (GPTQ's column sweep, applied to the cached KV at encode time;
-  :meth:`QuantCodec._sweep`, factors from :mod:`hyperrag.kv.rounding`): the queries that read a
+  :meth:`QuantCodec._sweep`, factors from :mod:`hyperrag.rag.kv_rounding`): the queries that read a
   key are far from isotropic, so each token's rounding errors are pushed into the directions
   they barely read. The format and the decoder are unchanged. Prototype on the study's 12
   questions (rotated keys, simulated): int4 k32/v32 0.51 / 0.075 -> 0.27 / 0.057; on keys only
@@ -210,7 +210,7 @@ class QuantCodec(Codec):
 
     def rounded_by(self, hinv: torch.Tensor | None) -> "QuantCodec":
         """This codec choosing its codes by Hessian-aware rounding with ``hinv``
-        (:func:`hyperrag.kv.rounding.hinv_factors`), or by nearest rounding when None."""
+        (:func:`hyperrag.rag.kv_rounding.hinv_factors`), or by nearest rounding when None."""
         return replace(self, hinv=hinv)
 
     @property
@@ -354,7 +354,7 @@ class QuantCodec(Codec):
         What a KV error costs is how much it moves what reads it: a key error ``e`` moves the
         attention logit of a query ``q`` by ``q.e``, so the cost is ``e^T H e`` with ``H`` the
         second moment of the queries; a value error is weighed by o_proj's columns the same way
-        (:mod:`hyperrag.kv.rounding` measures both). Nearest rounding ignores ``H``. Here each
+        (:mod:`hyperrag.rag.kv_rounding` measures both). Nearest rounding ignores ``H``. Here each
         token's vector [D] is rounded one channel at a time and each rounding error is pushed
         onto the channels not rounded yet through ``hinv`` (the upper Cholesky factor of
         ``H^-1``), into directions the queries barely read. A group's minimum and scale are

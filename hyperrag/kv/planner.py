@@ -70,13 +70,13 @@ class KVGeometry:
 
     @classmethod
     def of(cls, reranker) -> "KVGeometry":
-        """The geometry of a loaded :class:`~hyperrag.rerank.Reranker` (or Decoder)."""
+        """The geometry of a loaded :class:`~hyperrag.rag.rerank.Reranker` (or Decoder)."""
         dec = getattr(reranker, "decoder", reranker)
         return cls(dec.n_layers, dec.n_kv_heads, dec.head_dim)
 
 
 
-# Geometry of the models in hyperrag.models.MODELS, so a plan needs no model loaded.
+# Geometry of the models in hyperrag.model.loading.MODELS, so a plan needs no model loaded.
 KNOWN_GEOMETRY: dict[str, KVGeometry] = {
     "smollm2-135m": KVGeometry(layers=30, kv_heads=3, head_dim=64),
 }
@@ -220,7 +220,7 @@ def budget_room_gb(budget_gb: float, resident_bytes: int | None = None) -> float
     if budget_gb <= 0:
         return None
     if resident_bytes is None:
-        from hyperrag.memory import resident_bytes as now
+        from hyperrag.common.memory import resident_bytes as now
 
         resident_bytes = now()
     return budget_gb - resident_bytes / 2**30 - WORKING_MARGIN_GB

@@ -1,12 +1,12 @@
 """The workbench's process-wide state, without any UI: one runtime, a registry of corpora, settings.
 
 - :class:`Workbench`: the models, reranker, reader, generator and KV store are loaded once per
-  process (a :class:`~hyperrag.runtime.Runtime`) and shared by every session; each corpus (the
-  shipped one, uploads) gets its own index and a light :class:`~hyperrag.pipeline.Engine` view
+  process (a :class:`~hyperrag.rag.runtime.Runtime`) and shared by every session; each corpus (the
+  shipped one, uploads) gets its own index and a light :class:`~hyperrag.rag.pipeline.Engine` view
   over the shared runtime, so one user's upload never changes another user's answers. Store and
   reranker settings (codec, store URL, batch size) are process-wide and change only through
   :meth:`Workbench.reconfigure`, which waits for running requests.
-- errors meant for the user are :class:`UserError` (and :class:`~hyperrag.uploads.UploadError`);
+- errors meant for the user are :class:`UserError` (and :class:`~hyperrag.workbench.uploads.UploadError`);
   the UI turns them into messages. Nothing here imports gradio.
 """
 from __future__ import annotations
@@ -21,18 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from hyperrag.batching import Batcher
-from hyperrag.corpus import Corpus, CorpusError, Query, load_corpus
+from hyperrag.workbench.batcher import Batcher
+from hyperrag.data.corpus import Corpus, CorpusError, Query, load_corpus
 from hyperrag.kv import planner
 from hyperrag.kv.codec import CODECS
 from hyperrag.kv.urls import StoreError, parse_store_url, redact_url
-from hyperrag.pipeline import Engine
-from hyperrag.precompute import PrecomputeReport
-from hyperrag.runtime import Runtime
-from hyperrag.settings import SHIPPED, Settings
-from hyperrag.uploads import UploadError, _relative_message, copy_upload, ingest_upload, prune_folders
+from hyperrag.rag.pipeline import Engine
+from hyperrag.rag.precompute import PrecomputeReport
+from hyperrag.rag.runtime import Runtime
+from hyperrag.common.settings import SHIPPED, Settings
+from hyperrag.workbench.uploads import UploadError, _relative_message, copy_upload, ingest_upload, prune_folders
 
-log = logging.getLogger("hyperrag.workbench")
+log = logging.getLogger("hyperrag.workbench.operations")
 DEFAULT_KEY = "default"
 MAX_BATCH_SIZE = 32  # the reranker's buffers grow linearly with it (~55 MB per row for SmolLM2)
 
@@ -238,7 +238,7 @@ class Workbench:
 
     def stage_upload(self, paths: Sequence[str], progress: Callable[[int, int], None] | None = None) -> CorpusEntry:
         """Check, copy and load uploaded files as a new corpus (no index yet). Documents
-        (.txt/.md/.pdf/.html/.docx/.zip) go through :func:`hyperrag.ingest.ingest` into passages
+        (.txt/.md/.pdf/.html/.docx/.zip) go through :func:`hyperrag.data.ingest.ingest` into passages
         with their source (file, page); ``progress(files done, files)`` after each file."""
         base = self.wait_ready()
         folder = copy_upload(paths, self.config)

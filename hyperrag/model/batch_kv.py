@@ -1,7 +1,7 @@
 """The batch KV buffer: the one tensor a forward writes its new K/V into and attends over.
 
 Layout ``[layers, 2 (K, V), batch rows, kv_heads, columns, head_dim]``, one row per sequence,
-one column per token slot (:mod:`hyperrag.kv.layout` says how KV reuse fills the columns). The
+one column per token slot (:mod:`hyperrag.model.layout` says how KV reuse fills the columns). The
 type names the few ways callers cut it (a run of rows, one row's columns, a shared prefix in
 every row) instead of hand-written 6-D slices, in the manner of gpt-fast's ``KVCache``. Every
 cut is a view, never a copy; the decoder reads ``tensor`` once per forward, so its per-layer
@@ -15,7 +15,7 @@ import torch
 
 
 class BatchKV:
-    """A batch KV buffer; make one with :meth:`hyperrag.decoder.Decoder.new_kv`."""
+    """A batch KV buffer; make one with :meth:`hyperrag.model.decoder.Decoder.new_kv`."""
 
     __slots__ = ("tensor",)
 

@@ -1,6 +1,6 @@
 """The RAG pipeline: retrieve -> rerank -> answer, one engine object for every front door.
 
-Modes (:mod:`hyperrag.modes`; one parameter, same candidates):
+Modes (:mod:`hyperrag.rag.modes`; one parameter, same candidates):
 
 - ``retrieval``: traditional RAG, the retriever's top-n go straight to the generator;
 - ``baseline``: the reranker runs full prefill on every (question, document) pair;
@@ -13,7 +13,7 @@ Modes (:mod:`hyperrag.modes`; one parameter, same candidates):
   question once.
 
 The first four answer with the traditional generator over the concatenated top-n; the reader
-modes read each document in its own row and pick one answer (:mod:`hyperrag.reader`).
+modes read each document in its own row and pick one answer (:mod:`hyperrag.rag.reader`).
 Every answer carries its stage timings (retrieve, kv_load, rerank, generate) and warnings.
 """
 from __future__ import annotations
@@ -23,14 +23,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from hyperrag.corpus import Corpus, load_corpus
-from hyperrag.modes import ENGINE_MODES, mode as mode_spec
-from hyperrag.precompute import PrecomputeReport, precompute
-from hyperrag.reader import Reading
-from hyperrag.rerank import RerankResult, fuse_scores
-from hyperrag.retrieval import DenseIndex
-from hyperrag.runtime import Runtime
-from hyperrag.settings import Settings
+from hyperrag.data.corpus import Corpus, load_corpus
+from hyperrag.rag.modes import ENGINE_MODES, mode as mode_spec
+from hyperrag.rag.precompute import PrecomputeReport, precompute
+from hyperrag.rag.reader import Reading
+from hyperrag.rag.rerank import RerankResult, fuse_scores
+from hyperrag.rag.retrieval import DenseIndex
+from hyperrag.rag.runtime import Runtime
+from hyperrag.common.settings import Settings
 
 log = logging.getLogger("hyperrag")
 MODES = ENGINE_MODES
@@ -81,7 +81,7 @@ def clean_question(question: str) -> tuple[str, list[str]]:
 
 
 class Engine:
-    """A light per-corpus view: the process's :class:`~hyperrag.runtime.Runtime` (models,
+    """A light per-corpus view: the process's :class:`~hyperrag.rag.runtime.Runtime` (models,
     reranker, reader, generator, store), one corpus and its retrieval index. Views are cheap,
     so the app makes one per corpus and request; they share the runtime. Thread-safe."""
 
@@ -121,7 +121,7 @@ class Engine:
                  top_n: int | None = None, generate: bool = True) -> list[RAGResult]:
         """Answer several questions in one mode together: the reranker scores all their pairs
         in shared batches and the reader decodes all their rows together (concurrent users,
-        :mod:`hyperrag.batching`); the traditional generator answers them in turn. Each result
+        :mod:`hyperrag.workbench.batcher`); the traditional generator answers them in turn. Each result
         equals asking alone up to float rounding; its stage timings are the whole call's."""
         spec = mode_spec(mode)
         if spec.name not in MODES:

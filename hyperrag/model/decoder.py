@@ -1,14 +1,14 @@
 """A small, explicit Llama forward over a Hugging Face model's own weights (gpt-fast style).
 
 Why not ``model(...)``: KV reuse needs control the generic API does not give cheaply: the caller
-owns one preallocated :class:`~hyperrag.kv.batch.BatchKV` buffer, every row
+owns one preallocated :class:`~hyperrag.model.batch_kv.BatchKV` buffer, every row
 has its own positions, groups of rows may put their new tokens at different columns,
 attention follows an explicit mask over buffer columns, and only the requested output positions
 run the last layer's queries, MLP and the final norm (the LM head is the caller's business).
 The same forward serves full prefill, document encoding, KV reuse and greedy decoding, so the
 modes can only differ in what they feed it.
 
-The projections run through the kernel :mod:`hyperrag.kernels` measured fastest on this CPU
+The projections run through the kernel :mod:`hyperrag.model.kernels` measured fastest on this CPU
 (oneDNN or ATen/MKL, per call size); ``F.linear`` when none is given.
 Boolean masks become additive float masks once per forward, not once per layer inside SDPA.
 """
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
-from hyperrag import kernels
-from hyperrag.kernels import Linear
-from hyperrag.kv.batch import BatchKV
+from hyperrag.model import kernels
+from hyperrag.model.kernels import Linear
+from hyperrag.model.batch_kv import BatchKV
 
 
 def causal_mask(n_new: int, start: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -76,7 +76,7 @@ class Decoder:
         self.rotation = hadamard(self.head_dim).to(self.device, self.dtype) if rotate else None
         # ``probe(layer, q)`` sees every layer's queries [B, heads, T, head_dim] as attention
         # gets them (after RoPE and rotation): how the quantized codecs measure what reads the
-        # cached KV (:mod:`hyperrag.kv.rounding`). Set only while nothing else runs.
+        # cached KV (:mod:`hyperrag.rag.kv_rounding`). Set only while nothing else runs.
         self.probe: Callable[[int, torch.Tensor], None] | None = None
 
     def kv_shape(self, batch: int, columns: int) -> tuple[int, ...]:
@@ -185,7 +185,7 @@ class Decoder:
         return F.rms_norm(x, (x.shape[-1],), norm.weight, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary-wide logits, through the output head's measured kernel (:mod:`hyperrag.kernels`)."""
+        """Vocabulary-wide logits, through the output head's measured kernel (:mod:`hyperrag.model.kernels`)."""
         return self.head_linear(hidden, self.head)
 
 

@@ -36,9 +36,9 @@ from typing import Sequence
 
 import torch
 
-from hyperrag.decoder import RowGroup
-from hyperrag.kv.batch import row_runs
-from hyperrag.rerank import DocKVSource, QueryRow, Reranker, missing_kv_warning, query_batches
+from hyperrag.model.decoder import RowGroup
+from hyperrag.model.batch_kv import row_runs
+from hyperrag.rag.rerank import DocKVSource, QueryRow, Reranker, missing_kv_warning, query_batches
 
 READ_MODES = ("kv", "full")
 
@@ -145,7 +145,7 @@ class Reader:
                   source: DocKVSource | None = None,
                   question_kv: Sequence[Sequence[torch.Tensor | None]] | None = None) -> list[Reading]:
         """:meth:`read` for several (question, documents, ranking scores) requests at once: their
-        rows share batches and decode steps (concurrent users; :mod:`hyperrag.batching`). Each
+        rows share batches and decode steps (concurrent users; :mod:`hyperrag.workbench.batcher`). Each
         reading equals reading alone up to float rounding; its times are the whole call's.
         ``question_kv`` (per request, per document): the KV of ``[question][suffix]`` over that
         document, as the reranker's reuse run left it (``keep_question_kv``); those rows run only

@@ -3,7 +3,7 @@
 A corpus is a folder holding ``docs.jsonl`` (``{"id","title","text"}`` per line) and optionally
 ``queries.jsonl`` (``{"id","question","answers":[...],"doc_ids":[...]}``), or a folder of plain
 ``.txt``/``.md`` files (one document each, no gold queries). A docs.jsonl line may also carry
-``"source": {"file","page","start","end"}`` (written by :mod:`hyperrag.ingest`) so a passage can be
+``"source": {"file","page","start","end"}`` (written by :mod:`hyperrag.data.ingest`) so a passage can be
 traced back to where it was cut from; corpora without it load as before.
 """
 from __future__ import annotations

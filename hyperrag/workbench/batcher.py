@@ -5,7 +5,7 @@ rows, one token each) leave most of each op's fixed cost unamortised, and the en
 model call at a time: eight users asking at once would pay it eight times, in a queue. A
 :class:`Batcher` holds each request for a short window (``batch_window_ms``), groups the waiting
 requests that ask the same corpus view in the same mode, and answers each group with one
-:meth:`~hyperrag.pipeline.Engine.ask_many`: the reranker scores the pairs of several questions
+:meth:`~hyperrag.rag.pipeline.Engine.ask_many`: the reranker scores the pairs of several questions
 in shared batches and the reader decodes their rows together. Requests that arrive while a
 group runs wait for the next one (so under load groups fill by themselves); the queue is
 bounded, and a full queue is an error the caller can show ("busy, try again"). Answers equal
@@ -20,8 +20,8 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from hyperrag.pipeline import Engine, RAGResult, clean_question
-from hyperrag.settings import Settings
+from hyperrag.rag.pipeline import Engine, RAGResult, clean_question
+from hyperrag.common.settings import Settings
 
 
 class Busy(RuntimeError):

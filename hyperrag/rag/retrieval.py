@@ -20,7 +20,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
-from hyperrag.corpus import Corpus
+from hyperrag.data.corpus import Corpus
 
 Progress = Callable[[int, int], None]
 

@@ -1,6 +1,6 @@
 """Static attention layout: one preallocated, fixed-shape batch buffer for KV reuse.
 
-Columns of each row of the buffer (a :class:`~hyperrag.kv.batch.BatchKV` of ``P + S_max + T_max`` columns)::
+Columns of each row of the buffer (a :class:`~hyperrag.model.batch_kv.BatchKV` of ``P + S_max + T_max`` columns)::
 
     [ prefix (P, shared, written once) | document slots (S) | query (T) ]
 
@@ -17,8 +17,8 @@ from typing import Sequence
 
 import torch
 
-from hyperrag.decoder import Decoder, RowGroup
-from hyperrag.kv.batch import BatchKV
+from hyperrag.model.decoder import Decoder, RowGroup
+from hyperrag.model.batch_kv import BatchKV
 
 SPLIT_GAIN = 0.15  # least fraction of attended columns a second row group must save
 

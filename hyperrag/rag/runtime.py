@@ -1,7 +1,7 @@
 """What a process loads once: the models, the reranker and reader on them, the generator, the KV store.
 
-A :class:`Runtime` is made from :class:`~hyperrag.settings.Settings` and shared by every corpus
-view (:class:`hyperrag.pipeline.Engine`) and every user of the app. It is the one place that
+A :class:`Runtime` is made from :class:`~hyperrag.common.settings.Settings` and shared by every corpus
+view (:class:`hyperrag.rag.pipeline.Engine`) and every user of the app. It is the one place that
 builds a reranker (:func:`load_reranker`, whose ``kv_identity`` keys the store), a reader and a
 store, so precompute, the engine, the app and the bench all key and fill the store alike.
 Settings that change loaded objects go through :meth:`Runtime.reconfigure`; the zero-shot
@@ -14,18 +14,18 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
-from hyperrag.corpus import Corpus
-from hyperrag.generate import Generator
+from hyperrag.data.corpus import Corpus
+from hyperrag.rag.generate import Generator
 from hyperrag.kv import planner
-from hyperrag.kv.rounding import codec_for
+from hyperrag.rag.kv_rounding import codec_for
 from hyperrag.kv.store import KVStore
 from hyperrag.kv.urls import StoreError, redact_url
-from hyperrag.models import LLM, adapter_meta, load_embedder, load_llm
-from hyperrag.prompts import RerankTemplate
-from hyperrag.reader import Reader
-from hyperrag.rerank import Reranker
-from hyperrag.retrieval import DenseIndex
-from hyperrag.settings import Settings
+from hyperrag.model.loading import LLM, adapter_meta, load_embedder, load_llm
+from hyperrag.model.prompts import RerankTemplate
+from hyperrag.rag.reader import Reader
+from hyperrag.rag.rerank import Reranker
+from hyperrag.rag.retrieval import DenseIndex
+from hyperrag.common.settings import Settings
 
 log = logging.getLogger("hyperrag")
 Progress = Callable[[int, int], None]

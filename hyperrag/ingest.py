@@ -6,14 +6,14 @@ import logging
 import sys
 from typing import Sequence
 
-from hyperrag.corpus import MAX_FILE_BYTES
-from hyperrag.ingest import ingest, load_tokenizer
+from hyperrag.data.corpus import MAX_FILE_BYTES
+from hyperrag.data.ingest import ingest, load_tokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from hyperrag.settings import Settings, _default_cache_dir
+    from hyperrag.common.settings import Settings, _default_cache_dir
 
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(prog="python -m hyperrag.ingest",

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
-from hyperrag.corpus import MAX_DOCS, MAX_FILE_BYTES, CorpusError, _source
-from hyperrag.ingest.parsers import decode, extract
-from hyperrag.ingest.sources import MAX_ZIP_BYTES, SUFFIXES, IngestError, Item, collect
-from hyperrag.ingest.split import Splitter
+from hyperrag.data.corpus import MAX_DOCS, MAX_FILE_BYTES, CorpusError, _source
+from hyperrag.data.ingest.parsers import decode, extract
+from hyperrag.data.ingest.sources import MAX_ZIP_BYTES, SUFFIXES, IngestError, Item, collect
+from hyperrag.data.ingest.split import Splitter
 
 __all__ = ["ingest", "IngestReport", "IngestError", "Splitter", "load_tokenizer", "SUFFIXES"]
 
@@ -102,7 +102,7 @@ def ingest(paths: Sequence[str | Path], out_dir: str | Path, tokenizer, max_toke
     ``max_tokens`` defaults to ``Settings().max_doc_tokens``, ``overlap`` to a tenth of it.
     ``progress(done, total, file)`` is called after each file.
     """
-    from hyperrag.settings import Settings
+    from hyperrag.common.settings import Settings
 
     max_tokens = max_tokens or Settings().max_doc_tokens
     out_dir = Path(out_dir)
@@ -174,7 +174,7 @@ def load_tokenizer(model: str, cache_dir: str | Path):
     """The reranker's tokenizer, loaded offline from the model's safetensors copy."""
     from transformers import AutoTokenizer
 
-    from hyperrag.models import _safetensors_copy
+    from hyperrag.model.loading import _safetensors_copy
 
     return AutoTokenizer.from_pretrained(_safetensors_copy(model, cache_dir))
 

@@ -8,14 +8,14 @@ vendor lore says MKL favours Intel. So nothing is assumed: at first use the prob
 the model's own projection shapes at the two sizes that matter, each as it runs in the engine:
 
 - ``small``: a KV-reuse row stream (10 rows x 20 question tokens) on one OpenMP thread, the
-  way :mod:`hyperrag.rowsplit` runs it;
+  way :mod:`hyperrag.model.rowsplit` runs it;
 - ``large``: a full-prefill stream (10 rows x 200 tokens) on all of torch's threads;
 - ``head``: the output head (hidden -> vocabulary) on a decode step's few positions (3 rows x 9
   tokens), all threads. It reads a 113 MB matrix (SmolLM2-135M, fp32) for a few dozen rows: on
   the AMD EPYC machine oneDNN took 7-8 ms where MKL's sgemm took 20-35 ms, a sixth of reading time.
 
 Each size gets the faster path by its best time over interleaved repeats (calls below
-:data:`~hyperrag.rowsplit.SMALL_STREAM_TOKENS` tokens use the small choice). The choice and its
+:data:`~hyperrag.model.rowsplit.SMALL_STREAM_TOKENS` tokens use the small choice). The choice and its
 figures are cached per CPU model, torch version, thread count, dtype and projection shapes in
 ``<cache_dir>/kernels/``, for good once probes at two starts agree (:func:`measured`);
 ``Settings.cpu_linear`` (``HYPERRAG_CPU_LINEAR``) overrides it.

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from hyperrag import kernels
-from hyperrag.rowsplit import SMALL_STREAM_TOKENS
+from hyperrag.model import kernels
+from hyperrag.model.rowsplit import SMALL_STREAM_TOKENS
 
 log = logging.getLogger("hyperrag")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -179,7 +179,7 @@ class LLM:
 def load_llm(name: str, cache_dir: str | Path, device: str = "auto", dtype: str = "auto", adapter: str = "",
              cpu_linear: str = "auto", shares: torch.nn.Module | None = None) -> LLM:
     """Load the LLM (optionally with a LoRA adapter merged in) on the chosen device and dtype,
-    with the projection kernel measured fastest on this CPU (:mod:`hyperrag.kernels`). With
+    with the projection kernel measured fastest on this CPU (:mod:`hyperrag.model.kernels`). With
     ``shares`` (the loaded base model), the tensors the adapter leaves unchanged are ``shares``'s
     own, held once (:func:`share_unchanged`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -9,9 +9,9 @@ from typing import Callable
 
 import torch
 
-from hyperrag.decoder import Decoder, LayerSync, causal_mask
-from hyperrag.models import LLM
-from hyperrag.prompts import GenerateTemplate, GenerationPrompt
+from hyperrag.model.decoder import Decoder, LayerSync, causal_mask
+from hyperrag.model.loading import LLM
+from hyperrag.model.prompts import GenerateTemplate, GenerationPrompt
 
 
 MIN_CHUNK_TOKENS = 64  # shorter prompts prefill in one piece: two threads would not pay

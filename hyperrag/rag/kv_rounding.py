@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from hyperrag.corpus import load_corpus
+from hyperrag.data.corpus import load_corpus
 from hyperrag.kv.codec import Codec, QuantCodec, get_codec
 from hyperrag.kv.local import LocalKV
-from hyperrag.settings import KV_ROUNDINGS, SHIPPED
+from hyperrag.common.settings import KV_ROUNDINGS, SHIPPED
 
 if TYPE_CHECKING:
-    from hyperrag.rerank import Reranker
+    from hyperrag.rag.rerank import Reranker
 
 log = logging.getLogger("hyperrag")
 CALIBRATION = SHIPPED / "kv-calibration"
@@ -97,7 +97,7 @@ def reader_moments(reranker: "Reranker") -> torch.Tensor:
     added, so both count alike. Values: ``sum_h W_o,h^T W_o,h`` over the same query heads.
     Every matrix is scaled to a mean diagonal of 1 (scale does not change the rounding). (The
     reader is imported here: this is where the KV package meets the model that reads it.)"""
-    from hyperrag.reader import Reader
+    from hyperrag.rag.reader import Reader
 
     dec = reranker.decoder
     n_q, n_kv, d = dec.n_heads, dec.n_kv_heads, dec.head_dim

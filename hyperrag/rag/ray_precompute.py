@@ -3,11 +3,11 @@
     python -m hyperrag.precompute --ray [ADDRESS] [--workers W] --store redis://HOST:PORT ...
 
 Each actor loads the reranker once, exactly as the single-process precompute does
-(:func:`hyperrag.runtime.load_reranker` on the same :class:`~hyperrag.settings.Settings`), opens
+(:func:`hyperrag.rag.runtime.load_reranker` on the same :class:`~hyperrag.common.settings.Settings`), opens
 the shared store (``redis://``, ``lm://``, or ``fs://`` on a folder every worker sees) and
 writes its entries there itself; the driver loads no model. The entries are the single-process
 ones bit for bit: the driver plans the same length-sorted batches as
-:func:`hyperrag.precompute.precompute` over the same documents still to do, and each batch goes
+:func:`hyperrag.rag.precompute.precompute` over the same documents still to do, and each batch goes
 whole to one actor (a document's KV depends on the batch it was encoded in: padding and row
 split change the kernels' shapes; the thread count does not). The actors first scan the corpus
 in parallel (``check``: present and readable, or ``contains`` with ``verify=False``), so a rerun
@@ -24,15 +24,15 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
-from hyperrag.precompute import PrecomputeReport, progress_bar
-from hyperrag.rerank import length_batches
-from hyperrag.runtime import load_reranker, open_store
-from hyperrag.settings import Settings
+from hyperrag.rag.precompute import PrecomputeReport, progress_bar
+from hyperrag.rag.rerank import length_batches
+from hyperrag.rag.runtime import load_reranker, open_store
+from hyperrag.common.settings import Settings
 
 Progress = Callable[[int, int], None]
 SCAN_CHUNK = 256  # documents per scan task
 IN_FLIGHT = 2  # batches queued per actor, so none waits on the driver between batches
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "LMCACHE_TRACK_USAGE": "false", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -182,21 +182,3 @@ def precompute_ray(settings: Settings, texts: Sequence[str], address: str | None
             ray.kill(actor)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def run_cli(settings: Settings, texts: Sequence[str], address: str | None, workers: int | None, verify: bool) -> int:
-    """``python -m hyperrag.precompute --ray``: a tqdm bar, a summary line; 0 when all is stored."""
-    from hyperrag.kv.urls import redact_url
-
-    bar, progress = progress_bar(len(texts), "precompute (ray)")
-    try:
-        report = precompute_ray(settings, texts, address, workers, progress=progress, verify=verify)
-    except ValueError as err:
-        print("error:", err)
-        return 2
-    finally:
-        bar.close()
-    print(report.summary(settings.codec, f"{redact_url(settings.store_url)} on Ray"))
-    for warning in report.warnings:
-        print("warning:", warning)
-    return 0 if report.complete else 1

@@ -10,7 +10,7 @@ import io
 import re
 from pathlib import PurePosixPath
 
-from hyperrag.ingest.sources import IngestError
+from hyperrag.data.ingest.sources import IngestError
 
 Pages = list[tuple[int | None, str]]
 

@@ -19,13 +19,13 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from hyperrag import kernels
-from hyperrag.decoder import Decoder, causal_mask
-from hyperrag.kv.batch import BatchKV, row_runs
-from hyperrag.kv.layout import StaticLayout
-from hyperrag.models import LLM
-from hyperrag.prompts import RerankPrompt, RerankTemplate
-from hyperrag.rowsplit import row_streams
+from hyperrag.model import kernels
+from hyperrag.model.decoder import Decoder, causal_mask
+from hyperrag.model.batch_kv import BatchKV, row_runs
+from hyperrag.model.layout import StaticLayout
+from hyperrag.model.loading import LLM
+from hyperrag.model.prompts import RerankPrompt, RerankTemplate
+from hyperrag.model.rowsplit import row_streams
 
 MODES = ("full", "prefix", "reuse")
 # How far fp32 scores of one pair may differ between modes, batch shapes and paths (the
@@ -153,7 +153,7 @@ class Reranker:
         """How many OpenMP threads a small (KV-reuse) row stream gets here: ``setting`` when > 0,
         else one or all of torch's threads, whichever ran a reuse-shaped batch (every row a
         200-token document and a 20-token question) faster on this machine, timed once per start
-        until two starts agree, then cached (:func:`hyperrag.kernels.measured`). One thread won on the AMD EPYC the README's
+        until two starts agree, then cached (:func:`hyperrag.model.kernels.measured`). One thread won on the AMD EPYC the README's
         figures come from; nothing says it does on another CPU."""
         every = torch.get_num_threads()
         choices = sorted({1, every})
@@ -310,7 +310,7 @@ class Reranker:
     def score_many(self, requests: Sequence[tuple[str, Sequence[str]]], mode: str = "reuse",
                    source: DocKVSource | None = None, keep_question_kv: bool = False) -> list[RerankResult]:
         """Scores for several (question, documents) requests at once: their pairs share batches,
-        each row with its own question (concurrent users; :mod:`hyperrag.batching`). Every
+        each row with its own question (concurrent users; :mod:`hyperrag.workbench.batcher`). Every
         result equals asking alone up to float rounding; its times are the whole call's, which
         is what each request waited for. ``keep_question_kv`` (reuse mode) keeps each pair's
         question KV in its result, for the reader to continue from."""

@@ -1,8 +1,8 @@
 """Uploaded files for the workbench: checked, copied under the app's data folder, ingested.
 
 Uploads are size-limited and copied into ``<data dir>/uploads/<id>/`` under sanitized names, so
-nothing is written outside the data folder; documents go through :mod:`hyperrag.ingest` (passages
-with their source file and page), jsonl corpora through :func:`hyperrag.corpus.load_corpus`.
+nothing is written outside the data folder; documents go through :mod:`hyperrag.data.ingest` (passages
+with their source file and page), jsonl corpora through :func:`hyperrag.data.corpus.load_corpus`.
 No gradio here: errors are :class:`UploadError`, whose message the UI shows as is.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from hyperrag.corpus import TEXT_SUFFIXES
+from hyperrag.data.corpus import TEXT_SUFFIXES
 
 if TYPE_CHECKING:
-    from hyperrag.workbench import AppConfig
+    from hyperrag.workbench.operations import AppConfig
 
 
 class UploadError(ValueError):
@@ -32,7 +32,7 @@ def safe_name(name: str) -> str:
     return clean or "file"
 
 
-UPLOAD_DOC_SUFFIXES = (*TEXT_SUFFIXES, ".pdf", ".html", ".htm", ".docx", ".zip")  # read by hyperrag.ingest
+UPLOAD_DOC_SUFFIXES = (*TEXT_SUFFIXES, ".pdf", ".html", ".htm", ".docx", ".zip")  # read by hyperrag.data.ingest
 UPLOAD_KINDS = "docs.jsonl (+ queries.jsonl) or .txt/.md/.pdf/.html/.docx/.zip files"
 
 
@@ -108,7 +108,7 @@ def ingest_upload(folder: Path, tokenizer, max_tokens: int, config: AppConfig,
     """Cut the uploaded documents in ``folder`` into passages (``folder/docs.jsonl``, each with its
     source file and page); returns the per-file errors. No passage at all is an :class:`UploadError`
     that names every file's problem."""
-    from hyperrag.ingest import ingest
+    from hyperrag.data.ingest import ingest
 
     logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings name no file; the errors returned do
     files = sorted(p for p in folder.iterdir() if p.is_file())

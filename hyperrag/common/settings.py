@@ -15,11 +15,11 @@ from typing import Any, Mapping
 
 # The shipped corpus and adapter are package data (hyperrag/shipped/, listed in pyproject.toml),
 # so the defaults are the same folders in a source checkout and in an installed wheel.
-REPO_ROOT = Path(__file__).resolve().parent.parent  # a checkout's root (training inputs, app assets)
-SHIPPED = Path(__file__).resolve().parent / "shipped"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # a checkout's root (training inputs, app assets)
+SHIPPED = Path(__file__).resolve().parents[1] / "shipped"
 SHIPPED_CORPUS = SHIPPED / "squad-dev-mini"
 SHIPPED_ADAPTER = SHIPPED / "hyperrag-lora"
-KV_ROUNDINGS = ("hessian", "nearest")  # how quantized codecs choose codes (hyperrag.kv.rounding)
+KV_ROUNDINGS = ("hessian", "nearest")  # how quantized codecs choose codes (hyperrag.rag.kv_rounding)
 FOLDER_SETTINGS = {
     "corpus": "a corpus folder (docs.jsonl [+ queries.jsonl], or .txt/.md files)",
     "adapter": "a LoRA adapter folder, or '' for the zero-shot base model (no reader)",
@@ -40,7 +40,7 @@ class Settings:
     )
     model: str = field(
         default="smollm2-135m",
-        metadata={"help": "LLM id from hyperrag.models.MODELS (reranker base and generator)"},
+        metadata={"help": "LLM id from hyperrag.model.loading.MODELS (reranker base and generator)"},
     )
     adapter: str = field(
         default=str(SHIPPED_ADAPTER),
@@ -53,7 +53,7 @@ class Settings:
                           "SQuAD train (its hyperrag.json; 0 without adapter), 0 = reranker score alone"},
     )
     embedder: str = field(
-        default="all-minilm-l6-v2", metadata={"help": "embedder id from hyperrag.models.EMBEDDERS"}
+        default="all-minilm-l6-v2", metadata={"help": "embedder id from hyperrag.model.loading.EMBEDDERS"}
     )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(
@@ -72,7 +72,7 @@ class Settings:
     cpu_linear: str = field(
         default="auto",
         metadata={"help": "CPU kernel for the model's projections and output head: auto = timed on this machine at first start "
-                          "and cached per CPU model (hyperrag.kernels), aten (F.linear / MKL) or onednn"},
+                          "and cached per CPU model (hyperrag.model.kernels), aten (F.linear / MKL) or onednn"},
     )
     cpu_stream_threads: int = field(
         default=0,
@@ -94,7 +94,7 @@ class Settings:
     reader_first_tokens: int = field(
         default=1, metadata={"help": "reader: rows per document, whose answers start with its 1st, 2nd, ... likeliest "
                                      "first token and go on greedily; every row is a candidate (2: answer EM +0.01, "
-                                     "F1 unchanged, reading 30% slower; see hyperrag.reader)"},
+                                     "F1 unchanged, reading 30% slower; see hyperrag.rag.reader)"},
     )
     draft_tokens: int = field(
         default=8, metadata={"help": "reader: document tokens after the answer so far that one decode step checks "
@@ -146,7 +146,7 @@ class Settings:
         default=10.0,
         metadata={"help": "concurrent requests: how long a request waits for others to share its model calls "
                           "(reranker batches, reader decode steps); requests that queue while a batch runs "
-                          "join the next one anyway (hyperrag.batching)"},
+                          "join the next one anyway (hyperrag.workbench.batcher)"},
     )
     batch_requests: int = field(
         default=8, metadata={"help": "concurrent requests: most questions answered together in one batch"}

@@ -8,7 +8,7 @@ serial parts. On the 2-core CI machine that made full prefill 23% and KV reuse 1
 
 How many OpenMP threads a stream gets depends on its work. A small stream (KV reuse: ~10 rows
 x ~20 query tokens) runs on ``small_threads``, which the machine decides at first start
-(:meth:`hyperrag.rerank.Reranker.tune_streams` times a reuse-shaped batch on one thread and on
+(:meth:`hyperrag.rag.rerank.Reranker.tune_streams` times a reuse-shaped batch on one thread and on
 all): on the 2-core AMD EPYC one thread won, as its ops are too short for a team to pay for
 meeting at every op's end, and two streams on two cores need no team at all (reuse 8-14%
 faster in four of five in-process A/Bs, no gain in the fifth). A big one (full prefill, document encoding)
@@ -18,7 +18,7 @@ OpenMP team; ``hyperrag/__init__`` shortens OpenMP's idle spin so those teams do
 cores busy after a batch. Once big streams have run, libgomp manages more threads than there
 are cores and throttles every team's spin, so the calling thread's own team wakes late at each
 op (int4 decoding in the calling thread took ~2.3x as long after a full prefill on 2 cores):
-that is why loading stored KV runs in the streams too (:meth:`hyperrag.rerank.Reranker.load_rows`).
+that is why loading stored KV runs in the streams too (:meth:`hyperrag.rag.rerank.Reranker.load_rows`).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class RowStreams:
     def __init__(self, streams: int):
         self.size = max(1, streams)
         # OpenMP threads of a small stream: one until the machine says otherwise
-        # (:meth:`hyperrag.rerank.Reranker.tune_streams` times one against all).
+        # (:meth:`hyperrag.rag.rerank.Reranker.tune_streams` times one against all).
         self.small_threads = 1
         self._pool = cf.ThreadPoolExecutor(self.size, "hyperrag-rows") if self.size > 1 else None
 

@@ -1,0 +1,1 @@
+"""Settings and process-wide helpers every layer may use; imports nothing else of hyperrag."""
