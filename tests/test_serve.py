@@ -19,7 +19,7 @@ from hyperrag.rag.rerank import FP32_SCORE_BOUND
 from hyperrag.serve.app import create_app
 from hyperrag.serve.service import Service, probability
 from hyperrag.workbench.batcher import Batcher
-from tests.servers import free_port, wait_until
+from tests.servers import free_port, redis_server, wait_until  # noqa: F401 - fixture
 
 TOKEN = "test-token-" + "x" * 20
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -199,3 +199,46 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_engine):
             assert store_files(tiny_engine) == before
     finally:
         svc.close()
+
+
+@pytest.mark.slow
+@pytest.mark.servers
+def test_two_ray_serve_replicas_share_document_kv_through_redis(redis_server, tiny_corpus_dir, cache_dir):
+    """A local Ray of 2 CPUs, two replicas, one real Redis: the documents the first request
+    computed are reused by every later request, whichever replica answers it."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from hyperrag.common.settings import Settings
+    from hyperrag.serve.ray_serve import deploy
+
+    settings = Settings.from_env(corpus=str(tiny_corpus_dir), cache_dir=cache_dir, store_url=redis_server.url,
+                                 codec="fp32", dtype="float32", top_k=6, top_n=2, batch_size=6, max_new_tokens=12,
+                                 hot_cache_gb=0.0)  # no CPU tier: every load is a Redis read
+    docs = [f"Unseen paragraph {uuid.uuid4().hex} about the Normans." for _ in range(3)]
+    docs += [json.loads(line)["text"] for line in (tiny_corpus_dir / "docs.jsonl").read_text().splitlines()[:5]]
+    ask = {"query": "Who were the Normans?", "documents": docs}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        url = deploy(settings, TOKEN, replicas=2, port=free_port())
+        with httpx.Client(base_url=url, headers=AUTH, timeout=300) as c:
+            first = c.post("/v1/rerank", json=ask)
+            assert first.status_code == 200, first.text
+            assert first.json()["meta"]["kv_computed"] == len(docs)
+            order = [r["index"] for r in first.json()["results"]]
+            replicas = {first.headers["X-HyperRAG-Replica"]}
+            for _ in range(30):  # Ray routes each request to one of two idle replicas at random
+                reply = c.post("/v1/rerank", json=ask)
+                assert reply.status_code == 200, reply.text
+                meta = reply.json()["meta"]
+                assert (meta["kv_reused"], meta["kv_computed"]) == (len(docs), 0)
+                assert [r["index"] for r in reply.json()["results"]] == order
+                replicas.add(reply.headers["X-HyperRAG-Replica"])
+                if len(replicas) == 2:
+                    break
+            assert len(replicas) == 2, replicas
+            assert c.get("/health").json()["store"]["answers"] is True
+            assert c.post("/v1/rerank", json=ask, headers={"Authorization": ""}).status_code == 401
+    finally:
+        serve.shutdown()
+        ray.shutdown()

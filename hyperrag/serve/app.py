@@ -36,11 +36,13 @@ def _ms(seconds: dict[str, float]) -> dict[str, float]:
 
 
 class _Measured:
-    """Counts every reply by route and status and times it (401 and 413 included)."""
+    """Counts every reply by route and status and times it (401 and 413 included), and names the
+    replica that answered in an ``X-HyperRAG-Replica`` header (host:pid; load balancing is visible)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
+    def __init__(self, app: ASGIApp, metrics: Metrics, replica: str):
         self.app = app
         self.metrics = metrics
+        self.replica = (b"x-hyperrag-replica", replica.encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,6 +54,7 @@ class _Measured:
             nonlocal status
             if msg["type"] == "http.response.start":
                 status = msg["status"]
+                msg = {**msg, "headers": [*msg.get("headers", []), self.replica]}
             await send(msg)
 
         try:
@@ -183,5 +186,5 @@ def create_app(service: Service, token: str = "") -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=int(s.serve_max_body_mb * 2**20))
     if token:
         app.add_middleware(BearerToken, token=token)
-    app.add_middleware(_Measured, metrics=service.metrics)
+    app.add_middleware(_Measured, metrics=service.metrics, replica=service.replica)
     return app
