@@ -242,3 +242,14 @@ def test_two_ray_serve_replicas_share_document_kv_through_redis(redis_server, ti
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_the_http_bench_drives_the_service(client, service, tiny_engine):
+    from hyperrag.bench_http import http_bench
+
+    questions = [q.question for q in tiny_engine.corpus.queries[:2]]
+    block = http_bench(str(client.base_url), tiny_engine, questions, clients=2, requests=4, token=TOKEN, time_limit_s=120)
+    assert (block["clients"], block["requests"], block["errors"], block["unfinished"]) == (2, 4, 0, 0)
+    assert block["identical_rankings"] == 1.0 and block["kv_reused_fraction"] == 1.0  # the reference stored them
+    assert block["queries_per_s"] > 0 and block["p95_ms"] >= block["p50_ms"] > 0
+    assert block["first_vs_second"]["questions"] == 2 and block["documents_per_request"] == tiny_engine.settings.top_k
