@@ -167,8 +167,8 @@ def storage_block(engine, texts: Sequence[str], report, load_stats: dict) -> dic
         "load_gb_per_s": load_stats.get("gb_per_s", 0.0), "load_bytes": load_stats.get("bytes", 0),
         "loads": load_stats.get("hits", 0), "misses": load_stats.get("misses", 0),
         "cpu_tier_gb": engine.store.hot_cache_gb, "cpu_tier_loads": load_stats.get("hot_hits", 0),
-        "store": engine.store.scheme, "prefix_tokens": reranker.prefix_len,
-        "prefix_bytes_once": codec.nbytes(KVGeometry.of(reranker).shape(reranker.prefix_len)),
+        "store": engine.store.scheme, "prefix_tokens": reranker.runner.prefix_len,
+        "prefix_bytes_once": codec.nbytes(KVGeometry.of(reranker).shape(reranker.runner.prefix_len)),
     }
     return block
 
@@ -179,7 +179,7 @@ def query_first_block(engine, questions: list[dict], candidate_texts: list[list[
     computed once per question and shared by its candidates (what vLLM's automatic prefix
     caching gives), so only each document's tokens run. Same model, same candidates; the two
     alternate per question, so drift hits both alike."""
-    from hyperrag.evaluate import QueryFirstScorer
+    from hyperrag.rag.query_first import QueryFirstScorer
     from hyperrag.rag.metrics import latency_summary
 
     scorer, reranker = QueryFirstScorer(engine.reranker), engine.reranker
@@ -215,7 +215,7 @@ def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repea
     from hyperrag.model.layout import concat_layout
 
     reranker, store = engine.reranker, engine.store
-    layout = reranker.layout
+    layout = reranker.runner.layout
     static_s, concat_s, static_load_s, concat_load_s = [], [], [], []
     buffers_mb = []
     for i, texts in enumerate(candidate_texts):
@@ -237,7 +237,7 @@ def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repea
                         layout.doc_view(r, lens[r]).copy_(kv)
                     static_s.append(time.perf_counter() - t0)
                 else:
-                    buf, _ = concat_layout(reranker.prefix_kv, kvs, n_query)
+                    buf, _ = concat_layout(reranker.runner.prefix_kv, kvs, n_query)
                     concat_s.append(time.perf_counter() - t0)
                     buffers_mb.append(buf.nbytes / 2**20)
                     del buf
@@ -254,7 +254,7 @@ def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repea
                     kv = torch.empty(KVGeometry.of(reranker).shape(n), dtype=reranker.decoder.dtype, device=reranker.decoder.device)
                     store.load_into(t, kv)
                     fresh.append(kv)
-                buf, _ = concat_layout(reranker.prefix_kv, fresh, n_query)
+                buf, _ = concat_layout(reranker.runner.prefix_kv, fresh, n_query)
                 concat_load_s.append(time.perf_counter() - t0)
                 del buf, fresh
         del kvs
@@ -617,7 +617,7 @@ def run(args: argparse.Namespace) -> dict:
                 "queries": len(questions), "query_source": source, "top_k": top_k, "top_n": top_n,
                 "codec": settings.codec, "kv_rounding": settings.kv_rounding, "store": settings.store_url if tmp is None else "fs://<temporary folder>",
                 "store_temporary": tmp is not None, "batch_size": settings.batch_size, "seed": settings.seed,
-                "cpu_streams": engine.reranker.rows.size,
+                "cpu_streams": engine.reranker.runner.rows.size,
                 "model": settings.model, "adapter": settings.adapter, "dtype": settings.dtype,
                 "max_new_tokens": settings.max_new_tokens, "max_doc_tokens": settings.max_doc_tokens,
                 "generate": not args.no_generate, "quick": args.quick, "precompute": args.precompute,
@@ -644,7 +644,7 @@ def run(args: argparse.Namespace) -> dict:
             machine["loadavg_queries"] = sum(loads) / len(loads)
             # the bench's own threads count in the load average (each reranker row stream runs up to
             # torch's thread count): warn only when others added to it
-            own = (machine.get("threads") or 1) * engine.reranker.rows.size
+            own = (machine.get("threads") or 1) * engine.reranker.runner.rows.size
             if machine["loadavg_queries"] > max(machine.get("cores") or 1, own) + 0.75:
                 warnings.append(f"the machine was busy during the queries (load average "
                                 f"{machine['loadavg_queries']:.1f} on {machine.get('cores')} cores): absolute "

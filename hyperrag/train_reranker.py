@@ -489,7 +489,7 @@ def tune_reader(reranker, cands, ranked: list[list[float]], by_id: dict, kv, s) 
 
     grid: dict[str, dict] = {}
     for span in (True, False):
-        reader = Reader(reranker, max_rows=s.top_n, max_new_tokens=s.max_new_tokens, span=span, prune=False,
+        reader = Reader(reranker.runner, max_rows=s.top_n, max_new_tokens=s.max_new_tokens, span=span, prune=False,
                         first_tokens=s.reader_first_tokens)
         readings = []
         bar = _bar(f"reader ({'span' if span else 'free'})")

@@ -140,7 +140,7 @@ def main() -> None:
         if shutil.which("redis-server"):
             servers.append(Server("redis").start())
             urls["redis"] = servers[-1].url
-        layout = reranker.layout
+        layout = reranker.runner.layout
         lens = {t: kvs[t].shape[3] for t in union}
         fits = [t for t in union if lens[t] <= layout.max_slots]
 

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 from hyperrag.kv.store import KVStore, StoreUnavailable
-from hyperrag.rag.rerank import Reranker, length_batches
+from hyperrag.rag.batch_runner import length_batches
+from hyperrag.rag.rerank import Reranker
 
 Progress = Callable[[int, int], None]
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None

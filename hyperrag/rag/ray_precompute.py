@@ -24,8 +24,8 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
-from hyperrag.rag.precompute import PrecomputeReport, progress_bar
-from hyperrag.rag.rerank import length_batches
+from hyperrag.rag.precompute import PrecomputeReport
+from hyperrag.rag.batch_runner import length_batches
 from hyperrag.rag.runtime import load_reranker, open_store
 from hyperrag.common.settings import Settings
 

@@ -129,7 +129,7 @@ def load_reader(s: Settings, reranker: Reranker) -> Reader | None:
         return None
     weight = s.selection_weight if s.selection_weight >= 0 else _adapter_value(s.adapter, "selection_weight", 1.0)
     span = bool(s.reader_span) if s.reader_span >= 0 else bool(_adapter_value(s.adapter, "reader_span", 1.0))
-    return Reader(reranker, max_rows=max(s.top_n, 10), max_new_tokens=s.max_new_tokens, span=span,
+    return Reader(reranker.runner, max_rows=max(s.top_n, 10), max_new_tokens=s.max_new_tokens, span=span,
                   selection_weight=weight, draft_tokens=s.draft_tokens, first_tokens=s.reader_first_tokens)
 
 
