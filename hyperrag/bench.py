@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 from hyperrag.kv.planner import KVGeometry, estimate, plan_corpus
 from hyperrag.rag.metrics import latency_summary
-from hyperrag.rag.modes import E2E_KEYS, ENGINE_MODES, MODE_TABLE, MODES
+from hyperrag.rag.modes import E2E_KEYS, MODE_TABLE, MODES
 
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -502,6 +502,7 @@ def run(args: argparse.Namespace) -> dict:
     from hyperrag.rag.precompute import plan_lines, precompute, progress_bar
     from hyperrag.report import record_from_result, summarize
     from hyperrag.common.settings import settings_from_args
+    from hyperrag.workbench.operations import route, runnable_modes
 
     if args.threads:
         import torch
@@ -553,8 +554,9 @@ def run(args: argparse.Namespace) -> dict:
 
         # -- the zero-shot reference: base model, no adapter, its own in-memory KV (timed apart) --
         # every engine mode; the reader's two when the engine has a reader (an adapter) and answers
-        modes = tuple(m for m in ENGINE_MODES if MODES[m].read is None or engine.reader is not None)
-        if settings.adapter and not args.no_zero_shot:
+        with_zero_shot = bool(settings.adapter and not args.no_zero_shot)
+        modes = runnable_modes(reader=engine.reader is not None, zero_shot=with_zero_shot)
+        if with_zero_shot:
             union = list(dict.fromkeys(t for ts in candidate_texts for t in ts))
             need = plan_corpus(engine.reranker, union, engine.store.codec).payload_bytes
             zero_shot = engine.zero_shot(hot_cache_gb=need * 1.25 / 1e9 + 0.05)
@@ -563,12 +565,10 @@ def run(args: argparse.Namespace) -> dict:
                 zs_report = precompute(zero_shot.reranker, zero_shot.store, union, progress)
             setup["zero_shot_precompute_s"] = zs_report.seconds
             memory["zero_shot"] = _peak_rss_gb()
-            modes = ("zero_shot", *modes)
 
         def ask(question: str, mode: str, **kw):
-            if mode == "zero_shot":
-                return zero_shot.ask(question, "reuse", **kw)
-            return engine.ask(question, mode, **kw)
+            target, engine_mode = route(mode, lambda: engine, lambda: zero_shot)
+            return target.ask(question, engine_mode, **kw)
 
         # -- warm-up (not timed): one question through every mode ------------------------------
         t0 = time.perf_counter()

@@ -32,8 +32,12 @@ loaded vs computed); ``quality.reader_kv_vs_full`` says whether they answered al
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 import random
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from hyperrag.rag.metrics import agreement, exact_match, f1_score, latency_summary, ranking_metrics
@@ -370,3 +374,55 @@ def fmt_share(v: Any, decimals: int = 0) -> str:
     """A share as a percentage; compared with a target, a decimal keeps 89.5% from reading 90%."""
     n = as_number(v)
     return "–" if n is None else f"{n:.{decimals}%}"
+
+
+# -- the app's gold batches: the summary with its store's storage part, rows, exports ---------------
+BATCH_COLUMNS = ["query", "mode", "question", "answer", "EM", "F1", "gold rank", "total ms"]
+
+
+def batch_summary(records: list[dict], estimate: dict, store: Mapping[str, Any], precompute: Any = None) -> dict:
+    """The bench's result dict for a batch's records so far, with the storage part of its store
+    (``estimate``: the workbench's storage estimate; ``store``: the store's ``describe()``;
+    ``precompute``: the corpus's precompute report, if it ran)."""
+    result = summarize(records)
+    chosen = next(r for r in estimate["codecs"] if r["codec"] == estimate["codec"])
+    result["storage"] = {"codec": estimate["codec"], "docs": estimate["docs"], "tokens": estimate["tokens"],
+                         "bytes": chosen["bytes"], "bytes_per_token": chosen["bytes_per_token"],
+                         "load_gb_per_s": store.get("load_gb_per_s", 0.0), "store": store.get("url"),
+                         "cpu_tier_gb": store.get("cpu_tier_gb", 0.0)}
+    result["codecs"] = estimate["codecs"]
+    planner = [{"label": f"estimate ({estimate['codec']})", "bytes": chosen["bytes"]}]
+    if precompute is not None and precompute.encoded and not precompute.skipped:
+        result["storage"]["precompute_docs_per_s"] = precompute.docs_per_s
+        planner.append({"label": "written by precompute", "bytes": precompute.bytes})
+    result["planner"] = planner
+    return result
+
+
+def batch_row(record: Mapping[str, Any]) -> list:
+    """One record as a row of :data:`BATCH_COLUMNS`."""
+    answers = record.get("answers") or []
+    gold = set(record.get("gold_ids") or [])
+    rank = next((i for i, d in enumerate(record["ranked_ids"], 1) if d in gold), None)
+    return [record["query_id"], record["mode"], record["question"], record["answer"],
+            exact_match(record["answer"], answers) if answers else None,
+            round(f1_score(record["answer"], answers), 3) if answers else None,
+            rank, round(record["timings"].get("total", 0.0) * 1e3, 1)]
+
+
+def write_batch_exports(folder: Path, result: dict, records: list[dict]) -> list[str]:
+    """The batch as JSON (summary + every record) and CSV (one row per query and mode)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = folder / "hyperrag-batch.json", folder / "hyperrag-batch.csv"
+    json_path.write_text(json.dumps({**result, "records": records}, indent=1, default=str), encoding="utf-8")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    stages = list(STAGES) + ["total"]
+    writer.writerow([*BATCH_COLUMNS[:-1], *[f"{s}_ms" for s in stages], "ranked_ids", "gold_ids", "gold_answers"])
+    for rec in records:
+        row = batch_row(rec)[:-1]
+        writer.writerow([*row, *[round(rec["timings"].get(s, 0.0) * 1e3, 2) for s in stages],
+                         " ".join(rec["ranked_ids"]), " ".join(rec.get("gold_ids") or []),
+                         " | ".join(rec.get("answers") or [])])
+    csv_path.write_text(buf.getvalue(), encoding="utf-8")
+    return [str(json_path), str(csv_path)]

@@ -26,7 +26,8 @@ def main() -> None:
     from hyperrag.model.kernels import cpu_model
     from hyperrag.common.memory import peak_resident_bytes, resident_bytes
     from hyperrag.common.settings import Settings
-    from hyperrag.workbench.operations import AppConfig, Workbench
+    from hyperrag.workbench.config import AppConfig
+    from hyperrag.workbench.operations import Workbench
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--question", default="Who was the leader of the Norse raiders?")
