@@ -13,7 +13,7 @@ from hyperrag.data.ingest import ingest, load_tokenizer
 def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from hyperrag.common.settings import Settings, _default_cache_dir
+    from hyperrag.common.settings import Settings, default_cache_dir
 
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(prog="python -m hyperrag.ingest",
@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overlap", type=int, default=None, help="tokens shared by neighbouring passages (default: max-tokens/10)")
     parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_BYTES / 2**20, help="larger files are refused")
     parser.add_argument("--model", default=settings.model, help="whose tokenizer sizes the passages")
-    parser.add_argument("--cache-dir", default=_default_cache_dir())
+    parser.add_argument("--cache-dir", default=default_cache_dir())
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.model, args.cache_dir)
     logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings name no file; our errors do

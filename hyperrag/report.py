@@ -41,13 +41,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from hyperrag.rag.metrics import agreement, exact_match, f1_score, latency_summary, ranking_metrics
-from hyperrag.rag.modes import E2E_KEYS, MODE_TABLE
+from hyperrag.rag.modes import E2E_KEYS, MODE_TABLE, mode as mode_spec
 
 STAGES = ("retrieve", "kv_load", "rerank", "generate")
-# Records may name a mode by its engine name or its report key (and "full" for the baseline).
-E2E_KEY = {**{m.name: m.e2e_key for m in MODE_TABLE}, **{m.e2e_key: m.e2e_key for m in MODE_TABLE},
-           "full": "baseline"}
-E2E_ORDER = E2E_KEYS
+# The modes with a reranker row of their own (``rerank_key``), the zero-shot reference last: the
+# token ratios come from the first one measured.
+RERANKED = sorted((m for m in MODE_TABLE if m.rerank_key), key=lambda m: m.name == "zero_shot")
 QUALITY_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")
 BOOTSTRAP_DRAWS = 2000
 
@@ -89,10 +88,6 @@ def record_from_result(result: Any, query: Any = None, query_id: str | None = No
     return record
 
 
-def _finite(x: float) -> float:
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else 0.0
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -127,9 +122,10 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict:
     """
     by_mode: dict[str, list[Mapping[str, Any]]] = {}
     for rec in records:
-        key = E2E_KEY.get(str(rec.get("mode")))
-        if key is None:
-            raise ValueError(f"record with unknown mode {rec.get('mode')!r}")
+        try:
+            key = mode_spec(str(rec.get("mode"))).e2e_key
+        except ValueError:
+            raise ValueError(f"record with unknown mode {rec.get('mode')!r}") from None
         by_mode.setdefault(key, []).append(rec)
     out: dict[str, Any] = {}
     e2e = _e2e(by_mode)
@@ -154,7 +150,7 @@ def _e2e(by_mode: dict) -> dict:
     # A mode run without generation next to modes with it (a rerank-only ``prefix`` run) is not an
     # end-to-end measurement; when nothing was generated, e2e compares retrieve + rerank only.
     any_generated = any(r.get("generated", True) for recs in by_mode.values() for r in recs)
-    for key in E2E_ORDER:
+    for key in E2E_KEYS:
         recs = by_mode.get(key, [])
         if not recs or (any_generated and not all(r.get("generated", True) for r in recs)):
             continue
@@ -185,9 +181,9 @@ def _rerank(by_mode: dict) -> dict:
     ratios: list[float] = []
     prompt_tokens: list[int] = []
     query_tokens: list[int] = []
-    for mode_key, key in (("baseline", "full"), ("prefix_cached", "prefix_cached"), ("reuse", "reuse"),
-                          ("zero_shot", "zero_shot")):
-        recs = [r for r in by_mode.get(mode_key, []) if r.get("pairs")]
+    for spec in RERANKED:
+        key = spec.rerank_key
+        recs = [r for r in by_mode.get(spec.e2e_key, []) if r.get("pairs")]
         if not recs:
             continue
         secs = [_rerank_s(r) for r in recs]
@@ -259,7 +255,7 @@ def limit_fraction_interval(full: Sequence[Mapping[str, Any]], reuse: Sequence[M
 
 def _quality(by_mode: dict) -> dict:
     quality: dict[str, Any] = {}
-    for key in E2E_ORDER:
+    for key in E2E_KEYS:
         recs = [r for r in by_mode.get(key, []) if r.get("gold_ids")]
         if not recs:
             continue

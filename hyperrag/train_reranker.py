@@ -50,7 +50,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -58,9 +57,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
@@ -513,13 +509,13 @@ def tune_reader(reranker, cands, ranked: list[list[float]], by_id: dict, kv, s) 
 # -- main -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from hyperrag.common.settings import REPO_ROOT, SHIPPED_ADAPTER, _default_cache_dir
+    from hyperrag.common.settings import REPO_ROOT, SHIPPED_ADAPTER, default_cache_dir
 
     p = argparse.ArgumentParser(prog="python -m hyperrag.train_reranker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(SHIPPED_ADAPTER),
                    help="adapter folder (checkpoints in <out>/checkpoint; default: the shipped one)")
-    p.add_argument("--cache-dir", default=_default_cache_dir(), help="model and SQuAD cache (as the engine's)")
+    p.add_argument("--cache-dir", default=default_cache_dir(), help="model and SQuAD cache (as the engine's)")
     p.add_argument("--data-dir", default="",
                    help="mined training data and indexes (default <cache-dir>/train-reranker)")
     p.add_argument("--model", default="smollm2-135m", help="base model id (hyperrag.model.loading.MODELS)")
@@ -581,7 +577,7 @@ LATER_KEYS = {"first_article": 0, "compute": "float32"}
 def main(argv: Sequence[str] | None = None) -> dict:
     from tqdm import tqdm
 
-    from hyperrag.model.loading import _safetensors_copy, load_embedder
+    from hyperrag.model.loading import safetensors_copy, load_embedder
     from hyperrag.common.settings import existing_folder
 
     args = build_parser().parse_args(argv)
@@ -598,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = {k: getattr(args, k) for k in CONFIG_KEYS}  # what a resumed checkpoint must match
     t_start = time.perf_counter()
 
-    base_folder = _safetensors_copy(args.model, args.cache_dir)
+    base_folder = safetensors_copy(args.model, args.cache_dir)
     model = build_model(args, base_folder)
     from transformers import AutoTokenizer
 

@@ -21,7 +21,6 @@ import torch
 
 from hyperrag.model.decoder import hadamard
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def nf_levels(bits: int) -> torch.Tensor:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -26,8 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ FOLDER_SETTINGS = {
 }
 
 
-def _default_cache_dir() -> str:
+def default_cache_dir() -> str:
     return os.environ.get("HYPERRAG_CACHE_DIR") or str(Path.home() / ".cache" / "hyperrag")
 
 
@@ -155,7 +155,7 @@ class Settings:
         default=64, metadata={"help": "concurrent requests: most waiting at once; more are told the engine is busy"}
     )
     cache_dir: str = field(
-        default_factory=_default_cache_dir,
+        default_factory=default_cache_dir,
         metadata={"help": "models (safetensors copies), indexes and the default KV store live here"},
     )
     seed: int = field(default=0, metadata={"help": "seed for anything random (query sampling)"})

@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -27,8 +26,6 @@ from hyperrag.model import kernels
 from hyperrag.model.rowsplit import SMALL_STREAM_TOKENS
 
 log = logging.getLogger("hyperrag")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 @dataclass(frozen=True)
@@ -114,7 +111,7 @@ def _lookup(table: dict[str, PackagedModel], name: str, what: str) -> PackagedMo
     return table[name]
 
 
-def _safetensors_copy(name: str, cache_dir: str | Path) -> Path:
+def safetensors_copy(name: str, cache_dir: str | Path) -> Path:
     """A plain safetensors copy of the GGUF model (made once, atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -187,7 +184,7 @@ def load_llm(name: str, cache_dir: str | Path, device: str = "auto", dtype: str 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     with _load_lock:
-        folder = _safetensors_copy(name, cache_dir)
+        folder = safetensors_copy(name, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     fingerprint = f"{name}"
