@@ -135,8 +135,8 @@ class Settings:
     )
     memory_budget_gb: float = field(
         default=3.0,
-        metadata={"help": "peak resident memory the automatic CPU tier (hot_cache_gb -1) keeps the process under: "
-                          "the tier gets what the loaded models and buffers and a 0.8 GB working margin leave "
+        metadata={"help": "peak resident memory (decimal GB) the automatic CPU tier (hot_cache_gb -1) keeps the "
+                          "process under: the tier gets what the loaded models and buffers and a 0.8 GiB working margin leave "
                           "(on the shipped corpus about 0.4 of the 1.2 GB it would take); 0 = no budget"},
     )
     store_timeout_s: float = field(
