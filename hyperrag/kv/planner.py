@@ -74,11 +74,17 @@ class KVGeometry:
         dec = getattr(reranker, "decoder", reranker)
         return cls(dec.n_layers, dec.n_kv_heads, dec.head_dim)
 
+    @classmethod
+    def from_config(cls, config) -> "KVGeometry":
+        """The geometry a Hugging Face model config gives (no weights loaded)."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim)
 
 
 # Geometry of the models in hyperrag.model.loading.MODELS, so a plan needs no model loaded.
 KNOWN_GEOMETRY: dict[str, KVGeometry] = {
     "smollm2-135m": KVGeometry(layers=30, kv_heads=3, head_dim=64),
+    "gemma3-270m": KVGeometry(layers=18, kv_heads=1, head_dim=256),  # from its GGUF's header
 }
 
 
