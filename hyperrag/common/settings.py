@@ -154,6 +154,17 @@ class Settings:
     queue_size: int = field(
         default=64, metadata={"help": "concurrent requests: most waiting at once; more are told the engine is busy"}
     )
+    serve_max_body_mb: float = field(
+        default=4.0,
+        metadata={"help": "HTTP service (python -m hyperrag.serve): largest request body, MB; larger ones get 413 "
+                          "(1,000 documents of max_doc_tokens tokens take about 2.5 MB of JSON)"},
+    )
+    serve_max_documents: int = field(
+        default=1000,
+        metadata={"help": "HTTP service: most documents in one rerank or answer request (Cohere's limit); more get "
+                          "422. Each document is cut at max_doc_tokens, and the response lists the ones cut. "
+                          "Requests waiting beyond queue_size get 429 with Retry-After"},
+    )
     cache_dir: str = field(
         default_factory=_default_cache_dir,
         metadata={"help": "models (safetensors copies), indexes and the default KV store live here"},
@@ -164,11 +175,13 @@ class Settings:
         if not self.store_url:
             self.store_url = f"fs://{Path(self.cache_dir) / 'kv'}"
         for name in ("top_k", "top_n", "batch_size", "cpu_streams", "max_new_tokens", "max_question_tokens", "max_doc_tokens",
-                     "batch_requests", "queue_size", "reader_first_tokens"):
+                     "batch_requests", "queue_size", "reader_first_tokens", "serve_max_documents"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
         if self.kv_rounding not in KV_ROUNDINGS:
             raise ValueError(f"setting kv_rounding must be one of {', '.join(KV_ROUNDINGS)}, got {self.kv_rounding!r}")
+        if self.serve_max_body_mb <= 0:
+            raise ValueError(f"setting serve_max_body_mb must be > 0, got {self.serve_max_body_mb}")
         if self.draft_tokens < 0:
             raise ValueError(f"setting draft_tokens must be >= 0, got {self.draft_tokens}")
         if self.cpu_stream_threads < 0:

@@ -90,6 +90,10 @@ class RerankPrompt:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def doc_truncated(self, text: str) -> bool:
+        """Whether :meth:`doc_ids` cuts ``text`` at ``max_doc_tokens`` (a service says so)."""
+        return len(self._encode(self.template.doc.format(text=text))) > self.max_doc_tokens
+
     def _doc_ids(self, text: str) -> tuple[int, ...]:
         """Document + tail tokens (the cached segment), the document cut to ``max_doc_tokens``."""
         body = self._encode(self.template.doc.format(text=text))[: self.max_doc_tokens]
