@@ -275,7 +275,7 @@ def test_corpus_reads_and_checks_source(tmp_path):
         load_corpus(tmp_path)
 
 
-def test_cli_end_to_end(tmp_path, tok, cache_dir):
+def test_cli_end_to_end(tmp_path, tok, cache_dir, monkeypatch):
     src = tmp_path / "in"
     src.mkdir()
     (src / "notes.md").write_text("# Notes\n\n" + shipped_text(3000), encoding="utf-8")
@@ -291,7 +291,11 @@ def test_cli_end_to_end(tmp_path, tok, cache_dir):
     assert {d.source["file"] for d in corpus.docs} == {"notes.md", "paper.pdf"}
     assert any(d.source["page"] == 2 and "seventeen herons" in d.text for d in corpus.docs)
     # No passage at all: exit code 2 and nothing written.
-    from hyperrag.data.ingest.__main__ import main
+    from hyperrag.ingest import main
 
     assert main([str(src / "empty.txt"), "--out", str(tmp_path / "none"), "--cache-dir", cache_dir]) == 2
     assert not (tmp_path / "none").exists()
+    # Without --out the corpus goes to corpora/<first path's name> under the current folder.
+    monkeypatch.chdir(tmp_path)
+    assert main([str(src / "notes.md"), "--cache-dir", cache_dir]) == 0
+    assert load_corpus(Path("corpora/notes")).docs[0].source["file"] == "notes.md"
