@@ -233,11 +233,11 @@ def adapter_card(r: Records) -> str:
             ["LoRA", f"rank {h['rank']}, alpha {h['alpha']:g}, top {h['lora_layers']} layers, {h['targets']}"],
             ["steps", f"{c['steps']:,} ({h['docs']} documents, {h['hard']} hard negatives, answer weight {h['answer_weight']:g}, "
                       f"lr {h['lr']:g}, seed {h['seed']}, {h['compute']})"],
-            ["train time", f"{c['train_seconds'] / 60:.0f} min (resumed from step {c['resumed_from_step']})"],
-            ["held-out train articles", ", ".join(v["articles"]) + f": {v['questions']} questions"]]
-    for key in ("retrieval", "trained"):
-        if key in v:
-            rows.append([f"recall@1 / NDCG@10 ({key})", f"{num(v[key]['recall@1'])} / {num(v[key]['ndcg@10'])}"])
+            ["training time (`train_seconds`)", f"{c['train_seconds'] / 60:.0f} min"],
+            ["held-out train articles", ", ".join(v["articles"]) + f": {v['questions']} questions"],
+            ["retrieval weight tuned there", f"{v['retrieval_weight']:g}"]]
+    for key, label in (("retrieval", "retriever alone"), ("trained", "reranker score alone")):
+        rows.append([f"recall@1 / NDCG@10 there, {label}", f"{num(v[key]['recall@1'])} / {num(v[key]['ndcg@10'])}"])
     return table(["shipped adapter", ""], rows)
 
 
