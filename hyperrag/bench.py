@@ -477,7 +477,8 @@ def machine_info(engine) -> dict:
     from hyperrag.model.kernels import cpu_model
 
     cpu = cpu_model()
-    info = {"cpu": cpu if cpu != "unknown" else platform.processor() or cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    # date and cpu: what `python -m hyperrag.docs` prints beside the tables it writes from this record
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu if cpu != "unknown" else platform.processor() or cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "device": str(engine.reranker.decoder.device), "dtype": str(engine.reranker.decoder.dtype).replace("torch.", ""),
             "python": platform.python_version(), "platform": platform.platform(),

@@ -313,7 +313,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     base = load_llm(s.model, s.cache_dir, s.device, s.dtype, cpu_linear=s.cpu_linear)
     trained_llm = trained_reranker = None
     trained_kv = LocalKV()  # exact fp32 document KV of the trained model: reranking and reading share it
-    report: dict = {"corpus": str(s.corpus), "queries": len(cands), "seed": s.seed, "top_k": s.top_k,
+    from hyperrag.model.kernels import cpu_model
+
+    # date and cpu: what `python -m hyperrag.docs` prints beside the tables it writes from this record
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(), "corpus": str(s.corpus), "queries": len(cands), "seed": s.seed, "top_k": s.top_k,
                     "top_n": s.top_n, "mode": args.mode, "max_doc_tokens": s.max_doc_tokens,
                     "adapter": adapter, "systems": {}, "full_check": {}, "codec_check": {}}
     if adapter:

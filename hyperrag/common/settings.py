@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,11 +21,21 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # a checkout's root (training i
 SHIPPED = Path(__file__).resolve().parents[1] / "shipped"
 SHIPPED_CORPUS = SHIPPED / "squad-dev-mini"
 SHIPPED_ADAPTER = SHIPPED / "hyperrag-lora"
+# Corpora built here (ingest, the SQuAD builders) go to corpora/<name> under the current folder: the
+# checkout's top level when run through ./run.sh, where corpora/squad-dev-mini links to the shipped corpus.
+CORPORA = Path("corpora")
 KV_ROUNDINGS = ("hessian", "nearest")  # how quantized codecs choose codes (hyperrag.rag.kv_rounding)
 FOLDER_SETTINGS = {
     "corpus": "a corpus folder (docs.jsonl [+ queries.jsonl], or .txt/.md files)",
     "adapter": "a LoRA adapter folder, or '' for the zero-shot base model (no reader)",
 }
+
+
+def corpus_out(name: str) -> Path:
+    """The default folder of a corpus built under ``name``: ``corpora/<name>``, a slug of it."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:60] or "corpus"
+    return CORPORA / slug
 
 
 def _default_cache_dir() -> str:
