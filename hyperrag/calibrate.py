@@ -5,6 +5,7 @@
     python -m hyperrag.evaluate --corpus /tmp/heldout --queries 240 --systems retrieval,trained+retrieval \\
         --read 240 --read-systems trained+retrieval --unanswerable 0.5 --json heldout.json
     python -m hyperrag.calibrate heldout.json      # writes `trust` into the adapter's hyperrag.json
+    python -m hyperrag.calibrate --measure dev.json   # its calibration and abstain sections, from the stored fit
 
 From the evaluation record: the relevance map (Platt scaling of the fused ranking score, over
 every retrieved candidate: relevant = the question's gold passage), the confidence model (a
@@ -23,10 +24,10 @@ from typing import Sequence
 
 from hyperrag.common.settings import SHIPPED_ADAPTER
 from hyperrag.data.corpus import load_corpus
-from hyperrag.evaluate import CALIBRATED, abstain_report, signal_values
+from hyperrag.evaluate import CALIBRATED, abstain_report, format_table, measure_trust, signal_values
 from hyperrag.model.loading import adapter_hash, adapter_meta
 from hyperrag.rag.calibration import (Trust, choose_threshold, expected_calibration_error, fit_logistic, fit_platt,
-                                      rule_features, save_trust)
+                                      load_trust, rule_features, save_trust)
 
 
 def relevance_examples(report: dict) -> tuple[list[float], list[int]]:
@@ -76,12 +77,25 @@ def main(argv: Sequence[str] | None = None) -> Trust:
     p.add_argument("record", help="an evaluate --unanswerable JSON record on held-out train articles")
     p.add_argument("--adapter", default=str(SHIPPED_ADAPTER), help="the adapter folder (default: the shipped one)")
     p.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
+    p.add_argument("--measure", action="store_true",
+                   help="fit nothing: (re)write the record's calibration and abstain sections with the adapter's "
+                        "stored fit (a record measured before the fit, e.g. on dev)")
     args = p.parse_args(argv)
     report = json.loads(Path(args.record).read_text())
     if report.get("adapter_hash") != adapter_hash(args.adapter):
         raise SystemExit(f"{args.record} was measured with another adapter ({report.get('adapter_hash')}) than "
                          f"{args.adapter} ({adapter_hash(args.adapter)})")
     meta = adapter_meta(args.adapter)
+    if args.measure:
+        trust = load_trust(args.adapter)
+        if trust is None:
+            raise SystemExit(f"{args.adapter} has no fitted calibration: run python -m hyperrag.calibrate on a "
+                             "held-out train record first")
+        measure_trust(report, trust)
+        report["trust_measured_by"] = "python -m hyperrag.calibrate --measure"
+        Path(args.record).write_text(json.dumps(report, indent=1))
+        print(format_table(report))
+        return trust
     titles = sorted({d.title for d in load_corpus(report["corpus"]).docs})
     check_held_out(titles, meta)
     trust = fit_trust(report, {"record": Path(args.record).name, "articles": titles, "seed": report["seed"],

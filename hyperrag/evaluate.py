@@ -337,20 +337,36 @@ def abstain_report(records: Sequence[dict], trust: Trust | None, threshold: floa
     return out
 
 
-def calibration_report(trust: Trust, run: SystemRun, cands: Sequence[Candidates]) -> dict:
-    """The relevance map on these questions' candidates: expected calibration error over every
-    (question, candidate) pair and over each question's top passage."""
+def measure_trust(report: dict, trust: Trust | None, abstain_threshold: float = -1.0) -> None:
+    """The record's ``calibration`` and ``abstain`` sections from its per-question records and the
+    adapter's calibration (``abstain_threshold`` -1: the calibration's own threshold): also for a
+    record measured before the calibration was fitted (``python -m hyperrag.calibrate --measure``)."""
+    report["calibrated"] = trust is not None
+    if trust is not None and any(CALIBRATED in q["scores"] for q in report["per_question"]):
+        report["calibration"] = calibration_report(trust, report["per_question"])
+    if report.get("abstain_records"):
+        threshold = None if trust is None else (abstain_threshold if abstain_threshold >= 0 else trust.threshold)
+        report["abstain"] = {k: v for k, v in report["abstain"].items() if k in ("system", "fraction")} | abstain_report(
+            report["abstain_records"], trust, threshold)
+
+
+def calibration_report(trust: Trust, per_question: Sequence[dict]) -> dict:
+    """The relevance map on the record's candidates of the calibrated system: expected
+    calibration error over every (question, candidate) pair and over each question's top passage."""
     probs, labels, top_probs, top_labels = [], [], [], []
-    for scores, c in zip(run.scores, cands):
+    for q in per_question:
+        if CALIBRATED not in q["scores"]:
+            continue
+        scores = q["scores"][CALIBRATED]
         p = trust.relevance_of(scores)
-        y = [int(d in c.gold) for d in c.doc_ids]
+        y = [int(d in q["gold"]) for d in q["doc_ids"]]
         probs += p
         labels += y
         best = ranked_order(scores)[0]
         top_probs.append(p[best])
         top_labels.append(y[best])
     mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
-    return {"system": run.name, "pairs": len(probs), "ece": expected_calibration_error(probs, labels),
+    return {"system": CALIBRATED, "pairs": len(probs), "ece": expected_calibration_error(probs, labels),
             "mean_probability": mean(probs), "relevant_rate": mean(labels), "questions": len(top_probs),
             "ece_top1": expected_calibration_error(top_probs, top_labels),
             "top1_mean_probability": mean(top_probs), "top1_relevant_rate": mean(top_labels)}
@@ -554,11 +570,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 answered[f"{name}+generator"] = generate_answers(generator, SystemRun(name, run.scores[:n]), cands[:n],
                                                                  by_id, s.top_n, cache, lambda i, t: bar.update(1))
                 bar.close()
-    trust = load_trust(adapter) if adapter else None  # fitted for the fused score with the adapter's weight
-    report["calibrated"] = trust is not None
-    if trust is not None and CALIBRATED in runs:
-        report["calibration"] = calibration_report(trust, runs[CALIBRATED], cands[: len(runs[CALIBRATED].scores)])
-        log.info("calibration: %s", {k: round(v, 4) for k, v in report["calibration"].items() if isinstance(v, float)})
     readings: dict[str, list[Reading]] = {}
     if args.read:
         from hyperrag.rag.runtime import load_reader
@@ -609,8 +620,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             records.append(abstain_record(reading, scores, u, True, s.top_n, u.doc_ids))
             bar.update(1)
         bar.close()
-        threshold = None if trust is None else (s.abstain_threshold if s.abstain_threshold >= 0 else trust.threshold)
-        report["abstain"] = abstain_report(records, trust, threshold) | {"system": CALIBRATED, "fraction": args.unanswerable}
+        report["abstain"] = {"system": CALIBRATED, "fraction": args.unanswerable}
         report["abstain_records"] = records
     reference = answered.get("retrieval+generator")  # retrieval-only RAG: what the others are paired against
     reader_reference = answered.get("retrieval+reader")  # the same reader over the retriever's order
@@ -635,6 +645,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
          "answers": {row: answers[i] for row, answers in answered.items() if i < len(answers)}}
         for i, c in enumerate(cands)
     ]
+    trust = load_trust(adapter) if adapter else None  # fitted for the fused score with the adapter's weight
+    measure_trust(report, trust, s.abstain_threshold)
     print(format_table(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -169,3 +169,27 @@ def test_abstain_threshold_setting():
     assert Settings.from_env({"HYPERRAG_ABSTAIN_THRESHOLD": "0"}).abstain_threshold == 0.0
     with pytest.raises(ValueError, match="abstain_threshold"):
         Settings.from_env({}, abstain_threshold=1.5)
+
+
+def test_bench_quality_has_the_retrieval_reader_row_and_reranking_gain():
+    """The bench's quality part: the reader over the retriever's order is a row of its own, the
+    reranked reader's gain over it is paired by question, and a declined answer is counted as
+    declined while its EM/F1 score the reader's own answer (every gold question is answerable)."""
+    from hyperrag.report import ratio_rows, summarize
+
+    records = []
+    for q, (plain, reranked, found) in enumerate([("Paris", "France", True), ("France", "France", True),
+                                                  ("Rome", "France", False), ("Rome", "Spain", True)]):
+        for mode, answer in (("retrieval_reader", plain), ("reader_kv", reranked)):
+            records.append({"query_id": f"q{q}", "mode": mode, "timings": {"total": 0.1}, "ranked_ids": ["d0", "d1"],
+                            "top_n": 1, "gold_ids": ["d0"], "answers": ["France"], "reader_answer": answer,
+                            "answer": answer if found or mode != "reader_kv" else NOT_FOUND,
+                            "found": found or mode != "reader_kv"})
+    quality = summarize(records)["quality"]
+    assert quality["retrieval_reader"]["f1"] == 0.25 and quality["reader_kv"]["f1"] == 0.75
+    assert quality["reader_kv"]["declined"] == 0.25 and quality["retrieval_reader"]["declined"] == 0.0
+    gain = quality["reader_kv_minus_retrieval_reader"]
+    assert gain["queries"] == 4 and gain["f1"] == pytest.approx(0.5)
+    assert gain["f1_ci95"][0] <= 0.5 <= gain["f1_ci95"][1]
+    rows = {what: value for what, value, _ in ratio_rows({"quality": quality})}
+    assert rows["reranking's own F1 gain (same reader, paired)"].startswith("+0.500 (95% CI")
