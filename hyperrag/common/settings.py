@@ -108,6 +108,13 @@ class Settings:
                                      "first token and go on greedily; every row is a candidate (2: answer EM +0.01, "
                                      "F1 unchanged, reading 30% slower; see hyperrag.rag.reader)"},
     )
+    abstain_threshold: float = field(
+        default=-1.0,
+        metadata={"help": "reader: decline (\"not found in these documents\", with the closest passages) when an "
+                          "answer's confidence (calibrated relevance of the best passage and the answer's likelihood, "
+                          "hyperrag.rag.calibration) is below this; -1 = the adapter's threshold, chosen on held-out "
+                          "SQuAD train articles (its hyperrag.json; never declines without one), 0 = never decline"},
+    )
     draft_tokens: int = field(
         default=8, metadata={"help": "reader: document tokens after the answer so far that one decode step checks "
                                      "as a draft (prompt-lookup decoding: the same greedy answers in fewer "
@@ -196,6 +203,9 @@ class Settings:
             raise ValueError(f"setting serve_max_body_mb must be > 0, got {self.serve_max_body_mb}")
         if self.draft_tokens < 0:
             raise ValueError(f"setting draft_tokens must be >= 0, got {self.draft_tokens}")
+        if not (self.abstain_threshold == -1 or 0 <= self.abstain_threshold <= 1):
+            raise ValueError(f"setting abstain_threshold must be -1 (the adapter's) or a confidence in [0, 1], "
+                             f"got {self.abstain_threshold}")
         if self.cpu_stream_threads < 0:
             raise ValueError(f"setting cpu_stream_threads must be >= 0 (0 = measured), got {self.cpu_stream_threads}")
 
