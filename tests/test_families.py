@@ -26,7 +26,7 @@ import torch
 
 from hyperrag.kv.codec import get_codec
 from hyperrag.kv.local import LocalKV
-from hyperrag.kv.planner import KNOWN_GEOMETRY, KVGeometry
+from hyperrag.kv.planner import KNOWN_GEOMETRY, KVGeometry, geometry_for
 from hyperrag.model import kernels
 from hyperrag.model.families import SLIDING, FULL, UnsupportedModel, architecture, family_of
 from hyperrag.rag.rerank import FP32_SCORE_BOUND
@@ -188,11 +188,11 @@ def test_reader_and_generator_equal_transformers_generate(family_reranker, texts
     assert tok.decode(expected, skip_special_tokens=True).strip() == result.text
 
 
-def test_geometry_comes_from_the_model(family_reranker):
+def test_geometry_comes_from_the_model(family_reranker, family_folders):
     reranker = family_reranker
     cfg = reranker.llm.model.config
     geometry = KVGeometry.of(reranker)
-    assert geometry == KVGeometry.from_config(cfg)
+    assert geometry == KVGeometry.from_config(cfg) == geometry_for(str(family_folders[cfg.model_type]))
     assert reranker.layout.kv.shape[0] == cfg.num_hidden_layers and reranker.layout.kv.shape[3] == cfg.num_key_value_heads
     assert reranker.layout.kv.shape[-1] == reranker.decoder.head_dim
     layer = reranker.llm.model.model.layers[0]
