@@ -79,6 +79,7 @@ class KVGeometry:
 # Geometry of the models in hyperrag.model.loading.MODELS, so a plan needs no model loaded.
 KNOWN_GEOMETRY: dict[str, KVGeometry] = {
     "smollm2-135m": KVGeometry(layers=30, kv_heads=3, head_dim=64),
+    "gemma3-270m": KVGeometry(layers=18, kv_heads=1, head_dim=256),
 }
 
 
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"precompute rate of one worker (default: {MEASURED_DOCS_PER_S} docs/s measured at "
                              f"{MEASURED_TOKENS_PER_DOC:.0f} tokens/doc, scaled by tokens)")
     parser.add_argument("--workers", default="1,2,4,8,16,32,64", help="worker counts, comma-separated")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help=f"packaged model id ({', '.join(KNOWN_GEOMETRY)})")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
     plans = codec_table(args.docs, args.tokens_per_doc, args.model)
