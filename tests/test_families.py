@@ -60,9 +60,9 @@ def family_folders(cache_dir, tmp_path_factory):
     """One Hugging Face folder per family (config, safetensors, SmolLM2's tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hyperrag.model.loading import _safetensors_copy
+    from hyperrag.model.loading import model_folder
 
-    tok = AutoTokenizer.from_pretrained(_safetensors_copy("smollm2-135m", cache_dir))
+    tok = AutoTokenizer.from_pretrained(model_folder("smollm2-135m", cache_dir))
     root = tmp_path_factory.mktemp("families")
     folders = {}
     for i, family in enumerate(FAMILIES):
