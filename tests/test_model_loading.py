@@ -289,6 +289,12 @@ def test_an_adapter_for_another_model_is_refused(folders, cache_dir, tmp_path, t
     assert "+lora-" in load_llm(str(folders["a copy"]), cache_dir, adapter=str(adapter), **FAST).fingerprint
     with pytest.raises(ModelError, match=r"does not fit model .*/b'.*weights hash"):
         load_llm(str(folders["b"]), cache_dir, adapter=str(adapter), **FAST)
+    # peft's own record of the base model, where no hyperrag.json says more (an adapter from elsewhere)
+    (adapter / "hyperrag.json").unlink()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "google/gemma-3-270m"}))
+    with pytest.raises(ModelError, match=r"does not fit model 'smollm2-135m'.*base model is 'google/gemma-3-270m'"):
+        load_llm("smollm2-135m", cache_dir, adapter=str(adapter), **FAST)
 
 
 def test_nothing_is_stored_when_the_model_is_refused(tmp_path, cache_dir, folders):
