@@ -174,8 +174,8 @@ def test_engine_reader_modes(tiny_engine, monkeypatch):
     given = []
     read_many = tiny_engine.reader.read_many
     monkeypatch.setattr(tiny_engine.reader, "read_many",
-                        lambda requests, mode, source, question_kv=None: given.append(question_kv) or
-                        read_many(requests, mode, source, question_kv))
+                        lambda requests, mode, source, question_kv=None, **kw: given.append(question_kv) or
+                        read_many(requests, mode, source, question_kv, **kw))
     kv = tiny_engine.ask(q.question, "reader_kv")
     full = tiny_engine.ask(q.question, "reader_full")
     assert kv.answer == full.answer and kv.reading.doc == full.reading.doc

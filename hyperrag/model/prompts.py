@@ -156,6 +156,10 @@ class RerankPrompt:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def doc_truncated(self, text: str) -> bool:
+        """Whether :meth:`doc_ids` cuts ``text`` at ``max_doc_tokens`` (a service says so)."""
+        return len(self._encode(self.template.doc.format(text=text))) > self.max_doc_tokens
+
     def _single(self, word: str, what: str) -> int:
         ids = self._encode(word)
         if len(ids) != 1:
