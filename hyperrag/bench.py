@@ -788,8 +788,8 @@ def check_results(results: dict) -> list[str]:
         "storage": ["codec", "docs", "tokens", "bytes", "bytes_per_token", "precompute_docs_per_s", "load_gb_per_s"],
     }
     if results.get("config", {}).get("adapter") and results.get("config", {}).get("generate"):
-        required["e2e"] = required["e2e"] + ["reader_full", "reader_kv", "reader_speedup"]
-        required["quality"] = ["reader_full", "reader_kv"]
+        required["e2e"] = required["e2e"] + ["retrieval_reader", "reader_full", "reader_kv", "reader_speedup"]
+        required["quality"] = ["retrieval_reader", "reader_full", "reader_kv", "reader_kv_minus_retrieval_reader"]
     for key, subkeys in required.items():
         if key not in results:
             problems.append(f"missing {key}")
