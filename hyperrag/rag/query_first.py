@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from hyperrag.model.decoder import causal_mask
-from hyperrag.model.prompts import ASSISTANT, SYSTEM
+from hyperrag.model.prompts import ChatFormat
 from hyperrag.rag.batch_runner import length_batches
 from hyperrag.rag.rerank import Reranker
 
@@ -28,9 +28,10 @@ class QueryFirstScorer:
         tok, t, p = reranker.llm.tokenizer, reranker.template, reranker.prompt
         enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
         self.enc = enc
-        self.head = enc(SYSTEM.format(t.instruction) + "Question:")
+        turns = ChatFormat.of(tok)
+        self.head = enc(turns.system_open + t.instruction + turns.system_close + "Question:")
         self.between = enc("\nDocument:")
-        self.suffix = enc(ASSISTANT)
+        self.suffix = enc(t.suffix)
         self.max_doc, self.max_q = p.max_doc_tokens, p.max_question_tokens
 
     def split_ids(self, question: str, doc: str) -> tuple[list[int], list[int]]:

@@ -36,6 +36,16 @@ IN_FLIGHT = 2  # batches queued per actor, so none waits on the driver between b
 REPO = Path(__file__).resolve().parents[2]
 
 
+def worker_env() -> dict[str, str]:
+    """Environment of Ray workers started from this checkout: the process defaults (common/env.py),
+    this repo on the import path, the same model cache."""
+    env = {**DEFAULTS, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    for key in ("HYPERRAG_CACHE_DIR",):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
 def _open_store(settings: Settings, reranker):
     # Writes go through to the backend, as in the single-process precompute: no CPU tier.
     return open_store(settings.replace(hot_cache_gb=0.0), reranker)
@@ -130,10 +140,7 @@ def _start_actors(settings: Settings, workers: int | None, cpus_per_worker: floa
 
     if workers is None:
         workers = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_worker))
-    env = {**DEFAULTS, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    for key in ("HYPERRAG_CACHE_DIR",):
-        if key in os.environ:
-            env[key] = os.environ[key]
+    env = worker_env()
     actor_cls = ray.remote(PrecomputeWorker)
     threads = max(1, int(cpus_per_worker))
     return [actor_cls.options(num_cpus=cpus_per_worker, runtime_env={"env_vars": env}).remote(settings, threads)

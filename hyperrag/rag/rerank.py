@@ -61,7 +61,7 @@ class Reranker:
                  max_question_tokens: int = 64, batch_size: int = 20, streams: int = 2, answer_tokens: int = 16,
                  rotate: bool = True):
         self.llm = llm
-        self.template = template or RerankTemplate()
+        self.template = template or RerankTemplate.for_tokenizer(llm.tokenizer)
         self.prompt = RerankPrompt(llm.tokenizer, self.template, max_doc_tokens, max_question_tokens)
         # The model, the one batch buffer and its lock, shared with the reader (see batch_runner);
         # the buffer's query columns leave room for the reader's cue and ``answer_tokens``.
