@@ -788,8 +788,8 @@ def check_results(results: dict) -> list[str]:
         "storage": ["codec", "docs", "tokens", "bytes", "bytes_per_token", "precompute_docs_per_s", "load_gb_per_s"],
     }
     if results.get("config", {}).get("adapter") and results.get("config", {}).get("generate"):
-        required["e2e"] = required["e2e"] + ["reader_full", "reader_kv", "reader_speedup"]
-        required["quality"] = ["reader_full", "reader_kv"]
+        required["e2e"] = required["e2e"] + ["retrieval_reader", "reader_full", "reader_kv", "reader_speedup"]
+        required["quality"] = ["retrieval_reader", "reader_full", "reader_kv", "reader_kv_minus_retrieval_reader"]
     for key, subkeys in required.items():
         if key not in results:
             problems.append(f"missing {key}")
@@ -852,7 +852,8 @@ def http_main(args: argparse.Namespace, argv: list[str]) -> dict:
     from hyperrag.rag.pipeline import Engine
 
     with tempfile.TemporaryDirectory(prefix="hyperrag-bench-http-") as tmp:
-        settings = settings_from_args(args).replace(store_url=f"fs://{tmp}", hot_cache_gb=0.0)
+        # The reference's own store: --store keeps it between runs (never give it the service's).
+        settings = settings_from_args(args).replace(store_url=args.store_url or f"fs://{tmp}", hot_cache_gb=0.0)
         corpus = load_corpus(settings.folder("corpus"))
         questions, _ = bench_questions(corpus, args.queries, settings.seed)
         engine = Engine.load(settings, corpus=corpus, with_generator=False)

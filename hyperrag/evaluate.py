@@ -563,6 +563,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             report["systems"][name]["ranking_subset"] = ranking_summary(
                 SystemRun(name, run.scores[:subset]), cands[:subset])
     answered: dict[str, list[str]] = {}  # answer row -> answer per question (the first n)
+    if (args.read or args.unanswerable) and trained_reranker is None and adapter and any(
+            name.partition("@")[0] in ("trained", "trained+retrieval") for name in runs):
+        # every trained score came from --scores-from: the model still reads (and scores what is new)
+        trained_llm = trained_llm or load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter,
+                                              cpu_linear=s.cpu_linear)
+        trained_reranker = make_reranker(trained_llm)
     if args.generate:
         generator = Generator(base, s.max_new_tokens, s.max_doc_tokens, streams=s.cpu_streams)
         report["generator_template"] = asdict(generator.prompt.template)

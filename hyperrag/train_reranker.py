@@ -1,6 +1,8 @@
-"""Fine-tune SmolLM2-135M-Instruct as HyperRAG's doc-first reranker and reader (one LoRA), on SQuAD v1.1 train.
+"""Fine-tune a decoder LLM as HyperRAG's doc-first reranker and reader (one LoRA), on SQuAD v1.1 train.
 
-    python -m hyperrag.train_reranker                       # the shipped adapter's recipe
+    python -m hyperrag.train_reranker                       # the shipped adapter's recipe (SmolLM2-135M)
+    python -m hyperrag.train_reranker --model gemma3-270m --out models/gemma3-270m-lora --init-adapter ''
+                                                            # any supported model (--model as the engine's)
     python -m hyperrag.train_reranker --validate-only       # redo the tuning on held-out train articles
     python -m hyperrag.train_reranker --steps 4 --articles 2 --out /tmp/lora   # a smoke run
 
@@ -35,8 +37,9 @@ document KV then serves both jobs. Training starts from ``--init-adapter`` (the 
 adapter) where its layers overlap; validation also tunes the reader's decoding (span-constrained
 or free) and the selection weight of its answer rule (:func:`tune_reader`).
 
-LoRA (peft) on the attention and MLP projections of the top ``--lora-layers`` layers: the lower
-layers stay frozen, so no gradient flows through them. ``--compute bfloat16`` runs the forward
+LoRA (peft) on the attention and MLP projections (by model family, :data:`LORA_TARGETS`) of the
+top ``--lora-layers`` layers: the lower layers stay frozen, so no gradient flows through them. The
+packed forward is the model's own (:func:`forward_packed`), so every family the engine runs trains. ``--compute bfloat16`` runs the forward
 under bf16 autocast (LoRA weights and AdamW stay fp32): 1.3x faster per step on a CPU with AMX,
 where the shipped adapter was trained. Checkpoints (adapter, optimizer, RNG,
 loss log) go to ``<out>/checkpoint`` every ``--save-every`` steps; a rerun with the same folder
@@ -591,7 +594,7 @@ LATER_KEYS = {"first_article": 0, "compute": "float32"}
 def main(argv: Sequence[str] | None = None) -> dict:
     from tqdm import tqdm
 
-    from hyperrag.model.loading import load_embedder, resolve_model, weights_hash
+    from hyperrag.model.loading import check_adapter, load_embedder, resolve_model, weights_hash
     from hyperrag.common.settings import existing_folder
 
     args = build_parser().parse_args(argv)
@@ -609,6 +612,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     source = resolve_model(args.model, args.cache_dir)
     base_model = source.base_model or args.model
+    model_hash = weights_hash(source.folder, args.cache_dir)
+    if args.init_adapter:
+        check_adapter(args.init_adapter, source, model_hash)
     args.targets = args.targets or lora_targets(json.loads((source.folder / "config.json").read_text())["model_type"])
     config = {k: getattr(args, k) for k in CONFIG_KEYS}  # what a resumed checkpoint must match
     model = build_model(args, source.folder, base_model)
@@ -682,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                        "base_model_name_or_path": base_model}, indent=2, sort_keys=True))
     summary = {
         "base_model": base_model, "engine_model_id": args.model,
-        "model_hash": weights_hash(source.folder, args.cache_dir), "license": source.license or "see the base model",
+        "model_hash": model_hash, "license": source.license or "see the base model",
         "data": "SQuAD v1.1 train (CC BY-SA 4.0)", "train_articles": data.articles,
         "train_paragraphs": len(data.texts), "val_articles": data.val_articles,
         "hyperparameters": {**config, "steps": args.steps}, "steps": step, "resumed_from_step": resumed_from,

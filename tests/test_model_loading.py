@@ -111,6 +111,80 @@ def test_one_store_two_models_nothing_served_across(folders, cache_dir, tmp_path
     assert rerankers["a"].kv_identity != rerankers["b"].kv_identity
 
 
+def write_gguf(path: Path, model, tokenizer) -> Path:
+    """A Llama GGUF as llama.cpp's converter writes it (q/k rows permuted, GPT-2 BPE tokenizer in
+    the metadata), fp32 tensors."""
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    tokens = [""] * len(tokenizer)
+    for text, i in {**spec["model"]["vocab"], **{a["content"]: a["id"] for a in spec["added_tokens"]}}.items():
+        tokens[i] = text
+    added = {a["id"] for a in spec["added_tokens"]}
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(2048), w.add_embedding_length(cfg.hidden_size), w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size), w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads), w.add_rope_dimension_count(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps), w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_vocab_size(len(tokens)), w.add_tokenizer_model("gpt2"), w.add_token_list(tokens)
+    w.add_token_types([3 if i in added else 1 for i in range(len(tokens))])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
+    w.add_bos_token_id(tokenizer.bos_token_id), w.add_eos_token_id(tokenizer.eos_token_id)
+    w.add_chat_template(tokenizer.chat_template)
+
+    def permuted(t, heads):  # llama.cpp's order of the rotary halves
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for hf, gg in names.items():
+            w.add_tensor(f"blk.{i}.{gg}.weight", sd[f"{p}{hf}.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", permuted(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permuted(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tokenizer):
+    """A byte-level BPE of 307 tokens with SmolLM2's chat template ('Yes' and 'No' single tokens):
+    a GGUF's tokenizer is rebuilt token by token on load, so a small vocabulary keeps it fast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([" ".join(TEXTS) + " Yes No Answer Question Document"] * 20, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    small = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                    unk_token="<|endoftext|>")
+    small.chat_template = tokenizer.chat_template
+    return small
+
+
+def test_a_gguf_file_loads(tmp_path, small_tokenizer, cache_dir, monkeypatch):
+    tokenizer = small_tokenizer
+    model = tiny_llama(tokenizer, 0).eval()
+    write_gguf(tmp_path / "tiny.gguf", model, tokenizer)
+    monkeypatch.chdir(tmp_path)
+    llm = load_llm("tiny.gguf", cache_dir, **FAST)
+    assert llm.fingerprint.startswith("llama@")
+    ids = torch.tensor([tokenizer.encode("The Normans gave their name to Normandy.")])
+    assert llm.tokenizer.encode("The Normans gave their name to Normandy.") == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(llm.model(ids).logits, model(ids).logits)
+    assert load_llm(str(tmp_path / "tiny.gguf"), cache_dir, **FAST).fingerprint == llm.fingerprint  # parsed once
+
+
 def test_a_packaged_model_is_joined_from_its_chunks(tmp_path, monkeypatch):
     import hashlib
 
@@ -173,8 +247,9 @@ def test_a_gguf_that_does_not_parse(tmp_path, cache_dir):
     bad.write_bytes(b"GGUF" + os.urandom(256))
     with pytest.raises(ModelError, match=r"broken\.gguf.*does not load as a GGUF model"):
         load_llm(str(bad), cache_dir, **FAST)
-    assert not any(p.name.startswith("gguf-") and (p / "model.safetensors").exists()
-                   for p in (Path(cache_dir) / "models").iterdir())
+    from hyperrag.model.loading import file_digest
+
+    assert not (Path(cache_dir) / "models" / f"gguf-{file_digest(bad, cache_dir)[:16]}").exists()
 
 
 def char_tokenizer():
@@ -214,6 +289,12 @@ def test_an_adapter_for_another_model_is_refused(folders, cache_dir, tmp_path, t
     assert "+lora-" in load_llm(str(folders["a copy"]), cache_dir, adapter=str(adapter), **FAST).fingerprint
     with pytest.raises(ModelError, match=r"does not fit model .*/b'.*weights hash"):
         load_llm(str(folders["b"]), cache_dir, adapter=str(adapter), **FAST)
+    # peft's own record of the base model, where no hyperrag.json says more (an adapter from elsewhere)
+    (adapter / "hyperrag.json").unlink()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "google/gemma-3-270m"}))
+    with pytest.raises(ModelError, match=r"does not fit model 'smollm2-135m'.*base model is 'google/gemma-3-270m'"):
+        load_llm("smollm2-135m", cache_dir, adapter=str(adapter), **FAST)
 
 
 def test_nothing_is_stored_when_the_model_is_refused(tmp_path, cache_dir, folders):

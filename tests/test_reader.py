@@ -185,7 +185,7 @@ def test_engine_reader_modes(tiny_engine, monkeypatch):
     assert kv.timings["generate"] > 0 and kv.reading.encoded_docs == 0
     assert kv.ranked_ids == full.ranked_ids
     doc = kv.docs[kv.reading.doc]
-    assert kv.reading.start < 0 or doc.text[kv.reading.start : kv.reading.end] == kv.answer
+    assert kv.reading.start < 0 or doc.text[kv.reading.start : kv.reading.end] == kv.reading.answer
 
 
 def test_questions_read_together_as_alone(reranker, docs_and_question):

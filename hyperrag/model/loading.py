@@ -217,7 +217,7 @@ _FORMS = (f"give a packaged id ({', '.join(sorted(MODELS))}), a Hugging Face fol
 def _hub_model(name: str) -> ModelSource:
     from huggingface_hub import constants, snapshot_download
 
-    if constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise ModelError(
             f"model {name!r} is not a packaged id, a local folder or a .gguf file, and as a Hugging Face Hub id it "
             f"cannot be fetched offline (HF_HUB_OFFLINE=1). Download it where the network allows "
