@@ -229,7 +229,7 @@ def test_a_folder_without_weights_or_tokenizer(folders, tmp_path, tokenizer, cac
     with pytest.raises(ModelError, match=r"no-weights.*no weights"):
         load_llm(str(no_weights), cache_dir, **FAST)
     no_tokenizer = save(tmp_path / "no-tokenizer", tiny_llama(tokenizer, 0), None)
-    with pytest.raises(ModelError, match=r"no-tokenizer.*no a tokenizer"):
+    with pytest.raises(ModelError, match=r"no-tokenizer.*no tokenizer"):
         load_llm(str(no_tokenizer), cache_dir, **FAST)
 
 

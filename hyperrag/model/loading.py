@@ -241,7 +241,7 @@ def check_folder(folder: Path, name: str) -> None:
     if not weight_files(folder):
         missing.append("weights (*.safetensors or pytorch_model*.bin)")
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        missing.append(f"a tokenizer (one of {', '.join(TOKENIZER_FILES)})")
+        missing.append(f"tokenizer (one of {', '.join(TOKENIZER_FILES)})")
     if missing:
         raise ModelError(f"model folder {name!r} has no {' and no '.join(missing)}")
 
