@@ -3,6 +3,7 @@
     python -m hyperrag.bench [--queries 24] [--top-k 20] [--codec fp16] [--json out.json] [--html out.html]
     python -m hyperrag.bench --quick                       # about a minute on 2 CPU cores
     python -m hyperrag.bench --codecs fp32,fp16,int8,int4 --frontier --queries 8
+    python -m hyperrag.bench --http http://127.0.0.1:8080 --clients 8 --requests 64   # a running service
 
 Every sampled question is asked in every mode (retrieval only, baseline = full-prefill rerank,
 prefix-cached rerank, KV reuse, and with an adapter set the zero-shot base model in reuse mode)
@@ -99,7 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--serve", action="store_true",
                        help="add the concurrency run: --clients clients ask the bench questions at once through the "
                             "request batcher (hyperrag.workbench.batcher), against one client asking them in turn (serve block)")
-    bench.add_argument("--clients", type=int, default=8, help="concurrent clients of --serve (default 8)")
+    bench.add_argument("--clients", type=int, default=8, help="concurrent clients of --serve or --http (default 8)")
+    bench.add_argument("--http", metavar="URL", default=None,
+                       help="only the HTTP load test (hyperrag.bench_http) of the service running at URL (python -m "
+                            "hyperrag.serve, started with the same engine flags): first-vs-second request, then "
+                            "--clients clients sending --requests /v1/rerank requests; rankings checked against this process")
+    bench.add_argument("--requests", type=int, default=64, help="requests of the --http load run (default 64)")
+    bench.add_argument("--http-time-limit", type=float, default=600.0,
+                       help="seconds after which the --http load run starts no more requests (default 600)")
+    bench.add_argument("--token-file", default=None, help="--http: file with the service's bearer token")
     add_cli_args(parser, skip=("store_url",))
     return parser
 
@@ -779,8 +788,8 @@ def check_results(results: dict) -> list[str]:
         "storage": ["codec", "docs", "tokens", "bytes", "bytes_per_token", "precompute_docs_per_s", "load_gb_per_s"],
     }
     if results.get("config", {}).get("adapter") and results.get("config", {}).get("generate"):
-        required["e2e"] = required["e2e"] + ["reader_full", "reader_kv", "reader_speedup"]
-        required["quality"] = ["reader_full", "reader_kv"]
+        required["e2e"] = required["e2e"] + ["retrieval_reader", "reader_full", "reader_kv", "reader_speedup"]
+        required["quality"] = ["retrieval_reader", "reader_full", "reader_kv", "reader_kv_minus_retrieval_reader"]
     for key, subkeys in required.items():
         if key not in results:
             problems.append(f"missing {key}")
@@ -805,6 +814,8 @@ def main(argv: list[str] | None = None) -> dict:
             Path(args.json_path).write_text(json.dumps(results, indent=1) + "\n")
             print(f"  JSON: {args.json_path}")
         return results
+    if args.http:
+        return http_main(args, sys.argv[1:] if argv is None else argv)
     if args.render:
         results = json.loads(Path(args.render).read_text())
         args.json_path = None if args.json_path == args.render else args.json_path
@@ -825,6 +836,49 @@ def main(argv: list[str] | None = None) -> dict:
         path.write_text(html_report(results), encoding="utf-8")
         print(f"  HTML: {path}")
     results["records"] = records
+    return results
+
+
+def http_main(args: argparse.Namespace, argv: list[str]) -> dict:
+    """``--http URL``: the HTTP load test alone (:mod:`hyperrag.bench_http`), printed and, with
+    --json, written as ``{"http": ..., "machine": ...}``."""
+    from hyperrag.bench_http import http_bench
+    from hyperrag.common.settings import settings_from_args
+    from hyperrag.data.corpus import load_corpus
+    from hyperrag.serve.limits import read_token
+
+    if args.requests < 1:
+        raise SystemExit("--requests must be >= 1")
+    from hyperrag.rag.pipeline import Engine
+
+    with tempfile.TemporaryDirectory(prefix="hyperrag-bench-http-") as tmp:
+        # The reference's own store: --store keeps it between runs (never give it the service's).
+        settings = settings_from_args(args).replace(store_url=args.store_url or f"fs://{tmp}", hot_cache_gb=0.0)
+        corpus = load_corpus(settings.folder("corpus"))
+        questions, _ = bench_questions(corpus, args.queries, settings.seed)
+        engine = Engine.load(settings, corpus=corpus, with_generator=False)
+        try:
+            block = http_bench(args.http, engine, [q["question"] for q in questions], args.clients, args.requests,
+                               read_token(args.token_file), args.http_time_limit)
+        finally:
+            engine.close()
+    cold = block["first_vs_second"]
+    print(f"http {block['url']}: {block['clients']} clients, {block['requests']} requests: "
+          f"{block['queries_per_s']:.2f} queries/s, p50 {block['p50_ms']:.0f} ms, p95 {block['p95_ms']:.0f} ms, "
+          f"{block['errors']} errors, KV reused {block['kv_reused_fraction']:.2f}, "
+          f"identical rankings {block['identical_rankings']:.2f}")
+    if "speedup" in cold:
+        print(f"  first vs second request: {cold['first_p50_ms']:.0f} ms -> {cold['second_p50_ms']:.0f} ms "
+              f"(x{cold['speedup']:.1f}; first computed {cold['first_kv_computed_fraction']:.2f} of its documents)")
+    from hyperrag.model.kernels import cpu_model
+
+    results = {"http": block, "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_end": _loadavg()},
+               "command": "python -m hyperrag.bench " + " ".join(argv)}
+    if args.json_path:
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"  JSON: {path}")
     return results
 
 

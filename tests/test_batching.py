@@ -32,15 +32,15 @@ def test_groups_by_mode_and_bounded(tiny_engine):
         requests = [batcher_request(tiny_engine, q, m) for q, m in
                     [("a?", "reuse"), ("b?", "retrieval"), ("c?", "reuse"), ("d?", "reuse")]]
         groups = batcher._groups(requests)
-        assert [[r.question for r in g] for g in groups] == [["a?", "c?"], ["b?"], ["d?"]]
+        assert [[r.item for r in g] for g in groups] == [["a?", "c?"], ["b?"], ["d?"]]
     finally:
         batcher.close()
 
 
 def batcher_request(engine, question, mode):
-    from hyperrag.workbench.batcher import _Request
+    from hyperrag.workbench.batcher import question_job
 
-    return _Request(engine, question, mode, None, None, False)
+    return question_job(engine, question, mode, None, None, False)
 
 
 def test_bad_question_fails_alone_and_a_full_queue_says_busy(tiny_engine):

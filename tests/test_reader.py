@@ -175,8 +175,8 @@ def test_engine_reader_modes(tiny_engine, monkeypatch):
     given = []
     read_many = tiny_engine.reader.read_many
     monkeypatch.setattr(tiny_engine.reader, "read_many",
-                        lambda requests, mode, source, question_kv=None: given.append(question_kv) or
-                        read_many(requests, mode, source, question_kv))
+                        lambda requests, mode, source, question_kv=None, **kw: given.append(question_kv) or
+                        read_many(requests, mode, source, question_kv, **kw))
     kv = tiny_engine.ask(q.question, "reader_kv")
     full = tiny_engine.ask(q.question, "reader_full")
     assert kv.answer == full.answer and kv.reading.doc == full.reading.doc
@@ -186,7 +186,7 @@ def test_engine_reader_modes(tiny_engine, monkeypatch):
     assert kv.timings["generate"] > 0 and kv.reading.encoded_docs == 0
     assert kv.ranked_ids == full.ranked_ids
     doc = kv.docs[kv.reading.doc]
-    assert kv.reading.start < 0 or doc.text[kv.reading.start : kv.reading.end] == kv.answer
+    assert kv.reading.start < 0 or doc.text[kv.reading.start : kv.reading.end] == kv.reading.answer
 
 
 def test_questions_read_together_as_alone(reranker, docs_and_question):

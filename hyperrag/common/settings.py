@@ -52,7 +52,11 @@ class Settings:
     )
     model: str = field(
         default="smollm2-135m",
-        metadata={"help": "LLM id from hyperrag.model.loading.MODELS (reranker base and generator)"},
+        metadata={"help": "LLM (reranker base and generator): a packaged id (smollm2-135m, gemma3-270m: "
+                          "hyperrag.model.loading.MODELS), a Hugging Face folder (config.json, *.safetensors, "
+                          "tokenizer; relative or absolute), a .gguf file, or a Hub id (org/name) where the network "
+                          "allows it (HF_HUB_OFFLINE=0). The default adapter is trained for smollm2-135m: pass "
+                          "--adapter '' (or an adapter trained for the model) with any other"},
     )
     adapter: str = field(
         default=str(SHIPPED_ADAPTER),
@@ -107,6 +111,13 @@ class Settings:
         default=1, metadata={"help": "reader: rows per document, whose answers start with its 1st, 2nd, ... likeliest "
                                      "first token and go on greedily; every row is a candidate (2: answer EM +0.01, "
                                      "F1 unchanged, reading 30% slower; see hyperrag.rag.reader)"},
+    )
+    abstain_threshold: float = field(
+        default=-1.0,
+        metadata={"help": "reader: decline (\"not found in these documents\", with the closest passages) when an "
+                          "answer's confidence (calibrated relevance of the best passage and the answer's likelihood, "
+                          "hyperrag.rag.calibration) is below this; -1 = the adapter's threshold, chosen on held-out "
+                          "SQuAD train articles (its hyperrag.json; never declines without one), 0 = never decline"},
     )
     draft_tokens: int = field(
         default=8, metadata={"help": "reader: document tokens after the answer so far that one decode step checks "
@@ -166,6 +177,17 @@ class Settings:
     queue_size: int = field(
         default=64, metadata={"help": "concurrent requests: most waiting at once; more are told the engine is busy"}
     )
+    serve_max_body_mb: float = field(
+        default=4.0,
+        metadata={"help": "HTTP service (python -m hyperrag.serve): largest request body, MB; larger ones get 413 "
+                          "(1,000 documents of max_doc_tokens tokens take about 2.5 MB of JSON)"},
+    )
+    serve_max_documents: int = field(
+        default=1000,
+        metadata={"help": "HTTP service: most documents in one rerank or answer request (Cohere's limit); more get "
+                          "422. Each document is cut at max_doc_tokens, and the response lists the ones cut. "
+                          "Requests waiting beyond queue_size get 429 with Retry-After"},
+    )
     cache_dir: str = field(
         default_factory=_default_cache_dir,
         metadata={"help": "models (safetensors copies), indexes and the default KV store live here"},
@@ -176,13 +198,18 @@ class Settings:
         if not self.store_url:
             self.store_url = f"fs://{Path(self.cache_dir) / 'kv'}"
         for name in ("top_k", "top_n", "batch_size", "cpu_streams", "max_new_tokens", "max_question_tokens", "max_doc_tokens",
-                     "batch_requests", "queue_size", "reader_first_tokens"):
+                     "batch_requests", "queue_size", "reader_first_tokens", "serve_max_documents"):
             if getattr(self, name) < 1:
                 raise ValueError(f"setting {name} must be >= 1, got {getattr(self, name)}")
         if self.kv_rounding not in KV_ROUNDINGS:
             raise ValueError(f"setting kv_rounding must be one of {', '.join(KV_ROUNDINGS)}, got {self.kv_rounding!r}")
+        if self.serve_max_body_mb <= 0:
+            raise ValueError(f"setting serve_max_body_mb must be > 0, got {self.serve_max_body_mb}")
         if self.draft_tokens < 0:
             raise ValueError(f"setting draft_tokens must be >= 0, got {self.draft_tokens}")
+        if not (self.abstain_threshold == -1 or 0 <= self.abstain_threshold <= 1):
+            raise ValueError(f"setting abstain_threshold must be -1 (the adapter's) or a confidence in [0, 1], "
+                             f"got {self.abstain_threshold}")
         if self.cpu_stream_threads < 0:
             raise ValueError(f"setting cpu_stream_threads must be >= 0 (0 = measured), got {self.cpu_stream_threads}")
 

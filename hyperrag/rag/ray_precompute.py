@@ -36,6 +36,16 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "LMCACHE_TRACK_USAGE": "false", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def worker_env() -> dict[str, str]:
+    """Environment of Ray workers started from this checkout: offline models, no usage reports,
+    this repo on the import path, the same model cache."""
+    env = {**WORKER_ENV, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    for key in ("HYPERRAG_CACHE_DIR",):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
 def _open_store(settings: Settings, reranker):
     # Writes go through to the backend, as in the single-process precompute: no CPU tier.
     return open_store(settings.replace(hot_cache_gb=0.0), reranker)
@@ -111,10 +121,7 @@ def precompute_ray(settings: Settings, texts: Sequence[str], address: str | None
     unique = list(dict.fromkeys(texts))
     report = PrecomputeReport(docs=len(unique), verified=verify)
     t0 = time.perf_counter()
-    env = {**WORKER_ENV, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    for key in ("HYPERRAG_CACHE_DIR",):
-        if key in os.environ:
-            env[key] = os.environ[key]
+    env = worker_env()
     actor_cls = ray.remote(PrecomputeWorker)
     threads = max(1, int(cpus_per_worker))
     actors = [actor_cls.options(num_cpus=cpus_per_worker, runtime_env={"env_vars": env}).remote(settings, threads)

@@ -38,6 +38,7 @@ import torch
 
 from hyperrag.model.decoder import RowGroup
 from hyperrag.model.batch_kv import row_runs
+from hyperrag.rag.calibration import Trust
 from hyperrag.rag.rerank import DocKVSource, QueryRow, Reranker, missing_kv_warning, query_batches
 
 READ_MODES = ("kv", "full")
@@ -58,11 +59,14 @@ class Candidate:
 
 @dataclass
 class Reading:
-    answer: str
+    answer: str  # the chosen candidate's text, also when the reader declines (``found`` False)
     doc: int  # which document the answer was read from (-1: none)
     start: int
     end: int
     candidates: list[Candidate]
+    logprob: float = 0.0  # the chosen answer's log-likelihood
+    confidence: float | None = None  # P(the answer is in these documents); None: no calibration applies
+    found: bool = True  # False: declined, the evidence is too weak ("not found in these documents")
     load_s: float = 0.0  # reading the documents' KV into the batch buffer
     compute_s: float = 0.0  # the question, the decode steps (and document encoding in full mode)
     encoded_docs: int = 0  # documents whose KV was computed because the store lacked it
@@ -110,7 +114,8 @@ class Reader:
     """Reads answers with the reranker's model, prompt and prefix KV (thread-safe: one at a time)."""
 
     def __init__(self, reranker: Reranker, max_rows: int = 8, max_new_tokens: int = 16, span: bool = True,
-                 selection_weight: float = 1.0, draft_tokens: int = 8, prune: bool = True, first_tokens: int = 1):
+                 selection_weight: float = 1.0, draft_tokens: int = 8, prune: bool = True, first_tokens: int = 1,
+                 trust: Trust | None = None, abstain_threshold: float = 0.0):
         self.reranker = reranker
         self.decoder = reranker.decoder
         self.prompt = reranker.prompt
@@ -122,6 +127,10 @@ class Reader:
         if first_tokens < 1:
             raise ValueError(f"the reader's first_tokens must be >= 1, got {first_tokens}")
         self.first_tokens = first_tokens  # rows per document, each from another likely first token
+        # The answer's confidence from the calibrated ranking score and its likelihood; declined
+        # below the threshold (0: never). Fitted for the adapter's fused score only.
+        self.trust = trust
+        self.abstain_threshold = abstain_threshold
         # Stop rows that can no longer be chosen (the answer is the same; the others' texts are
         # cut). Off where every candidate is wanted whole: tuning the weight on the same candidates.
         self.prune = prune
@@ -137,19 +146,22 @@ class Reader:
         self._lock = reranker.lock  # one model, one scratch buffer: reading and reranking take turns
 
     def read(self, question: str, docs: Sequence[str], rank_scores: Sequence[float], mode: str = "kv",
-             source: DocKVSource | None = None) -> Reading:
+             source: DocKVSource | None = None, calibrated: bool = True) -> Reading:
         """Read ``question`` from each of ``docs`` (best first) and pick one answer."""
-        return self.read_many([(question, docs, rank_scores)], mode, source)[0]
+        return self.read_many([(question, docs, rank_scores)], mode, source, calibrated=calibrated)[0]
 
     def read_many(self, requests: Sequence[tuple[str, Sequence[str], Sequence[float]]], mode: str = "kv",
                   source: DocKVSource | None = None,
-                  question_kv: Sequence[Sequence[torch.Tensor | None]] | None = None) -> list[Reading]:
+                  question_kv: Sequence[Sequence[torch.Tensor | None]] | None = None,
+                  calibrated: bool = True) -> list[Reading]:
         """:meth:`read` for several (question, documents, ranking scores) requests at once: their
         rows share batches and decode steps (concurrent users; :mod:`hyperrag.workbench.batcher`). Each
         reading equals reading alone up to float rounding; its times are the whole call's.
         ``question_kv`` (per request, per document): the KV of ``[question][suffix]`` over that
         document, as the reranker's reuse run left it (``keep_question_kv``); those rows run only
-        the answer cue instead of the whole question."""
+        the answer cue instead of the whole question. ``calibrated``: the ranking scores are the
+        fused scores ``trust`` was fitted on (not the retriever's cosine), so each answer gets a
+        confidence and is declined below ``abstain_threshold``."""
         if mode not in READ_MODES:
             raise ValueError(f"unknown read mode {mode!r}; choose one of {READ_MODES}")
         if mode == "kv" and source is None:
@@ -179,6 +191,10 @@ class Reader:
             if chosen >= 0:
                 c = reading.candidates[chosen]
                 reading.answer, reading.doc, reading.start, reading.end = c.text, c.doc, c.start, c.end
+                reading.logprob = c.logprob
+                if calibrated and self.trust is not None:
+                    reading.confidence = self.trust.confidence(rank_scores[: self.max_rows], c.logprob)
+                    reading.found = reading.confidence >= self.abstain_threshold
         return readings
 
     def _read(self, rows: list[QueryRow], mode: str, source: DocKVSource | None, readings: list[Reading],

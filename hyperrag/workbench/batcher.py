@@ -11,6 +11,10 @@ group runs wait for the next one (so under load groups fill by themselves); the 
 bounded, and a full queue is an error the caller can show ("busy, try again"). Answers equal
 sequential ones up to float rounding; each result's timings gain ``queue`` (seconds waiting
 before its group started), and ``total`` counts it.
+
+Other work that batches the same way (the HTTP service's rerank of documents a client sends,
+:mod:`hyperrag.serve`) goes through :meth:`Batcher.submit` with its own key and group function,
+so every model call of the process still runs from this one queue.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Sequence
 
 from hyperrag.rag.pipeline import Engine, RAGResult, clean_question
 from hyperrag.common.settings import Settings
@@ -29,21 +34,28 @@ class Busy(RuntimeError):
 
 
 @dataclass
-class _Request:
-    engine: Engine
-    question: str
-    mode: str
-    top_k: int | None
-    top_n: int | None
-    generate: bool
+class Job:
+    """One queued request: ``item`` is answered by ``run([items of its group])[its place]``;
+    jobs with equal ``key`` may share one ``run`` call."""
+
+    key: Hashable
+    item: Any
+    run: Callable[[list], Sequence[Any]]
     arrived: float = field(default_factory=time.perf_counter)
+    started: float = 0.0  # when its group's call began
     future: Future = field(default_factory=Future)
 
-    def __post_init__(self) -> None:
-        # Requests with the same key can share one Engine.ask_many call: views of the same
-        # runtime, corpus and index are interchangeable (the app makes one per request).
-        e = self.engine
-        self.key = (id(e.runtime), id(e.corpus), id(e.index), self.mode, self.top_k, self.top_n, self.generate)
+    @property
+    def queue_s(self) -> float:
+        return self.started - self.arrived
+
+
+def question_job(engine: Engine, question: str, mode: str, top_k: int | None = None, top_n: int | None = None,
+                 generate: bool = True) -> Job:
+    """An :meth:`Engine.ask` as a job. Jobs of views of the same runtime, corpus and index that
+    ask the same way share one :meth:`Engine.ask_many` (the app makes a view per request)."""
+    key = (id(engine.runtime), id(engine.corpus), id(engine.index), mode, top_k, top_n, generate)
+    return Job(key, question, lambda questions: engine.ask_many(questions, mode, top_k, top_n, generate))
 
 
 @dataclass
@@ -64,7 +76,7 @@ class Batcher:
         self.max_group = max_group
         self.queue_size = queue_size
         self.stats = BatchStats()
-        self._queue: queue.Queue[_Request | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[Job | None] = queue.Queue(queue_size)
         self._worker = threading.Thread(target=self._serve, name="hyperrag-batcher", daemon=True)
         self._worker.start()
 
@@ -77,12 +89,24 @@ class Batcher:
         """:meth:`Engine.ask`, answered together with whatever else is asked meanwhile. A bad
         question fails here, alone; a full queue raises :class:`Busy`."""
         clean_question(question)
-        request = _Request(engine, question, mode, top_k, top_n, generate)
+        job = self.submit(question_job(engine, question, mode, top_k, top_n, generate))
+        result = job.future.result()
+        result.timings["queue"] = job.queue_s
+        result.timings["total"] += job.queue_s
+        return result
+
+    def submit(self, job: Job) -> Job:
+        """Queue ``job`` without waiting (its ``future`` gets the answer); :class:`Busy` when full."""
         try:
-            self._queue.put_nowait(request)
+            self._queue.put_nowait(job)
         except queue.Full:
             raise Busy(f"the engine is busy: {self.queue_size} questions are waiting; try again in a moment") from None
-        return request.future.result()
+        return job
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for the worker (not counting the group it is answering)."""
+        return self._queue.qsize()
 
     def close(self, timeout_s: float = 600.0) -> None:
         """Stop the worker once the requests already queued are answered."""
@@ -110,10 +134,10 @@ class Batcher:
             if stop:
                 return
 
-    def _groups(self, waiting: list[_Request]) -> list[list[_Request]]:
+    def _groups(self, waiting: list[Job]) -> list[list[Job]]:
         """Waiting requests by key, in arrival order, at most ``max_group`` per group."""
-        groups: list[list[_Request]] = []
-        open_group: dict[tuple, list[_Request]] = {}
+        groups: list[list[Job]] = []
+        open_group: dict[Hashable, list[Job]] = {}
         for request in waiting:
             group = open_group.get(request.key)
             if group is None or len(group) >= self.max_group:
@@ -122,19 +146,17 @@ class Batcher:
             group.append(request)
         return groups
 
-    def _answer(self, group: list[_Request]) -> None:
-        first = group[0]
+    def _answer(self, group: list[Job]) -> None:
         started = time.perf_counter()
+        for job in group:
+            job.started = started
         try:
-            results = first.engine.ask_many([r.question for r in group], first.mode, first.top_k, first.top_n,
-                                            first.generate)
+            results = group[0].run([job.item for job in group])
         except BaseException as err:  # every request of the group learns why
-            for request in group:
-                request.future.set_exception(err)
+            for job in group:
+                job.future.set_exception(err)
             return
         self.stats.groups += 1
         self.stats.requests += len(group)
-        for request, result in zip(group, results):
-            result.timings["queue"] = started - request.arrived
-            result.timings["total"] += result.timings["queue"]
-            request.future.set_result(result)
+        for job, result in zip(group, results):
+            job.future.set_result(result)
