@@ -611,7 +611,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model_hash = weights_hash(source.folder, args.cache_dir)
     if args.init_adapter:
         check_adapter(args.init_adapter, source, model_hash)
-    args.targets = args.targets or lora_targets(json.loads((source.folder / "config.json").read_text())["model_type"])
+    model_config = json.loads((source.folder / "config.json").read_text())
+    if model_config.get("final_logit_softcapping"):  # the score is a difference of two linear logits
+        raise SystemExit(f"{args.model}: training a model with a final logit soft cap is not supported")
+    args.targets = args.targets or lora_targets(model_config["model_type"])
     config = {k: getattr(args, k) for k in CONFIG_KEYS}  # what a resumed checkpoint must match
     model = build_model(args, source.folder, base_model)
     from transformers import AutoTokenizer

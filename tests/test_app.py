@@ -221,6 +221,7 @@ def test_gold_list_reset_keeps_a_typed_question():
     assert "value" not in ui.cb_pick_gold(None) and "value" not in ui.cb_pick_gold("")
 
 
+@pytest.mark.slow  # loads a second model copy; the quick bench runs the zero-shot model, test_batch_dashboards_and_exports the batch path
 def test_batch_with_the_zero_shot_reference(wb, app):
     """With the shipped adapter, a batch can add the untrained base model as a fourth row."""
     assert wb.settings.adapter and ZERO_SHOT in wb.modes()

@@ -97,6 +97,7 @@ def test_reading_on_the_rerankers_question_kv_equals_running_the_question(rerank
         reranker.score_many([(question, docs)], "full", keep_question_kv=True)
 
 
+@pytest.mark.slow  # reader_first_tokens > 1 is an off-by-default setting
 def test_rows_from_the_likeliest_first_tokens(llm, reranker, docs_and_question):
     """``first_tokens=2`` reads each document twice: one row is greedy (as a reader of one row
     per document), the other starts with the second likeliest first token and then goes on
@@ -201,6 +202,11 @@ def test_questions_read_together_as_alone(reranker, docs_and_question):
         assert_same_reading(reader.read(q, ds, scores, "kv", source), batched)
 
 
+# Free decoding is the shipped adapter's choice; span decoding (a setting) runs with -m slow, and
+# test_span_decoding_emits_spans_of_the_row_document keeps it in the default run.
+SPAN_MODES = [False, pytest.param(True, marks=pytest.mark.slow)]
+
+
 def test_draft_is_what_follows_the_answer_in_the_document():
     doc = [7, 1, 2, 3, 9, 1, 2, 4, 5]
     assert draft(doc, [1, 2], 3) == [3, 9, 1]  # the first occurrence of the longest suffix
@@ -209,7 +215,7 @@ def test_draft_is_what_follows_the_answer_in_the_document():
     assert draft(doc, [8], 3) == [] and draft(doc, [1], 0) == [] and draft(doc, [], 3) == []
 
 
-@pytest.mark.parametrize("span", [False, True])
+@pytest.mark.parametrize("span", SPAN_MODES)
 def test_drafted_decoding_equals_one_token_steps(tiny_engine, span):
     """Prompt-lookup drafts change how many forwards a reading takes, not what it reads: the
     trained reader's answers (mostly spans, so drafts are kept) equal one-token steps', with
@@ -245,7 +251,7 @@ def test_drafted_decoding_equals_one_token_steps(tiny_engine, span):
     assert forwards[8] < forwards[0], forwards
 
 
-@pytest.mark.parametrize("span", [False, True])
+@pytest.mark.parametrize("span", SPAN_MODES)
 def test_pruning_stops_rows_that_cannot_win_and_keeps_the_answer(tiny_engine, span):
     """A row whose ranking score + w x log-likelihood so far is below a finished answer's can
     never be chosen (the value only falls as it decodes): it stops, and the reading's answer,

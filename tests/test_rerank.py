@@ -209,12 +209,12 @@ def test_row_streams_size_openmp_teams_by_work():
     assert torch.get_num_threads() == caller and later == [caller]
 
 
-def test_row_streams_score_as_one_batch(llm, squad_batch):
+def test_row_streams_score_as_one_batch(llm, reranker, squad_batch):
     """Rows run as two concurrent streams score as one batch does, in every mode, and encode
     the same document KV."""
     from hyperrag.rag.rerank import Reranker
 
-    one, two = Reranker(llm, batch_size=8, streams=1), Reranker(llm, batch_size=8, streams=2)
+    one, two = Reranker(llm, batch_size=8, streams=1), reranker  # the shared fixture runs two streams
     assert (one.runner.rows.size, two.runner.rows.size) == (1, 2)
     source = LocalKV()
     for question, docs in squad_batch[:2]:
@@ -227,13 +227,11 @@ def test_row_streams_score_as_one_batch(llm, squad_batch):
 
 
 
-def test_reuse_loads_in_the_row_streams(llm, squad_batch):
+def test_reuse_loads_in_the_row_streams(reranker, squad_batch):
     """Each row stream decodes its own rows into the batch buffer. In the calling thread the
     decode ran on an OpenMP team that libgomp throttles once big streams have run (a full
     prefill): int4 decoding then took ~2.3x as long on 2 cores."""
     import threading
-
-    from hyperrag.rag.rerank import Reranker
 
     class Recording(LocalKV):
         def load_into(self, text: str, out: torch.Tensor) -> bool:
@@ -241,7 +239,7 @@ def test_reuse_loads_in_the_row_streams(llm, squad_batch):
             return super().load_into(text, out)
 
     loaders: list[tuple[str, str]] = []
-    two = Reranker(llm, batch_size=8, streams=2)
+    two = reranker  # the shared fixture: two row streams
     question, docs = squad_batch[0]
     source = Recording()
     for text, kv in zip(docs, two.encode_docs(docs)):
@@ -270,7 +268,8 @@ def test_length_batches_bound_padding():
         assert len(batch) * longest <= 1.15 * sum(lengths[i] for i in batch) or len(batch) == 1
 
 
-@pytest.mark.parametrize("mode", ["reuse", "full"])
+# reuse is the serving path; full prefill batched alike runs with -m slow
+@pytest.mark.parametrize("mode", ["reuse", pytest.param("full", marks=pytest.mark.slow)])
 def test_questions_batched_together_score_as_alone(reranker, squad_batch, mode):
     """Concurrent requests share batches (rows of several questions of different lengths,
     right-padded): each question's scores equal asking alone within the fp32 bound."""
