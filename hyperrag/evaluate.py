@@ -5,6 +5,8 @@
     python -m hyperrag.evaluate --queries 100 --systems zero-shot,wording:relevant,query-first
     python -m hyperrag.evaluate --queries 300 --systems retrieval,trained,trained+retrieval \\
         --generate 300 --generate-systems retrieval,trained+retrieval --read 300
+    python -m hyperrag.evaluate --queries 300 --systems retrieval,trained+retrieval --read 300 \\
+        --unanswerable 0.5
 
 One code path for every system, before and after training: the retriever's top-k candidates of
 a fixed random sample of questions (``--seed``) are reordered by each system and scored with
@@ -16,10 +18,21 @@ recall@1/5, MRR@10 and NDCG@10 (binary relevance: the question's gold paragraph)
 - ``--read N``: answered by the reader from the top-n of each of ``--read-systems``, one
   document per row, from the trained model's stored (exact fp32) document KV, as ``reader_kv``
   reads (a codec system, ``trained+retrieval@int4``, reads its codec's KV); ``oracle`` reads
-  the gold paragraph alone (the reader's ceiling).
+  the gold paragraph alone (the reader's ceiling); ``retrieval+reader`` is the same reader over
+  the retriever's order: the reranker's own share of the answer quality.
 
 Every answer row also gets a paired interval of "row minus retrieval-only RAG" on the same
-questions. Systems:
+questions (``_minus_retrieval``: the traditional generator over the retriever's order, when
+generated) and of "row minus the reader over the retriever's order" (``_minus_retrieval_reader``).
+
+``--unanswerable F`` makes that fraction of the read questions unanswerable: their gold passages
+are removed from the candidates (retrieval runs on the rest of the corpus), the trained+retrieval
+ranking and the reader run again on what is left, and ``abstain`` reports how well declining
+separates them (an unanswerable question is right only when declined): the calibrated rule of
+:mod:`hyperrag.rag.calibration` and, for comparison, the fused ranking score alone and the
+answer likelihood alone, each at its threshold chosen on held-out SQuAD train articles. With
+the adapter's calibration, ``calibration`` reports the relevance map's expected calibration
+error on these questions' candidates. Systems:
 
 - ``retrieval``: MiniLM + faiss order (cosine similarity);
 - ``zero-shot``: the base model as a doc-first reranker (the default :class:`RerankTemplate`);
@@ -43,23 +56,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
 from hyperrag.kv.local import LocalKV
+from hyperrag.rag.calibration import Trust, auroc, auroc_interval, expected_calibration_error
 from hyperrag.rag.metrics import agreement, exact_match, f1_score, mean_interval, ranking_metrics
-from hyperrag.model.prompts import ASSISTANT, SYSTEM, RerankTemplate
-from hyperrag.model.decoder import causal_mask
-from hyperrag.rag.rerank import Reranker, fuse_scores, length_batches
+from hyperrag.model.prompts import RerankTemplate
+from hyperrag.rag.query_first import QueryFirstScorer
+from hyperrag.rag.reader import Reading
+from hyperrag.rag.rerank import Reranker, fuse_scores
 
 log = logging.getLogger("hyperrag.evaluate")
 
@@ -70,6 +82,8 @@ WORDINGS = {
                "Answer Yes or No.",
 }
 RANK_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10")
+DEFAULT_READ = ("retrieval", "trained+retrieval", "oracle")
+CALIBRATED = "trained+retrieval"  # the system whose fused score the adapter's calibration maps
 
 
 @dataclass
@@ -129,55 +143,6 @@ def rerank_scores(reranker: Reranker, cands: Sequence[Candidates], by_id: dict, 
     return out
 
 
-class QueryFirstScorer:
-    """``[instruction][question][document][suffix]``: the usual prompt, question before document,
-    so no document KV can be shared across questions. Same yes/no score. ``cached=True`` is the
-    strongest prefix-caching baseline a vLLM user gets (automatic prefix caching): the
-    ``[instruction][question]`` KV is computed once per question and shared by its candidates,
-    and only each document's tokens and the suffix run."""
-
-    def __init__(self, reranker: Reranker):
-        self.r = reranker
-        tok, t, p = reranker.llm.tokenizer, reranker.template, reranker.prompt
-        enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-        self.enc = enc
-        self.head = enc(SYSTEM.format(t.instruction) + "Question:")
-        self.between = enc("\nDocument:")
-        self.suffix = enc(ASSISTANT)
-        self.max_doc, self.max_q = p.max_doc_tokens, p.max_question_tokens
-
-    def split_ids(self, question: str, doc: str) -> tuple[list[int], list[int]]:
-        """(the question's shared prefix, the document's part) of the query-first prompt."""
-        q = self.enc(" " + question)[: self.max_q]
-        d = self.enc("\n" + doc)[: self.max_doc]
-        return self.head + q + self.between, d + self.suffix
-
-    def score(self, question: str, docs: Sequence[str], cached: bool = False) -> list[float]:
-        r, dec = self.r, self.r.decoder
-        parts = [self.split_ids(question, d) for d in docs]
-        shared = parts[0][0] if parts else []
-        start = len(shared) if cached else 0
-        seqs = [tail if cached else head + tail for head, tail in parts]
-        prefix_kv = r.encode_prefix(shared) if cached else None  # once, as a prefix cache holds it
-        out = [0.0] * len(seqs)
-        for batch in length_batches([len(s) for s in seqs], r.batch_size):
-            longest = max(len(seqs[i]) for i in batch)
-            kv = dec.new_kv(len(batch), start + longest)
-            if cached:
-                kv.fill_prefix(prefix_kv)
-
-            def run(part: slice) -> list[float]:  # as the reranker runs a batch: rows in streams
-                rows = batch[part]
-                ids, last = r.batch_ids([seqs[i] for i in rows])
-                pos = (start + torch.arange(ids.shape[1], device=dec.device)).expand(len(rows), -1)
-                mask = causal_mask(ids.shape[1], start, dec.device) if cached else None
-                return r.score_hidden(dec.forward(ids, pos, kv.rows(part), start, mask, out_index=last))
-
-            for i, s in zip(batch, r.rows.run(len(batch), run, longest)):
-                out[i] = s
-        return out
-
-
 def ranking_per_question(run: SystemRun, cands: Sequence[Candidates]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {k: [] for k in RANK_KEYS}
     for i, c in enumerate(cands):
@@ -229,10 +194,11 @@ def generate_answers(generator, run: SystemRun, cands: Sequence[Candidates], by_
 
 
 def read_answers(reader, run: SystemRun | None, cands: Sequence[Candidates], by_id: dict, top_n: int, source,
-                 progress: Callable[[int, int], None] | None = None) -> list[str]:
-    """The reader's answer to each question from the system's top-n documents (their KV from
+                 progress: Callable[[int, int], None] | None = None, calibrated: bool = False) -> list[Reading]:
+    """The reader's reading of each question from the system's top-n documents (their KV from
     ``source``, as ``reader_kv`` reads them); ``run=None`` reads the gold paragraph alone (the
-    oracle: the reader's ceiling)."""
+    oracle: the reader's ceiling). ``calibrated``: the run's scores are the fused scores the
+    adapter's calibration was fitted on (each reading gets a confidence)."""
     out = []
     for i, c in enumerate(cands):
         if run is None:
@@ -240,10 +206,117 @@ def read_answers(reader, run: SystemRun | None, cands: Sequence[Candidates], by_
         else:
             top = run.order(i)[:top_n]
             texts, scores = [by_id[c.doc_ids[j]].text for j in top], [run.scores[i][j] for j in top]
-        out.append(reader.read(c.question, texts, scores, "kv", source).answer)
+        out.append(reader.read(c.question, texts, scores, "kv", source, calibrated=calibrated))
         if progress:
             progress(i + 1, len(cands))
     return out
+
+
+# -- unanswerable questions and declining ---------------------------------------------------------
+
+def pick_unanswerable(n: int, fraction: float, seed: int) -> set[int]:
+    """Which of the first ``n`` questions are made unanswerable (a fixed random ``fraction``)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise SystemExit(f"--unanswerable must be a fraction in [0, 1], got {fraction}")
+    return set(random.Random(seed).sample(range(n), round(fraction * n)))
+
+
+def without_gold(index, c: Candidates, k: int) -> Candidates:
+    """``c`` made unanswerable: the retriever's top ``k`` of the corpus less its gold passages."""
+    gold = set(c.gold)
+    hits = [h for h in index.search(c.question, k + len(gold)) if h[0] not in gold][:k]
+    return Candidates(c.qid, c.question, c.answers, c.gold, [h[0] for h in hits], [h[1] for h in hits])
+
+
+def abstain_record(reading: Reading, scores: Sequence[float], c: Candidates, unanswerable: bool, top_n: int,
+                   doc_ids: Sequence[str]) -> dict:
+    """What declining is decided and judged from, for one question as read."""
+    return {"qid": c.qid, "unanswerable": unanswerable, "doc_ids": list(doc_ids), "top_scores": sorted(scores, reverse=True)[:top_n],
+            "logprob": reading.logprob, "answer": reading.answer, "f1": f1_score(reading.answer, c.answers)}
+
+
+def signal_values(records: Sequence[dict], trust: Trust | None) -> dict[str, list[float]]:
+    """Per question, each signal declining can use (higher = more likely answerable): the rule
+    (the calibrated confidence), the fused ranking score of the best passage alone, and the
+    answer's log-likelihood alone."""
+    out = {"fused": [r["top_scores"][0] for r in records], "likelihood": [r["logprob"] for r in records]}
+    if trust is not None:
+        out = {"rule": [trust.confidence(r["top_scores"], r["logprob"]) for r in records]} | out
+    return out
+
+
+def abstain_summary(values: Sequence[float], records: Sequence[dict], threshold: float | None) -> dict:
+    """How well ``values`` separate answerable from unanswerable questions (AUROC) and, declining
+    below ``threshold``: the share of each kind handled right, F1 on the answerable ones (a
+    declined one scores 0) against never declining, and F1 overall (an unanswerable question
+    scores 1 when declined, else 0); 95% bootstrap intervals."""
+    answerable = [not r["unanswerable"] for r in records]
+    out: dict = {"questions": len(records), "unanswerable": answerable.count(False)}
+    if all(answerable) or not any(answerable):
+        return out
+    out |= {"auroc": auroc(values, answerable), "auroc_ci95": auroc_interval(values, answerable)}
+    if threshold is None:
+        return out
+    declined = [v < threshold for v in values]
+    ans = [i for i, a in enumerate(answerable) if a]
+    una = [i for i, a in enumerate(answerable) if not a]
+    f1 = [records[i]["f1"] for i in ans]
+    kept = [0.0 if declined[i] else records[i]["f1"] for i in ans]
+    per = {"unanswerable_declined": [float(declined[i]) for i in una],
+           "answerable_answered": [float(not declined[i]) for i in ans],
+           "f1_answerable": kept, "f1_answerable_without_declining": f1,
+           "f1_overall": [float(declined[i]) if not a else (0.0 if declined[i] else records[i]["f1"])
+                          for i, a in enumerate(answerable)]}
+    return out | {"threshold": threshold} | with_intervals(per) | with_intervals(
+        {"f1_answerable_minus_without_declining": [a - b for a, b in zip(kept, f1)]})
+
+
+def abstain_report(records: Sequence[dict], trust: Trust | None, threshold: float | None) -> dict:
+    """``abstain``: the rule at ``threshold``, then each single signal at its own threshold (from
+    the calibration), so the rule's gain is visible."""
+    values = signal_values(records, trust)
+    out = {}
+    for name, vals in values.items():
+        cut = threshold if name == "rule" else (trust.baselines.get(name) if trust is not None else None)
+        out[name] = abstain_summary(vals, records, cut)
+    if "rule" in values:
+        out["rule"]["ece"] = expected_calibration_error(values["rule"], [int(not r["unanswerable"]) for r in records])
+    return out
+
+
+def measure_trust(report: dict, trust: Trust | None, abstain_threshold: float = -1.0) -> None:
+    """The record's ``calibration`` and ``abstain`` sections from its per-question records and the
+    adapter's calibration (``abstain_threshold`` -1: the calibration's own threshold): also for a
+    record measured before the calibration was fitted (``python -m hyperrag.calibrate --measure``)."""
+    report["calibrated"] = trust is not None
+    if trust is not None and any(CALIBRATED in q["scores"] for q in report["per_question"]):
+        report["calibration"] = calibration_report(trust, report["per_question"])
+    if report.get("abstain_records"):
+        threshold = None if trust is None else (abstain_threshold if abstain_threshold >= 0 else trust.threshold)
+        report["abstain"] = {k: v for k, v in report["abstain"].items() if k in ("system", "fraction")} | abstain_report(
+            report["abstain_records"], trust, threshold)
+
+
+def calibration_report(trust: Trust, per_question: Sequence[dict]) -> dict:
+    """The relevance map on the record's candidates of the calibrated system: expected
+    calibration error over every (question, candidate) pair and over each question's top passage."""
+    probs, labels, top_probs, top_labels = [], [], [], []
+    for q in per_question:
+        if CALIBRATED not in q["scores"]:
+            continue
+        scores = q["scores"][CALIBRATED]
+        p = trust.relevance_of(scores)
+        y = [int(d in q["gold"]) for d in q["doc_ids"]]
+        probs += p
+        labels += y
+        best = ranked_order(scores)[0]
+        top_probs.append(p[best])
+        top_labels.append(y[best])
+    mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
+    return {"system": CALIBRATED, "pairs": len(probs), "ece": expected_calibration_error(probs, labels),
+            "mean_probability": mean(probs), "relevant_rate": mean(labels), "questions": len(top_probs),
+            "ece_top1": expected_calibration_error(top_probs, top_labels),
+            "top1_mean_probability": mean(top_probs), "top1_relevant_rate": mean(top_labels)}
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -271,9 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--read", type=int, default=0,
                    help="answer the first N sampled questions with the reader (one document per row, its KV "
                         "exact fp32) from the top-n of each of --read-systems")
-    g.add_argument("--read-systems", default="trained+retrieval,oracle",
-                   help="comma list of ranked systems the reader reads from; 'oracle' = the gold paragraph alone; "
-                        "a codec system (trained+retrieval@int4) reads the KV stored through its codec")
+    g.add_argument("--read-systems", default="",
+                   help="comma list of ranked systems the reader reads from; 'retrieval' = the retriever's order "
+                        "(retrieval+reader: what reranking adds is measured against it), 'oracle' = the gold "
+                        "paragraph alone; a codec system (trained+retrieval@int4) reads the KV stored through its "
+                        "codec. Default: " + ",".join(DEFAULT_READ) + ", those of them that --systems ranks")
+    g.add_argument("--unanswerable", type=float, default=0.0,
+                   help="make this fraction of the read questions unanswerable (gold passages removed from their "
+                        "candidates) and report declining on them (needs trained+retrieval and --read)")
     g.add_argument("--json", default="", help="write metrics and per-question scores here")
     g.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     g.add_argument("--scores-from", default="",
@@ -290,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from hyperrag.rag.generate import Generator
     from hyperrag.rag.kv_rounding import codec_for
     from hyperrag.model.loading import adapter_meta, load_embedder, load_llm
+    from hyperrag.rag.calibration import load_trust
     from hyperrag.rag.retrieval import DenseIndex
     from hyperrag.rag.runtime import load_reranker
     from hyperrag.common.settings import settings_from_args
@@ -313,7 +392,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     base = load_llm(s.model, s.cache_dir, s.device, s.dtype, cpu_linear=s.cpu_linear)
     trained_llm = trained_reranker = None
     trained_kv = LocalKV()  # exact fp32 document KV of the trained model: reranking and reading share it
-    report: dict = {"corpus": str(s.corpus), "queries": len(cands), "seed": s.seed, "top_k": s.top_k,
+    from hyperrag.model.kernels import cpu_model
+
+    # date and cpu: what `python -m hyperrag.docs` prints beside the tables it writes from this record
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_model(), "corpus": str(s.corpus), "queries": len(cands), "seed": s.seed, "top_k": s.top_k,
                     "top_n": s.top_n, "mode": args.mode, "max_doc_tokens": s.max_doc_tokens,
                     "adapter": adapter, "systems": {}, "full_check": {}, "codec_check": {}}
     if adapter:
@@ -324,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     subset = args.subset or len(cands)
 
     def make_reranker(llm, instruction: str | None = None) -> Reranker:
-        return load_reranker(s, llm, RerankTemplate(instruction=instruction) if instruction else None)
+        return load_reranker(s, llm, RerankTemplate.for_tokenizer(llm.tokenizer, instruction=instruction)
+                             if instruction else None)
 
     def codec_source(codec: str) -> LocalKV:
         """Every candidate's exact KV (from the trained run) stored through ``codec``, once."""
@@ -426,6 +509,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             report["systems"][name]["ranking_subset"] = ranking_summary(
                 SystemRun(name, run.scores[:subset]), cands[:subset])
     answered: dict[str, list[str]] = {}  # answer row -> answer per question (the first n)
+    if (args.read or args.unanswerable) and trained_reranker is None and adapter and any(
+            name.partition("@")[0] in ("trained", "trained+retrieval") for name in runs):
+        # every trained score came from --scores-from: the model still reads (and scores what is new)
+        trained_llm = trained_llm or load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter,
+                                              cpu_linear=s.cpu_linear)
+        trained_reranker = make_reranker(trained_llm)
     if args.generate:
         generator = Generator(base, s.max_new_tokens, s.max_doc_tokens, streams=s.cpu_streams)
         report["generator_template"] = asdict(generator.prompt.template)
@@ -438,30 +527,68 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 answered[f"{name}+generator"] = generate_answers(generator, SystemRun(name, run.scores[:n]), cands[:n],
                                                                  by_id, s.top_n, cache, lambda i, t: bar.update(1))
                 bar.close()
+    readings: dict[str, list[Reading]] = {}
     if args.read:
         from hyperrag.rag.runtime import load_reader
 
         if trained_reranker is None:
             raise SystemExit("--read needs a trained system (trained or trained+retrieval) in --systems")
-        reader = load_reader(s, trained_reranker)
+        reader = load_reader(s.replace(abstain_threshold=0.0), trained_reranker)  # answers as without declining
         report["reader"] = {"span": reader.span, "selection_weight": reader.selection_weight}
         n = min(args.read, len(cands))
-        for name in [x.strip() for x in args.read_systems.split(",") if x.strip()]:
+        read_systems = [x.strip() for x in args.read_systems.split(",") if x.strip()]
+        if not read_systems:
+            read_systems = [x for x in DEFAULT_READ if x == "oracle" or x in runs]
+        for name in read_systems:
             run = None if name == "oracle" else runs.get(name)
             if name != "oracle" and (run is None or len(run.scores) < n):
                 raise SystemExit(f"--read-systems: {name!r} is not among the ranked systems {sorted(runs)}")
             bar = tqdm(total=n, desc=f"reader {name}", mininterval=10)
             codec = name.partition("@")[2]
             source = codec_source(codec) if codec else trained_kv  # a codec system reads its codec's KV
-            answered[f"{name}+reader"] = read_answers(reader, run, cands[:n], by_id, s.top_n, source,
-                                                      lambda i, t: bar.update(1))
+            readings[name] = read_answers(reader, run, cands[:n], by_id, s.top_n, source, lambda i, t: bar.update(1),
+                                          calibrated=name == CALIBRATED)
+            answered[f"{name}+reader"] = [r.answer for r in readings[name]]
             bar.close()
+    if args.unanswerable:
+        if CALIBRATED not in readings or trained_reranker is None:
+            raise SystemExit(f"--unanswerable needs {CALIBRATED} ranked in this process and read (--read N)")
+        n = len(readings[CALIBRATED])
+        chosen = pick_unanswerable(n, args.unanswerable, s.seed)
+        w = float(adapter_meta(adapter).get("retrieval_weight", 0.0))
+        records = []
+        bar = tqdm(total=len(chosen), desc="unanswerable", mininterval=10)
+        for i, c in enumerate(cands[:n]):
+            if i not in chosen:
+                records.append(abstain_record(readings[CALIBRATED][i], runs[CALIBRATED].scores[i], c, False, s.top_n,
+                                              c.doc_ids))
+                continue
+            u = without_gold(index, c, s.top_k)
+            known = dict(zip(c.doc_ids, runs[CALIBRATED].scores[i]))  # a pair's score does not depend on the others
+            new = [j for j, d in enumerate(u.doc_ids) if d not in known]
+            if new:
+                raw = trained_reranker.score(c.question, [by_id[u.doc_ids[j]].text for j in new], args.mode,
+                                             trained_kv if args.mode == "reuse" else None).scores
+                known |= dict(zip([u.doc_ids[j] for j in new], fuse_scores(raw, [u.cosine[j] for j in new], w)))
+            scores = [known[d] for d in u.doc_ids]
+            top = ranked_order(scores)[: s.top_n]
+            reading = reader.read(c.question, [by_id[u.doc_ids[j]].text for j in top], [scores[j] for j in top], "kv",
+                                  trained_kv)
+            records.append(abstain_record(reading, scores, u, True, s.top_n, u.doc_ids))
+            bar.update(1)
+        bar.close()
+        report["abstain"] = {"system": CALIBRATED, "fraction": args.unanswerable}
+        report["abstain_records"] = records
     reference = answered.get("retrieval+generator")  # retrieval-only RAG: what the others are paired against
+    reader_reference = answered.get("retrieval+reader")  # the same reader over the retriever's order
     for row, answers in answered.items():
         per = answer_scores(answers, cands)
         entry = with_intervals(per) | {"questions": len(answers), "top_n": 1 if row.startswith("oracle") else s.top_n}
         if reference is not None and row != "retrieval+generator":
             entry |= paired_differences(per, answer_scores(reference, cands), ("em", "f1"), "minus_retrieval")
+        if reader_reference is not None and row.endswith("+reader") and row != "retrieval+reader":
+            entry |= paired_differences(per, answer_scores(reader_reference, cands), ("em", "f1"),
+                                        "minus_retrieval_reader")
         system, _, codec = row.removesuffix("+reader").partition("@")
         exact_row = f"{system}+reader"
         if codec and exact_row in answered:  # a codec's reading, paired with the same reading from exact KV
@@ -475,6 +602,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
          "answers": {row: answers[i] for row, answers in answered.items() if i < len(answers)}}
         for i, c in enumerate(cands)
     ]
+    trust = load_trust(adapter) if adapter else None  # fitted for the fused score with the adapter's weight
+    measure_trust(report, trust, s.abstain_threshold)
     print(format_table(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -508,17 +637,37 @@ def format_table(report: dict) -> str:
                      f"NDCG@10 {chk['ndcg@10_minus_exact']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
     if report.get("answers"):
         lines.append(f"{'answers (system+answerer)':30s} {'n':>4s} {'EM [95% CI]':>22s} {'F1 [95% CI]':>22s} "
-                     f"{'F1 - retrieval-only [95% CI]':>30s}")
+                     f"{'F1 - retrieval+reader':>24s} {'F1 - retrieval+generator':>24s}")
         for name, row in report["answers"].items():
-            paired = ""
-            if "f1_minus_retrieval" in row:
-                lo, hi = row["f1_minus_retrieval_ci95"]
-                paired = f"{row['f1_minus_retrieval']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-            lines.append(f"{name:30s} {row['questions']:4d} {_ci(row, 'em'):>22s} {_ci(row, 'f1'):>22s} {paired:>30s}")
+            paired = [f"{row[k]:+.3f} [{row[k + '_ci95'][0]:+.3f}, {row[k + '_ci95'][1]:+.3f}]" if k in row else ""
+                      for k in ("f1_minus_retrieval_reader", "f1_minus_retrieval")]
+            lines.append(f"{name:30s} {row['questions']:4d} {_ci(row, 'em'):>22s} {_ci(row, 'f1'):>22s} "
+                         f"{paired[0]:>24s} {paired[1]:>24s}")
             if "f1_minus_exact" in row:
                 lo, hi = row["f1_minus_exact_ci95"]
                 lines.append(f"  {name} vs the same reading from exact KV: F1 {row['f1_minus_exact']:+.3f} "
                              f"[{lo:+.3f}, {hi:+.3f}], same answer {row['same_answer_as_exact']:.0%}")
+    if report.get("calibration"):
+        c = report["calibration"]
+        lines.append(f"calibrated relevance ({c['system']}): ECE {c['ece']:.4f} over {c['pairs']} candidates "
+                     f"(mean P {c['mean_probability']:.3f}, relevant {c['relevant_rate']:.3f}); top passage ECE "
+                     f"{c['ece_top1']:.4f} (mean P {c['top1_mean_probability']:.3f}, relevant {c['top1_relevant_rate']:.3f})")
+    if report.get("abstain"):
+        a = report["abstain"]
+        lines.append(f"declining ({a['system']}): {a['rule' if 'rule' in a else 'fused']['questions']} questions, "
+                     f"{a['fused']['unanswerable']} made unanswerable")
+        lines.append(f"{'signal':12s} {'AUROC [95% CI]':>22s} {'threshold':>10s} {'unans. declined':>16s} "
+                     f"{'ans. answered':>14s} {'F1 answerable':>14s} {'(never declining)':>17s} {'F1 overall':>11s}")
+        for name in ("rule", "fused", "likelihood"):
+            row = a.get(name)
+            if not row or "auroc" not in row:
+                continue
+            line = f"{name:12s} {_ci(row, 'auroc'):>22s}"
+            if "threshold" in row:
+                line += (f" {row['threshold']:10.3f} {row['unanswerable_declined']:16.3f} {row['answerable_answered']:14.3f}"
+                         f" {row['f1_answerable']:14.3f} {row['f1_answerable_without_declining']:17.3f}"
+                         f" {row['f1_overall']:11.3f}")
+            lines.append(line)
     return "\n".join(lines)
 
 

@@ -10,10 +10,11 @@ Result schema (the whole dict; this module builds ``e2e``, ``rerank`` and ``qual
               speedup_vs_full, speedup_vs_prefix_cached, token_ratio_limit, limit_fraction,
               limit_fraction_ci95 [lo, hi], token_ratio_of_totals, fraction_of_totals_ratio,
               mean_prompt_tokens, mean_query_tokens}
-    e2e      {retrieval_only, zero_shot, baseline, reuse, reader_full, reader_kv: {queries, queries_per_s, p50_ms, p95_ms, mean_ms,
-              stage_ms {retrieve, kv_load, rerank, generate}}, speedup_vs_baseline}
-    quality  {retrieval_only, zero_shot, baseline, reuse, reader_full, reader_kv: {queries, recall@1, recall@5, mrr@10, ndcg@10, em, f1},
-              max_abs_score_diff, ranking_agreement, top_n_agreement, answer_agreement}
+    e2e      {retrieval_only, zero_shot, baseline, reuse, retrieval_reader, reader_full, reader_kv: {queries, queries_per_s,
+              p50_ms, p95_ms, mean_ms, stage_ms {retrieve, kv_load, rerank, generate}}, speedup_vs_baseline}
+    quality  {retrieval_only, zero_shot, baseline, reuse, retrieval_reader, reader_full, reader_kv: {queries, recall@1,
+              recall@5, mrr@10, ndcg@10, em, f1, declined}, max_abs_score_diff, ranking_agreement, top_n_agreement,
+              answer_agreement, reader_kv_minus_retrieval_reader {queries, em, em_ci95, f1, f1_ci95}}
     storage  {codec, docs, tokens, bytes, bytes_per_token, precompute_docs_per_s, load_gb_per_s}
     machine  {cpu, cores, threads, torch, device, ...}
     codecs   [ {codec, spec, encode_ms_per_doc, bytes_per_token, fraction_of_fp16, max_abs_score_diff, mean_abs_score_diff, ranking_agreement,
@@ -28,22 +29,30 @@ Result schema (the whole dict; this module builds ``e2e``, ``rerank`` and ``qual
 Mode names come from the one mode table, :mod:`hyperrag.rag.modes`: records use the engine's names,
 the schema each mode's ``e2e_key`` (end to end and quality) and ``rerank_key`` (reranker rows).
 ``e2e.reader_speedup`` is reader_kv's queries/s over reader_full's (the same reader, documents
-loaded vs computed); ``quality.reader_kv_vs_full`` says whether they answered alike.
+loaded vs computed); ``quality.reader_kv_vs_full`` says whether they answered alike;
+``quality.reader_kv_minus_retrieval_reader`` is reranking's own share of the answer quality: the
+same reader over the reranked and over the retriever's top-n, paired by question. A reader's EM
+and F1 score its answer also where it declined (``declined``: the share it said "not found" for;
+every gold question here is answerable, ``python -m hyperrag.evaluate --unanswerable`` measures
+declining).
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 import random
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from hyperrag.rag.metrics import agreement, exact_match, f1_score, latency_summary, ranking_metrics
-from hyperrag.rag.modes import E2E_KEYS, MODE_TABLE
+from hyperrag.rag.metrics import agreement, exact_match, f1_score, latency_summary, mean_interval, ranking_metrics
+from hyperrag.rag.modes import E2E_KEYS, MODE_TABLE, mode as mode_spec
 
 STAGES = ("retrieve", "kv_load", "rerank", "generate")
-# Records may name a mode by its engine name or its report key (and "full" for the baseline).
-E2E_KEY = {**{m.name: m.e2e_key for m in MODE_TABLE}, **{m.e2e_key: m.e2e_key for m in MODE_TABLE},
-           "full": "baseline"}
-E2E_ORDER = E2E_KEYS
+# The modes with a reranker row of their own (``rerank_key``), the zero-shot reference last: the
+# token ratios come from the first one measured.
+RERANKED = sorted((m for m in MODE_TABLE if m.rerank_key), key=lambda m: m.name == "zero_shot")
 QUALITY_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")
 BOOTSTRAP_DRAWS = 2000
 
@@ -77,16 +86,18 @@ def record_from_result(result: Any, query: Any = None, query_id: str | None = No
     if query is not None:
         record["gold_ids"] = list(attr(query, "doc_ids", ()) or ())
         record["answers"] = list(attr(query, "answers", ()) or ())
+    reading = attr(result, "reading")
+    if reading is not None:  # the reader's own answer, also where it declined, and its confidence
+        record["reader_answer"] = attr(reading, "answer", "") or ""
+        record["found"] = bool(attr(result, "found", True))
+        if attr(result, "confidence") is not None:
+            record["confidence"] = float(attr(result, "confidence"))
     if rerank is not None:
         record["pairs"] = int(attr(rerank, "pairs", 0))
         record["query_tokens"] = int(attr(rerank, "query_tokens", 0))
         record["prompt_tokens"] = list(attr(rerank, "prompt_tokens", []))
         record["encoded_docs"] = int(attr(rerank, "encoded_docs", 0))
     return record
-
-
-def _finite(x: float) -> float:
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else 0.0
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -123,9 +134,10 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict:
     """
     by_mode: dict[str, list[Mapping[str, Any]]] = {}
     for rec in records:
-        key = E2E_KEY.get(str(rec.get("mode")))
-        if key is None:
-            raise ValueError(f"record with unknown mode {rec.get('mode')!r}")
+        try:
+            key = mode_spec(str(rec.get("mode"))).e2e_key
+        except ValueError:
+            raise ValueError(f"record with unknown mode {rec.get('mode')!r}") from None
         by_mode.setdefault(key, []).append(rec)
     out: dict[str, Any] = {}
     e2e = _e2e(by_mode)
@@ -150,7 +162,7 @@ def _e2e(by_mode: dict) -> dict:
     # A mode run without generation next to modes with it (a rerank-only ``prefix`` run) is not an
     # end-to-end measurement; when nothing was generated, e2e compares retrieve + rerank only.
     any_generated = any(r.get("generated", True) for recs in by_mode.values() for r in recs)
-    for key in E2E_ORDER:
+    for key in E2E_KEYS:
         recs = by_mode.get(key, [])
         if not recs or (any_generated and not all(r.get("generated", True) for r in recs)):
             continue
@@ -181,9 +193,9 @@ def _rerank(by_mode: dict) -> dict:
     ratios: list[float] = []
     prompt_tokens: list[int] = []
     query_tokens: list[int] = []
-    for mode_key, key in (("baseline", "full"), ("prefix_cached", "prefix_cached"), ("reuse", "reuse"),
-                          ("zero_shot", "zero_shot")):
-        recs = [r for r in by_mode.get(mode_key, []) if r.get("pairs")]
+    for spec in RERANKED:
+        key = spec.rerank_key
+        recs = [r for r in by_mode.get(spec.e2e_key, []) if r.get("pairs")]
         if not recs:
             continue
         secs = [_rerank_s(r) for r in recs]
@@ -255,7 +267,7 @@ def limit_fraction_interval(full: Sequence[Mapping[str, Any]], reuse: Sequence[M
 
 def _quality(by_mode: dict) -> dict:
     quality: dict[str, Any] = {}
-    for key in E2E_ORDER:
+    for key in E2E_KEYS:
         recs = [r for r in by_mode.get(key, []) if r.get("gold_ids")]
         if not recs:
             continue
@@ -263,8 +275,10 @@ def _quality(by_mode: dict) -> dict:
         row = {"queries": len(recs), **{m: _mean([x[m] for x in rows]) for m in rows[0]}}
         answered = [r for r in recs if r.get("generated", True) and r.get("answers")]
         if answered:
-            row["em"] = _mean([exact_match(r.get("answer", ""), r["answers"]) for r in answered])
-            row["f1"] = _mean([f1_score(r.get("answer", ""), r["answers"]) for r in answered])
+            row["em"] = _mean([answer_scores(r)[0] for r in answered])
+            row["f1"] = _mean([answer_scores(r)[1] for r in answered])
+            if any("found" in r for r in answered):
+                row["declined"] = _mean([float(not r.get("found", True)) for r in answered])
         quality[key] = row  # a rerank-only mode (no answers) gets ranking metrics only
     if not quality and any(by_mode.values()):
         quality["note"] = "no gold queries: ranking and answer quality not measured"
@@ -272,7 +286,31 @@ def _quality(by_mode: dict) -> dict:
     reader = agreement(by_mode.get("reader_full", []), by_mode.get("reader_kv", []))
     if reader:
         quality["reader_kv_vs_full"] = reader
+    gain = paired_gain(by_mode.get("reader_kv", []), by_mode.get("retrieval_reader", []))
+    if gain:
+        quality["reader_kv_minus_retrieval_reader"] = gain
     return quality
+
+
+def answer_scores(rec: Mapping[str, Any]) -> tuple[float, float]:
+    """(EM, F1) of a record's answer: the reader's own where there is one (also when it declined)."""
+    answer = rec.get("reader_answer", rec.get("answer", ""))
+    return exact_match(answer, rec["answers"]), f1_score(answer, rec["answers"])
+
+
+def paired_gain(records: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]]) -> dict:
+    """EM and F1 of ``records`` minus ``reference`` on the gold questions both answered (paired by
+    ``query_id``), with 95% bootstrap intervals; ``{}`` when none is shared."""
+    ref = {r["query_id"]: r for r in reference if r.get("answers") and r.get("generated", True)}
+    pairs = [(r, ref[r["query_id"]]) for r in records
+             if r.get("answers") and r.get("generated", True) and r.get("query_id") in ref]
+    if not pairs:
+        return {}
+    out: dict[str, Any] = {"queries": len(pairs)}
+    for i, key in enumerate(("em", "f1")):
+        diffs = [answer_scores(a)[i] - answer_scores(b)[i] for a, b in pairs]
+        out[key], out[key + "_ci95"] = _mean(diffs), mean_interval(diffs)
+    return out
 
 
 def finite_numbers(obj: Any, path: str = "") -> list[tuple[str, float]]:
@@ -344,8 +382,12 @@ def ratio_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ("reader from stored KV vs full prefill (queries/s)", fmt_ratio(get_path(e2e, "reader_speedup")), ">= 6x"),
         ("reader from stored KV vs full prefill: identical answers",
          fmt_share(get_path(quality, "reader_kv_vs_full", "answer_agreement")), "100% (fp32)"),
-        ("answer F1: retrieval only / reuse + generator / reader from stored KV",
-         " / ".join(fmt_number(get_path(quality, m, "f1")) for m in ("retrieval_only", "reuse", "reader_kv")), ""),
+        ("answer F1, the reader: over the retriever's order / over the reranked (from stored KV)",
+         " / ".join(fmt_number(get_path(quality, m, "f1")) for m in ("retrieval_reader", "reader_kv")), ""),
+        ("reranking's own F1 gain (same reader, paired)",
+         fmt_gain(get_path(quality, "reader_kv_minus_retrieval_reader")), ""),
+        ("answer F1, untrained generator (reference): retrieval only / reuse",
+         " / ".join(fmt_number(get_path(quality, m, "f1")) for m in ("retrieval_only", "reuse")), ""),
     ]
     serve = get_path(results, "serve", default={})
     if serve:
@@ -361,6 +403,14 @@ def ratio_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def fmt_gain(gain: Mapping[str, Any] | None) -> str:
+    """``+0.150 (95% CI +0.100 to +0.200)`` for a paired F1 difference; a dash without one."""
+    if not gain or as_number(gain.get("f1")) is None:
+        return "–"
+    lo, hi = gain.get("f1_ci95") or (gain["f1"], gain["f1"])
+    return f"{gain['f1']:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}, {gain['queries']} questions)"
+
+
 def fmt_ratio(v: Any) -> str:
     n = as_number(v)
     return "–" if n is None else f"{n:.2f}x"
@@ -370,3 +420,55 @@ def fmt_share(v: Any, decimals: int = 0) -> str:
     """A share as a percentage; compared with a target, a decimal keeps 89.5% from reading 90%."""
     n = as_number(v)
     return "–" if n is None else f"{n:.{decimals}%}"
+
+
+# -- the app's gold batches: the summary with its store's storage part, rows, exports ---------------
+BATCH_COLUMNS = ["query", "mode", "question", "answer", "EM", "F1", "gold rank", "total ms"]
+
+
+def batch_summary(records: list[dict], estimate: dict, store: Mapping[str, Any], precompute: Any = None) -> dict:
+    """The bench's result dict for a batch's records so far, with the storage part of its store
+    (``estimate``: the workbench's storage estimate; ``store``: the store's ``describe()``;
+    ``precompute``: the corpus's precompute report, if it ran)."""
+    result = summarize(records)
+    chosen = next(r for r in estimate["codecs"] if r["codec"] == estimate["codec"])
+    result["storage"] = {"codec": estimate["codec"], "docs": estimate["docs"], "tokens": estimate["tokens"],
+                         "bytes": chosen["bytes"], "bytes_per_token": chosen["bytes_per_token"],
+                         "load_gb_per_s": store.get("load_gb_per_s", 0.0), "store": store.get("url"),
+                         "cpu_tier_gb": store.get("cpu_tier_gb", 0.0)}
+    result["codecs"] = estimate["codecs"]
+    planner = [{"label": f"estimate ({estimate['codec']})", "bytes": chosen["bytes"]}]
+    if precompute is not None and precompute.encoded and not precompute.skipped:
+        result["storage"]["precompute_docs_per_s"] = precompute.docs_per_s
+        planner.append({"label": "written by precompute", "bytes": precompute.bytes})
+    result["planner"] = planner
+    return result
+
+
+def batch_row(record: Mapping[str, Any]) -> list:
+    """One record as a row of :data:`BATCH_COLUMNS`."""
+    answers = record.get("answers") or []
+    gold = set(record.get("gold_ids") or [])
+    rank = next((i for i, d in enumerate(record["ranked_ids"], 1) if d in gold), None)
+    return [record["query_id"], record["mode"], record["question"], record["answer"],
+            exact_match(record["answer"], answers) if answers else None,
+            round(f1_score(record["answer"], answers), 3) if answers else None,
+            rank, round(record["timings"].get("total", 0.0) * 1e3, 1)]
+
+
+def write_batch_exports(folder: Path, result: dict, records: list[dict]) -> list[str]:
+    """The batch as JSON (summary + every record) and CSV (one row per query and mode)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = folder / "hyperrag-batch.json", folder / "hyperrag-batch.csv"
+    json_path.write_text(json.dumps({**result, "records": records}, indent=1, default=str), encoding="utf-8")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    stages = list(STAGES) + ["total"]
+    writer.writerow([*BATCH_COLUMNS[:-1], *[f"{s}_ms" for s in stages], "ranked_ids", "gold_ids", "gold_answers"])
+    for rec in records:
+        row = batch_row(rec)[:-1]
+        writer.writerow([*row, *[round(rec["timings"].get(s, 0.0) * 1e3, 2) for s in stages],
+                         " ".join(rec["ranked_ids"]), " ".join(rec.get("gold_ids") or []),
+                         " | ".join(rec.get("answers") or [])])
+    csv_path.write_text(buf.getvalue(), encoding="utf-8")
+    return [str(json_path), str(csv_path)]

@@ -7,8 +7,8 @@ ingest stops at the corpus limit of 100,000 passages. SQuAD's text alone is ~3.4
 drawn with a seed, become ``queries.jsonl``: a question's gold passages are those whose source
 span holds its whole answer. Every passage's source span is checked to slice back to its text.
 
-    ./run.sh python scripts/build_squad_100k.py --out ~/.cache/hyperrag/squad-100k
-    ./run.sh bench --corpus ~/.cache/hyperrag/squad-100k --queries 40 --no-zero-shot
+    ./run.sh python scripts/build_squad_100k.py            # -> corpora/squad-100k
+    ./run.sh bench --corpus corpora/squad-100k --queries 40 --no-zero-shot
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hyperrag.data.ingest import ingest, load_tokenizer
 from hyperrag.common.memory import peak_resident_bytes
-from hyperrag.common.settings import Settings
+from hyperrag.common.settings import Settings, corpus_out
 from hyperrag.data.squad import load_squad
 
 
@@ -61,7 +61,7 @@ def gold_queries(questions: list[dict], passages: list[dict], n: int, seed: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", default=str(corpus_out("squad-100k")))
     parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--questions", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)

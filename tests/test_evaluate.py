@@ -44,7 +44,8 @@ def test_evaluate_on_a_tiny_corpus(tiny_corpus_dir, cache_dir, tmp_path):
                    "--top-n", "2", "--max-new-tokens", "6",
                    "--systems", "retrieval,trained,trained+retrieval,trained@fp32,trained+retrieval@int8:nearest",
                    "--generate", "3", "--generate-systems", "retrieval", "--read", "3",
-                   "--read-systems", "trained+retrieval,oracle,trained+retrieval@int8:nearest", "--json", str(out)])
+                   "--read-systems", "retrieval,trained+retrieval,oracle,trained+retrieval@int8:nearest",
+                   "--unanswerable", "0.67", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["queries"] == 3
     for name in ("retrieval", "trained", "trained+retrieval"):
@@ -53,10 +54,22 @@ def test_evaluate_on_a_tiny_corpus(tiny_corpus_dir, cache_dir, tmp_path):
             lo, hi = ranking[key + "_ci95"]
             assert 0.0 <= lo <= ranking[key] <= hi <= 1.0, (name, key)
     answers = saved["answers"]
-    assert set(answers) == {"retrieval+generator", "trained+retrieval+reader", "oracle+reader",
+    assert set(answers) == {"retrieval+generator", "retrieval+reader", "trained+retrieval+reader", "oracle+reader",
                             "trained+retrieval@int8:nearest+reader"}
-    for row in ("trained+retrieval+reader", "oracle+reader", "trained+retrieval@int8:nearest+reader"):
+    for row in ("retrieval+reader", "trained+retrieval+reader", "oracle+reader", "trained+retrieval@int8:nearest+reader"):
         assert "f1_minus_retrieval_ci95" in answers[row] and answers[row]["questions"] == 3
+    # the reranker's own share: the same reader over the retriever's order, paired
+    reranked = answers["trained+retrieval+reader"]
+    for key in ("f1", "em"):
+        lo, hi = reranked[f"{key}_minus_retrieval_reader_ci95"]
+        assert lo <= reranked[f"{key}_minus_retrieval_reader"] <= hi
+    assert "f1_minus_retrieval_reader" not in answers["retrieval+reader"]
+    # two of the three read questions made unanswerable: their gold passage is never a candidate
+    records = saved["abstain_records"]
+    assert [r["unanswerable"] for r in records].count(True) == 2 and len(records) == 3
+    gold = {q["qid"]: q["gold"] for q in saved["per_question"]}
+    assert all(not set(r["doc_ids"]) & set(gold[r["qid"]]) for r in records if r["unanswerable"])
+    assert len(records[0]["doc_ids"]) == 4 and saved["abstain"]["fused"]["unanswerable"] == 2
     assert answers["oracle+reader"]["top_n"] == 1
     paired = answers["trained+retrieval@int8:nearest+reader"]  # paired with the same reading from exact KV
     lo, hi = paired["f1_minus_exact_ci95"]
@@ -76,7 +89,7 @@ def test_evaluate_on_a_tiny_corpus(tiny_corpus_dir, cache_dir, tmp_path):
 def test_query_first_prefix_cache_scores_like_its_full_prefill(reranker):
     """The query-first baseline with ``[instruction][question]`` cached scores every candidate as
     the whole query-first prompt does (the bench times it; it must compute the same thing)."""
-    from hyperrag.evaluate import QueryFirstScorer
+    from hyperrag.rag.query_first import QueryFirstScorer
     from hyperrag.rag.rerank import FP32_SCORE_BOUND
 
     docs = [json.loads(line)["text"] for line in (SHIPPED / "docs.jsonl").read_text().splitlines()[:5]]

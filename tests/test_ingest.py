@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -181,13 +182,14 @@ def _symlink(src: Path) -> None:
     (src / "link.txt").symlink_to(secret)
 
 
+NOISE = random.Random(0).randbytes(4000).replace(b"\x00", b"\x01")  # no NUL byte, no text encoding fits
 BAD = [  # name, make(src folder), expected message, ingest kwargs
     ("encrypted pdf", lambda s: write_pdf(s / "locked.pdf", ["Secret."], password="pw"), "locked.pdf: encrypted PDF", {}),
     ("corrupt pdf", lambda s: (s / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj garbage\n%%EOF"), "broken.pdf: not a readable PDF", {}),
     ("truncated pdf", lambda s: (s / "cut.pdf").write_bytes(write_pdf(s / "cut.pdf", ["x" * 50]).read_bytes()[:200]),
      "cut.pdf: ", {}),
     ("binary named .txt", lambda s: (s / "photo.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"), "photo.txt: binary data", {}),
-    ("not UTF-8", lambda s: (s / "latin.txt").write_bytes(b"fine\ncaf\xe9\n"), "latin.txt:2: not UTF-8", {}),
+    ("binary without NUL", lambda s: (s / "noise.txt").write_bytes(b"fine\n" + NOISE), "noise.txt:2: not UTF-8 text", {}),
     ("empty file", lambda s: (s / "empty.md").write_bytes(b""), "empty.md: empty file", {}),
     ("blank file", lambda s: (s / "blank.txt").write_text(" \n\n "), "blank.txt: empty file", {}),
     ("over size limit", lambda s: (s / "huge.txt").write_text("word " * 1000), "huge.txt: ", {"max_file_bytes": 2000}),
@@ -217,6 +219,18 @@ def test_bad_input_is_named_and_the_rest_still_ingested(tmp_path, tok, name, mak
     assert all_files(tmp_path) - before == {tmp_path / "out", tmp_path / "out" / "docs.jsonl"}, "nothing outside --out"
     assert not any("secret" in p["text"] or "escape" in p["text"] for p in report.passages)
     load_corpus(tmp_path / "out")
+
+
+def test_legacy_encoding_decoded_and_named(tmp_path, tok):
+    """A Windows-1252 .txt (common from older editors) keeps its accented words; the note names the encoding."""
+    text = "café, naïve, Zürich — “quotes”\n\nThe café in Zürich served a naïve crème brûlée."
+    (tmp_path / "legacy.txt").write_bytes(text.encode("cp1252"))
+    report = ingest([tmp_path / "legacy.txt"], tmp_path / "out", tok)
+    assert report.errors == []
+    assert any("legacy.txt: not UTF-8; decoded as cp1252" in n for n in report.notes), report.notes
+    joined = " ".join(p["text"] for p in report.passages)
+    for word in ("café", "naïve", "Zürich", "—", "“quotes”", "crème brûlée"):
+        assert word in joined, (word, joined)
 
 
 def test_unknown_extension_skipped_with_a_note(tmp_path, tok):
@@ -261,7 +275,7 @@ def test_corpus_reads_and_checks_source(tmp_path):
         load_corpus(tmp_path)
 
 
-def test_cli_end_to_end(tmp_path, tok, cache_dir):
+def test_cli_end_to_end(tmp_path, tok, cache_dir, monkeypatch):
     src = tmp_path / "in"
     src.mkdir()
     (src / "notes.md").write_text("# Notes\n\n" + shipped_text(3000), encoding="utf-8")
@@ -277,7 +291,11 @@ def test_cli_end_to_end(tmp_path, tok, cache_dir):
     assert {d.source["file"] for d in corpus.docs} == {"notes.md", "paper.pdf"}
     assert any(d.source["page"] == 2 and "seventeen herons" in d.text for d in corpus.docs)
     # No passage at all: exit code 2 and nothing written.
-    from hyperrag.data.ingest.__main__ import main
+    from hyperrag.ingest import main
 
     assert main([str(src / "empty.txt"), "--out", str(tmp_path / "none"), "--cache-dir", cache_dir]) == 2
     assert not (tmp_path / "none").exists()
+    # Without --out the corpus goes to corpora/<first path's name> under the current folder.
+    monkeypatch.chdir(tmp_path)
+    assert main([str(src / "notes.md"), "--cache-dir", cache_dir]) == 0
+    assert load_corpus(Path("corpora/notes")).docs[0].source["file"] == "notes.md"

@@ -2,13 +2,14 @@
 there as they do in a checkout; training checkpoints and index caches stay out of the wheel."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from hyperrag.common.settings import SHIPPED_ADAPTER, SHIPPED_CORPUS, Settings
+from hyperrag.common.settings import SHIPPED_ADAPTER, SHIPPED_CORPUS, Settings, corpus_out
 from tests.conftest import REPO
 
 SHIPPED_FILES = ["hyperrag/shipped/squad-dev-mini/docs.jsonl", "hyperrag/shipped/squad-dev-mini/queries.jsonl",
@@ -22,6 +23,16 @@ def test_checkout_defaults_are_the_shipped_folders():
     s = Settings()
     assert s.folder("corpus") == SHIPPED_CORPUS and (SHIPPED_CORPUS / "docs.jsonl").is_file()
     assert s.folder("adapter") == SHIPPED_ADAPTER and (SHIPPED_ADAPTER / "adapter_model.safetensors").is_file()
+
+
+def test_corpora_folder_reaches_the_shipped_corpus():
+    """corpora/ is where corpora live in a checkout; its squad-dev-mini is a relative link, so a fresh
+    clone anywhere reaches the shipped corpus (what the wheel carries) without a copy."""
+    link = REPO / "corpora" / "squad-dev-mini"
+    assert link.is_symlink() and os.readlink(link) == "../hyperrag/shipped/squad-dev-mini"
+    assert (link / "docs.jsonl").samefile(SHIPPED_CORPUS / "docs.jsonl")
+    assert (link / "queries.jsonl").samefile(SHIPPED_CORPUS / "queries.jsonl")
+    assert corpus_out("Frédéric_Chopin notes") == Path("corpora/frederic-chopin-notes")
 
 
 def test_wheel_carries_the_shipped_corpus_and_adapter(tmp_path):
@@ -50,11 +61,11 @@ def test_wheel_carries_the_shipped_corpus_and_adapter(tmp_path):
     site = tmp_path.resolve() / "site"  # the wheel unpacked is what an install puts in site-packages
     zipfile.ZipFile(wheel).extractall(site)
     probe = ("import hyperrag.common.settings as m; s = m.Settings(); "
-             "print(m.__file__, s.folder('corpus'), s.folder('adapter'), sep='\\n')")
+             "print(m.__file__, s.folder('corpus'), s.folder('adapter'), m.corpus_out('mine').resolve(), sep='\\n')")
     out = subprocess.run([sys.executable, "-c", probe], env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
                          cwd=tmp_path, capture_output=True, text=True, check=True).stdout.split()
     installed = site / "hyperrag"
     assert [Path(p) for p in out] == [installed / "common" / "settings.py", installed / "shipped" / "squad-dev-mini",
-                                      installed / "shipped" / "hyperrag-lora"]
+                                      installed / "shipped" / "hyperrag-lora", tmp_path / "corpora" / "mine"]
     # The store key depends on the adapter's content, not its folder: an install reads a checkout's KV.
     assert adapter_hash(installed / "shipped" / "hyperrag-lora") == adapter_hash(SHIPPED_ADAPTER)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # a checkout's root (training i
 SHIPPED = Path(__file__).resolve().parents[1] / "shipped"
 SHIPPED_CORPUS = SHIPPED / "squad-dev-mini"
 SHIPPED_ADAPTER = SHIPPED / "hyperrag-lora"
+# Corpora built here (ingest, the SQuAD builders) go to corpora/<name> under the current folder: the
+# checkout's top level when run through ./run.sh, where corpora/squad-dev-mini links to the shipped corpus.
+CORPORA = Path("corpora")
 KV_ROUNDINGS = ("hessian", "nearest")  # how quantized codecs choose codes (hyperrag.rag.kv_rounding)
 FOLDER_SETTINGS = {
     "corpus": "a corpus folder (docs.jsonl [+ queries.jsonl], or .txt/.md files)",
@@ -26,7 +31,14 @@ FOLDER_SETTINGS = {
 }
 
 
-def _default_cache_dir() -> str:
+def corpus_out(name: str) -> Path:
+    """The default folder of a corpus built under ``name``: ``corpora/<name>``, a slug of it."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:60] or "corpus"
+    return CORPORA / slug
+
+
+def default_cache_dir() -> str:
     return os.environ.get("HYPERRAG_CACHE_DIR") or str(Path.home() / ".cache" / "hyperrag")
 
 
@@ -40,7 +52,11 @@ class Settings:
     )
     model: str = field(
         default="smollm2-135m",
-        metadata={"help": "LLM id from hyperrag.model.loading.MODELS (reranker base and generator)"},
+        metadata={"help": "LLM (reranker base and generator): a packaged id (smollm2-135m, gemma3-270m: "
+                          "hyperrag.model.loading.MODELS), a Hugging Face folder (config.json, *.safetensors, "
+                          "tokenizer; relative or absolute), a .gguf file, or a Hub id (org/name) where the network "
+                          "allows it (HF_HUB_OFFLINE=0). The default adapter is trained for smollm2-135m: pass "
+                          "--adapter '' (or an adapter trained for the model) with any other"},
     )
     adapter: str = field(
         default=str(SHIPPED_ADAPTER),
@@ -96,6 +112,13 @@ class Settings:
                                      "first token and go on greedily; every row is a candidate (2: answer EM +0.01, "
                                      "F1 unchanged, reading 30% slower; see hyperrag.rag.reader)"},
     )
+    abstain_threshold: float = field(
+        default=-1.0,
+        metadata={"help": "reader: decline (\"not found in these documents\", with the closest passages) when an "
+                          "answer's confidence (calibrated relevance of the best passage and the answer's likelihood, "
+                          "hyperrag.rag.calibration) is below this; -1 = the adapter's threshold, chosen on held-out "
+                          "SQuAD train articles (its hyperrag.json; never declines without one), 0 = never decline"},
+    )
     draft_tokens: int = field(
         default=8, metadata={"help": "reader: document tokens after the answer so far that one decode step checks "
                                      "as a draft (prompt-lookup decoding: the same greedy answers in fewer "
@@ -135,8 +158,8 @@ class Settings:
     )
     memory_budget_gb: float = field(
         default=3.0,
-        metadata={"help": "peak resident memory the automatic CPU tier (hot_cache_gb -1) keeps the process under: "
-                          "the tier gets what the loaded models and buffers and a 0.8 GB working margin leave "
+        metadata={"help": "peak resident memory (decimal GB) the automatic CPU tier (hot_cache_gb -1) keeps the "
+                          "process under: the tier gets what the loaded models and buffers and a 0.8 GiB working margin leave "
                           "(on the shipped corpus about 0.4 of the 1.2 GB it would take); 0 = no budget"},
     )
     store_timeout_s: float = field(
@@ -166,7 +189,7 @@ class Settings:
                           "Requests waiting beyond queue_size get 429 with Retry-After"},
     )
     cache_dir: str = field(
-        default_factory=_default_cache_dir,
+        default_factory=default_cache_dir,
         metadata={"help": "models (safetensors copies), indexes and the default KV store live here"},
     )
     seed: int = field(default=0, metadata={"help": "seed for anything random (query sampling)"})
@@ -184,6 +207,9 @@ class Settings:
             raise ValueError(f"setting serve_max_body_mb must be > 0, got {self.serve_max_body_mb}")
         if self.draft_tokens < 0:
             raise ValueError(f"setting draft_tokens must be >= 0, got {self.draft_tokens}")
+        if not (self.abstain_threshold == -1 or 0 <= self.abstain_threshold <= 1):
+            raise ValueError(f"setting abstain_threshold must be -1 (the adapter's) or a confidence in [0, 1], "
+                             f"got {self.abstain_threshold}")
         if self.cpu_stream_threads < 0:
             raise ValueError(f"setting cpu_stream_threads must be >= 0 (0 = measured), got {self.cpu_stream_threads}")
 

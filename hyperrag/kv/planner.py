@@ -17,7 +17,7 @@ by every document and is not stored per document.
 
 Functions:
 
-- :func:`geometry_for` (model id) / :meth:`KVGeometry.of` (a live reranker): the KV shape;
+- :func:`geometry_for` (model id or folder) / :meth:`KVGeometry.of` (a live reranker): the KV shape;
 - :func:`entry_bytes` / :func:`bytes_per_token`: one document / per token, codec + frame;
 - :func:`estimate`: N documents of L tokens (or a list of token counts);
 - :func:`plan_corpus`: a real corpus, counted with the reranker's tokenizer and truncation;
@@ -37,6 +37,8 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterable, Sequence
 
 from hyperrag.kv.codec import CODECS, Codec, get_codec
@@ -51,9 +53,12 @@ AUTO_TIER_MEMORY_SHARE = 0.25  # ... within a quarter of the memory this process
 # shipped corpus (scripts/measure_memory.py on a fresh store: 1.84 GB resident at store open,
 # 3.15 GB peak with a 0.56 GB tier; AMD EPYC, 2 threads).
 WORKING_MARGIN_GB = 0.8
-# Precompute rate measured on the build machine (README "Measured": 2-core AMD EPYC, fp32
-# compute, fp16 store, fs://): 3.67 docs/s over 309 SQuAD paragraphs of 52,044 tokens in all.
-MEASURED_DOCS_PER_S = 3.67
+# Precompute rate of one 2-core worker (fp32 compute, fp16 store, fs://), from the record
+# docs/bench/bench-default.json (storage.precompute_docs_per_s: 309 SQuAD paragraphs, 52,044 tokens;
+# 2-core Intel Xeon; an AMD EPYC of earlier runs was 1.5-2x slower). `python -m hyperrag.docs check`
+# fails when these leave that record.
+MEASURED_RECORD = "docs/bench/bench-default.json"
+MEASURED_DOCS_PER_S = 6.01
 MEASURED_TOKENS_PER_DOC = 52_044 / 309  # 168.4
 
 
@@ -74,21 +79,31 @@ class KVGeometry:
         dec = getattr(reranker, "decoder", reranker)
         return cls(dec.n_layers, dec.n_kv_heads, dec.head_dim)
 
+    @classmethod
+    def from_config(cls, config) -> "KVGeometry":
+        """The geometry a Hugging Face model config gives (no weights loaded)."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim)
 
 
 # Geometry of the models in hyperrag.model.loading.MODELS, so a plan needs no model loaded.
 KNOWN_GEOMETRY: dict[str, KVGeometry] = {
     "smollm2-135m": KVGeometry(layers=30, kv_heads=3, head_dim=64),
+    "gemma3-270m": KVGeometry(layers=18, kv_heads=1, head_dim=256),  # from its GGUF's header
 }
 
 
 def geometry_for(model: str | KVGeometry) -> KVGeometry:
+    """The geometry of a packaged model id, or of a Hugging Face folder (its ``config.json``)."""
     if isinstance(model, KVGeometry):
         return model
-    if model not in KNOWN_GEOMETRY:
-        raise ValueError(f"no KV geometry known for model {model!r}; pass a KVGeometry "
-                         f"(known: {', '.join(KNOWN_GEOMETRY)})")
-    return KNOWN_GEOMETRY[model]
+    if model in KNOWN_GEOMETRY:
+        return KNOWN_GEOMETRY[model]
+    config = Path(model) / "config.json"
+    if config.is_file():
+        return KVGeometry.from_config(SimpleNamespace(**{"head_dim": None, **json.loads(config.read_text())}))
+    raise ValueError(f"no KV geometry known for model {model!r}; pass a KVGeometry or a model folder "
+                     f"(known: {', '.join(KNOWN_GEOMETRY)})")
 
 
 def _codec(codec: str | Codec) -> Codec:
@@ -213,17 +228,18 @@ def hot_tier_gb(corpus_bytes: int, memory: int | None = None, room_gb: float | N
 
 
 def budget_room_gb(budget_gb: float, resident_bytes: int | None = None) -> float | None:
-    """What a memory budget leaves for the CPU tier: the budget less this process's resident
-    memory now (models and buffers loaded) and :data:`WORKING_MARGIN_GB`; None without a budget.
-    Why a budget at all: the tier trades resident memory for ~1 ms per entry read (fs:// reads
-    come from the OS page cache, which the machine can reclaim and the tier cannot)."""
+    """What a memory budget leaves for the CPU tier, in the tier's GiB: the budget (decimal GB,
+    as the target it stands for: ``3`` keeps the peak under 3e9 bytes) less this process's
+    resident memory now (models and buffers loaded) and :data:`WORKING_MARGIN_GB`; None without
+    a budget. Why a budget at all: the tier trades resident memory for ~1 ms per entry read
+    (fs:// reads come from the OS page cache, which the machine can reclaim and the tier cannot)."""
     if budget_gb <= 0:
         return None
     if resident_bytes is None:
         from hyperrag.common.memory import resident_bytes as now
 
         resident_bytes = now()
-    return budget_gb - resident_bytes / 2**30 - WORKING_MARGIN_GB
+    return (budget_gb * 1e9 - resident_bytes) / 2**30 - WORKING_MARGIN_GB
 
 
 def format_bytes(n: float) -> str:
@@ -265,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"precompute rate of one worker (default: {MEASURED_DOCS_PER_S} docs/s measured at "
                              f"{MEASURED_TOKENS_PER_DOC:.0f} tokens/doc, scaled by tokens)")
     parser.add_argument("--workers", default="1,2,4,8,16,32,64", help="worker counts, comma-separated")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="a packaged model id or a Hugging Face folder")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
     plans = codec_table(args.docs, args.tokens_per_doc, args.model)

@@ -1,4 +1,4 @@
-"""A small, explicit Llama forward over a Hugging Face model's own weights (gpt-fast style).
+"""A small, explicit decoder forward over a Hugging Face model's own weights (gpt-fast style).
 
 Why not ``model(...)``: KV reuse needs control the generic API does not give cheaply: the caller
 owns one preallocated :class:`~hyperrag.model.batch_kv.BatchKV` buffer, every row
@@ -8,15 +8,27 @@ run the last layer's queries, MLP and the final norm (the LM head is the caller'
 The same forward serves full prefill, document encoding, KV reuse and greedy decoding, so the
 modes can only differ in what they feed it.
 
-The projections run through the kernel :mod:`hyperrag.model.kernels` measured fastest on this CPU
-(oneDNN or ATen/MKL, per call size); ``F.linear`` when none is given.
+The families it runs (Llama, Mistral, Qwen2, Qwen3, Gemma 3) differ only in what
+:mod:`hyperrag.model.families` describes; a hook that is off costs nothing (Llama runs the ops it
+always ran). The projections run through the kernel :mod:`hyperrag.model.kernels` measured
+fastest on this CPU (oneDNN or ATen/MKL, per call size); ``F.linear`` when none is given.
 Boolean masks become additive float masks once per forward, not once per layer inside SDPA.
+
+Sliding-window layers (Gemma 3, Mistral) attend only to keys whose *position* is within the
+window of the query's. Buffer columns are not positions (padded rows, documents shorter than
+their slots, rejected draft tokens), so the decoder takes each key's position from the mask
+itself: every row of the buffer holds one sequence, whose attended columns hold its tokens in
+order, without gaps in position, up to the new tokens (``pos``). A key's position is then the
+last new token's position less the attended columns after it. Nothing extra is stored or
+passed, and nothing can go stale: KV loaded from a store, copied or computed all count alike.
+The windowed masks are built once per forward, only for a window that can cut something (one
+shorter than the columns attended), and only layers of that window use them.
 """
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -24,8 +36,9 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
 from hyperrag.model import kernels
-from hyperrag.model.kernels import Linear
 from hyperrag.model.batch_kv import BatchKV
+from hyperrag.model.families import architecture
+from hyperrag.model.kernels import Linear
 
 
 def causal_mask(n_new: int, start: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -41,7 +54,9 @@ class RowGroup:
     """Buffer rows ``[lo, hi)`` whose new tokens go to cache column ``start`` and attend under
     ``mask`` [hi - lo, 1, T, start + T] (None: causal from column 0, or one token over a fully
     valid prefix). The groups of a forward take the rows of its ids in turn; they may leave
-    buffer rows out (a decode step skips the rows whose answers are done)."""
+    buffer rows out (a decode step skips the rows whose answers are done). The last new token's
+    mask row marks every column its row's sequence holds, in position order (what the
+    sliding-window layers read key positions from, see the module's docstring)."""
 
     lo: int
     hi: int
@@ -49,27 +64,41 @@ class RowGroup:
     mask: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class _Norms:
+    """One layer's RMSNorm weights as the decoder applies them (None: the family has no such norm)."""
+
+    attn_in: torch.Tensor
+    mlp_in: torch.Tensor
+    attn_out: torch.Tensor | None = None
+    mlp_out: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+
+
 class Decoder:
-    """Stateless runner of a Llama-family ``*ForCausalLM`` (weights shared, never copied)."""
+    """Stateless runner of a supported ``*ForCausalLM`` (:mod:`hyperrag.model.families`; weights
+    shared, never copied, but for Gemma's ``1 + w`` norm vectors, made once)."""
 
     def __init__(self, model: torch.nn.Module, linear: Linear | None = None, head_linear: Linear | None = None,
                  rotate: bool = False):
-        cfg = model.config
-        if getattr(cfg, "model_type", "") not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"Decoder supports Llama-family models, not {cfg.model_type!r}")
+        arch = architecture(model.config)  # refuses any other family by name
+        self.arch, self.family = arch, arch.family
         self.model = model
         self.body = model.model
-        self.n_layers = cfg.num_hidden_layers
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.hidden_size = cfg.hidden_size
+        self.n_layers = arch.n_layers
+        self.n_heads = arch.n_heads
+        self.n_kv_heads = arch.n_kv_heads
+        self.head_dim = arch.head_dim
+        self.hidden_size = arch.hidden_size
         self.head = model.lm_head  # weight [vocab, hidden]
-        self.eps = cfg.rms_norm_eps
+        self.eps = arch.eps
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.linear = linear or kernels.PATHS["aten"]
         self.head_linear = head_linear or kernels.PATHS["aten"]
+        self.norms = [self._layer_norms(layer) for layer in self.body.layers]
+        self.final_norm = self._weight(self.body.norm)
         # With ``rotate``, queries and keys leave RoPE multiplied by one orthonormal Hadamard
         # matrix: q.k and so attention are unchanged, but the cached keys' outlier channels are
         # spread over all channels, which is what quantized codecs need (QuaRot).
@@ -78,6 +107,20 @@ class Decoder:
         # gets them (after RoPE and rotation): how the quantized codecs measure what reads the
         # cached KV (:mod:`hyperrag.rag.kv_rounding`). Set only while nothing else runs.
         self.probe: Callable[[int, torch.Tensor], None] | None = None
+
+    def _weight(self, norm: torch.nn.Module) -> torch.Tensor:
+        """An RMSNorm's scale: the module's own weight, or ``offset + weight`` in fp32 (Gemma's
+        norm multiplies in fp32 whatever the model's dtype; :meth:`_norm` follows)."""
+        offset = self.family.norm_offset
+        return norm.weight if not offset else (norm.weight.detach().float() + offset)
+
+    def _layer_norms(self, layer: torch.nn.Module) -> _Norms:
+        attn, w = layer.self_attn, self._weight
+        qk = (w(attn.q_norm), w(attn.k_norm)) if self.family.qk_norm else (None, None)
+        if self.family.sandwich_norms:
+            return _Norms(w(layer.input_layernorm), w(layer.pre_feedforward_layernorm),
+                          w(layer.post_attention_layernorm), w(layer.post_feedforward_layernorm), *qk)
+        return _Norms(w(layer.input_layernorm), w(layer.post_attention_layernorm), None, None, *qk)
 
     def kv_shape(self, batch: int, columns: int) -> tuple[int, ...]:
         return (self.n_layers, 2, batch, self.n_kv_heads, columns, self.head_dim)
@@ -125,40 +168,52 @@ class Decoder:
         buf = kv.tensor  # the per-layer writes and reads below index the tensor itself
         if any(a.hi > b.lo for a, b in zip(groups, groups[1:])) or sum(g.hi - g.lo for g in groups) != bsz:
             raise ValueError("row groups must be in order, apart, and as many rows as ids has")
-        causal = []
+        from_zero = []  # per group: causal from column 0 (SDPA's is_causal)
         for g in groups:
-            causal.append(g.mask is None and g.start == 0 and n_new > 1)
-            if g.mask is None and not causal[-1] and n_new > 1:
+            from_zero.append(g.mask is None and g.start == 0 and n_new > 1)
+            if g.mask is None and not from_zero[-1] and n_new > 1:
                 raise ValueError("a mask is needed for several new tokens after column 0")
-        masks = [_additive(g.mask, self.dtype) for g in groups]
         spans, first = [], 0  # per group: its rows of ids, its rows of the buffer, new columns
         for g in groups:
             spans.append((slice(first, first + g.hi - g.lo), slice(g.lo, g.hi), g.start, g.start + n_new))
             first += g.hi - g.lo
+        # Boolean masks per attention kind: None for full layers (the groups' own), and each
+        # window that can cut a key here (a window no shorter than the columns attended cannot).
+        widest = max(end for *_, end in spans)
+        windows = {w for w in self.arch.windows if w is not None and w < widest}
+        kind = [w if w in windows else None for w in self.arch.windows]  # per layer
+        bool_masks = {None: [g.mask for g in groups]}
+        for w in windows:
+            bool_masks[w] = [_windowed(_explicit(g, n_new, ids.device), pos[rows], w) for g, (rows, *_) in zip(groups, spans)]
+        masks = {w: [_additive(m, self.dtype) for m in ms] for w, ms in bool_masks.items()}
+        causal = {w: from_zero if w is None else [False] * len(groups) for w in bool_masks}
         gqa = self.n_heads != self.n_kv_heads
-        lin = self.linear
+        lin, nq, nkv, scale = self.linear, self.n_heads, self.n_kv_heads, self.arch.attn_scale
         x = self.body.embed_tokens(ids)
-        cos, sin = self.body.rotary_emb(x, pos)
+        if self.family.rope_per_layer_type:  # Gemma 3: local and global layers rotate by their own bases
+            rope = {t: self.body.rotary_emb(x, pos, t) for t in set(self.arch.layer_types)}
+            rope_of = self.arch.layer_types
+        else:
+            rope, rope_of = {None: self.body.rotary_emb(x, pos)}, [None] * self.n_layers
         last = len(self.body.layers) - 1
         for i, layer in enumerate(self.body.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            h = self._norm(layer.input_layernorm, x)
-            k = _rope(lin(h, attn.k_proj).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin,
-                      self.rotation)
-            v = lin(h, attn.v_proj).view(bsz, n_new, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            attn, mlp, norms = layer.self_attn, layer.mlp, self.norms[i]
+            cos, sin = rope[rope_of[i]]
+            h = self._norm(x, norms.attn_in)
+            k = _rope(self._heads(h, attn.k_proj, nkv, norms.k), cos, sin, self.rotation)
+            v = self._heads(h, attn.v_proj, nkv)
             if i == last and out_index is not None and n_new > 1:
                 # Only the output positions go on from here: every token's K/V is still written
                 # (a decode step reads it), but queries, o_proj and the MLP run for one token per row.
                 b = torch.arange(bsz, device=x.device)
                 x, h = x[b, out_index][:, None], h[b, out_index][:, None]
-                q = _rope(lin(h, attn.q_proj).view(bsz, 1, self.n_heads, self.head_dim).transpose(1, 2),
-                          cos[b, out_index][:, None], sin[b, out_index][:, None], self.rotation)
-                masks = [_additive(_output_mask(g, out_index[rows], n_new), self.dtype)
-                         for g, (rows, *_) in zip(groups, spans)]
-                causal = [False] * len(groups)
+                q = _rope(self._heads(h, attn.q_proj, nq, norms.q), cos[b, out_index][:, None],
+                          sin[b, out_index][:, None], self.rotation)
+                masks = {w: [_additive(_output_mask(replace(g, mask=m), out_index[rows], n_new), self.dtype)
+                             for g, m, (rows, *_) in zip(groups, ms, spans)] for w, ms in bool_masks.items()}
+                causal = {w: [False] * len(groups) for w in bool_masks}
             else:
-                q = _rope(lin(h, attn.q_proj).view(bsz, n_new, self.n_heads, self.head_dim).transpose(1, 2), cos, sin,
-                          self.rotation)
+                q = _rope(self._heads(h, attn.q_proj, nq, norms.q), cos, sin, self.rotation)
             if self.probe is not None:
                 self.probe(i, q)
             for rows, kv_rows, begin, end in spans:
@@ -167,26 +222,39 @@ class Decoder:
             if after_kv is not None:
                 after_kv(i)
             outs = []
-            for (rows, kv_rows, _, end), mask, is_causal in zip(spans, masks, causal):
+            for (rows, kv_rows, _, end), mask, is_causal in zip(spans, masks[kind[i]], causal[kind[i]]):
                 outs.append(F.scaled_dot_product_attention(
                     q[rows], buf[i, 0, kv_rows, :, :end], buf[i, 1, kv_rows, :, :end],
-                    attn_mask=mask, is_causal=is_causal, enable_gqa=gqa,
+                    attn_mask=mask, is_causal=is_causal, enable_gqa=gqa, scale=scale,
                 ))
             o = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + lin(o.transpose(1, 2).reshape(bsz, -1, self.n_heads * self.head_dim), attn.o_proj)
-            h = self._norm(layer.post_attention_layernorm, x)
-            x = x + lin(mlp.act_fn(lin(h, mlp.gate_proj)) * lin(h, mlp.up_proj), mlp.down_proj)
+            a = lin(o.transpose(1, 2).reshape(bsz, -1, nq * self.head_dim), attn.o_proj)
+            x = x + (a if norms.attn_out is None else self._norm(a, norms.attn_out))
+            h = self._norm(x, norms.mlp_in)
+            m = lin(mlp.act_fn(lin(h, mlp.gate_proj)) * lin(h, mlp.up_proj), mlp.down_proj)
+            x = x + (m if norms.mlp_out is None else self._norm(m, norms.mlp_out))
         if out_index is not None:
             x = x[:, -1] if x.shape[1] == 1 else x[torch.arange(bsz, device=x.device), out_index]
-        return self._norm(self.body.norm, x)
+        return self._norm(x, self.final_norm)
 
-    def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """RMSNorm as one fused op (the module's own forward is six)."""
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, self.eps)
+    def _heads(self, h: torch.Tensor, proj: torch.nn.Linear, n: int, norm: torch.Tensor | None = None) -> torch.Tensor:
+        """``proj(h)`` as ``n`` heads [B, n, T, head_dim], each RMS-normed by ``norm`` when given (q/k norms)."""
+        y = self.linear(h, proj).view(h.shape[0], h.shape[1], n, self.head_dim)
+        return (y if norm is None else self._norm(y, norm)).transpose(1, 2)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over the last axis as one fused op (the module's own forward is six); in fp32
+        where the weight is (Gemma's, see :meth:`_weight`), as that module computes it."""
+        if weight.dtype == x.dtype:
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(x.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary-wide logits, through the output head's measured kernel (:mod:`hyperrag.model.kernels`)."""
-        return self.head_linear(hidden, self.head)
+        """Vocabulary-wide logits, through the output head's measured kernel (:mod:`hyperrag.model.kernels`),
+        soft-capped where the model caps them."""
+        logits = self.head_linear(hidden, self.head)
+        cap = self.arch.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 class LayerSync:
@@ -237,6 +305,27 @@ def hadamard(n: int) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return (h / math.sqrt(n)).float()
+
+
+def _explicit(g: RowGroup, n_new: int, device: torch.device) -> torch.Tensor:
+    """The group's mask, made explicit where it is implied (None: causal from column 0, or one
+    token over fully valid columns)."""
+    if g.mask is not None:
+        return g.mask
+    if n_new > 1:
+        return causal_mask(n_new, g.start, device)
+    return torch.ones(1, 1, 1, g.start + 1, dtype=torch.bool, device=device)
+
+
+def _windowed(mask: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tensor:
+    """``mask`` [rows or 1, 1, T, C] cut to keys whose position is within ``window`` of the
+    query's (``pos`` [rows, T]): query position - key position < window, as Hugging Face's
+    sliding-window masks. Key positions come from the mask (see the module's docstring): the
+    last new token's row marks the row's columns in position order, the last at ``pos[:, -1]``."""
+    held = mask[:, 0, -1]  # [rows or 1, C]
+    after = held.flip(-1).cumsum(-1).flip(-1)  # held columns at or after each column
+    key_pos = pos[:, -1:] - after + 1  # [rows, C]; meaningless where not held (masked anyway)
+    return mask & ((pos[:, :, None] - key_pos[:, None, :]) < window)[:, None]
 
 
 def _output_mask(g: RowGroup, out_index: torch.Tensor, n_new: int) -> torch.Tensor:

@@ -115,10 +115,12 @@ def probe(shapes: list[tuple[int, int]], head: tuple[int, int], dtype: torch.dty
 
 
 def projection_shapes(config) -> list[tuple[int, int]]:
-    """``(in, out)`` of a Llama-family layer's seven projections, from the model config."""
+    """``(in, out)`` of a layer's seven projections (q, k, v, o, gate, up, down), from the model
+    config (heads x head_dim need not be the hidden size: Gemma 3 270M's is 1,024 for 640)."""
     h, m = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or h // config.num_attention_heads)
-    return [(h, h), (h, kv), (h, kv), (h, h), (h, m), (h, m), (m, h)]
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, m), (h, m), (m, h)]
 
 
 def head_shape(config) -> tuple[int, int]:

@@ -34,6 +34,8 @@ MODE_TABLE: tuple[Mode, ...] = (
     Mode("prefix", "prefix", None, "prefix_cached", "prefix_cached", "prefix cached",
          "Prefix-cached rerank + generator", "#f28c28"),
     Mode("reuse", "reuse", None, "reuse", "reuse", "KV reuse", "KV-reuse rerank + generator", "#2e9e6a"),
+    Mode("retrieval_reader", None, "kv", "retrieval_reader", None, "retrieval + reader",
+         "Reader over the retriever's order (no rerank)", "#5b7fa6"),
     Mode("reader_full", "full", "full", "reader_full", None, "reader, full prefill",
          "Reader, full prefill (no stored KV)", "#b0413e"),
     Mode("reader_kv", "reuse", "kv", "reader_kv", None, "reader from stored KV",

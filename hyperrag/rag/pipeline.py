@@ -6,6 +6,8 @@ Modes (:mod:`hyperrag.rag.modes`; one parameter, same candidates):
 - ``baseline``: the reranker runs full prefill on every (question, document) pair;
 - ``prefix``: full prefill with the shared instruction prefix cached (prefix caching);
 - ``reuse``: the reranker loads each document's stored KV and runs only the question;
+- ``retrieval_reader``: no rerank, the reader over the retriever's top-n (the reranker's own
+  share of the answer quality is ``reader_kv`` against this);
 - ``reader_full``: full-prefill rerank, then the reader over the top-n documents, computing
   their KV (no store);
 - ``reader_kv``: KV-reuse rerank, then the reader on the same stored document KV and on the
@@ -13,7 +15,10 @@ Modes (:mod:`hyperrag.rag.modes`; one parameter, same candidates):
   question once.
 
 The first four answer with the traditional generator over the concatenated top-n; the reader
-modes read each document in its own row and pick one answer (:mod:`hyperrag.rag.reader`).
+modes read each document in its own row and pick one answer (:mod:`hyperrag.rag.reader`); after
+a rerank with the adapter each document gets a calibrated relevance and the answer a confidence,
+and the reader declines below its threshold (:mod:`hyperrag.rag.calibration`): the answer is then
+"Not found in these documents." with ``found`` False, the closest passages first in ``docs``.
 Every answer carries its stage timings (retrieve, kv_load, rerank, generate) and warnings.
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from hyperrag.data.corpus import Corpus, load_corpus
+from hyperrag.rag.calibration import NOT_FOUND
 from hyperrag.rag.modes import ENGINE_MODES, mode as mode_spec
 from hyperrag.rag.precompute import PrecomputeReport, precompute
 from hyperrag.rag.reader import Reading
@@ -33,7 +39,6 @@ from hyperrag.rag.runtime import Runtime
 from hyperrag.common.settings import Settings
 
 log = logging.getLogger("hyperrag")
-MODES = ENGINE_MODES
 MAX_QUESTION_CHARS = 2000
 Progress = Callable[[int, int], None]
 
@@ -51,6 +56,7 @@ class RankedDoc:
     rank: int  # 1-based rank after reranking
     retrieval_rank: int  # 1-based rank from the retriever
     source: dict | None = None  # where an ingested passage came from: file, page (PDF), character span
+    relevance: float | None = None  # calibrated P(this passage answers the question); None: not calibrated
 
 
 @dataclass
@@ -64,6 +70,9 @@ class RAGResult:
     warnings: list[str] = field(default_factory=list)
     rerank: RerankResult | None = None
     reading: Reading | None = None  # reader modes: every row's candidate answer, the chosen span
+    found: bool = True  # False: the reader declined (``answer`` says so; ``reading.answer`` was its guess)
+    confidence: float | None = None  # the reader's calibrated confidence in its answer
+
 
     @property
     def ranked_ids(self) -> list[str]:
@@ -124,8 +133,8 @@ class Engine:
         :mod:`hyperrag.workbench.batcher`); the traditional generator answers them in turn. Each result
         equals asking alone up to float rounding; its stage timings are the whole call's."""
         spec = mode_spec(mode)
-        if spec.name not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if spec.name not in ENGINE_MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {ENGINE_MODES}")
         mode = spec.name
         if not questions:
             return []
@@ -152,10 +161,12 @@ class Engine:
             timings["kv_load"], timings["rerank"] = reranks[0].load_s, reranks[0].compute_s
             for notes, r in zip(warnings, reranks):
                 notes += r.warnings
+        trust = self.reader.trust if self.reader is not None and spec.rerank is not None else None
         ranked = []
         for ds, ss in zip(docs, scores):
             order = sorted(range(len(ds)), key=lambda i: -ss[i])
-            ranked.append([RankedDoc(ds[i].id, ds[i].title, ds[i].text, ss[i], rank, i + 1, ds[i].source)
+            ranked.append([RankedDoc(ds[i].id, ds[i].title, ds[i].text, ss[i], rank, i + 1, ds[i].source,
+                                     trust.relevance.prob(ss[i]) if trust else None)
                            for rank, i in enumerate(order, 1)])
         answers = [""] * len(questions)
         readings: list[Reading | None] = [None] * len(questions)
@@ -170,8 +181,8 @@ class Engine:
                     rr.question_kv = []
             readings = self.reader.read_many(
                 [(q, [d.text for d in r[:top_n]], [d.score for d in r[:top_n]]) for q, r in zip(questions, ranked)],
-                spec.read, self.store if spec.read == "kv" else None, question_kv)
-            answers = [reading.answer for reading in readings]
+                spec.read, self.store if spec.read == "kv" else None, question_kv, calibrated=spec.rerank is not None)
+            answers = [reading.answer if reading.found else NOT_FOUND for reading in readings]
             timings["kv_load"] += readings[0].load_s
             timings["generate"] = time.perf_counter() - t1 - readings[0].load_s
             for notes, reading in zip(warnings, readings):
@@ -185,7 +196,8 @@ class Engine:
             warnings = [notes + shared for notes in warnings]
         for warning in dict.fromkeys(w for notes in warnings for w in notes):
             log.warning("%s", warning)
-        return [RAGResult(q, mode, a, r, top_n, dict(timings), w, rr, rd)
+        return [RAGResult(q, mode, a, r, top_n, dict(timings), w, rr, rd, rd.found if rd else True,
+                          rd.confidence if rd else None)
                 for q, a, r, w, rr, rd in zip(questions, answers, ranked, warnings, reranks, readings)]
 
     def zero_shot(self, hot_cache_gb: float) -> "Engine":

@@ -22,9 +22,11 @@ from hyperrag.kv.store import KVStore
 from hyperrag.kv.urls import StoreError, redact_url
 from hyperrag.model.loading import LLM, adapter_meta, load_embedder, load_llm
 from hyperrag.model.prompts import RerankTemplate
+from hyperrag.rag.calibration import Trust, load_trust
 from hyperrag.rag.reader import Reader
 from hyperrag.rag.rerank import Reranker
 from hyperrag.rag.retrieval import DenseIndex
+from hyperrag.common.memory import return_freed_memory
 from hyperrag.common.settings import Settings
 
 log = logging.getLogger("hyperrag")
@@ -51,6 +53,9 @@ class Runtime:
         base = load_llm(s.model, s.cache_dir, s.device, s.dtype, cpu_linear=s.cpu_linear) if with_generator or not s.adapter else None
         reranker = load_reranker(s, None if s.adapter else base, shares=base)
         generator = Generator(base, s.max_new_tokens, s.max_doc_tokens, streams=s.cpu_streams) if with_generator else None
+        # Loading freed ~0.17 GiB into the heap (the adapter's merge, kernel probes): back to the
+        # OS before the store sizes its CPU tier from what is resident.
+        return_freed_memory()
         store = open_store(s, reranker, corpus_texts)
         return cls(s, embedder, reranker, store, generator, load_reader(s, reranker) if with_generator else None)
 
@@ -75,6 +80,9 @@ class Runtime:
             self.reranker = load_reranker(new, self.reranker.llm)
             self.reader = load_reader(new, self.reranker) if self.reader is not None else None
             notes.append(f"reranker batch size {old.batch_size} -> {new.batch_size}")
+        elif new.abstain_threshold != old.abstain_threshold and self.reader is not None:
+            self.reader = load_reader(new, self.reranker)
+            notes.append(f"reader declines below confidence {self.reader.abstain_threshold:.2f}")
         if new.codec != self.store.codec.name or new.kv_rounding != old.kv_rounding or new.store_url != self.store.url:
             previous = self.store
             self.store = open_store(new, self.reranker)
@@ -129,8 +137,23 @@ def load_reader(s: Settings, reranker: Reranker) -> Reader | None:
         return None
     weight = s.selection_weight if s.selection_weight >= 0 else _adapter_value(s.adapter, "selection_weight", 1.0)
     span = bool(s.reader_span) if s.reader_span >= 0 else bool(_adapter_value(s.adapter, "reader_span", 1.0))
-    return Reader(reranker, max_rows=max(s.top_n, 10), max_new_tokens=s.max_new_tokens, span=span,
-                  selection_weight=weight, draft_tokens=s.draft_tokens, first_tokens=s.reader_first_tokens)
+    trust = adapter_trust(s)
+    threshold = s.abstain_threshold if s.abstain_threshold >= 0 else (trust.threshold if trust else 0.0)
+    return Reader(reranker.runner, max_rows=max(s.top_n, 10), max_new_tokens=s.max_new_tokens, span=span,
+                  selection_weight=weight, draft_tokens=s.draft_tokens, first_tokens=s.reader_first_tokens,
+                  trust=trust, abstain_threshold=threshold)
+
+
+def adapter_trust(s: Settings) -> Trust | None:
+    """The adapter's calibration (:mod:`hyperrag.rag.calibration`), when it applies: it was fitted
+    on the fused score with the adapter's own retrieval weight, so another weight has none."""
+    trust = load_trust(s.adapter) if s.adapter else None
+    own = _adapter_value(s.adapter, "retrieval_weight", 0.0) if s.adapter else 0.0
+    if trust is not None and s.retrieval_weight >= 0 and s.retrieval_weight != own:
+        log.info("retrieval_weight %s is not the adapter's %s: no calibrated confidence, the reader never declines",
+                 s.retrieval_weight, own)
+        return None
+    return trust
 
 
 def open_store(settings: Settings, reranker: Reranker, texts: Sequence[str] = ()) -> KVStore:

@@ -17,7 +17,8 @@ from typing import Sequence
 import torch
 
 from hyperrag.rag.reader import Reader, Reading
-from hyperrag.rag.rerank import DocKVSource, Reranker
+from hyperrag.rag.batch_runner import DocKVSource
+from hyperrag.rag.rerank import Reranker
 
 
 @dataclass
@@ -60,7 +61,8 @@ def answer_texts(reader: Reader, store: DocKVSource, requests: Sequence[tuple[st
     readings = reader.read_many(
         [(q, [docs[i] for i in top], [ranking.scores[i] for i in top])
          for (q, docs, _), ranking, top in zip(requests, rankings, tops)],
-        "kv", store, [[ranking.question_kv[i] for i in top] for ranking, top in zip(rankings, tops)])
+        "kv", store, [[ranking.question_kv[i] for i in top] for ranking, top in zip(rankings, tops)],
+        calibrated=False)  # reranker scores without the retriever's cosine: not what the calibration maps
     for ranking, reading, top in zip(rankings, readings, tops):
         ranking.question_kv = []
         reading.doc = top[reading.doc] if reading.doc >= 0 else -1

@@ -6,7 +6,8 @@ extracts text, :mod:`.split` cuts it into passages that the reranker reads whole
 ``DIR/docs.jsonl`` is ``{"id","title","text","source":{"file","page","start","end"}}``: ``file``
 relative to its input root (a zip member as ``<zip>/<member>``), ``page`` 1-based for PDFs (null
 otherwise), and ``extracted[start:end] == text`` in the page's (or file's) extracted text: for
-.txt/.md the UTF-8-decoded file (BOM dropped); for HTML/DOCX/PDF the extracted text with runs of
+.txt/.md the decoded file (UTF-8 with any BOM dropped, or the
+encoding charset-normalizer finds, named in the report's notes); for HTML/DOCX/PDF the extracted text with runs of
 blanks folded. Passed-through .jsonl records keep their id and source (or get ``line`` and the
 record's own text as the span). Ids are ``<file-path-slug>-<n>`` (``-p<page>-<n>`` for PDFs).
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
-from hyperrag.data.corpus import MAX_DOCS, MAX_FILE_BYTES, CorpusError, _source
+from hyperrag.data.corpus import MAX_DOCS, MAX_FILE_BYTES, CorpusError, doc_source
 from hyperrag.data.ingest.parsers import decode, extract
 from hyperrag.data.ingest.sources import MAX_ZIP_BYTES, SUFFIXES, IngestError, Item, collect
 from hyperrag.data.ingest.split import Splitter
@@ -63,7 +64,7 @@ def _unique(base: str, used: set[str]) -> str:
 def _jsonl(label: str, data: bytes, splitter: Splitter, used: set[str], report: IngestReport) -> list[dict]:
     """An existing docs.jsonl, kept as it is (ids too, so gold queries still match); bad lines are errors."""
     out = []
-    for lineno, line in enumerate(decode(label, data).splitlines(), 1):
+    for lineno, line in enumerate(decode(label, data, report.notes).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -83,7 +84,7 @@ def _jsonl(label: str, data: bytes, splitter: Splitter, used: set[str], report: 
         used.add(doc_id)
         text = text.strip()
         try:  # a source from an earlier ingest is kept when the engine would accept it
-            source = _source(Path(label), lineno, rec)
+            source = doc_source(Path(label), lineno, rec)
         except CorpusError:
             source = None
         source = source or {"file": label, "page": None, "start": 0, "end": len(text), "line": lineno}
@@ -137,7 +138,7 @@ def _passages(item: Item, splitter: Splitter, used: set[str], report: IngestRepo
         raise IngestError(f"{item.label}: empty file")
     if item.label.lower().endswith(".jsonl"):
         return _jsonl(item.label, data, splitter, used, report)
-    title, pages = extract(item.label, data, report.errors)
+    title, pages = extract(item.label, data, report.errors, report.notes)
     title = title or PurePosixPath(item.label).stem.replace("_", " ")
     slug, out = _slug(item.label), []
     for page, text in pages:
@@ -174,8 +175,8 @@ def load_tokenizer(model: str, cache_dir: str | Path):
     """The reranker's tokenizer, loaded offline from the model's safetensors copy."""
     from transformers import AutoTokenizer
 
-    from hyperrag.model.loading import _safetensors_copy
+    from hyperrag.model.loading import model_folder
 
-    return AutoTokenizer.from_pretrained(_safetensors_copy(model, cache_dir))
+    return AutoTokenizer.from_pretrained(model_folder(model, cache_dir))
 
 

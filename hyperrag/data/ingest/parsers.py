@@ -21,15 +21,30 @@ def _tidy(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-def decode(label: str, data: bytes) -> str:
-    """UTF-8 text or a clear refusal: NUL bytes mean binary (or UTF-16) data, not prose to index."""
+def decode(label: str, data: bytes, notes: list[str] | None = None) -> str:
+    """Text or a clear refusal: UTF-8 first, else the encoding charset-normalizer finds (named in ``notes``).
+
+    NUL bytes mean binary (or UTF-16) data, not prose to index. Legacy single-byte files are common
+    (Windows-1252, Latin-1) and short ones fit several code pages equally well, so a tie goes to
+    Windows-1252, the most common of them (as browsers do for unlabelled Western text).
+    """
     if (nul := data.find(b"\x00")) >= 0:
         raise IngestError(f"{label}: binary data, not text (NUL byte at offset {nul})")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise IngestError(f"{label}:{line}: not UTF-8 text (byte {err.start})") from None
+        line, byte = data[: err.start].count(b"\n") + 1, err.start
+    import charset_normalizer
+
+    best = charset_normalizer.from_bytes(data).best()
+    western = charset_normalizer.from_bytes(data, cp_isolation=["cp1252"]).best()
+    if western is not None and (best is None or western.chaos <= best.chaos):
+        best = western
+    if best is None:
+        raise IngestError(f"{label}:{line}: not UTF-8 text (byte {byte}) and no other text encoding fits")
+    if notes is not None:
+        notes.append(f"{label}: not UTF-8; decoded as {best.encoding}")
+    return str(best)
 
 
 BLOCKS = ["p", "div", "section", "article", "main", "header", "footer", "aside", "nav", "li", "ul", "ol",
@@ -41,7 +56,7 @@ def _html(label: str, data: bytes) -> tuple[str | None, Pages]:
     from bs4 import BeautifulSoup, NavigableString
 
     decode(label, data)  # binary junk named .html is an error, not noise
-    soup = BeautifulSoup(data, "lxml")
+    soup = BeautifulSoup(data, "lxml")  # BeautifulSoup finds the page's own encoding
     title = soup.title.get_text(" ", strip=True) if soup.title else None
     for tag in soup(["script", "style", "noscript", "template", "head", "svg"]):
         tag.decompose()
@@ -100,8 +115,9 @@ def _pdf(label: str, data: bytes, problems: list[str]) -> tuple[str | None, Page
     return title, out
 
 
-def extract(label: str, data: bytes, problems: list[str]) -> tuple[str | None, Pages]:
-    """(title or None, [(page or None, text)]) for any supported file but .jsonl."""
+def extract(label: str, data: bytes, problems: list[str], notes: list[str]) -> tuple[str | None, Pages]:
+    """(title or None, [(page or None, text)]) for any supported file but .jsonl; ``problems`` gets
+    what could not be read, ``notes`` what was read in an unusual way (a text file's encoding)."""
     suffix = PurePosixPath(label).suffix.lower()
     if suffix == ".pdf":
         return _pdf(label, data, problems)
@@ -109,6 +125,6 @@ def extract(label: str, data: bytes, problems: list[str]) -> tuple[str | None, P
         return _html(label, data)
     if suffix == ".docx":
         return _docx(label, data)
-    return None, [(None, decode(label, data))]
+    return None, [(None, decode(label, data, notes))]
 
 

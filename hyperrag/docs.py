@@ -1,0 +1,378 @@
+"""Measured figures in README.md and docs/*.md, written from the committed records, never by hand.
+
+    python -m hyperrag.docs render   # rewrite every block between its markers from its records
+    python -m hyperrag.docs check    # exit 1 when a block differs from what render writes, a record it
+                                     # names is missing, or a measured constant in code left its record
+
+A block in a page is ``<!-- render: NAME -->`` ... ``<!-- /render -->``; :data:`BLOCKS` maps each
+NAME to the records it reads (paths from the repository root) and a function from those records
+(parsed JSON) to markdown. Each block ends with a line naming its records with their date and CPU,
+as the records give them ("not recorded" where a record does not). :data:`CONSTANTS` lists the
+constants in code that come from a measurement, each with the record and the figure it must equal.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+from hyperrag.kv import planner
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ("README.md", "docs/*.md")
+MARKER = re.compile(r"(<!-- render: ([\w-]+) -->\n)(.*?)(<!-- /render -->)", re.S)
+Records = list  # parsed JSON, one per path of the block, in order
+
+
+# -- formatting ------------------------------------------------------------------------------------
+
+def num(x: float, digits: int = 3) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def pct(x: float, digits: int = 0) -> str:
+    return f"{100 * x:.{digits}f}%"
+
+
+def ci(pair: Sequence[float], fmt: Callable[[float], str]) -> str:
+    return f"({fmt(pair[0])} to {fmt(pair[1])})"
+
+
+def signed(digits: int) -> Callable[[float], str]:
+    return lambda x: f"{x:+.{digits}f}"
+
+
+def sci(x: float) -> str:
+    return f"{x:.1e}" if 0 < abs(x) < 1e-3 else f"{x:.4f}".rstrip("0").rstrip(".") if abs(x) < 1 else f"{x:.2f}"
+
+
+def target(text: str, met: bool) -> str:
+    return f"{text}: met" if met else f"{text}: **not met**"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def provenance(path: str, record) -> str:
+    """``path`` (date, CPU) as the record gives them."""
+    meta = record if isinstance(record, dict) else {}
+    machine = meta.get("machine") if isinstance(meta.get("machine"), dict) else {}
+    date = machine.get("date") or meta.get("date") or "date not recorded"
+    cpu = machine.get("cpu") or meta.get("cpu") or "CPU not recorded"
+    return f"`{path}` ({date}; {cpu})"
+
+
+# -- the blocks ------------------------------------------------------------------------------------
+
+def answers(r: Records) -> str:
+    a = r[0]["answers"]
+    ret, kv, oracle = a["retrieval+generator"], a["trained+retrieval+reader"], a["oracle+reader"]
+    f3 = lambda x: num(x, 3)  # noqa: E731
+    row = lambda label, s: [label, f"{f3(s['em'])} {ci(s['em_ci95'], f3)}", f"{f3(s['f1'])} {ci(s['f1_ci95'], f3)}"]  # noqa: E731
+    return table([f"{kv['questions']} SQuAD dev questions, answers from the top {kv['top_n']}", "EM", "F1"], [
+        row("retrieval-only RAG (retriever's top 3, traditional generator)", ret),
+        row("**reader from stored KV** (`reader_kv`)", kv),
+        ["reader_kv minus retrieval-only, paired", "",
+         f"**{signed(3)(kv['f1_minus_retrieval'])}** {ci(kv['f1_minus_retrieval_ci95'], signed(3))}"],
+        row("oracle: the reader given only the gold paragraph", oracle),
+    ])
+
+
+RANKING_SYSTEMS = (("retrieval", "retrieval only (MiniLM + faiss)"),
+                   ("trained", "shipped adapter, reranker score alone"),
+                   ("trained+retrieval", "shipped adapter + w x cosine (**engine default**)"))
+
+
+def ranking(r: Records) -> str:
+    rows = []
+    for rec, systems in ((r[0], RANKING_SYSTEMS), (r[1], (("trained+retrieval", "reranker-only adapter + w x cosine (where training started)"),))):
+        for key, label in systems:
+            m = rec["systems"][key]["ranking"]
+            rows.append([label] + [f"{num(m[k])} {ci(m[k + '_ci95'], num)}" for k in ("recall@1", "recall@5", "ndcg@10")])
+    return table([f"ranking, {r[0]['queries']} dev questions (retriever's top {r[0]['top_k']} reordered)",
+                  "recall@1", "recall@5", "NDCG@10"], rows)
+
+
+def bench_rows(r: Records) -> list[list[str]]:
+    """Every row of the default bench run's table (the README shows the headline rows)."""
+    d = r[0]
+    rr, e2e, q, st, sv = d["rerank"], d["e2e"], d["quality"], d["storage"], d["serve"]
+    fp32 = next(c for c in d.get("codecs", []) if c["codec"] == "fp32")
+    kv = e2e["reader_kv"]
+    lo, hi = rr["limit_fraction_ci95"]
+    return [
+        ["reranker pairs/s: full prefill / prefix cached / **KV reuse**",
+         f"{num(rr['full']['pairs_per_s'], 2)} / {num(rr['prefix_cached']['pairs_per_s'], 2)} / **{num(rr['reuse']['pairs_per_s'], 1)}**", ""],
+        ["reuse vs full prefill", f"**{num(rr['speedup_vs_full'], 2)}x**", target(">= 5x", rr["speedup_vs_full"] >= 5)],
+        ["reuse vs the query-first prompt with `[instruction][question]` cached (vLLM-style prefix caching)",
+         f"{num(rr['speedup_vs_query_first_cached'], 2)}x", target(">= 5x", rr["speedup_vs_query_first_cached"] >= 5)],
+        [f"share of the token-ratio limit ({num(rr['token_ratio_limit'], 1)}x), 95% interval",
+         f"**{pct(rr['limit_fraction'], 1)}** ({pct(lo, 1)}-{pct(hi, 1)})", target(">= 90%", rr["limit_fraction"] >= 0.9)],
+        ["end to end queries/s: retrieval only / baseline / **reuse**",
+         f"{num(e2e['retrieval_only']['queries_per_s'])} / {num(e2e['baseline']['queries_per_s'])} / "
+         f"**{num(e2e['reuse']['queries_per_s'])}** ({num(e2e['speedup_vs_baseline'], 2)}x)", target(">= 3x", e2e["speedup_vs_baseline"] >= 3)],
+        ["end to end: reader_full / **reader_kv**",
+         f"{num(e2e['reader_full']['queries_per_s'])} / **{num(kv['queries_per_s'], 2)}** (**{num(e2e['reader_speedup'], 2)}x**; "
+         f"p50 {num(kv['p50_ms'] / 1e3, 2)} s, p95 {num(kv['p95_ms'] / 1e3, 2)} s; reading {kv['stage_ms']['generate']:.0f} ms)",
+         target(">= 6x", e2e["reader_speedup"] >= 6)],
+        [f"{sv['clients']} concurrent clients vs one asking in turn ({sv['mode']})",
+         f"{num(sv['queries_per_s'], 2)} vs {num(sv['sequential_queries_per_s'], 2)} queries/s ({num(sv['speedup'], 2)}x); "
+         f"p95 {num(sv['p95_ms'] / 1e3, 1)} s vs {num(sv['sequential_p95_ms'] / 1e3, 2)} s", target(">= 1.5x", sv["speedup"] >= 1.5)],
+        [f"reuse vs full, {st['codec']} store: identical rankings / same top-3 / max score diff",
+         f"{pct(q['ranking_agreement'])} / {pct(q['top_n_agreement'])} / {sci(q['max_abs_score_diff'])}", ""],
+        ["reuse vs full, fp32 store: identical rankings / max score diff",
+         f"{pct(fp32['ranking_agreement'])} / {sci(fp32['max_abs_score_diff'])}",
+         target("100% / <= 1e-4", fp32["ranking_agreement"] == 1 and fp32["max_abs_score_diff"] <= 1e-4)],
+        [f"answer F1 on these {q['reader_kv']['queries']}: retrieval-only RAG / reuse + generator / **reader_kv**",
+         f"{num(q['retrieval_only']['f1'])} / {num(q['reuse']['f1'])} / **{num(q['reader_kv']['f1'])}**", ""],
+        ["store: documents, tokens, size / precompute / KV load",
+         f"{st['docs']:,}, {st['tokens']:,}, {st['bytes'] / 2**30:.2f} GiB ({st['codec']}) / {num(st['precompute_docs_per_s'], 2)} docs/s / "
+         f"{num(st['load_gb_per_s'], 2)} GB/s ({st['cpu_tier_loads']:,} of {st['loads']:,} loads from the {st['cpu_tier_gb']} GB CPU tier)", ""],
+    ]
+
+
+BENCH_HEADER = ["measured (one run)", "result", "target"]
+HEADLINE_ROWS = (1, 3, 4, 5, 6, 8)  # reuse vs full, share of the limit, end to end, reader, clients, fp32
+
+
+def bench_speed(r: Records) -> str:
+    return table(BENCH_HEADER, bench_rows(r))
+
+
+def bench_headline(r: Records) -> str:
+    rows = bench_rows(r)
+    return table(BENCH_HEADER, [rows[i] for i in HEADLINE_ROWS])
+
+
+CODEC_LABELS = {"fp16": "**fp16** (default)", "int8": "**int8**", "int4": "**int4**", "int2": "**int2**"}
+
+
+def bench_codecs(r: Records) -> str:
+    rows = []
+    for c in r[0]["codecs"]:
+        name = c["codec"].replace(":nearest", ", nearest rounding")
+        groups = re.search(r"k(\d+)v(\d+)", c["spec"])
+        label = CODEC_LABELS.get(c["codec"], name) + (f" (k{groups[1]}/v{groups[2]})" if groups and ":" not in c["codec"] else "")
+        rows.append([label, f"{c['bytes_per_token']:,.0f}", f"{c['fraction_of_fp16']:.3g}x",
+                     f"{sci(c['max_abs_score_diff'])} / {sci(c['mean_abs_score_diff'])}", pct(c["ranking_agreement"]),
+                     pct(c["top_n_agreement"]), num(c["ndcg@10"]), num(c["pairs_per_s"], 1), pct(c["decode_share"], 1),
+                     num(c["encode_ms_per_doc"], 1)])
+    return table(["codec", "bytes/token", "of fp16", "max / mean score error", "identical rankings", "same top-3",
+                  "NDCG@10", "reuse pairs/s", "decode share", "encode ms/doc"], rows)
+
+
+def codecs_dev(r: Records) -> str:
+    d = r[0]
+    exact = d["systems"]["trained+retrieval"]["ranking"]
+    reads = d["answers"]
+    base = reads["trained+retrieval+reader"]
+    rows = [["exact fp32 KV", "0", "100%", "100%", f"NDCG@10 {num(exact['ndcg@10'])}",
+             f"{num(base['f1'])} {ci(base['f1_ci95'], num)}", "", ""]]
+    for key, c in d["codec_check"].items():
+        read = reads.get(key + "+reader")
+        rows.append([key.split("@")[1], f"{sci(c['max_abs_score_diff'])} / {sci(c['mean_abs_score_diff'])}",
+                     pct(c["ranking_agreement"]), pct(c["top_n_agreement"]),
+                     f"{signed(4)(c['ndcg@10_minus_exact'])} {ci(c['ndcg@10_minus_exact_ci95'], signed(4))}",
+                     num(read["f1"]) if read else "", f"{signed(3)(read['f1_minus_exact'])} {ci(read['f1_minus_exact_ci95'], signed(3))}" if read else "",
+                     pct(read["same_answer_as_exact"]) if read else ""])
+    return table([f"codec ({d['queries']} dev questions)", "max / mean score error", "identical rankings", "same top-3",
+                  "NDCG@10 minus exact KV", "reader F1", "reader F1 minus exact KV", "same answer"], rows)
+
+
+def memory(r: Records) -> str:
+    peak = lambda rec, phase: next(p["peak_rss_gb"] for p in rec["phases"] if p["phase"] == phase)  # noqa: E731
+    labels = [f"**default** (memory budget {r[0]['settings']['memory_budget_gb']:g} GB: CPU tier {r[0]['cpu_tier_gb']} GB)",
+              "no budget (tier holds the corpus)", "no CPU tier"]
+    rows = [[phase] + [f"{peak(rec, key):.2f} GB" for rec in r] for phase, key in
+            (("after load", "load"), ("precompute (309 documents), peak", "precompute"), ("after a question in each mode, **peak**", "ask reader_kv"))]
+    return table(["resident memory"] + labels, rows)
+
+
+def scale_100k(r: Records) -> str:
+    s, sweep, b = r
+    ex, hn = s["exact"], s["hnsw"]
+    q, st, rr = b["quality"], b["storage"], b["rerank"]
+    return table(["100,000 SQuAD passages", "result"], [
+        [f"exact vs HNSW (M {hn['M']}, efSearch {hn['efSearch']}), {s['queries']} dev questions",
+         f"HNSW build {num(hn['build_s'], 1)} s; query p50 {num(hn['query_ms_p50'], 2)} ms vs exact {num(ex['query_ms_p50'], 1)} ms; "
+         f"**recall@10 {num(hn['recall_at_k'])}** of exact"],
+        ["efSearch " + " / ".join(str(p["efSearch"]) for p in sweep),
+         "recall@10 " + " / ".join(num(p["recall_at_k"]) for p in sweep) + "; p50 " + " / ".join(num(p["p50_ms"], 2) for p in sweep) + " ms"],
+        [f"{b['config']['queries']} questions, every mode (candidates precomputed: {st['docs']:,})",
+         f"retrieval {b['e2e']['retrieval_only']['stage_ms']['retrieve']:.0f} ms; reader_kv F1 {num(q['reader_kv']['f1'])} / EM {num(q['reader_kv']['em'])} "
+         f"(retrieval-only generator F1 {num(q['retrieval_only']['f1'])}); recall@1 {num(q['retrieval_only']['recall@1'])} retrieved, "
+         f"{num(q['reuse']['recall@1'])} reranked; reuse {pct(rr['limit_fraction'], 1)} of the token-ratio limit "
+         f"({num(rr['token_ratio_limit'], 2)}x); peak RSS {b['memory']['peak_rss_gb_after']['end']} GB"],
+        ["the planner's whole-corpus estimate", f"{b['planner']['docs']:,} passages, {num(b['planner']['tokens_per_doc'], 1)} tokens each: "
+         f"{b['planner']['bytes'] / 1e9:.1f} GB ({b['storage']['codec']})"],
+    ])
+
+
+def planner_1m(r: Records) -> str:
+    docs, tokens = 1_000_000, 200
+    rate = planner.docs_per_s_for(tokens)
+    rows = [[codec, f"{planner.estimate(docs, tokens, codec).total_bytes / 1e12:.2f} TB"] for codec in ("fp16", "int8", "int4", "int2")]
+    hours = ", ".join(f"{planner.precompute_hours(docs, rate, w):,.1f} h on {w}" for w in (1, 8, 32))
+    return (table([f"{docs:,} passages of {tokens} tokens", "store size"], rows)
+            + f"\n\nPrecompute at {rate:.2f} docs/s per 2-core worker (the record's "
+            f"{r[0]['storage']['precompute_docs_per_s']:.2f} docs/s at {r[0]['storage']['tokens'] / r[0]['storage']['docs']:.0f} "
+            f"tokens, scaled by tokens): {hours} workers.")
+
+
+def adapter_card(r: Records) -> str:
+    c = r[0]
+    h, v = c["hyperparameters"], c["validation"]
+    rows = [["base model", c["base_model"]], ["data", f"{c['data']}: {len(c['train_articles'])} articles, {c['train_paragraphs']:,} paragraphs"],
+            ["LoRA", f"rank {h['rank']}, alpha {h['alpha']:g}, top {h['lora_layers']} layers, {h['targets']}"],
+            ["steps", f"{c['steps']:,} ({h['docs']} documents, {h['hard']} hard negatives, answer weight {h['answer_weight']:g}, "
+                      f"lr {h['lr']:g}, seed {h['seed']}, {h['compute']})"],
+            ["training time (`train_seconds`)", f"{c['train_seconds'] / 60:.0f} min"],
+            ["held-out train articles", ", ".join(v["articles"]) + f": {v['questions']} questions"],
+            ["retrieval weight tuned there", f"{v['retrieval_weight']:g}"]]
+    for key, label in (("retrieval", "retriever alone"), ("trained", "reranker score alone")):
+        rows.append([f"recall@1 / NDCG@10 there, {label}", f"{num(v[key]['recall@1'])} / {num(v[key]['ndcg@10'])}"])
+    return table(["shipped adapter", ""], rows)
+
+
+def settings_table(_: Records) -> str:
+    from hyperrag.common.settings import Settings
+
+    def shown(value) -> str:
+        text = str(value)
+        return "`<package>/" + text.split("/hyperrag/", 1)[1] + "`" if "/hyperrag/shipped/" in text else f"`{text}`"
+
+    rows = [[f"`{f.name}`", shown(f.default), f"`HYPERRAG_{f.name.upper()}`", f.metadata.get("help", "").replace("|", "\\|")]
+            for f in fields(Settings) if f.name != "cache_dir"]
+    rows.append(["`cache_dir`", "`~/.cache/hyperrag`", "`HYPERRAG_CACHE_DIR`",
+                 next(f for f in fields(Settings) if f.name == "cache_dir").metadata.get("help", "")])
+    return table(["field", "default", "environment", "meaning"], rows)
+
+
+@dataclass(frozen=True)
+class Block:
+    records: tuple[str, ...]
+    make: Callable[[Records], str]
+
+
+BLOCKS: dict[str, Block] = {
+    "answers-dev-300": Block(("docs/eval/reader-dev-300.json",), answers),
+    "ranking-dev-300": Block(("docs/eval/reader-dev-300.json", "docs/eval/reranker-lora-dev-300.json"), ranking),
+    "bench-default": Block(("docs/bench/bench-default.json",), bench_speed),
+    "bench-headline": Block(("docs/bench/bench-default.json",), bench_headline),
+    "bench-codecs": Block(("docs/bench/bench-default.json",), bench_codecs),
+    "codecs-dev-300": Block(("docs/eval/codecs-dev-300.json",), codecs_dev),
+    "memory": Block(("docs/memory/app-first-visit.json", "docs/memory/app-first-visit-no-budget.json",
+                     "docs/memory/app-first-visit-no-tier.json"), memory),
+    "scale-100k": Block(("docs/bench/scale-squad-100k.json", "docs/bench/scale-squad-100k-sweep.json",
+                         "docs/bench/bench-squad-100k.json"), scale_100k),
+    "planner-1m": Block(("docs/bench/bench-default.json",), planner_1m),
+    "adapter-card": Block(("hyperrag/shipped/hyperrag-lora/hyperrag.json",), adapter_card),
+    "settings": Block((), settings_table),
+}
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A constant in code that a measurement set: it must equal ``figure(record)`` rounded to ``digits``."""
+
+    name: str  # module:attribute
+    record: str
+    figure: Callable[[dict], float]
+    digits: int
+
+
+CONSTANTS = (  # the planner names its record in MEASURED_RECORD, beside the constants
+    Constant("hyperrag.kv.planner:MEASURED_DOCS_PER_S", planner.MEASURED_RECORD,
+             lambda d: d["storage"]["precompute_docs_per_s"], 2),
+    Constant("hyperrag.kv.planner:MEASURED_TOKENS_PER_DOC", planner.MEASURED_RECORD,
+             lambda d: d["storage"]["tokens"] / d["storage"]["docs"], 6),
+)
+
+
+# -- render and check ------------------------------------------------------------------------------
+
+def pages(root: Path) -> list[Path]:
+    return [p for pattern in PAGES for p in sorted(root.glob(pattern))]
+
+
+def load(root: Path, path: str):
+    return json.loads((root / path).read_text(encoding="utf-8"))
+
+
+def rendered(name: str, root: Path) -> str:
+    """The body of block ``name``: its table and the line naming its records."""
+    block = BLOCKS[name]
+    records = [load(root, p) for p in block.records]
+    source = ("Records: " + "; ".join(provenance(p, rec) for p, rec in zip(block.records, records))
+              if block.records else "Generated from the `Settings` dataclass in `hyperrag/common/settings.py`")
+    return f"{block.make(records)}\n\n<sub>{source}. Written by `python -m hyperrag.docs render`.</sub>\n"
+
+
+def problems_in(page: Path, root: Path, write: bool) -> list[str]:
+    """What differs in ``page`` (rewriting it when ``write``)."""
+    text, problems = page.read_text(encoding="utf-8"), []
+
+    def body(m: re.Match) -> str:
+        name, where = m[2], f"{page.relative_to(root)}: block {m[2]!r}"
+        if name not in BLOCKS:
+            problems.append(f"{where}: no such block (known: {', '.join(BLOCKS)})")
+            return m[0]
+        missing = [p for p in BLOCKS[name].records if not (root / p).is_file()]
+        if missing:
+            problems.append(f"{where}: record missing: {', '.join(missing)}")
+            return m[0]
+        new = rendered(name, root)
+        if new != m[3]:
+            problems.append(f"{where}: differs from its records (run python -m hyperrag.docs render)")
+        return m[1] + new + m[4]
+
+    new_text = MARKER.sub(body, text)
+    if write and new_text != text:
+        page.write_text(new_text, encoding="utf-8")
+    return problems
+
+
+def constant_problems(root: Path) -> list[str]:
+    out = []
+    for c in CONSTANTS:
+        module, attr = c.name.split(":")
+        if not (root / c.record).is_file():
+            out.append(f"{c.name}: record missing: {c.record}")
+            continue
+        value, want = getattr(importlib.import_module(module), attr), round(c.figure(load(root, c.record)), c.digits)
+        if round(value, c.digits) != want:
+            out.append(f"{c.name} = {value}, but {c.record} measured {want}")
+    return out
+
+
+def run(root: Path, write: bool) -> list[str]:
+    problems = [p for page in pages(root) for p in problems_in(page, root, write)]
+    return problems + constant_problems(root)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hyperrag.docs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("render", "check"))
+    parser.add_argument("--root", type=Path, default=ROOT, help="repository root (README.md, docs/, the records)")
+    args = parser.parse_args(argv)
+    if not (args.root / "README.md").is_file():
+        parser.error(f"{args.root} has no README.md: pass the repository root with --root")
+    problems = run(args.root, write=args.action == "render")
+    if args.action == "render":
+        problems = [p for p in problems if "differs from its records" not in p]
+    for p in problems:
+        print(p, file=sys.stderr)
+    if not problems:
+        print(f"{args.action}: {len(pages(args.root))} pages, every block matches its records")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Calibrated relevance and declining to answer ("not found in these documents").
+
+The fused ranking score (reranker score + w x cosine) orders passages well but is no probability.
+Platt scaling, a logistic map ``sigmoid(a x score + b)``, turns it into P(the passage answers the
+question). An answer's confidence is a second logistic model over two signals: the calibrated
+relevance of the best passage (is the answer in these documents at all?) and the answer's own
+log-likelihood (did the reader find it?). Below a threshold the reader declines.
+
+Both models and the threshold are fitted on SQuAD *train* articles held out from the adapter's
+training (never on dev): every retrieved candidate of their questions for the relevance map; the
+same questions, half of them made unanswerable by removing their gold passage from the candidates
+(``python -m hyperrag.evaluate --unanswerable 0.5``), for the confidence model and the threshold
+(``python -m hyperrag.calibrate``). They live in the adapter's ``hyperrag.json`` under ``trust``,
+which the adapter's content hash leaves out, so the stored document KV stays valid. They belong to
+that adapter and its fused score: another adapter or another retrieval weight has none.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from hyperrag.model.loading import ADAPTER_META, adapter_meta
+
+TRUST_KEY = "trust"  # the key in the adapter's hyperrag.json
+NOT_FOUND = "Not found in these documents."
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+@dataclass(frozen=True)
+class Platt:
+    """``P(relevant | score) = sigmoid(a x score + b)``."""
+
+    a: float
+    b: float
+
+    def logit(self, score: float) -> float:
+        return self.a * score + self.b
+
+    def prob(self, score: float) -> float:
+        return sigmoid(self.logit(score))
+
+
+def rule_features(relevance: Platt, rank_scores: Sequence[float], logprob: float) -> list[float]:
+    """What an answer's confidence is computed from: the calibrated relevance logit of the best
+    of the passages read and the chosen answer's log-likelihood."""
+    return [relevance.logit(max(rank_scores)), logprob]
+
+
+@dataclass(frozen=True)
+class Trust:
+    """The relevance map, the confidence model and the decline threshold of one adapter."""
+
+    relevance: Platt
+    rule: tuple[float, ...]  # intercept, then one weight per rule_features entry
+    threshold: float  # decline below this confidence (chosen on the held-out articles)
+    baselines: dict = field(default_factory=dict)  # thresholds of the single signals, for comparison
+    fitted_on: dict = field(default_factory=dict)  # corpus, articles, questions
+
+    def relevance_of(self, scores: Sequence[float]) -> list[float]:
+        return [self.relevance.prob(s) for s in scores]
+
+    def confidence(self, rank_scores: Sequence[float], logprob: float) -> float:
+        """P(the answer is in these documents): the confidence the reader declines below."""
+        x = rule_features(self.relevance, rank_scores, logprob)
+        return sigmoid(self.rule[0] + sum(w * v for w, v in zip(self.rule[1:], x)))
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"rule": list(self.rule)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Trust":
+        return cls(Platt(**data["relevance"]), tuple(data["rule"]), float(data["threshold"]),
+                   dict(data.get("baselines", {})), dict(data.get("fitted_on", {})))
+
+
+def load_trust(adapter: str | Path) -> Trust | None:
+    """The adapter's fitted trust models, or None (no adapter, or none fitted for it)."""
+    data = adapter_meta(adapter).get(TRUST_KEY) if adapter else None
+    return Trust.from_json(data) if data else None
+
+
+def save_trust(adapter: str | Path, trust: Trust) -> Path:
+    """Store ``trust`` in the adapter's ``hyperrag.json``, keeping everything else in it."""
+    path = Path(adapter) / ADAPTER_META
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    meta[TRUST_KEY] = trust.to_json()
+    path.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    return path
+
+
+# -- fitting and measuring (offline: sklearn is imported only here) ---------------------------------
+
+def fit_logistic(rows: Sequence[Sequence[float]], labels: Sequence[int]) -> tuple[float, ...]:
+    """(intercept, weights...) of a logistic regression (almost unregularised)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(set(labels)) < 2:
+        raise ValueError("calibration needs both relevant and irrelevant examples")
+    model = LogisticRegression(C=1e4, max_iter=1000).fit([list(r) for r in rows], list(labels))
+    return (float(model.intercept_[0]), *map(float, model.coef_[0]))
+
+
+def fit_platt(scores: Sequence[float], labels: Sequence[int]) -> Platt:
+    b, a = fit_logistic([[s] for s in scores], labels)
+    return Platt(a, b)
+
+
+def choose_threshold(confidences: Sequence[float], answerable: Sequence[bool]) -> float:
+    """The confidence cut that best separates answerable from unanswerable questions: the one
+    with the highest mean of (answerable answered, unanswerable declined). Decline = below it."""
+    pos = sorted(c for c, a in zip(confidences, answerable) if a)
+    neg = sorted(c for c, a in zip(confidences, answerable) if not a)
+    if not pos or not neg:
+        raise ValueError("choosing a threshold needs answerable and unanswerable questions")
+    values = sorted(set(confidences))
+    cuts = [values[0]] + [(x + y) / 2 for x, y in zip(values, values[1:])] + [values[-1] + 1e-9]
+
+    def balanced(t: float) -> float:
+        answered = sum(c >= t for c in pos) / len(pos)
+        declined = sum(c < t for c in neg) / len(neg)
+        return (answered + declined) / 2
+
+    return max(cuts, key=balanced)
+
+
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Area under the ROC curve: P(a positive scores above a negative), ties counting half."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score([int(p) for p in positive], list(scores)))
+
+
+def auroc_interval(scores: Sequence[float], positive: Sequence[bool], draws: int = 1000, seed: int = 0) -> list[float]:
+    """Percentile bootstrap 95% interval of :func:`auroc` over the questions."""
+    rng, n, values = random.Random(seed), len(scores), []
+    for _ in range(draws):
+        pick = [rng.randrange(n) for _ in range(n)]
+        labels = [positive[i] for i in pick]
+        if any(labels) and not all(labels):
+            values.append(auroc([scores[i] for i in pick], labels))
+    values.sort()
+    return [values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]] if values else [0.0, 0.0]
+
+
+def expected_calibration_error(probs: Sequence[float], labels: Sequence[int], bins: int = 15) -> float:
+    """ECE: the mean |predicted probability - observed frequency| over equal-width probability
+    bins, each weighted by its share of the examples."""
+    if not probs:
+        return 0.0
+    total = [0.0] * bins
+    hits = [0.0] * bins
+    count = [0] * bins
+    for p, y in zip(probs, labels):
+        b = min(int(p * bins), bins - 1)
+        total[b] += p
+        hits[b] += y
+        count[b] += 1
+    return sum(abs(total[b] - hits[b]) for b in range(bins) if count[b]) / len(probs)

@@ -1,0 +1,74 @@
+"""The figures in README.md and docs/*.md are what their records say, and a drifted one is caught."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hyperrag import docs
+from hyperrag.kv import planner
+from tests.conftest import REPO
+
+ADAPTER_CARD = "hyperrag/shipped/hyperrag-lora/hyperrag.json"
+
+
+@pytest.fixture
+def copy(tmp_path) -> Path:
+    """The pages and every record they name, outside the checkout."""
+    shutil.copy(REPO / "README.md", tmp_path / "README.md")
+    shutil.copytree(REPO / "docs", tmp_path / "docs")
+    (tmp_path / ADAPTER_CARD).parent.mkdir(parents=True)
+    shutil.copy(REPO / ADAPTER_CARD, tmp_path / ADAPTER_CARD)
+    return tmp_path
+
+
+def test_check_passes_on_the_repository(capsys):
+    assert docs.main(["check"]) == 0, capsys.readouterr().err
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for name in ("answers-dev-300", "bench-headline", "codecs-dev-300", "memory"):
+        assert f"<!-- render: {name} -->" in readme
+
+
+def test_every_block_is_used_and_names_its_records():
+    text = "".join(p.read_text(encoding="utf-8") for p in docs.pages(REPO))
+    assert {m[2] for m in docs.MARKER.finditer(text)} == set(docs.BLOCKS)
+    body = docs.rendered("bench-default", REPO)
+    assert "`docs/bench/bench-default.json` (date not recorded; Intel(R) Xeon(R)" in body
+
+
+def test_a_planted_mismatch_fails_and_render_repairs_it(copy, capsys):
+    readme = copy / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    block = text[text.index("<!-- render: answers-dev-300 -->"):]
+    assert "0.674" in block[: block.index("<!-- /render -->")]
+    readme.write_text(text.replace("0.674", "0.675", 1), encoding="utf-8")
+    assert docs.main(["check", "--root", str(copy)]) == 1
+    assert "README.md: block 'answers-dev-300': differs from its records" in capsys.readouterr().err
+    assert docs.main(["render", "--root", str(copy)]) == 0
+    assert readme.read_text(encoding="utf-8") == text
+    assert docs.main(["check", "--root", str(copy)]) == 0
+
+
+def test_a_changed_record_fails_the_check(copy, capsys):
+    record = copy / "docs/memory/app-first-visit.json"
+    data = json.loads(record.read_text())
+    data["phases"][-1]["peak_rss_gb"] += 0.5  # the peak after the questions, shown in the table
+    record.write_text(json.dumps(data))
+    assert docs.main(["check", "--root", str(copy)]) == 1
+    assert "block 'memory': differs from its records" in capsys.readouterr().err
+
+
+def test_a_missing_record_fails_the_check(copy, capsys):
+    (copy / "docs/eval/codecs-dev-300.json").unlink()
+    assert docs.main(["check", "--root", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "block 'codecs-dev-300': record missing: docs/eval/codecs-dev-300.json" in err
+
+
+def test_a_measured_constant_that_left_its_record_fails(copy, monkeypatch, capsys):
+    assert planner.MEASURED_RECORD == "docs/bench/bench-default.json"
+    monkeypatch.setattr(planner, "MEASURED_DOCS_PER_S", 3.67)
+    assert docs.main(["check", "--root", str(copy)]) == 1
+    assert "MEASURED_DOCS_PER_S = 3.67, but docs/bench/bench-default.json measured 6.01" in capsys.readouterr().err
