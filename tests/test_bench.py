@@ -13,7 +13,7 @@ from hyperrag.kv.planner import codec_table
 from hyperrag.report import finite_numbers, summarize
 
 MODES3 = ("retrieval_only", "baseline", "reuse")
-ANSWERING = (*MODES3, "reader_full", "reader_kv")
+ANSWERING = (*MODES3, "retrieval_reader", "reader_full", "reader_kv")
 QUALITY = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")
 
 

@@ -40,8 +40,6 @@ from hyperrag.model import kernels
 from hyperrag.model.rowsplit import SMALL_STREAM_TOKENS
 
 log = logging.getLogger("hyperrag")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 @dataclass(frozen=True)
