@@ -852,7 +852,8 @@ def http_main(args: argparse.Namespace, argv: list[str]) -> dict:
     from hyperrag.rag.pipeline import Engine
 
     with tempfile.TemporaryDirectory(prefix="hyperrag-bench-http-") as tmp:
-        settings = settings_from_args(args).replace(store_url=f"fs://{tmp}", hot_cache_gb=0.0)
+        # The reference's own store: --store keeps it between runs (never give it the service's).
+        settings = settings_from_args(args).replace(store_url=args.store_url or f"fs://{tmp}", hot_cache_gb=0.0)
         corpus = load_corpus(settings.folder("corpus"))
         questions, _ = bench_questions(corpus, args.queries, settings.seed)
         engine = Engine.load(settings, corpus=corpus, with_generator=False)

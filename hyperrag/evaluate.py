@@ -72,7 +72,7 @@ import torch
 from hyperrag.kv.local import LocalKV
 from hyperrag.rag.calibration import Trust, auroc, auroc_interval, expected_calibration_error
 from hyperrag.rag.metrics import agreement, exact_match, f1_score, mean_interval, ranking_metrics
-from hyperrag.model.prompts import ASSISTANT, SYSTEM, RerankTemplate
+from hyperrag.model.prompts import ChatFormat, RerankTemplate
 from hyperrag.model.decoder import causal_mask
 from hyperrag.rag.reader import Reading
 from hyperrag.rag.rerank import Reranker, fuse_scores, length_batches
@@ -159,9 +159,10 @@ class QueryFirstScorer:
         tok, t, p = reranker.llm.tokenizer, reranker.template, reranker.prompt
         enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
         self.enc = enc
-        self.head = enc(SYSTEM.format(t.instruction) + "Question:")
+        turns = ChatFormat.of(tok)
+        self.head = enc(turns.system_open + t.instruction + turns.system_close + "Question:")
         self.between = enc("\nDocument:")
-        self.suffix = enc(ASSISTANT)
+        self.suffix = enc(t.suffix)
         self.max_doc, self.max_q = p.max_doc_tokens, p.max_question_tokens
 
     def split_ids(self, question: str, doc: str) -> tuple[list[int], list[int]]:
@@ -459,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     subset = args.subset or len(cands)
 
     def make_reranker(llm, instruction: str | None = None) -> Reranker:
-        return load_reranker(s, llm, RerankTemplate(instruction=instruction) if instruction else None)
+        return load_reranker(s, llm, RerankTemplate.for_tokenizer(llm.tokenizer, instruction=instruction)
+                             if instruction else None)
 
     def codec_source(codec: str) -> LocalKV:
         """Every candidate's exact KV (from the trained run) stored through ``codec``, once."""

@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=settings.max_doc_tokens, help="passage size limit in reranker tokens")
     parser.add_argument("--overlap", type=int, default=None, help="tokens shared by neighbouring passages (default: max-tokens/10)")
     parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_BYTES / 2**20, help="larger files are refused")
-    parser.add_argument("--model", default=settings.model, help="whose tokenizer sizes the passages")
+    parser.add_argument("--model", default=settings.model, help="whose tokenizer sizes the passages (any --model form: packaged id, folder, .gguf)")
     parser.add_argument("--cache-dir", default=_default_cache_dir())
     args = parser.parse_args(argv)
     args.out = args.out or corpus_out(Path(args.paths[0]).stem)

@@ -225,7 +225,8 @@ def test_batch_with_the_zero_shot_reference(wb):
     assert data["rerank"]["zero_shot"]["pairs_per_s"] > 0 and "ndcg@10" in data["quality"]["zero_shot"]
     assert all(r["encoded_docs"] == 0 for r in data["records"] if r["mode"] == "zero_shot")
     zs = wb.zero_shot_engine(wb.entry(ui.DEFAULT_KEY))
-    assert zs.reranker.llm.fingerprint == "smollm2-135m" and zs.runtime.retrieval_weight == 0
+    assert zs.reranker.llm.fingerprint.startswith("smollm2-135m@") and zs.runtime.retrieval_weight == 0
+    assert "+lora-" not in zs.reranker.llm.fingerprint
     assert zs.store.identity != wb.wait_ready().store.identity  # never the trained model's KV
     original = (wb.settings.codec, wb.settings.store_url, wb.settings.batch_size)
     try:  # a settings change reaches the zero-shot reference too

@@ -26,13 +26,17 @@ import torch
 
 from hyperrag.kv.codec import get_codec
 from hyperrag.kv.local import LocalKV
-from hyperrag.kv.planner import KNOWN_GEOMETRY, KVGeometry
+from hyperrag.kv.planner import KNOWN_GEOMETRY, KVGeometry, geometry_for
 from hyperrag.model import kernels
 from hyperrag.model.families import SLIDING, FULL, UnsupportedModel, architecture, family_of
 from hyperrag.rag.rerank import FP32_SCORE_BOUND
 from tests.conftest import SHIPPED
 
 WINDOW = 24  # Gemma 3's and Mistral's sliding window: shorter than every prompt below
+# Longer than the window by itself: its own tokens, which sit after padded document slots in
+# the reuse buffer (columns are not positions there), fall out of each other's window.
+LONG_QUESTION = ("In the years after the first raids on the coast, which leader of the Norse raiders agreed to swear "
+                 "fealty to the king of West Francia, and what land did he receive in return for it?")
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 
 
@@ -60,9 +64,9 @@ def family_folders(cache_dir, tmp_path_factory):
     """One Hugging Face folder per family (config, safetensors, SmolLM2's tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hyperrag.model.loading import _safetensors_copy
+    from hyperrag.model.loading import model_folder
 
-    tok = AutoTokenizer.from_pretrained(_safetensors_copy("smollm2-135m", cache_dir))
+    tok = AutoTokenizer.from_pretrained(model_folder("smollm2-135m", cache_dir))
     root = tmp_path_factory.mktemp("families")
     folders = {}
     for i, family in enumerate(FAMILIES):
@@ -130,6 +134,14 @@ def test_decoder_logits_equal_transformers(family_llm):
     tail = dec.forward(torch.tensor([ids[p:]]), torch.arange(p, len(ids))[None], kv, start=p,
                        mask=causal_mask(len(ids) - p, p), out_index=torch.tensor([len(ids) - p - 1]))
     assert (dec.logits(tail)[0] - expected[-1]).abs().max().item() <= 1e-5
+    # a rejected draft's column that the rest skips: columns are no longer positions after it
+    kv = dec.new_kv(1, len(ids) + 1)
+    dec.forward(torch.tensor([ids[:p]]), torch.arange(p)[None], kv, start=0)
+    dec.forward(torch.tensor([[ids[0]]]), torch.tensor([[p]]), kv, start=p)
+    mask = causal_mask(len(ids) - p, p + 1)
+    mask[..., p] = False
+    rest = dec.forward(torch.tensor([ids[p:]]), torch.arange(p, len(ids))[None], kv, start=p + 1, mask=mask)
+    assert (dec.logits(rest)[0] - expected[p:]).abs().max().item() <= 1e-5
 
 
 def test_reuse_equals_full_prefill_and_transformers(family_reranker, texts):
@@ -137,7 +149,8 @@ def test_reuse_equals_full_prefill_and_transformers(family_reranker, texts):
     lens = [reranker.doc_tokens(t) for t in texts]
     assert max(lens) > 4 * min(lens) and min(lens) + reranker.prefix_len > WINDOW
     source = LocalKV()
-    questions = ["Who led the Norse raiders?", "When did the expedition reach the coast of the island, and why?"]
+    questions = ["Who led the Norse raiders?", LONG_QUESTION]
+    assert len(reranker.prompt.query(LONG_QUESTION).ids) > WINDOW + 16  # + the layout's bucket of padding
     for question in questions:
         full = reranker.score(question, texts, "full")
         for mode in ("prefix", "reuse"):
@@ -160,8 +173,7 @@ def test_reader_and_generator_equal_transformers_generate(family_reranker, texts
     from hyperrag.rag.reader import Reader
 
     reranker, llm = family_reranker, family_reranker.llm
-    tok, steps = llm.tokenizer, 8
-    question = "Who led the Norse raiders?"
+    tok, steps, question = llm.tokenizer, 8, LONG_QUESTION
     docs = [texts[0], texts[2], texts[1]]
     reader = Reader(reranker, max_rows=3, max_new_tokens=steps, span=False, prune=False)
     source = LocalKV()
@@ -188,11 +200,11 @@ def test_reader_and_generator_equal_transformers_generate(family_reranker, texts
     assert tok.decode(expected, skip_special_tokens=True).strip() == result.text
 
 
-def test_geometry_comes_from_the_model(family_reranker):
+def test_geometry_comes_from_the_model(family_reranker, family_folders):
     reranker = family_reranker
     cfg = reranker.llm.model.config
     geometry = KVGeometry.of(reranker)
-    assert geometry == KVGeometry.from_config(cfg)
+    assert geometry == KVGeometry.from_config(cfg) == geometry_for(str(family_folders[cfg.model_type]))
     assert reranker.layout.kv.shape[0] == cfg.num_hidden_layers and reranker.layout.kv.shape[3] == cfg.num_key_value_heads
     assert reranker.layout.kv.shape[-1] == reranker.decoder.head_dim
     layer = reranker.llm.model.model.layers[0]

@@ -35,7 +35,8 @@ def test_shipped_adapter_is_the_default_and_loads(trained_llm):
     assert (ADAPTER / "adapter_model.safetensors").stat().st_size < 32 * 2**20
     config = json.loads((ADAPTER / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
-    assert trained_llm.fingerprint == f"smollm2-135m+lora-{adapter_hash(ADAPTER)}"
+    assert trained_llm.fingerprint.startswith("smollm2-135m@")  # the packaged id and its weights hash
+    assert trained_llm.fingerprint.endswith(f"+lora-{adapter_hash(ADAPTER)}")
     assert (ADAPTER / "README.md").exists()
 
 
@@ -67,7 +68,7 @@ def test_store_key_changes_with_the_adapter(llm, trained_llm, tmp_path):
     from hyperrag.model.loading import adapter_hash
     from hyperrag.model.prompts import RerankTemplate
 
-    assert llm.fingerprint == "smollm2-135m"  # no adapter: the plain model id
+    assert llm.fingerprint.startswith("smollm2-135m@") and "+" not in llm.fingerprint  # no adapter: id@weights
     assert "+lora-" in trained_llm.fingerprint
 
     def identity(fingerprint: str) -> str:  # what Reranker.kv_identity builds from an LLM's fingerprint
@@ -87,7 +88,7 @@ def test_store_key_changes_with_the_adapter(llm, trained_llm, tmp_path):
     weights[name] = weights[name] * 1.01
     save_file(weights, other / "adapter_model.safetensors")
     assert adapter_hash(other) != adapter_hash(ADAPTER)
-    changed = f"smollm2-135m+lora-{adapter_hash(other)}"
+    changed = f"{llm.fingerprint}+lora-{adapter_hash(other)}"
     assert content_address(identity(changed), "fp16", text) != trained_key
 
 
@@ -168,6 +169,81 @@ def test_packed_training_forward_is_the_inference_computation(llm, reranker, dev
         ids = prompt.prefix_ids + list(prompt.doc_ids(texts[0])) + prompt.read_query(q["question"]).ids + target[:-1]
         full = llm.model(torch.tensor([ids])).logits[0, -len(target):]
     assert (full - logits).abs().max().item() <= FP32_SCORE_BOUND  # 3.8e-5 measured (AMD EPYC)
+
+
+def llama_packed_reference(model, score_vec: torch.Tensor, packed):
+    """The packed forward as it was hand-written for Llama (before it became the model's own
+    forward with a 4D mask): the reference the family-agnostic one must reproduce on SmolLM2."""
+    import torch.nn.functional as F
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    body, cfg = model.model, model.config
+    n_heads, n_kv, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    bsz, width = packed.ids.shape
+    x = body.embed_tokens(packed.ids)
+    cos, sin = body.rotary_emb(x, packed.pos)
+    for layer in body.layers:
+        attn, h = layer.self_attn, layer.input_layernorm(x)
+        q = attn.q_proj(h).view(bsz, width, n_heads, head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(bsz, width, n_kv, head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(bsz, width, n_kv, head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=packed.mask, enable_gqa=n_heads != n_kv)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, width, n_heads * head_dim))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    picked = x[torch.arange(bsz)[:, None], packed.last]
+    return body.norm(picked) @ score_vec, model.lm_head(body.norm(x[packed.answer_at[:, 0], packed.answer_at[:, 1]]))
+
+
+def test_packed_forward_is_the_hand_written_llama_one(llm, reranker, dev):
+    from hyperrag.train_reranker import forward_packed, packed_inputs
+
+    docs, queries = dev
+    q = next(q for q in queries.values() if q["doc_ids"][0] == "normans-002")
+    packed = packed_inputs(reranker.prompt, [docs["normans-002"]["text"], docs["normans-005"]["text"]],
+                           [q["question"], "Who ruled Normandy?"], {(0, 0): q["answers"][0]})
+    with torch.no_grad():
+        scores, logits = forward_packed(llm.model, reranker.score_vec, packed)
+        ref_scores, ref_logits = llama_packed_reference(llm.model, reranker.score_vec, packed)
+    assert (scores - ref_scores).abs().max().item() <= 1e-5  # 0.0 measured (AMD EPYC)
+    assert (logits - ref_logits).abs().max().item() <= 1e-4
+
+
+def test_packed_forward_runs_gemma3_past_its_sliding_window(llm):
+    """Gemma 3 (scaled embeddings, q/k norms, sandwich norms, local/global layers): each packed
+    block scores as its own full prompt even where the prompt is longer than the sliding window
+    and the packed row is longer still."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from hyperrag.model.prompts import RerankPrompt, RerankTemplate
+    from hyperrag.train_reranker import forward_packed, packed_inputs
+
+    tok = llm.tokenizer
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=16, layer_types=["sliding_attention", "full_attention",
+                                                                             "sliding_attention"],
+        attn_implementation="sdpa")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    prompt = RerankPrompt(tok, RerankTemplate.for_tokenizer(tok), 40, 16)
+    docs = ["The Normans gave their name to Normandy, a region in the north of France, in the tenth century.",
+            "Oxygen is a chemical element."]
+    questions = ["Who gave their name to Normandy?", "What is oxygen?"]
+    packed = packed_inputs(prompt, docs, questions)
+    assert len(prompt.prefix_ids) + len(prompt.doc_ids(docs[0])) > 16  # past the window
+    yes_no = model.lm_head.weight[[prompt.yes_id, prompt.no_id]]
+    with torch.no_grad():
+        scores, _ = forward_packed(model, yes_no[0] - yes_no[1], packed)
+        for d, doc in enumerate(docs):
+            for j, question in enumerate(questions):
+                ids = prompt.prefix_ids + list(prompt.doc_ids(doc)) + prompt.query(question).ids
+                logits = model(torch.tensor([ids])).logits[0, -1]
+                full = (logits[prompt.yes_id] - logits[prompt.no_id]).item()
+                assert abs(scores[d, j].item() - full) <= 1e-5, (d, j, scores[d, j].item(), full)
 
 
 def test_a_later_stage_on_new_articles_keeps_the_held_out_articles():

@@ -52,7 +52,11 @@ class Settings:
     )
     model: str = field(
         default="smollm2-135m",
-        metadata={"help": "LLM id from hyperrag.model.loading.MODELS (reranker base and generator)"},
+        metadata={"help": "LLM (reranker base and generator): a packaged id (smollm2-135m, gemma3-270m: "
+                          "hyperrag.model.loading.MODELS), a Hugging Face folder (config.json, *.safetensors, "
+                          "tokenizer; relative or absolute), a .gguf file, or a Hub id (org/name) where the network "
+                          "allows it (HF_HUB_OFFLINE=0). The default adapter is trained for smollm2-135m: pass "
+                          "--adapter '' (or an adapter trained for the model) with any other"},
     )
     adapter: str = field(
         default=str(SHIPPED_ADAPTER),

@@ -17,7 +17,7 @@ by every document and is not stored per document.
 
 Functions:
 
-- :func:`geometry_for` (model id) / :meth:`KVGeometry.of` (a live reranker): the KV shape;
+- :func:`geometry_for` (model id or folder) / :meth:`KVGeometry.of` (a live reranker): the KV shape;
 - :func:`entry_bytes` / :func:`bytes_per_token`: one document / per token, codec + frame;
 - :func:`estimate`: N documents of L tokens (or a list of token counts);
 - :func:`plan_corpus`: a real corpus, counted with the reranker's tokenizer and truncation;
@@ -37,6 +37,8 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterable, Sequence
 
 from hyperrag.kv.codec import CODECS, Codec, get_codec
@@ -92,12 +94,16 @@ KNOWN_GEOMETRY: dict[str, KVGeometry] = {
 
 
 def geometry_for(model: str | KVGeometry) -> KVGeometry:
+    """The geometry of a packaged model id, or of a Hugging Face folder (its ``config.json``)."""
     if isinstance(model, KVGeometry):
         return model
-    if model not in KNOWN_GEOMETRY:
-        raise ValueError(f"no KV geometry known for model {model!r}; pass a KVGeometry "
-                         f"(known: {', '.join(KNOWN_GEOMETRY)})")
-    return KNOWN_GEOMETRY[model]
+    if model in KNOWN_GEOMETRY:
+        return KNOWN_GEOMETRY[model]
+    config = Path(model) / "config.json"
+    if config.is_file():
+        return KVGeometry.from_config(SimpleNamespace(**{"head_dim": None, **json.loads(config.read_text())}))
+    raise ValueError(f"no KV geometry known for model {model!r}; pass a KVGeometry or a model folder "
+                     f"(known: {', '.join(KNOWN_GEOMETRY)})")
 
 
 def _codec(codec: str | Codec) -> Codec:
@@ -274,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"precompute rate of one worker (default: {MEASURED_DOCS_PER_S} docs/s measured at "
                              f"{MEASURED_TOKENS_PER_DOC:.0f} tokens/doc, scaled by tokens)")
     parser.add_argument("--workers", default="1,2,4,8,16,32,64", help="worker counts, comma-separated")
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="a packaged model id or a Hugging Face folder")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
     plans = codec_table(args.docs, args.tokens_per_doc, args.model)

@@ -5,9 +5,14 @@ before the question, so it lands in a cached KV: the prefix (instruction) is sha
 documents and stored once; the tail (``"\\nQuestion:"``) is stored with each document. Only
 ``[question][suffix]`` is run per (question, document) pair, so the suffix is kept short.
 Segments are tokenized separately and joined as ids, so both modes see identical tokens.
+
+The turn markers come from the tokenizer's own chat template (:class:`ChatFormat`); a base model
+without one (Gemma 3 270M) gets a plain-text format. The yes/no words must be single tokens of
+the tokenizer: :class:`PromptError` says so, naming them, when they are not.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -15,6 +20,59 @@ from functools import lru_cache
 
 SYSTEM = "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\n"
 ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+class PromptError(ValueError):
+    """The tokenizer cannot carry the prompt (yes/no or the answer end are not single tokens)."""
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """The text around a system message, a user turn and an assistant turn.
+
+    A prompt is ``system_open + SYSTEM + system_close + USER + user_close`` and the answer follows;
+    ``assistant_close`` ends an assistant turn and opens the next user turn; ``end`` is the token
+    that ends an answer."""
+
+    system_open: str
+    system_close: str
+    user_close: str
+    assistant_close: str
+    end: str
+    chat: bool  # from the tokenizer's chat template (False: the plain-text fallback)
+
+    @classmethod
+    def of(cls, tokenizer) -> "ChatFormat":
+        """The tokenizer's chat template cut at sentinel messages; without a template, plain text
+        (the BOS token first where the tokenizer adds one, as the model was trained)."""
+        if getattr(tokenizer, "chat_template", None):
+            return cls._from_template(tokenizer)
+        bos = tokenizer.bos_token or ""
+        adds_bos = bool(bos) and tokenizer.encode("x")[:1] == [tokenizer.bos_token_id]
+        return cls(bos if adds_bos else "", "\n\n", "\nAnswer: ", "\n\n", tokenizer.eos_token or "", chat=False)
+
+    @classmethod
+    def _from_template(cls, tokenizer) -> "ChatFormat":
+        s, u, a, u2 = "\x00S\x00", "\x00U\x00", "\x00A\x00", "\x00V\x00"
+
+        def render(messages: list[dict]) -> str:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+        try:
+            text = render([{"role": "system", "content": s}, {"role": "user", "content": u},
+                           {"role": "assistant", "content": a}, {"role": "user", "content": u2}])
+        except Exception:  # templates without a system role: the instruction opens the user turn
+            text = render([{"role": "user", "content": s + "\n\n" + u}, {"role": "assistant", "content": a},
+                           {"role": "user", "content": u2}])
+        head, rest = text.split(s, 1)
+        between, rest = rest.split(u, 1)
+        user_close, rest = rest.split(a, 1)
+        assistant_close, final = rest.split(u2, 1)
+        if final != user_close:
+            raise PromptError(f"the chat template closes the last user turn with {final!r} but an earlier one "
+                              f"with {user_close!r}: cannot cut it into a doc-first prompt")
+        end = assistant_close.strip().split("\n")[0] or tokenizer.eos_token or ""
+        return cls(head, between, user_close, assistant_close, end, chat=True)
 
 
 @dataclass(frozen=True)
@@ -39,6 +97,20 @@ class RerankTemplate:
     @property
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, **fields) -> "RerankTemplate":
+        """This template in the tokenizer's chat format (SmolLM2's gives exactly the defaults above).
+        Without a chat template: ``[BOS]{instruction}\\n\\nDocument: ... Question: ...\\nRelevant:``
+        scored on `` Yes`` / `` No``, the reader's answer after ``\\nAnswer:`` ending in EOS."""
+        f = ChatFormat.of(tokenizer)
+        esc = lambda text: text.replace("{", "{{").replace("}", "}}")  # noqa: E731 (prefix is a format string)
+        made = {"prefix": esc(f.system_open) + "{}" + esc(f.system_close) + "Document:", "answer_end": f.end}
+        if f.chat:
+            made["suffix"] = f.user_close
+        else:
+            made.update(suffix="\nRelevant:", yes=" Yes", no=" No", answer_cue="\nAnswer:")
+        return dataclasses.replace(cls(), **{**made, **fields})
 
 
 EXAMPLE_DOC = ("The Eiffel Tower is a wrought-iron lattice tower in Paris, France. It was designed by the "
@@ -76,15 +148,9 @@ class RerankPrompt:
         self.prefix_ids = self._encode(template.prefix.format(template.instruction))
         self.tail_ids = self._encode(template.doc_tail)
         self.suffix_ids = self._encode(template.suffix)
-        yes, no = self._encode(template.yes), self._encode(template.no)
-        if len(yes) != 1 or len(no) != 1:
-            raise ValueError(f"yes/no words must be single tokens, got {yes} and {no}")
-        self.yes_id, self.no_id = yes[0], no[0]
+        self.yes_id, self.no_id = (self._single(template.yes, "yes"), self._single(template.no, "no"))
         self.answer_cue_ids = self._encode(template.answer_cue)
-        end = self._encode(template.answer_end)
-        if len(end) != 1:
-            raise ValueError(f"the answer end must be a single token, got {end}")
-        self.answer_end_id = end[0]
+        self.answer_end_id = self._single(template.answer_end, "answer end")
         self.doc_ids = lru_cache(maxsize=65536)(self._doc_ids)
 
     def _encode(self, text: str) -> list[int]:
@@ -93,6 +159,13 @@ class RerankPrompt:
     def doc_truncated(self, text: str) -> bool:
         """Whether :meth:`doc_ids` cuts ``text`` at ``max_doc_tokens`` (a service says so)."""
         return len(self._encode(self.template.doc.format(text=text))) > self.max_doc_tokens
+
+    def _single(self, word: str, what: str) -> int:
+        ids = self._encode(word)
+        if len(ids) != 1:
+            raise PromptError(f"the {what} word {word!r} is {len(ids)} tokens {ids} for this tokenizer, not one: "
+                              f"the score reads one token's logit")
+        return ids[0]
 
     def _doc_ids(self, text: str) -> tuple[int, ...]:
         """Document + tail tokens (the cached segment), the document cut to ``max_doc_tokens``."""
@@ -116,16 +189,17 @@ class RerankPrompt:
 
 class GenerationPrompt:
     """Token segments of the answer prompt: a fixed head (system + worked examples), the same
-    for every question and so computed once, then the documents and the question."""
+    for every question and so computed once, then the documents and the question; turns in the
+    tokenizer's chat format (:class:`ChatFormat`)."""
 
     def __init__(self, tokenizer, template: GenerateTemplate, max_doc_tokens: int):
         self.tokenizer = tokenizer
         self.template = template
         self.max_doc_tokens = max_doc_tokens
-        head = "<|im_start|>system\n" + template.system + "<|im_end|>\n"
-        head += "".join("<|im_start|>user\n" + self._body([d], q) + ASSISTANT + a + "<|im_end|>\n"
-                        for d, q, a in template.examples)
-        self.head_ids = self._encode(head + "<|im_start|>user\n")
+        self.format = f = ChatFormat.of(tokenizer)
+        head = f.system_open + template.system + f.system_close
+        head += "".join(self._body([d], q) + f.user_close + a + f.assistant_close for d, q, a in template.examples)
+        self.head_ids = self._encode(head)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -137,4 +211,4 @@ class GenerationPrompt:
     def question_ids(self, question: str, docs: list[str]) -> list[int]:
         """Everything after the head: documents (each cut to ``max_doc_tokens``) and question."""
         cut = [self.tokenizer.decode(self._encode(t)[: self.max_doc_tokens]) for t in docs]
-        return self._encode(self._body(cut, question) + ASSISTANT)
+        return self._encode(self._body(cut, question) + self.format.user_close)

@@ -126,7 +126,7 @@ class Reranker:
                  max_question_tokens: int = 64, batch_size: int = 20, streams: int = 2, answer_tokens: int = 16,
                  rotate: bool = True):
         self.llm = llm
-        self.template = template or RerankTemplate()
+        self.template = template or RerankTemplate.for_tokenizer(llm.tokenizer)
         self.prompt = RerankPrompt(llm.tokenizer, self.template, max_doc_tokens, max_question_tokens)
         # Keys are cached in a rotated basis (see Decoder): quantized codecs lose less of them.
         self.decoder = Decoder(llm.model, llm.linear, llm.head_linear, rotate=rotate)

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     from hyperrag.serve.service import Service
 
     service = Service.load(settings)
+    print(f"HyperRAG serving {service.model_name} at http://{args.host}:{args.port} (API docs at /docs; store "
+          f"{service.engine.store.display_url}, corpus {len(service.engine.corpus.docs)} documents)", flush=True)
     try:
         uvicorn.run(create_app(service, token), host=args.host, port=args.port, log_level="warning")
     finally:

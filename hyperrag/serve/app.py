@@ -156,8 +156,8 @@ def create_app(service: Service, token: str = "") -> FastAPI:
             reply = {"answer": reading.answer,
                      "source": {"index": reading.doc, "start": reading.start, "end": reading.end} if reading.doc >= 0 else None,
                      "ranking": [{"index": i, "score": ranking.scores[i]} for i in ranking.order],
-                     "meta": schemas.RerankMeta(kv_reused=ranking.kv_reused, kv_computed=ranking.kv_computed,
-                                                truncated=ranking.truncated, timings_ms={}),
+                     "meta": {"kv_reused": ranking.kv_reused, "kv_computed": ranking.kv_computed,
+                              "truncated": ranking.truncated},
                      "warnings": ranking.warnings + reading.warnings, **service.reading_extras(reading)}
         timings["total"] = time.perf_counter() - t0
         return {**reply, "timings_ms": _ms(timings)}

@@ -43,11 +43,14 @@ class RerankResult(BaseModel):
     document: Document | None = None
 
 
-class RerankMeta(BaseModel):
+class KVMeta(BaseModel):
     kv_reused: int = Field(description="documents whose KV came from the store (or a request batched with this one)")
     kv_computed: int = Field(description="documents encoded for this request and stored for the next")
     truncated: list[int] = Field(description="documents cut at max_doc_tokens (scored on their first tokens)")
-    timings_ms: dict[str, float]
+
+
+class RerankMeta(KVMeta):
+    timings_ms: dict[str, float] = Field(description="queue, kv_load, rerank (model time), total (in the service)")
     warnings: list[str] = []
 
 
@@ -102,6 +105,6 @@ class AnswerResponse(BaseModel):
     answer: str
     source: Source | None
     ranking: list[Ranked]
-    meta: RerankMeta | None = Field(None, description="over sent documents: their KV reuse")
+    meta: KVMeta | None = Field(None, description="over sent documents: their KV reuse")
     warnings: list[str] = []
     timings_ms: dict[str, float]

@@ -175,8 +175,8 @@ def load_tokenizer(model: str, cache_dir: str | Path):
     """The reranker's tokenizer, loaded offline from the model's safetensors copy."""
     from transformers import AutoTokenizer
 
-    from hyperrag.model.loading import _safetensors_copy
+    from hyperrag.model.loading import model_folder
 
-    return AutoTokenizer.from_pretrained(_safetensors_copy(model, cache_dir))
+    return AutoTokenizer.from_pretrained(model_folder(model, cache_dir))
 
 
