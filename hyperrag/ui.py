@@ -31,6 +31,7 @@ from hyperrag.data.corpus import Query
 from hyperrag.kv.codec import CODECS
 from hyperrag.kv.planner import format_bytes, format_duration
 from hyperrag.kv.urls import redact_url
+from hyperrag.rag.calibration import NOT_FOUND
 from hyperrag.rag.metrics import agreement, exact_match, f1_score
 from hyperrag.rag.modes import MODE_TABLE, MODES as MODE_SPECS
 from hyperrag.rag.pipeline import MODES, QuestionError, RAGResult, clean_question
@@ -86,7 +87,7 @@ def seconds_text(s: float) -> str:
 # --------------------------------------------------------------------------------------------
 # result rendering
 # --------------------------------------------------------------------------------------------
-DOC_COLUMNS = ["#", "Δ", "score", "document", "gold", "used"]
+DOC_COLUMNS = ["#", "Δ", "score", "P(answers)", "document", "gold", "used"]
 
 
 def rank_change(doc) -> str:
@@ -96,9 +97,14 @@ def rank_change(doc) -> str:
 
 def docs_frame(result: RAGResult, gold: Query | None = None) -> pd.DataFrame:
     gold_ids = set(gold.doc_ids) if gold else set()
-    rows = [[d.rank, rank_change(d), round(d.score, 2), d.id, "✓" if d.id in gold_ids else "",
+    rows = [[d.rank, rank_change(d), round(d.score, 2), percent(d.relevance), d.id, "✓" if d.id in gold_ids else "",
              "✓" if d.rank <= result.top_n else ""] for d in result.docs]
     return pd.DataFrame(rows, columns=DOC_COLUMNS)
+
+
+def percent(p: float | None) -> str:
+    """A calibrated probability as a percentage; a dash where there is none (not calibrated)."""
+    return "–" if p is None else f"{p:.0%}"
 
 
 def judge(result: RAGResult, gold: Query | None) -> dict:
@@ -118,10 +124,14 @@ def judge(result: RAGResult, gold: Query | None) -> dict:
 
 
 def answer_markdown(result: RAGResult, gold: Query | None) -> str:
-    answer = result.answer.strip() or "_(empty answer)_"
-    lines = [f"**Answer:** {answer}"]
-    if result.reading is not None:
-        lines.append(source_markdown(result))
+    if not result.found:
+        lines = [declined_markdown(result)]
+    else:
+        answer = result.answer.strip() or "_(empty answer)_"
+        confidence = "" if result.confidence is None else f" · confidence {result.confidence:.0%}"
+        lines = [f"**Answer:** {answer}{confidence}"]
+        if result.reading is not None:
+            lines.append(source_markdown(result))
     verdict = judge(result, gold)
     if "em" in verdict:
         ok = "✓ right" if verdict["em"] else ("≈ partly right" if verdict["f1"] >= 0.5 else "✗ wrong")
@@ -134,6 +144,19 @@ def answer_markdown(result: RAGResult, gold: Query | None) -> str:
             where = "given to the generator ✓" if verdict["gold_in_prompt"] else "not in the top-n ✗"
             lines.append(f"Gold paragraph: rank {verdict['gold_rank']} (retrieval rank "
                          f"{verdict['gold_retrieval_rank']}), {where}")
+    return "\n\n".join(lines)
+
+
+def declined_markdown(result: RAGResult, snippet: int = 160) -> str:
+    """The reader declined: says so, with its confidence, the closest passages and its guess."""
+    confidence = "" if result.confidence is None else f" (confidence {result.confidence:.0%}, below the threshold)"
+    lines = [f"**{NOT_FOUND}**{confidence} The closest passages:"]
+    for d in result.docs[: result.top_n]:
+        text = d.text if len(d.text) <= snippet else d.text[:snippet].rsplit(" ", 1)[0] + "…"
+        lines.append(f"{d.rank}. **{_md(d.title or d.id)}** (`{d.id}`{source_text(d.source)}, P(answers) "
+                     f"{percent(d.relevance)}): {_md(text)}")
+    if result.reading is not None and result.reading.answer:
+        lines.append(f"_The reader's best guess, not given as an answer: “{_md(result.reading.answer)}”_")
     return "\n\n".join(lines)
 
 
@@ -621,9 +644,10 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
                             mode_outputs += [gr.Markdown("", elem_classes=["hr-answer"]),
                                              gr.Markdown("", elem_classes=["hr-timing"]),
                                              gr.Dataframe(headers=DOC_COLUMNS, max_height=360, interactive=False,
-                                                          label="Documents (Δ: rank change vs retrieval; used: "
-                                                                "given to the generator)",
-                                                          column_widths=["7%", "14%", "18%", "33%", "14%", "14%"])]
+                                                          label="Documents (Δ: rank change vs retrieval; P(answers): "
+                                                                "calibrated probability that the passage answers; "
+                                                                "used: read or given to the generator)",
+                                                          column_widths=["7%", "12%", "14%", "14%", "29%", "12%", "12%"])]
 
             with gr.Tab("3 · Batch & dashboards", id="batch"):
                 with gr.Row():
