@@ -44,9 +44,11 @@ from hyperrag.workbench.operations import (DEFAULT_KEY, MAX_BATCH_SIZE, AppConfi
 log = logging.getLogger("hyperrag.ui")
 ASSETS = SHIPPED / "ui"  # logo and style sheet: package data, so an installed app has them too
 SHIPPED, UPLOAD = "Shipped corpus", "Upload my own"
-# The Ask tab's columns: traditional RAG, the full-prefill and KV-reuse rerankers with the
-# traditional generator, and HyperRAG's reader on the same stored KV (reader_full: batch tab).
-COMPARE_MODES = ("retrieval", "baseline", "reuse", "reader_kv")
+# The Ask tab's columns: the same trained reader over the retriever's order, over full-prefill
+# reranking and over KV-reuse reranking (HyperRAG), so what reranking adds and what KV reuse saves
+# are both in view. The traditional (untrained) generator is one click away as a reference.
+COMPARE_MODES = ("retrieval_reader", "reader_full", "reader_kv")
+REFERENCE_MODES = ("retrieval", "reuse")  # the generator over the retriever's / the reranked top-n
 MODE_TITLES = {m.name: m.title for m in MODE_TABLE}
 ZERO_SHOT = "zero_shot"  # batch-only mode: what the trained adapter is measured against
 MAX_GOLD_CHOICES = 400
@@ -203,6 +205,8 @@ def timing_markdown(result: RAGResult) -> str:
 
 
 def summary_markdown(results: dict[str, RAGResult]) -> str:
+    if "reader_kv" in results or "reader_full" in results or "retrieval_reader" in results:
+        return reader_summary(results)
     base, reuse, retr = results.get("baseline"), results.get("reuse"), results.get("retrieval")
     lines = []
     if base and reuse:
@@ -228,6 +232,40 @@ def summary_markdown(results: dict[str, RAGResult]) -> str:
     if retr:
         lines.append(f"Retrieval only (no reranker): {seconds_text(retr.timings['total'])}.")
     return "  \n".join(lines)
+
+
+def reader_summary(results: dict[str, RAGResult]) -> str:
+    """The Ask tab's headline: KV reuse against full prefill (same reader, same ranking), then what
+    reranking changed against the reader over the retriever's order."""
+    full, kv, plain = results.get("reader_full"), results.get("reader_kv"), results.get("retrieval_reader")
+    lines = []
+    if full and kv:
+        tf = full.timings["kv_load"] + full.timings["rerank"]
+        tk = kv.timings["kv_load"] + kv.timings["rerank"]
+        speed = f"{tf / tk:.1f}×" if tk else "∞×"
+        agree = agreement([report.record_from_result(full, generated=True)],
+                          [report.record_from_result(kv, generated=True)])
+        same = "Same ranking ✓" if agree["ranking_agreement"] == 1 else (
+            f"Same top-{kv.top_n} {'✓' if agree['top_n_agreement'] == 1 else '✗'}; the full ranking differs "
+            f"(near-tied scores, max difference {agree['max_abs_score_diff']:.1e})")
+        lines.append(f"**KV reuse reranked {len(kv.docs)} documents {speed} faster than full prefill** "
+                     f"({seconds_text(tk)} vs {seconds_text(tf)}); end to end {seconds_text(kv.timings['total'])} vs "
+                     f"{seconds_text(full.timings['total'])}, no document token computed. {same} · same answer "
+                     f"{'✓' if agree['answer_agreement'] == 1 else '✗'}")
+    ranked = kv or full
+    if ranked and plain:
+        moved = sum(d.rank <= ranked.top_n for d in ranked.docs if d.retrieval_rank > ranked.top_n)
+        change = ("the same answer" if plain.reading and ranked.reading and plain.reading.answer == ranked.reading.answer
+                  else f"“{_md(plain.answer)}” over the retriever's order, “{_md(ranked.answer)}” reranked")
+        lines.append(f"**Reranking** moved {moved} passage(s) into the top {ranked.top_n} from lower in the "
+                     f"retriever's list; the reader gave {change}.")
+    return "  \n".join(lines)
+
+
+def reference_markdown(results: dict[str, RAGResult], gold: Query | None) -> str:
+    """The traditional generator's answers (the reference, not trained for this prompt)."""
+    return "\n\n---\n\n".join(f"#### {MODE_TITLES[mode]} · {timing_markdown(r)}\n\n{answer_markdown(r, gold)}"
+                                 for mode, r in results.items())
 
 
 def banner(messages: Sequence[str]) -> dict:
@@ -434,6 +472,20 @@ def cb_compare(question: str, top_k: float, top_n: float, key: str | None):
         gr.Warning(w)
 
 
+@shows_errors
+def cb_reference(question: str, top_k: float, top_n: float, key: str | None) -> str:
+    """The traditional generator on the same question (``REFERENCE_MODES``): the reference the
+    reader is measured against, one click away."""
+    wb = get_workbench()
+    entry = wb.entry(key)
+    try:
+        question, _ = clean_question(question)
+    except QuestionError as err:
+        raise UserError(f"{err} (or pick a gold question)") from None
+    results = {mode: _ask(wb, entry, question, mode, int(top_k), int(top_n)) for mode in REFERENCE_MODES}
+    return reference_markdown(results, _gold(entry, question))
+
+
 # -- batch of gold queries with live dashboards --------------------------------------------------
 BATCH_COLUMNS = ["query", "mode", "question", "answer", "EM", "F1", "gold rank", "total ms"]
 DASHBOARDS = (("Latency per stage", figures.latency_figure), ("Throughput", figures.throughput_figure),
@@ -555,15 +607,18 @@ def api_ask(question: str, mode: str = "reuse", top_k: int = 0, top_n: int = 0, 
     """Answer one question in one mode (retrieval | baseline | prefix | reuse) on a loaded corpus.
 
     ``corpus``: "" for the app's default corpus, or the id an upload was given. Returns the
-    answer, the ranked documents, stage timings (seconds) and warnings."""
+    answer (reader modes: ``found`` False when it declined, with its ``confidence``), the ranked
+    documents (``relevance``: calibrated P(the passage answers), where calibrated), stage timings
+    (seconds) and warnings."""
     wb = get_workbench()
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     entry = wb.entry(corpus or DEFAULT_KEY)
     result = _ask(wb, entry, question, mode, int(top_k) or wb.settings.top_k, int(top_n) or wb.settings.top_n)
     return {"question": result.question, "mode": result.mode, "answer": result.answer, "top_n": result.top_n,
-            "docs": [{"id": d.id, "score": d.score, "rank": d.rank, "retrieval_rank": d.retrieval_rank}
-                     for d in result.docs],
+            "found": result.found, "confidence": result.confidence,
+            "docs": [{"id": d.id, "score": d.score, "rank": d.rank, "retrieval_rank": d.retrieval_rank,
+                      "relevance": d.relevance} for d in result.docs],
             "timings": result.timings, "warnings": result.warnings, "corpus": entry.key}
 
 
@@ -634,7 +689,7 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
                                       label="top-k (retrieved candidates)")
                     top_n = gr.Slider(1, MAX_TOP_N, value=min(s.top_n, MAX_TOP_N), step=1,
                                       label="top-n (documents given to the generator)")
-                    ask = gr.Button("Ask in all four modes", variant="primary")
+                    ask = gr.Button("Ask: the reader over three rankings", variant="primary")
                 summary = gr.Markdown("", elem_id="hr-summary")
                 mode_outputs: list[gr.components.Component] = []
                 with gr.Row(equal_height=False):
@@ -648,6 +703,10 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
                                                                 "calibrated probability that the passage answers; "
                                                                 "used: read or given to the generator)",
                                                           column_widths=["7%", "12%", "14%", "14%", "29%", "12%", "12%"])]
+                with gr.Accordion("Reference: the traditional generator (untrained for this prompt) on the same "
+                                  "question", open=False):
+                    reference = gr.Button("Ask the traditional generator (retrieval only, and after KV-reuse rerank)")
+                    reference_out = gr.Markdown("")
 
             with gr.Tab("3 · Batch & dashboards", id="batch"):
                 with gr.Row():
@@ -684,6 +743,7 @@ def build_app(workbench: Workbench | None = None) -> gr.Blocks:
         ask_event = dict(fn=cb_compare, inputs=[question, top_k, top_n, corpus_key],
                          outputs=[summary, warn, *mode_outputs])
         ask.click(**ask_event, api_name="compare")
+        reference.click(cb_reference, [question, top_k, top_n, corpus_key], reference_out, api_name="reference")
         question.submit(**ask_event, api_visibility="private")
         gr.api(api_ask, api_name="ask")
         batch_event = run.click(cb_run_batch, [n_queries, mode_box, seed, top_k, top_n, corpus_key],
