@@ -110,13 +110,15 @@ def percent(p: float | None) -> str:
 
 
 def judge(result: RAGResult, gold: Query | None) -> dict:
-    """For a gold question: EM/F1 of the answer and where the gold documents ended up."""
+    """For a gold question: EM/F1 of the answer (of the reader's guess where it declined) and
+    where the gold documents ended up."""
     if gold is None:
         return {}
     out: dict[str, Any] = {}
+    answer = result.reading.answer if not result.found and result.reading is not None else result.answer
     if gold.answers:
-        out["em"] = exact_match(result.answer, gold.answers)
-        out["f1"] = f1_score(result.answer, gold.answers)
+        out["em"] = exact_match(answer, gold.answers)
+        out["f1"] = f1_score(answer, gold.answers)
     ranks = {d.id: d for d in result.docs}
     found = [ranks[g] for g in gold.doc_ids if g in ranks]
     out["gold_rank"] = min((d.rank for d in found), default=None)
@@ -137,6 +139,7 @@ def answer_markdown(result: RAGResult, gold: Query | None) -> str:
     verdict = judge(result, gold)
     if "em" in verdict:
         ok = "✓ right" if verdict["em"] else ("≈ partly right" if verdict["f1"] >= 0.5 else "✗ wrong")
+        ok = ok if result.found else f"declined; its guess: {ok}"
         lines.append(f"**{ok}** — EM {verdict['em']:.0f} · F1 {verdict['f1']:.2f} — gold: "
                      + " / ".join(f"“{a}”" for a in dict.fromkeys(gold.answers)))
     if gold is not None and gold.doc_ids:
@@ -487,7 +490,7 @@ def cb_reference(question: str, top_k: float, top_n: float, key: str | None) -> 
 
 
 # -- batch of gold queries with live dashboards --------------------------------------------------
-BATCH_COLUMNS = ["query", "mode", "question", "answer", "EM", "F1", "gold rank", "total ms"]
+BATCH_COLUMNS = ["query", "mode", "question", "answer", "EM", "F1", "confidence", "gold rank", "total ms"]
 DASHBOARDS = (("Latency per stage", figures.latency_figure), ("Throughput", figures.throughput_figure),
               ("Quality", figures.quality_figure), ("Storage", figures.storage_figure),
               ("Quality vs throughput", figures.frontier_figure))
@@ -517,9 +520,9 @@ def batch_row(record: dict) -> list:
     answers = record.get("answers") or []
     gold = set(record.get("gold_ids") or [])
     rank = next((i for i, d in enumerate(record["ranked_ids"], 1) if d in gold), None)
-    return [record["query_id"], record["mode"], record["question"], record["answer"],
-            exact_match(record["answer"], answers) if answers else None,
-            round(f1_score(record["answer"], answers), 3) if answers else None,
+    em, f1 = report.answer_scores(record) if answers else (None, None)  # the reader's own answer, declined or not
+    return [record["query_id"], record["mode"], record["question"], record["answer"], em,
+            round(f1, 3) if f1 is not None else None, percent(record.get("confidence")) if "found" in record else "",
             rank, round(record["timings"].get("total", 0.0) * 1e3, 1)]
 
 
