@@ -33,7 +33,8 @@ def main(argv=None):
         args.data_dir or env("HYPERRAG_DATA_DIR") or os.path.join(settings.cache_dir, "app")))
     os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(data_dir, "gradio"))  # Gradio's upload cache too
     from hyperrag import ui  # imports gradio: after GRADIO_TEMP_DIR is set
-    from hyperrag.workbench.operations import AppConfig, Workbench
+    from hyperrag.workbench.config import AppConfig
+    from hyperrag.workbench.operations import Workbench
 
     config = AppConfig.from_env(settings, data_dir, allow_any_store=args.allow_any_store)
     workbench = Workbench(settings, config)

@@ -10,13 +10,9 @@ Names are imported lazily so ``import hyperrag`` stays cheap.
 from __future__ import annotations
 
 import importlib
-import os
 
-# Read by GNU OpenMP when torch loads it, so it must be set before the first ``import torch``.
-# Idle OpenMP threads spin only briefly before sleeping: the reranker's row streams (rowsplit)
-# own OpenMP teams of their own, and with libgomp's default spin those teams kept spinning after
-# a rerank and slowed what came next (retrieval 22%, generation 7% in an A/B on 2 cores).
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# The process environment's defaults, before anything imports torch, transformers or LMCache.
+from hyperrag.common import env  # noqa: F401
 
 _EXPORTS = {
     "Settings": "hyperrag.common.settings",

@@ -38,14 +38,8 @@ from typing import Any, Sequence
 
 from hyperrag.kv.planner import KVGeometry, estimate, plan_corpus
 from hyperrag.rag.metrics import latency_summary
-from hyperrag.rag.modes import E2E_KEYS, ENGINE_MODES, MODE_TABLE, MODES
+from hyperrag.rag.modes import E2E_KEYS, MODE_TABLE, MODES
 
-os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# LMCache logs every failed attempt while it evicts from a full CPU tier; the store reports what
-# matters (misses, errors) through its own warnings, which the bench prints.
-os.environ.setdefault("LMCACHE_LOG_LEVEL", "ERROR")
 
 log = logging.getLogger("hyperrag.bench")
 
@@ -176,8 +170,8 @@ def storage_block(engine, texts: Sequence[str], report, load_stats: dict) -> dic
         "load_gb_per_s": load_stats.get("gb_per_s", 0.0), "load_bytes": load_stats.get("bytes", 0),
         "loads": load_stats.get("hits", 0), "misses": load_stats.get("misses", 0),
         "cpu_tier_gb": engine.store.hot_cache_gb, "cpu_tier_loads": load_stats.get("hot_hits", 0),
-        "store": engine.store.scheme, "prefix_tokens": reranker.prefix_len,
-        "prefix_bytes_once": codec.nbytes(KVGeometry.of(reranker).shape(reranker.prefix_len)),
+        "store": engine.store.scheme, "prefix_tokens": reranker.runner.prefix_len,
+        "prefix_bytes_once": codec.nbytes(KVGeometry.of(reranker).shape(reranker.runner.prefix_len)),
     }
     return block
 
@@ -188,7 +182,7 @@ def query_first_block(engine, questions: list[dict], candidate_texts: list[list[
     computed once per question and shared by its candidates (what vLLM's automatic prefix
     caching gives), so only each document's tokens run. Same model, same candidates; the two
     alternate per question, so drift hits both alike."""
-    from hyperrag.evaluate import QueryFirstScorer
+    from hyperrag.rag.query_first import QueryFirstScorer
     from hyperrag.rag.metrics import latency_summary
 
     scorer, reranker = QueryFirstScorer(engine.reranker), engine.reranker
@@ -224,7 +218,7 @@ def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repea
     from hyperrag.model.layout import concat_layout
 
     reranker, store = engine.reranker, engine.store
-    layout = reranker.layout
+    layout = reranker.runner.layout
     static_s, concat_s, static_load_s, concat_load_s = [], [], [], []
     buffers_mb = []
     for i, texts in enumerate(candidate_texts):
@@ -246,7 +240,7 @@ def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repea
                         layout.doc_view(r, lens[r]).copy_(kv)
                     static_s.append(time.perf_counter() - t0)
                 else:
-                    buf, _ = concat_layout(reranker.prefix_kv, kvs, n_query)
+                    buf, _ = concat_layout(reranker.runner.prefix_kv, kvs, n_query)
                     concat_s.append(time.perf_counter() - t0)
                     buffers_mb.append(buf.nbytes / 2**20)
                     del buf
@@ -263,7 +257,7 @@ def measure_layout(engine, candidate_texts: list[list[str]], n_query: int, repea
                     kv = torch.empty(KVGeometry.of(reranker).shape(n), dtype=reranker.decoder.dtype, device=reranker.decoder.device)
                     store.load_into(t, kv)
                     fresh.append(kv)
-                buf, _ = concat_layout(reranker.prefix_kv, fresh, n_query)
+                buf, _ = concat_layout(reranker.runner.prefix_kv, fresh, n_query)
                 concat_load_s.append(time.perf_counter() - t0)
                 del buf, fresh
         del kvs
@@ -292,20 +286,24 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
     encoded again) is encoded by every codec and held in memory (``LocalKV``: the LMCache round
     trip is the same for every codec and the main reuse row measures it); the codec order
     rotates per query so drift hits every codec alike."""
+    union = list(dict.fromkeys(t for texts in candidate_texts for t in texts))
+    sources, rows = _codec_sources(engine, codecs, union, all_texts)
+    references = _score_codecs(engine, codecs, questions, candidate_texts, reference, gold, sources, rows, progress)
+    sources.clear()
+    return _codec_rows(engine.reranker.decoder, codecs, rows, references)
+
+
+def _codec_sources(engine, codecs: list[str], union: list[str], all_texts: Sequence[str]) -> tuple[dict, dict]:
+    """Per codec: an in-memory source holding every candidate's KV through it, and its row so
+    far (encode time, bytes per token, the corpus's bytes)."""
     import gc
 
-    from hyperrag.kv.codec import get_codec
     from hyperrag.kv.local import LocalKV
     from hyperrag.rag.kv_rounding import codec_for
-    from hyperrag.rag.metrics import agreement, ndcg_at_k
-    from hyperrag.rag.rerank import fuse_scores
 
-    reranker = engine.reranker
-    union = list(dict.fromkeys(t for texts in candidate_texts for t in texts))
+    reranker, s = engine.reranker, engine.settings
     dec = reranker.decoder
     corpus_tokens = [reranker.doc_tokens(t) for t in all_texts]
-
-    s = engine.settings
     sources = {name: LocalKV(codec_for(name, s.kv_rounding, reranker, s.cache_dir)) for name in codecs}
     encode_s = dict.fromkeys(codecs, 0.0)
     for text, kv in _exact_kvs(engine, union):  # one document at a time when the store is exact
@@ -323,7 +321,18 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
                       "bytes_per_token": codec.bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim),
                       "bytes": payload, "tokens": sum(corpus_tokens), "records": [], "secs": 0.0, "load_s": 0.0,
                       "pairs": 0, "ndcg": [], "encoded": 0, "held_bytes": sources[name].nbytes}
-    top_n = engine.settings.top_n
+    return sources, rows
+
+
+def _score_codecs(engine, codecs: list[str], questions: list[dict], candidate_texts: list[list[str]],
+                  reference: dict[str, dict[str, float]], gold: dict[str, list[str]], sources: dict, rows: dict,
+                  progress=None) -> list[dict]:
+    """Every question's candidates scored in reuse mode from each codec's source (the order
+    rotating per question) into ``rows``; returns the fp32 full-prefill reference records."""
+    from hyperrag.rag.metrics import ndcg_at_k
+    from hyperrag.rag.rerank import fuse_scores
+
+    reranker, top_n = engine.reranker, engine.settings.top_n
     references = []
     for i, (q, texts) in enumerate(zip(questions, candidate_texts)):
         order = codecs[i % len(codecs):] + codecs[: i % len(codecs)]
@@ -346,7 +355,14 @@ def codec_sweep(engine, codecs: list[str], questions: list[dict], candidate_text
                 row["ndcg"].append(ndcg_at_k(rank, gold[q["id"]], 10))
         if progress:
             progress(1)
-    sources.clear()
+    return references
+
+
+def _codec_rows(dec, codecs: list[str], rows: dict, references: list[dict]) -> list[dict]:
+    """The sweep's output rows: sizes against fp32 and fp16, agreement with the reference, speed."""
+    from hyperrag.kv.codec import get_codec
+    from hyperrag.rag.metrics import agreement
+
     fp32_bpt = get_codec("fp32").bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim)
     fp16_bpt = get_codec("fp16").bytes_per_token(dec.n_layers, dec.n_kv_heads, dec.head_dim)
     out = []
@@ -451,11 +467,11 @@ def frontier_points(results: dict) -> list[dict]:
         if key in e2e and key in quality:
             points.append({"label": label, "kind": "e2e", "queries_per_s": e2e[key]["queries_per_s"],
                            "ndcg@10": quality[key]["ndcg@10"], "f1": quality[key].get("f1")})
-    rerank_quality = {"full": "baseline", "prefix_cached": "prefix_cached", "reuse": "reuse"}
-    for key, label in (("full", "rerank full"), ("prefix_cached", "rerank prefix cached"), ("reuse", f"rerank reuse {codec}")):
-        q = quality.get(rerank_quality[key])
-        if key in rerank and q:
-            points.append({"label": label, "kind": "rerank", "pairs_per_s": rerank[key]["pairs_per_s"],
+    for m in MODE_TABLE:  # the trained reranker's rows (the zero-shot reference is an e2e point)
+        q = quality.get(m.e2e_key)
+        if m.rerank_key in rerank and m.name != "zero_shot" and q:
+            label = f"rerank {m.rerank_key.replace('_', ' ')}" + (f" {codec}" if m.rerank == "reuse" else "")
+            points.append({"label": label, "kind": "rerank", "pairs_per_s": rerank[m.rerank_key]["pairs_per_s"],
                            "ndcg@10": q["ndcg@10"], "f1": q.get("f1")})
     for row in results.get("codecs", []):
         if row.get("ndcg@10") is not None:
@@ -503,213 +519,262 @@ def _loadavg() -> float:
 
 # -- the run ------------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> dict:
-    """The whole benchmark for resolved options; returns the result dict."""
-    from tqdm import tqdm
+class _Run:
+    """One benchmark run's state, filled phase by phase (:func:`run` calls them in order)."""
 
-    from hyperrag.data.corpus import load_corpus
-    from hyperrag.rag.pipeline import Engine
-    from hyperrag.rag.precompute import plan_lines, precompute, progress_bar
-    from hyperrag.report import record_from_result, summarize
-    from hyperrag.common.settings import settings_from_args
+    def __init__(self, args: argparse.Namespace):
+        from hyperrag.common.settings import settings_from_args
 
-    if args.threads:
-        import torch
+        if args.threads:
+            import torch
 
-        torch.set_num_threads(args.threads)
-    tmp = None
-    if args.store_url is None:
-        tmp = tempfile.TemporaryDirectory(prefix="hyperrag-bench-kv-")
-        args.store_url = f"fs://{tmp.name}"
-    settings = settings_from_args(args)
-    bar_opts = {"file": sys.stderr, "dynamic_ncols": True, "leave": False}
-    wall0 = time.perf_counter()
-    setup: dict[str, float] = {}
-    memory: dict[str, float] = {}  # phase -> peak RSS so far (GB)
-    engine = zero_shot = None
-    try:
+            torch.set_num_threads(args.threads)
+        self.args = args
+        self.tmp = None
+        if args.store_url is None:
+            self.tmp = tempfile.TemporaryDirectory(prefix="hyperrag-bench-kv-")
+            args.store_url = f"fs://{self.tmp.name}"
+        self.settings = settings_from_args(args)
+        self.bar_opts = {"file": sys.stderr, "dynamic_ncols": True, "leave": False}
+        self.wall0 = time.perf_counter()
+        self.setup: dict[str, float] = {}
+        self.memory: dict[str, float] = {}  # phase -> peak RSS so far (GB)
+        self.warnings: list[str] = []
+        self.engine = self.zero_shot = None
+
+    def bar(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="q", **self.bar_opts)
+
+    def load(self) -> None:
+        """The engine on the corpus, and the questions with their retrieved candidates."""
+        from hyperrag.data.corpus import load_corpus
+        from hyperrag.rag.pipeline import Engine
+        from hyperrag.rag.precompute import progress_bar
+
+        args, settings = self.args, self.settings
         t0 = time.perf_counter()
-        corpus = load_corpus(settings.folder("corpus"))
-        bar, progress = progress_bar(len(corpus.docs), "index (embed)", **bar_opts)
+        self.corpus = corpus = load_corpus(settings.folder("corpus"))
+        bar, progress = progress_bar(len(corpus.docs), "index (embed)", **self.bar_opts)
         with bar:
-            engine = Engine.load(settings, corpus=corpus, with_generator=not args.no_generate, progress=progress)
-        setup["load_s"] = time.perf_counter() - t0
-        memory["load"] = _peak_rss_gb()
-        machine = machine_info(engine)
-
-        questions, source = bench_questions(corpus, args.queries, settings.seed)
+            self.engine = Engine.load(settings, corpus=corpus, with_generator=not args.no_generate, progress=progress)
+        self.setup["load_s"] = time.perf_counter() - t0
+        self.memory["load"] = _peak_rss_gb()
+        self.machine = machine_info(self.engine)
+        self.questions, self.query_source = bench_questions(corpus, args.queries, settings.seed)
         if not corpus.queries:
             print(f"note: {corpus.root} has no gold queries (queries.jsonl): using document openings as "
                   "questions; the quality block is skipped", file=sys.stderr)
-        top_k, top_n = settings.top_k, min(settings.top_n, settings.top_k)
-        for q in questions:
-            hits = engine.retrieve(q["question"], top_k)
+        self.top_k, self.top_n = settings.top_k, min(settings.top_n, settings.top_k)
+        for q in self.questions:
+            hits = self.engine.retrieve(q["question"], self.top_k)
             q["candidate_ids"], q["candidate_cosine"] = [d for d, _ in hits], [c for _, c in hits]
-        candidate_texts = [[corpus.by_id[d].text for d in q["candidate_ids"]] for q in questions]
+        self.candidate_texts = [[corpus.by_id[d].text for d in q["candidate_ids"]] for q in self.questions]
 
-        # -- precompute (timed apart) ---------------------------------------------------------
-        if args.precompute == "all":
-            texts = [d.text for d in corpus.docs]
+    def precompute(self) -> None:
+        """The documents' KV (the corpus's, or the candidates'), timed apart."""
+        from hyperrag.rag.precompute import plan_lines, precompute, progress_bar
+
+        engine = self.engine
+        if self.args.precompute == "all":
+            self.texts = [d.text for d in self.corpus.docs]
         else:
-            texts = list(dict.fromkeys(t for ts in candidate_texts for t in ts))
-        for line in plan_lines(engine.reranker, texts, engine.store):
+            self.texts = list(dict.fromkeys(t for ts in self.candidate_texts for t in ts))
+        for line in plan_lines(engine.reranker, self.texts, engine.store):
             print(line, file=sys.stderr)
-        bar, progress = progress_bar(len(texts), "precompute", **bar_opts)
+        bar, progress = progress_bar(len(self.texts), "precompute", **self.bar_opts)
         with bar:
-            report = precompute(engine.reranker, engine.store, texts, progress)
-        setup["precompute_s"] = report.seconds
-        memory["precompute"] = _peak_rss_gb()
-        warnings = list(report.warnings)
+            self.report = precompute(engine.reranker, engine.store, self.texts, progress)
+        self.setup["precompute_s"] = self.report.seconds
+        self.memory["precompute"] = _peak_rss_gb()
+        self.warnings += self.report.warnings
 
-        # -- the zero-shot reference: base model, no adapter, its own in-memory KV (timed apart) --
-        # every engine mode; the reader's two when the engine has a reader (an adapter) and answers
-        modes = tuple(m for m in ENGINE_MODES if MODES[m].read is None or engine.reader is not None)
-        if settings.adapter and not args.no_zero_shot:
-            union = list(dict.fromkeys(t for ts in candidate_texts for t in ts))
+    def choose_modes(self) -> None:
+        """Every mode that can run; the zero-shot reference (base model, no adapter, its own
+        in-memory KV, precomputed apart) when there is an adapter and it is not turned off."""
+        from hyperrag.rag.precompute import precompute, progress_bar
+        from hyperrag.workbench.operations import runnable_modes
+
+        engine = self.engine
+        with_zero_shot = bool(self.settings.adapter and not self.args.no_zero_shot)
+        self.modes = runnable_modes(reader=engine.reader is not None, zero_shot=with_zero_shot)
+        if with_zero_shot:
+            union = list(dict.fromkeys(t for ts in self.candidate_texts for t in ts))
             need = plan_corpus(engine.reranker, union, engine.store.codec).payload_bytes
-            zero_shot = engine.zero_shot(hot_cache_gb=need * 1.25 / 1e9 + 0.05)
-            bar, progress = progress_bar(len(union), "precompute zero-shot", **bar_opts)
+            self.zero_shot = engine.zero_shot(hot_cache_gb=need * 1.25 / 1e9 + 0.05)
+            bar, progress = progress_bar(len(union), "precompute zero-shot", **self.bar_opts)
             with bar:
-                zs_report = precompute(zero_shot.reranker, zero_shot.store, union, progress)
-            setup["zero_shot_precompute_s"] = zs_report.seconds
-            memory["zero_shot"] = _peak_rss_gb()
-            modes = ("zero_shot", *modes)
+                zs_report = precompute(self.zero_shot.reranker, self.zero_shot.store, union, progress)
+            self.setup["zero_shot_precompute_s"] = zs_report.seconds
+            self.memory["zero_shot"] = _peak_rss_gb()
 
-        def ask(question: str, mode: str, **kw):
-            if mode == "zero_shot":
-                return zero_shot.ask(question, "reuse", **kw)
-            return engine.ask(question, mode, **kw)
+    def ask(self, question: str, mode: str, **kw):
+        from hyperrag.workbench.operations import route
 
-        # -- warm-up (not timed): one question through every mode ------------------------------
+        target, engine_mode = route(mode, lambda: self.engine, lambda: self.zero_shot)
+        return target.ask(question, engine_mode, **kw)
+
+    def generates(self, mode: str) -> bool:
+        return mode != "prefix" and not self.args.no_generate
+
+    def warm_up(self) -> None:
+        """One question through every mode, not timed."""
         t0 = time.perf_counter()
-        for mode in modes:
-            ask(questions[0]["question"], mode, generate=mode != "prefix" and not args.no_generate)
-        setup["warmup_s"] = time.perf_counter() - t0
-        memory["warmup"] = _peak_rss_gb()
-        stats0 = dict(vars(engine.store.stats))
-        warnings += engine.store.take_warnings()
+        for mode in self.modes:
+            self.ask(self.questions[0]["question"], mode, generate=self.generates(mode))
+        self.setup["warmup_s"] = time.perf_counter() - t0
+        self.memory["warmup"] = _peak_rss_gb()
 
-        # -- the query loop: every mode on every question, order rotating ----------------------
-        records: list[dict] = []
-        same_candidates = True
+    def query_loop(self) -> None:
+        """Every mode on every question, the order rotating per question; the store's load
+        figures over the loop."""
+        from hyperrag.report import record_from_result
+
+        engine, modes = self.engine, self.modes
+        stats0 = dict(vars(engine.store.stats))
+        self.warnings += engine.store.take_warnings()
+        self.records: list[dict] = []
+        self.same_candidates = True
         encoded_at_query_time = 0
-        bar = tqdm(total=len(questions), desc="queries", unit="q", **bar_opts)
-        loads: list[float] = []
-        for i, q in enumerate(questions):
-            order = modes[i % len(modes):] + modes[: i % len(modes)]
-            for mode in order:
-                generate = mode != "prefix" and not args.no_generate
-                result = ask(q["question"], mode, top_k=top_k, top_n=top_n, generate=generate)
+        self.loads: list[float] = []
+        bar = self.bar(len(self.questions), "queries")
+        for i, q in enumerate(self.questions):
+            for mode in modes[i % len(modes):] + modes[: i % len(modes)]:
+                generate = self.generates(mode)
+                result = self.ask(q["question"], mode, top_k=self.top_k, top_n=self.top_n, generate=generate)
                 if sorted(result.ranked_ids) != sorted(q["candidate_ids"]):
-                    same_candidates = False
+                    self.same_candidates = False
                 rec = record_from_result(result, q["query"], q["id"], generated=generate)
                 rec["mode"] = mode
-                records.append(rec)
+                self.records.append(rec)
                 encoded_at_query_time += rec.get("encoded_docs", 0) if MODES[mode].rerank == "reuse" else 0
-                warnings += [w for w in result.warnings if w not in warnings]
+                self.warnings += [w for w in result.warnings if w not in self.warnings]
             bar.update(1)
-            loads.append(_loadavg())
+            self.loads.append(_loadavg())
         bar.close()
         stats1 = vars(engine.store.stats)
         load_bytes = stats1["load_bytes"] - stats0["load_bytes"]
         load_s = stats1["load_s"] - stats0["load_s"]
-        load_stats = {"bytes": load_bytes, "gb_per_s": load_bytes / load_s / 1e9 if load_s else 0.0,
-                      "hits": stats1["hits"] - stats0["hits"], "misses": stats1["misses"] - stats0["misses"],
-                      "hot_hits": stats1["hot_hits"] - stats0["hot_hits"]}
+        self.load_stats = {"bytes": load_bytes, "gb_per_s": load_bytes / load_s / 1e9 if load_s else 0.0,
+                           "hits": stats1["hits"] - stats0["hits"], "misses": stats1["misses"] - stats0["misses"],
+                           "hot_hits": stats1["hot_hits"] - stats0["hot_hits"]}
         if encoded_at_query_time:
-            warnings.append(f"{encoded_at_query_time} document KV(s) were missing from the store at query time "
-                            "and computed inside the reuse timings")
+            self.warnings.append(f"{encoded_at_query_time} document KV(s) were missing from the store at query time "
+                                 "and computed inside the reuse timings")
 
-        summary = summarize(records)
+    def summarize(self) -> dict:
+        """The result dict of the query loop: config, setup, the records' summary, storage,
+        planner, machine."""
+        from hyperrag.report import summarize
+
+        args, settings, engine, corpus = self.args, self.settings, self.engine, self.corpus
         results: dict[str, Any] = {
             "config": {
                 "corpus": corpus.name, "corpus_path": str(corpus.root), "corpus_docs": len(corpus.docs),
-                "queries": len(questions), "query_source": source, "top_k": top_k, "top_n": top_n,
-                "codec": settings.codec, "kv_rounding": settings.kv_rounding, "store": settings.store_url if tmp is None else "fs://<temporary folder>",
-                "store_temporary": tmp is not None, "batch_size": settings.batch_size, "seed": settings.seed,
-                "cpu_streams": engine.reranker.rows.size,
+                "queries": len(self.questions), "query_source": self.query_source, "top_k": self.top_k,
+                "top_n": self.top_n, "codec": settings.codec, "kv_rounding": settings.kv_rounding,
+                "store": settings.store_url if self.tmp is None else "fs://<temporary folder>",
+                "store_temporary": self.tmp is not None, "batch_size": settings.batch_size, "seed": settings.seed,
+                "cpu_streams": engine.reranker.runner.rows.size,
                 "model": settings.model, "adapter": settings.adapter, "dtype": settings.dtype,
                 "max_new_tokens": settings.max_new_tokens, "max_doc_tokens": settings.max_doc_tokens,
                 "generate": not args.no_generate, "quick": args.quick, "precompute": args.precompute,
-                "codecs": args.codec_list, "same_candidates_every_mode": same_candidates,
-                "mode_order": "rotating per question: " + ", ".join(modes),
+                "codecs": args.codec_list, "same_candidates_every_mode": self.same_candidates,
+                "mode_order": "rotating per question: " + ", ".join(self.modes),
                 "zero_shot": "base model without the adapter, no score fusion, reuse mode, document KV in memory"
-                             if "zero_shot" in modes else "not run (no adapter, or --no-zero-shot)",
+                             if "zero_shot" in self.modes else "not run (no adapter, or --no-zero-shot)",
             },
-            "setup": setup,
-            **summary,
+            "setup": self.setup,
+            **summarize(self.records),
         }
         results["rerank"]["note"] = ("full = baseline rerank (whole prompt per pair, candidates grouped by "
                                      "length); prefix_cached = shared instruction KV cached; reuse = stored "
                                      "document KV, question+suffix run per pair")
-        results["storage"] = storage_block(engine, texts, report, load_stats)
+        results["storage"] = storage_block(engine, self.texts, self.report, self.load_stats)
         mean_tokens = results["storage"]["tokens"] / max(results["storage"]["docs"], 1)
         corpus_estimate = estimate(len(corpus.docs), round(mean_tokens), engine.store.codec,
                                    KVGeometry.of(engine.reranker)).total_bytes
         results["planner"] = {"label": f"planner: {len(corpus.docs)} docs x {mean_tokens:.0f} tokens "
                                        f"({settings.codec})", "bytes": corpus_estimate,
                               "docs": len(corpus.docs), "tokens_per_doc": mean_tokens}
-        results["machine"] = machine
-        if loads:
-            machine["loadavg_queries"] = sum(loads) / len(loads)
+        results["machine"] = machine = self.machine
+        if self.loads:
+            machine["loadavg_queries"] = sum(self.loads) / len(self.loads)
             # the bench's own threads count in the load average (each reranker row stream runs up to
             # torch's thread count): warn only when others added to it
-            own = (machine.get("threads") or 1) * engine.reranker.rows.size
+            own = (machine.get("threads") or 1) * engine.reranker.runner.rows.size
             if machine["loadavg_queries"] > max(machine.get("cores") or 1, own) + 0.75:
-                warnings.append(f"the machine was busy during the queries (load average "
-                                f"{machine['loadavg_queries']:.1f} on {machine.get('cores')} cores): absolute "
-                                "timings are inflated; ratios hold better since modes are interleaved per question")
+                self.warnings.append(f"the machine was busy during the queries (load average "
+                                     f"{machine['loadavg_queries']:.1f} on {machine.get('cores')} cores): absolute "
+                                     "timings are inflated; ratios hold better since modes are interleaved per question")
+        return results
 
-        # -- the query-first prefix-cached baseline, timed alternately with reuse ----------------
-        bar = tqdm(total=len(questions), desc="query-first cached", unit="q", **bar_opts)
-        results["rerank"].update(query_first_block(engine, questions, candidate_texts, progress=bar.update))
+    def measure_more(self, results: dict) -> None:
+        """What the query loop does not measure: the query-first baseline, the static layout,
+        the codec sweep, concurrent clients."""
+        args, engine, questions = self.args, self.engine, self.questions
+        bar = self.bar(len(questions), "query-first cached")
+        results["rerank"].update(query_first_block(engine, questions, self.candidate_texts, progress=bar.update))
         bar.close()
-
-        memory["queries"] = _peak_rss_gb()
-        # -- static layout vs concatenation -----------------------------------------------------
+        self.memory["queries"] = _peak_rss_gb()
         n_query = results["rerank"].get("mean_query_tokens") or 24
-        bar = tqdm(total=len(questions), desc="layout", unit="q", **bar_opts)
-        results["layout"] = measure_layout(engine, candidate_texts, round(n_query), args.layout_repeats,
+        bar = self.bar(len(questions), "layout")
+        results["layout"] = measure_layout(engine, self.candidate_texts, round(n_query), args.layout_repeats,
                                            progress=bar.update)
         bar.close()
-
-        # -- codec sweep ----------------------------------------------------------------------
         if args.codec_list:
-            reference = {}
-            for rec in records:
-                if rec["mode"] == "baseline":
-                    reference[rec["query_id"]] = rec["scores"]
+            reference = {rec["query_id"]: rec["scores"] for rec in self.records if rec["mode"] == "baseline"}
             gold = {q["id"]: list(q["query"].doc_ids) for q in questions if q["query"] is not None}
-            bar = tqdm(total=len(questions), desc="codecs", unit="q", **bar_opts)
-            results["codecs"] = codec_sweep(engine, args.codec_list, questions, candidate_texts, reference, gold,
-                                            [d.text for d in corpus.docs], progress=bar.update)
+            bar = self.bar(len(questions), "codecs")
+            results["codecs"] = codec_sweep(engine, args.codec_list, questions, self.candidate_texts, reference, gold,
+                                            [d.text for d in self.corpus.docs], progress=bar.update)
             bar.close()
             sweep_encoded = sum(r["encoded_docs"] for r in results["codecs"])
             if sweep_encoded:
-                warnings.append(f"codec sweep: {sweep_encoded} document KV(s) missing from the sweep stores")
-            memory["codecs"] = _peak_rss_gb()  # the sweep holds a store (and CPU tier) per codec
+                self.warnings.append(f"codec sweep: {sweep_encoded} document KV(s) missing from the sweep stores")
+            self.memory["codecs"] = _peak_rss_gb()  # the sweep holds a store (and CPU tier) per codec
         if args.serve:
             mode = "reader_kv" if engine.reader is not None and not args.no_generate else "reuse"
             print(f"serve: {args.clients} clients vs one, {len(questions)} questions, {mode}", file=sys.stderr)
             results["serve"] = serve_block(engine, [q["question"] for q in questions], args.clients, mode)
-            memory["serve"] = _peak_rss_gb()
-        memory["end"] = _peak_rss_gb()
-        results["memory"] = {"peak_rss_gb_after": memory}
-        if args.frontier:
+            self.memory["serve"] = _peak_rss_gb()
+
+    def finish(self, results: dict) -> dict:
+        self.memory["end"] = _peak_rss_gb()
+        results["memory"] = {"peak_rss_gb_after": self.memory}
+        if self.args.frontier:
             results["frontier"] = frontier_points(results)
-        warnings += engine.store.take_warnings()
+        self.warnings += self.engine.store.take_warnings()
         results["machine"]["loadavg_end"] = _loadavg()
-        setup["bench_wall_s"] = time.perf_counter() - wall0
-        results["warnings"] = list(dict.fromkeys(warnings))
-        results["records"] = records
+        self.setup["bench_wall_s"] = time.perf_counter() - self.wall0
+        results["warnings"] = list(dict.fromkeys(self.warnings))
+        results["records"] = self.records
         return results
+
+    def close(self) -> None:
+        if self.zero_shot is not None:
+            self.zero_shot.close()
+        if self.engine is not None:
+            self.engine.close()
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole benchmark for resolved options; returns the result dict."""
+    bench = _Run(args)
+    try:
+        bench.load()
+        bench.precompute()
+        bench.choose_modes()
+        bench.warm_up()
+        bench.query_loop()
+        results = bench.summarize()
+        bench.measure_more(results)
+        return bench.finish(results)
     finally:
-        if zero_shot is not None:
-            zero_shot.close()
-        if engine is not None:
-            engine.close()
-        if tmp is not None:
-            tmp.cleanup()
+        bench.close()
 
 
 def _tier_note(storage: dict) -> str:

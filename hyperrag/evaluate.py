@@ -56,26 +56,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
 from hyperrag.kv.local import LocalKV
 from hyperrag.rag.calibration import Trust, auroc, auroc_interval, expected_calibration_error
 from hyperrag.rag.metrics import agreement, exact_match, f1_score, mean_interval, ranking_metrics
-from hyperrag.model.prompts import ChatFormat, RerankTemplate
-from hyperrag.model.decoder import causal_mask
+from hyperrag.model.prompts import RerankTemplate
+from hyperrag.rag.query_first import QueryFirstScorer
 from hyperrag.rag.reader import Reading
-from hyperrag.rag.rerank import Reranker, fuse_scores, length_batches
+from hyperrag.rag.rerank import Reranker, fuse_scores
 
 log = logging.getLogger("hyperrag.evaluate")
 
@@ -145,56 +141,6 @@ def rerank_scores(reranker: Reranker, cands: Sequence[Candidates], by_id: dict, 
         if progress:
             progress(i + 1, len(cands))
     return out
-
-
-class QueryFirstScorer:
-    """``[instruction][question][document][suffix]``: the usual prompt, question before document,
-    so no document KV can be shared across questions. Same yes/no score. ``cached=True`` is the
-    strongest prefix-caching baseline a vLLM user gets (automatic prefix caching): the
-    ``[instruction][question]`` KV is computed once per question and shared by its candidates,
-    and only each document's tokens and the suffix run."""
-
-    def __init__(self, reranker: Reranker):
-        self.r = reranker
-        tok, t, p = reranker.llm.tokenizer, reranker.template, reranker.prompt
-        enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-        self.enc = enc
-        turns = ChatFormat.of(tok)
-        self.head = enc(turns.system_open + t.instruction + turns.system_close + "Question:")
-        self.between = enc("\nDocument:")
-        self.suffix = enc(t.suffix)
-        self.max_doc, self.max_q = p.max_doc_tokens, p.max_question_tokens
-
-    def split_ids(self, question: str, doc: str) -> tuple[list[int], list[int]]:
-        """(the question's shared prefix, the document's part) of the query-first prompt."""
-        q = self.enc(" " + question)[: self.max_q]
-        d = self.enc("\n" + doc)[: self.max_doc]
-        return self.head + q + self.between, d + self.suffix
-
-    def score(self, question: str, docs: Sequence[str], cached: bool = False) -> list[float]:
-        r, dec = self.r, self.r.decoder
-        parts = [self.split_ids(question, d) for d in docs]
-        shared = parts[0][0] if parts else []
-        start = len(shared) if cached else 0
-        seqs = [tail if cached else head + tail for head, tail in parts]
-        prefix_kv = r.encode_prefix(shared) if cached else None  # once, as a prefix cache holds it
-        out = [0.0] * len(seqs)
-        for batch in length_batches([len(s) for s in seqs], r.batch_size):
-            longest = max(len(seqs[i]) for i in batch)
-            kv = dec.new_kv(len(batch), start + longest)
-            if cached:
-                kv.fill_prefix(prefix_kv)
-
-            def run(part: slice) -> list[float]:  # as the reranker runs a batch: rows in streams
-                rows = batch[part]
-                ids, last = r.batch_ids([seqs[i] for i in rows])
-                pos = (start + torch.arange(ids.shape[1], device=dec.device)).expand(len(rows), -1)
-                mask = causal_mask(ids.shape[1], start, dec.device) if cached else None
-                return r.score_hidden(dec.forward(ids, pos, kv.rows(part), start, mask, out_index=last))
-
-            for i, s in zip(batch, r.rows.run(len(batch), run, longest)):
-                out[i] = s
-        return out
 
 
 def ranking_per_question(run: SystemRun, cands: Sequence[Candidates]) -> dict[str, list[float]]:

@@ -17,17 +17,14 @@ from typing import Any, Mapping, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from hyperrag.rag.modes import BENCH_ONLY_RERANK, E2E_KEYS, MODE_TABLE, MODES, RERANK_KEYS
+from hyperrag.rag.modes import BENCH_ONLY_RERANK, BY_E2E_KEY, E2E_KEYS, MODE_TABLE, MODES, RERANK_KEYS
 from hyperrag.report import (QUALITY_KEYS, STAGES, as_number, fmt_number, fmt_share, get_path,
                              ratio_rows)
 
 STAGE_COLORS = {"retrieve": "#9aa5b1", "kv_load": "#f2b134", "rerank": "#d64545", "generate": "#3d7ea6"}
-E2E_MODES = E2E_KEYS
-RERANK_MODES = RERANK_KEYS
-MODE_COLORS = {**{m.e2e_key: m.color for m in MODE_TABLE}, "full": MODES["baseline"].color,
-               **{k: color for k, (_, color) in BENCH_ONLY_RERANK.items()}}
-LABELS = {**{m.e2e_key: m.label for m in MODE_TABLE}, "full": "full prefill",
-          **{k: label for k, (label, _) in BENCH_ONLY_RERANK.items()}}
+# Label and color of each e2e/quality row (``e2e_key``) and of each reranker row (``rerank_key``).
+E2E_STYLE = {m.e2e_key: (m.label, m.color) for m in MODE_TABLE}
+RERANK_STYLE = {**{m.rerank_key: (m.label, m.color) for m in MODE_TABLE if m.rerank_key}, **BENCH_ONLY_RERANK}
 TEMPLATE = "plotly_white"
 
 
@@ -56,10 +53,10 @@ def latency_figure(results: Mapping[str, Any]) -> go.Figure:
     """Stacked mean latency per stage (retrieve, KV load, rerank, generate) for each e2e mode."""
     title = "End-to-end latency per stage (mean ms per query)"
     e2e = get_path(results, "e2e", default={})
-    modes = [m for m in E2E_MODES if isinstance(get_path(e2e, m), Mapping)]
+    modes = [m for m in E2E_KEYS if isinstance(get_path(e2e, m), Mapping)]
     if not modes:
         return _empty(title, "no end-to-end measurements")
-    names = [LABELS[m] for m in modes]
+    names = [E2E_STYLE[m][0] for m in modes]
     fig = go.Figure()
     for stage in STAGES:
         values = [as_number(get_path(e2e, m, "stage_ms", stage)) or 0.0 for m in modes]
@@ -82,21 +79,21 @@ def throughput_figure(results: Mapping[str, Any]) -> go.Figure:
     """Queries/s per end-to-end mode and reranker pairs/s per rerank mode, side by side."""
     e2e = get_path(results, "e2e", default={})
     rerank = get_path(results, "rerank", default={})
-    e_modes = [m for m in E2E_MODES if as_number(get_path(e2e, m, "queries_per_s")) is not None]
-    r_modes = [m for m in RERANK_MODES if as_number(get_path(rerank, m, "pairs_per_s")) is not None]
+    e_modes = [m for m in E2E_KEYS if as_number(get_path(e2e, m, "queries_per_s")) is not None]
+    r_modes = [m for m in RERANK_KEYS if as_number(get_path(rerank, m, "pairs_per_s")) is not None]
     if not e_modes and not r_modes:
         return _empty("Throughput", "no throughput measurements")
     fig = make_subplots(rows=1, cols=2, subplot_titles=("End to end: queries/s", "Reranker: pairs/s"))
     if e_modes:
-        _rate_bars(fig, e2e, e_modes, "queries_per_s", "baseline", "queries/s", 1, textposition="outside")
+        _rate_bars(fig, e2e, e_modes, "queries_per_s", "baseline", "queries/s", 1, E2E_STYLE, textposition="outside")
     if r_modes:
-        _rate_bars(fig, rerank, r_modes, "pairs_per_s", "full", "pairs/s", 2, textposition="auto",
+        _rate_bars(fig, rerank, r_modes, "pairs_per_s", "full", "pairs/s", 2, RERANK_STYLE, textposition="auto",
                    insidetextanchor="middle")
         full = as_number(get_path(rerank, "full", "pairs_per_s"))
         limit = as_number(get_path(rerank, "token_ratio_limit"))
         if limit and full and "reuse" in r_modes:
             # the token-ratio limit drawn as a tick over the reuse bar
-            fig.add_scatter(x=[LABELS["reuse"]], y=[full * limit], mode="markers",
+            fig.add_scatter(x=[RERANK_STYLE["reuse"][0]], y=[full * limit], mode="markers",
                             marker={"symbol": "line-ew-open", "size": 60, "color": "#333", "line": {"width": 3}},
                             name=f"token-ratio limit: {limit:.1f}x full", row=1, col=2,
                             hovertemplate=f"token-ratio limit {limit:.1f}x full = %{{y:.3g}} pairs/s<extra></extra>")
@@ -111,11 +108,12 @@ def throughput_figure(results: Mapping[str, Any]) -> go.Figure:
 
 
 def _rate_bars(fig: go.Figure, block: Any, modes: Sequence[str], key: str, reference: str, unit: str, col: int,
-               **bar: Any) -> None:
-    """One bar per mode of ``block[mode][key]``, labelled with its ratio to the ``reference`` mode."""
+               style: Mapping[str, tuple[str, str]], **bar: Any) -> None:
+    """One bar per mode of ``block[mode][key]`` (``style``: its label and color), labelled with
+    its ratio to the ``reference`` mode."""
     values = [as_number(get_path(block, m, key)) for m in modes]
     ref = as_number(get_path(block, reference, key))
-    fig.add_bar(x=[LABELS[m] for m in modes], y=values, marker_color=[MODE_COLORS[m] for m in modes],
+    fig.add_bar(x=[style[m][0] for m in modes], y=values, marker_color=[style[m][1] for m in modes],
                 text=[f"{v:.3g}" + (f" ({v / ref:.1f}x)" if ref and m != reference else "") for v, m in zip(values, modes)],
                 showlegend=False, row=1, col=col, hovertemplate=f"%{{x}}: %{{y:.3g}} {unit}<extra></extra>", **bar)
 
@@ -124,15 +122,16 @@ def quality_figure(results: Mapping[str, Any]) -> go.Figure:
     """Recall@1/5, MRR@10, NDCG@10, EM and F1 per mode (grouped bars)."""
     title = "Quality per mode"
     quality = get_path(results, "quality", default={})
-    modes = [m for m in E2E_MODES if isinstance(get_path(quality, m), Mapping)]
+    modes = [m for m in E2E_KEYS if isinstance(get_path(quality, m), Mapping)]
     if not modes:
         return _empty(title, get_path(quality, "note", default="no quality measurements (no gold queries)"))
     fig = go.Figure()
     for m in modes:
         values = [as_number(get_path(quality, m, k)) for k in QUALITY_KEYS]
-        fig.add_bar(name=LABELS[m], x=list(QUALITY_KEYS), y=values, marker_color=MODE_COLORS[m],
+        label, color = E2E_STYLE[m]
+        fig.add_bar(name=label, x=list(QUALITY_KEYS), y=values, marker_color=color,
                     text=[fmt_number(v, 2) for v in values], textposition="outside",
-                    hovertemplate=LABELS[m] + " %{x}: %{y:.3f}<extra></extra>")
+                    hovertemplate=label + " %{x}: %{y:.3f}<extra></extra>")
     agreement = as_number(get_path(quality, "ranking_agreement"))
     diff = as_number(get_path(quality, "max_abs_score_diff"))
     if agreement is not None:
@@ -195,9 +194,9 @@ def _frontier_points(results: Mapping[str, Any]) -> list[dict]:
     if points:
         return points
     e2e, quality = get_path(results, "e2e", default={}), get_path(results, "quality", default={})
-    for m in E2E_MODES:  # derive the e2e points when no explicit frontier was measured
+    for m in E2E_KEYS:  # derive the e2e points when no explicit frontier was measured
         if as_number(get_path(e2e, m, "queries_per_s")) and isinstance(get_path(quality, m), Mapping):
-            points.append({"label": LABELS[m], "queries_per_s": get_path(e2e, m, "queries_per_s"),
+            points.append({"label": E2E_STYLE[m][0], "queries_per_s": get_path(e2e, m, "queries_per_s"),
                            "ndcg@10": get_path(quality, m, "ndcg@10"), "f1": get_path(quality, m, "f1")})
     return points
 
@@ -242,9 +241,9 @@ def _point_symbol(point: Mapping[str, Any]) -> str:
 
 def _point_color(point: Mapping[str, Any]) -> str:
     label = str(point.get("label", "")).lower()
-    for key, color in (("retrieval", MODE_COLORS["retrieval_only"]), ("prefix", MODE_COLORS["prefix_cached"]),
-                       ("reuse", MODE_COLORS["reuse"]), ("baseline", MODE_COLORS["baseline"]),
-                       ("full", MODE_COLORS["full"])):
+    for key, color in (("retrieval", MODES["retrieval"].color), ("prefix", MODES["prefix"].color),
+                       ("reuse", MODES["reuse"].color), ("baseline", MODES["baseline"].color),
+                       ("full", MODES["baseline"].color)):
         if key in label:
             return color
     return "#6c5fc7"
@@ -288,11 +287,11 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
 def _mode_table(results: Mapping[str, Any]) -> str:
     e2e, quality, rerank = (get_path(results, k, default={}) for k in ("e2e", "quality", "rerank"))
     rows = []
-    for m in E2E_MODES:
+    for m in E2E_KEYS:
         if not isinstance(get_path(e2e, m), Mapping) and not isinstance(get_path(quality, m), Mapping):
             continue
-        rm = {"baseline": "full", "prefix_cached": "prefix_cached", "reuse": "reuse", "zero_shot": "zero_shot"}.get(m)
-        rows.append([LABELS[m], fmt_number(get_path(e2e, m, "queries_per_s")), fmt_number(get_path(e2e, m, "p50_ms")),
+        rm = BY_E2E_KEY[m].rerank_key
+        rows.append([E2E_STYLE[m][0], fmt_number(get_path(e2e, m, "queries_per_s")), fmt_number(get_path(e2e, m, "p50_ms")),
                      fmt_number(get_path(e2e, m, "p95_ms")), fmt_number(get_path(rerank, rm, "pairs_per_s")) if rm else "–"]
                     + [fmt_number(get_path(quality, m, k)) for k in QUALITY_KEYS])
     return _table(["mode", "queries/s", "p50 ms", "p95 ms", "rerank pairs/s", *QUALITY_KEYS], rows)

@@ -17,7 +17,7 @@ from hyperrag.data.ingest import ingest, load_tokenizer
 def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from hyperrag.common.settings import Settings, _default_cache_dir, corpus_out
+    from hyperrag.common.settings import Settings, default_cache_dir, corpus_out
 
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(prog="python -m hyperrag.ingest",
@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overlap", type=int, default=None, help="tokens shared by neighbouring passages (default: max-tokens/10)")
     parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_BYTES / 2**20, help="larger files are refused")
     parser.add_argument("--model", default=settings.model, help="whose tokenizer sizes the passages (any --model form: packaged id, folder, .gguf)")
-    parser.add_argument("--cache-dir", default=_default_cache_dir())
+    parser.add_argument("--cache-dir", default=default_cache_dir())
     args = parser.parse_args(argv)
     args.out = args.out or corpus_out(Path(args.paths[0]).stem)
     tokenizer = load_tokenizer(args.model, args.cache_dir)

@@ -38,18 +38,21 @@ declining).
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 import random
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from hyperrag.rag.metrics import agreement, exact_match, f1_score, latency_summary, mean_interval, ranking_metrics
-from hyperrag.rag.modes import E2E_KEYS, MODE_TABLE
+from hyperrag.rag.modes import E2E_KEYS, MODE_TABLE, mode as mode_spec
 
 STAGES = ("retrieve", "kv_load", "rerank", "generate")
-# Records may name a mode by its engine name or its report key (and "full" for the baseline).
-E2E_KEY = {**{m.name: m.e2e_key for m in MODE_TABLE}, **{m.e2e_key: m.e2e_key for m in MODE_TABLE},
-           "full": "baseline"}
-E2E_ORDER = E2E_KEYS
+# The modes with a reranker row of their own (``rerank_key``), the zero-shot reference last: the
+# token ratios come from the first one measured.
+RERANKED = sorted((m for m in MODE_TABLE if m.rerank_key), key=lambda m: m.name == "zero_shot")
 QUALITY_KEYS = ("recall@1", "recall@5", "mrr@10", "ndcg@10", "em", "f1")
 BOOTSTRAP_DRAWS = 2000
 
@@ -97,10 +100,6 @@ def record_from_result(result: Any, query: Any = None, query_id: str | None = No
     return record
 
 
-def _finite(x: float) -> float:
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else 0.0
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -135,9 +134,10 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict:
     """
     by_mode: dict[str, list[Mapping[str, Any]]] = {}
     for rec in records:
-        key = E2E_KEY.get(str(rec.get("mode")))
-        if key is None:
-            raise ValueError(f"record with unknown mode {rec.get('mode')!r}")
+        try:
+            key = mode_spec(str(rec.get("mode"))).e2e_key
+        except ValueError:
+            raise ValueError(f"record with unknown mode {rec.get('mode')!r}") from None
         by_mode.setdefault(key, []).append(rec)
     out: dict[str, Any] = {}
     e2e = _e2e(by_mode)
@@ -162,7 +162,7 @@ def _e2e(by_mode: dict) -> dict:
     # A mode run without generation next to modes with it (a rerank-only ``prefix`` run) is not an
     # end-to-end measurement; when nothing was generated, e2e compares retrieve + rerank only.
     any_generated = any(r.get("generated", True) for recs in by_mode.values() for r in recs)
-    for key in E2E_ORDER:
+    for key in E2E_KEYS:
         recs = by_mode.get(key, [])
         if not recs or (any_generated and not all(r.get("generated", True) for r in recs)):
             continue
@@ -193,9 +193,9 @@ def _rerank(by_mode: dict) -> dict:
     ratios: list[float] = []
     prompt_tokens: list[int] = []
     query_tokens: list[int] = []
-    for mode_key, key in (("baseline", "full"), ("prefix_cached", "prefix_cached"), ("reuse", "reuse"),
-                          ("zero_shot", "zero_shot")):
-        recs = [r for r in by_mode.get(mode_key, []) if r.get("pairs")]
+    for spec in RERANKED:
+        key = spec.rerank_key
+        recs = [r for r in by_mode.get(spec.e2e_key, []) if r.get("pairs")]
         if not recs:
             continue
         secs = [_rerank_s(r) for r in recs]
@@ -267,7 +267,7 @@ def limit_fraction_interval(full: Sequence[Mapping[str, Any]], reuse: Sequence[M
 
 def _quality(by_mode: dict) -> dict:
     quality: dict[str, Any] = {}
-    for key in E2E_ORDER:
+    for key in E2E_KEYS:
         recs = [r for r in by_mode.get(key, []) if r.get("gold_ids")]
         if not recs:
             continue
@@ -420,3 +420,57 @@ def fmt_share(v: Any, decimals: int = 0) -> str:
     """A share as a percentage; compared with a target, a decimal keeps 89.5% from reading 90%."""
     n = as_number(v)
     return "–" if n is None else f"{n:.{decimals}%}"
+
+
+# -- the app's gold batches: the summary with its store's storage part, rows, exports ---------------
+BATCH_COLUMNS = ["query", "mode", "question", "answer", "EM", "F1", "confidence", "gold rank", "total ms"]
+
+
+def batch_summary(records: list[dict], estimate: dict, store: Mapping[str, Any], precompute: Any = None) -> dict:
+    """The bench's result dict for a batch's records so far, with the storage part of its store
+    (``estimate``: the workbench's storage estimate; ``store``: the store's ``describe()``;
+    ``precompute``: the corpus's precompute report, if it ran)."""
+    result = summarize(records)
+    chosen = next(r for r in estimate["codecs"] if r["codec"] == estimate["codec"])
+    result["storage"] = {"codec": estimate["codec"], "docs": estimate["docs"], "tokens": estimate["tokens"],
+                         "bytes": chosen["bytes"], "bytes_per_token": chosen["bytes_per_token"],
+                         "load_gb_per_s": store.get("load_gb_per_s", 0.0), "store": store.get("url"),
+                         "cpu_tier_gb": store.get("cpu_tier_gb", 0.0)}
+    result["codecs"] = estimate["codecs"]
+    planner = [{"label": f"estimate ({estimate['codec']})", "bytes": chosen["bytes"]}]
+    if precompute is not None and precompute.encoded and not precompute.skipped:
+        result["storage"]["precompute_docs_per_s"] = precompute.docs_per_s
+        planner.append({"label": "written by precompute", "bytes": precompute.bytes})
+    result["planner"] = planner
+    return result
+
+
+def batch_row(record: Mapping[str, Any]) -> list:
+    """One record as a row of :data:`BATCH_COLUMNS` (EM/F1 of the reader's own answer, also where
+    it declined, as the quality part scores it; the reader's confidence where calibrated)."""
+    answers = record.get("answers") or []
+    gold = set(record.get("gold_ids") or [])
+    rank = next((i for i, d in enumerate(record["ranked_ids"], 1) if d in gold), None)
+    em, f1 = answer_scores(record) if answers else (None, None)
+    confidence = record.get("confidence")
+    return [record["query_id"], record["mode"], record["question"], record["answer"], em,
+            round(f1, 3) if f1 is not None else None, f"{confidence:.0%}" if confidence is not None else "",
+            rank, round(record["timings"].get("total", 0.0) * 1e3, 1)]
+
+
+def write_batch_exports(folder: Path, result: dict, records: list[dict]) -> list[str]:
+    """The batch as JSON (summary + every record) and CSV (one row per query and mode)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = folder / "hyperrag-batch.json", folder / "hyperrag-batch.csv"
+    json_path.write_text(json.dumps({**result, "records": records}, indent=1, default=str), encoding="utf-8")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    stages = list(STAGES) + ["total"]
+    writer.writerow([*BATCH_COLUMNS[:-1], *[f"{s}_ms" for s in stages], "ranked_ids", "gold_ids", "gold_answers"])
+    for rec in records:
+        row = batch_row(rec)[:-1]
+        writer.writerow([*row, *[round(rec["timings"].get(s, 0.0) * 1e3, 2) for s in stages],
+                         " ".join(rec["ranked_ids"]), " ".join(rec.get("gold_ids") or []),
+                         " | ".join(rec.get("answers") or [])])
+    csv_path.write_text(buf.getvalue(), encoding="utf-8")
+    return [str(json_path), str(csv_path)]

@@ -53,7 +53,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -61,9 +60,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import torch
@@ -500,7 +496,7 @@ def tune_reader(reranker, cands, ranked: list[list[float]], by_id: dict, kv, s) 
 
     grid: dict[str, dict] = {}
     for span in (True, False):
-        reader = Reader(reranker, max_rows=s.top_n, max_new_tokens=s.max_new_tokens, span=span, prune=False,
+        reader = Reader(reranker.runner, max_rows=s.top_n, max_new_tokens=s.max_new_tokens, span=span, prune=False,
                         first_tokens=s.reader_first_tokens)
         readings = []
         bar = _bar(f"reader ({'span' if span else 'free'})")
@@ -524,13 +520,13 @@ def tune_reader(reranker, cands, ranked: list[list[float]], by_id: dict, kv, s) 
 # -- main -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from hyperrag.common.settings import REPO_ROOT, SHIPPED_ADAPTER, _default_cache_dir
+    from hyperrag.common.settings import REPO_ROOT, SHIPPED_ADAPTER, default_cache_dir
 
     p = argparse.ArgumentParser(prog="python -m hyperrag.train_reranker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(SHIPPED_ADAPTER),
                    help="adapter folder (checkpoints in <out>/checkpoint; default: the shipped one)")
-    p.add_argument("--cache-dir", default=_default_cache_dir(), help="model and SQuAD cache (as the engine's)")
+    p.add_argument("--cache-dir", default=default_cache_dir(), help="model and SQuAD cache (as the engine's)")
     p.add_argument("--data-dir", default="",
                    help="mined training data and indexes (default <cache-dir>/train-reranker)")
     p.add_argument("--model", default="smollm2-135m",
@@ -615,7 +611,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model_hash = weights_hash(source.folder, args.cache_dir)
     if args.init_adapter:
         check_adapter(args.init_adapter, source, model_hash)
-    args.targets = args.targets or lora_targets(json.loads((source.folder / "config.json").read_text())["model_type"])
+    model_config = json.loads((source.folder / "config.json").read_text())
+    if model_config.get("final_logit_softcapping"):  # the score is a difference of two linear logits
+        raise SystemExit(f"{args.model}: training a model with a final logit soft cap is not supported")
+    args.targets = args.targets or lora_targets(model_config["model_type"])
     config = {k: getattr(args, k) for k in CONFIG_KEYS}  # what a resumed checkpoint must match
     model = build_model(args, source.folder, base_model)
     from transformers import AutoTokenizer

@@ -1,45 +1,41 @@
 """The HyperRAG workbench's UI: a Gradio Blocks app over the engine (``app.py`` launches it).
 
-All work is engine calls through the gradio-free :class:`~hyperrag.workbench.operations.Workbench` (one
-runtime, a registry of corpora, settings) and uploads through :mod:`hyperrag.workbench.uploads`; this
-module turns results into components (rendering), wires callbacks and lays out the page.
-Callbacks (``cb_*``) take and return plain component values, so tests call them directly; the
-workbench's and the uploads' errors reach the user as messages (:func:`shows_errors`).
+All work is operations of the gradio-free :class:`~hyperrag.workbench.operations.Workbench` (one
+runtime, a registry of corpora, settings: ask, prepare, run a gold batch); this module turns
+their results into components (rendering), wires callbacks and lays out the page. The
+callbacks (:class:`Callbacks`, one per app, holding its workbench) take and return plain
+component values, so tests call them directly; the workbench's and the uploads' errors reach
+the user as messages (:func:`shows_errors`).
 """
 from __future__ import annotations
 
-import csv
 import functools
 import html
 import inspect
-import io
-import json
 import logging
 import random
 import secrets
-import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import gradio as gr
 import pandas as pd
 
 from hyperrag import figures, report
-from hyperrag.workbench.batcher import Busy
+from hyperrag.common.settings import SHIPPED, Settings
 from hyperrag.data.corpus import Query
 from hyperrag.kv.codec import CODECS
 from hyperrag.kv.planner import format_bytes, format_duration
 from hyperrag.kv.urls import redact_url
 from hyperrag.rag.calibration import NOT_FOUND
 from hyperrag.rag.metrics import agreement, exact_match, f1_score
-from hyperrag.rag.modes import MODE_TABLE, MODES as MODE_SPECS
-from hyperrag.rag.pipeline import MODES, QuestionError, RAGResult, clean_question
-from hyperrag.rag.precompute import precompute
-from hyperrag.common.settings import SHIPPED, Settings
+from hyperrag.rag.modes import ENGINE_MODES, MODE_TABLE, MODES as MODE_SPECS
+from hyperrag.rag.pipeline import QuestionError, RAGResult, clean_question
+from hyperrag.workbench.operations import (DEFAULT_KEY, MAX_BATCH_QUERIES, MAX_BATCH_SIZE, MAX_TOP_K, MAX_TOP_N,
+                                           BatchStep, CorpusEntry, UserError as WorkbenchError, Workbench)
 from hyperrag.workbench.uploads import UPLOAD_DOC_SUFFIXES, UPLOAD_KINDS, UploadError, prune_folders
-from hyperrag.workbench.operations import (DEFAULT_KEY, MAX_BATCH_SIZE, AppConfig, CorpusEntry, UserError as WorkbenchError,
-                                Workbench)
 
 log = logging.getLogger("hyperrag.ui")
 ASSETS = SHIPPED / "ui"  # logo and style sheet: package data, so an installed app has them too
@@ -50,10 +46,7 @@ SHIPPED, UPLOAD = "Shipped corpus", "Upload my own"
 COMPARE_MODES = ("retrieval_reader", "reader_full", "reader_kv")
 REFERENCE_MODES = ("retrieval", "reuse")  # the generator over the retriever's / the reranked top-n
 MODE_TITLES = {m.name: m.title for m in MODE_TABLE}
-ZERO_SHOT = "zero_shot"  # batch-only mode: what the trained adapter is measured against
 MAX_GOLD_CHOICES = 400
-MAX_BATCH_QUERIES = 200
-MAX_TOP_K, MAX_TOP_N = 50, 10  # per request: bounds the work (and memory) one request can ask for
 
 
 def UserError(message: str) -> gr.Error:  # noqa: N802 (reads like the exception it makes)
@@ -271,6 +264,22 @@ def reference_markdown(results: dict[str, RAGResult], gold: Query | None) -> str
                                  for mode, r in results.items())
 
 
+def status_markdown(status: dict) -> str:
+    """The header line for :meth:`Workbench.status`."""
+    if status["state"] == "failed":
+        return f"**Engine failed to load:** {status['error']}"
+    if status["state"] == "loading":
+        return "Loading models and index…"
+    adapter = f" + {status['adapter']}" if status["adapter"] else ""
+    text = (f"**Model** {status['model']}{adapter} · **device** {status['device']} · "
+            f"**store** `{status['store']}` ({status['codec']}) · **batch** {status['batch_size']}")
+    if status["store_problem"] == "fallback":
+        text += f" · ⚠ `{status['configured_store']}` could not be used: an in-process store stands in"
+    elif status["store_problem"] == "unreachable":
+        text += " · ⚠ the store is unreachable: document KV is computed per query until it is back"
+    return text
+
+
 def banner(messages: Sequence[str]) -> dict:
     """The visible warning banner (hidden when there is nothing to say)."""
     unique = list(dict.fromkeys(m for m in messages if m))
@@ -281,6 +290,18 @@ def banner(messages: Sequence[str]) -> dict:
 def gold_choices(entry: CorpusEntry) -> list[tuple[str, str]]:
     queries = entry.corpus.queries[:MAX_GOLD_CHOICES]
     return [(q.question, q.question) for q in queries]
+
+
+def batch_headline(step: BatchStep, result: dict, seconds: float) -> str:
+    """The batch tab's status line once a batch is done."""
+    headline = [f"{step.queries} queries × {len(step.modes)} modes in {seconds:.0f} s"]
+    speed = (result.get("e2e") or {}).get("speedup_vs_baseline")
+    if speed:
+        headline.append(f"end to end, reuse is {speed:.1f}× the baseline's queries/s")
+    agree = (result.get("quality") or {}).get("ranking_agreement")
+    if agree is not None:
+        headline.append(f"identical rankings reuse vs baseline: {agree:.0%}")
+    return "**Done:** " + "; ".join(headline)
 
 
 def corpus_markdown(entry: CorpusEntry, estimate: dict | None = None) -> str:
@@ -306,111 +327,11 @@ def corpus_markdown(entry: CorpusEntry, estimate: dict | None = None) -> str:
 # --------------------------------------------------------------------------------------------
 # callbacks (plain values in, plain values / updates out)
 # --------------------------------------------------------------------------------------------
-_WORKBENCH: Workbench | None = None
-_WORKBENCH_LOCK = threading.Lock()
-
-
-def get_workbench(settings: Settings | None = None, config: AppConfig | None = None) -> Workbench:
-    """The process's workbench (created on first use; the engine itself loads once)."""
-    global _WORKBENCH
-    with _WORKBENCH_LOCK:
-        if _WORKBENCH is None:
-            settings = settings or Settings.from_env()
-            _WORKBENCH = Workbench(settings, config or AppConfig.from_env(settings))
-        return _WORKBENCH
-
-
-def set_workbench(workbench: Workbench | None) -> None:
-    global _WORKBENCH
-    with _WORKBENCH_LOCK:
-        _WORKBENCH = workbench
-
-
 def _gr_progress(progress, desc: str):
     def report(done: int, total: int) -> None:
         if progress is not None:
             progress((done, max(total, 1)), desc=desc)
     return report
-
-
-@shows_errors
-def resolve_entry(wb: Workbench, source: str, files: Sequence[str] | None, key: str | None,
-                  progress: Callable[[int, int], None] | None = None) -> CorpusEntry:
-    """The corpus a Corpus-tab action is about: the default one, the staged upload, or a new upload
-    (documents read into passages with ``progress``; files that gave none are shown as warnings)."""
-    if source != UPLOAD:
-        return wb.entry(DEFAULT_KEY)
-    files = [str(f) for f in files or [] if f]
-    staged = wb.find(key) if key and key != DEFAULT_KEY else None
-    if staged is not None and (not files or staged.sources == tuple(files)):
-        return staged
-    try:
-        entry = wb.stage_upload(files, progress)
-    except UploadError as err:
-        raise UserError(str(err)) from None
-    for error in entry.upload_errors:
-        gr.Warning(error)
-    return entry
-
-
-@shows_errors
-def cb_select_corpus(source: str, files: Sequence[str] | None, key: str | None, codec: str | None = None,
-                     progress=gr.Progress()):
-    """Corpus choice or upload changed: validate it, estimate its storage, list its gold questions.
-
-    Returns (corpus key, corpus markdown, gold dropdown update, banner update)."""
-    wb = get_workbench()
-    if source == UPLOAD and not files:
-        return (key or DEFAULT_KEY, "Choose files to upload: `docs.jsonl` (+ `queries.jsonl`) or "
-                "`.txt`/`.md`/`.pdf`/`.html`/`.docx`/`.zip` files "
-                f"(at most {wb.config.upload_max_mb:g} MiB in all).", gr.update(), banner([]))
-    entry = resolve_entry(wb, source, files, key, _gr_progress(progress, "reading uploaded files"))
-    estimate = wb.estimate(entry)
-    choices = gold_choices(entry)
-    return (entry.key, corpus_markdown(entry, estimate),
-            gr.update(choices=choices, value=None), banner(list(entry.upload_errors)))
-
-
-@shows_errors
-def cb_files_changed(files: Sequence[str] | None, key: str | None, progress=gr.Progress()):
-    """Files dropped in (or cleared): switch the corpus choice to match, then as cb_select_corpus."""
-    source = UPLOAD if files else SHIPPED
-    return (source, *cb_select_corpus(source, files, key, progress=progress))
-
-
-@shows_errors
-def cb_prepare(source: str, files: Sequence[str] | None, key: str | None, progress=gr.Progress()):
-    """The one button: embed and index the corpus, then precompute its document KV caches.
-
-    Returns (corpus key, corpus markdown, gold dropdown update, banner update, status)."""
-    wb = get_workbench()
-    if progress is not None:
-        progress(0, desc="loading models")
-    wb.wait_ready()
-    entry = resolve_entry(wb, source, files, key, _gr_progress(progress, "reading uploaded files"))
-    estimate = wb.estimate(entry)
-    with wb.gate.use():
-        engine = wb.engine(entry, _gr_progress(progress, "embedding documents"))
-        report = engine.precompute(_gr_progress(progress, "precomputing document KV caches"))
-        warnings = report.warnings + engine.store.take_warnings()
-    entry.report = report
-    for w in warnings:
-        gr.Warning(w)
-    return (entry.key, corpus_markdown(entry, estimate), gr.update(choices=gold_choices(entry), value=None),
-            banner(warnings), wb.status())
-
-
-@shows_errors
-def cb_apply_settings(codec: str, store_url: str, batch_size: float, key: str | None):
-    """Explicit settings change: re-open the store and/or rebuild the reranker (shared by all users)."""
-    wb = get_workbench()
-    notes = wb.reconfigure(codec, store_url, int(batch_size))
-    warnings = [n for n in notes if "fail" in n.lower() or "unreachable" in n.lower() or "could not" in n.lower()]
-    for w in warnings:
-        gr.Warning(w)
-    entry = wb.entry(key)
-    text = corpus_markdown(entry, wb.estimate(entry))
-    return wb.status(), "; ".join(notes), text, banner(warnings), redact_url(wb.settings.store_url)
 
 
 def _gold(entry: CorpusEntry, question: str) -> Query | None:
@@ -424,205 +345,200 @@ def cb_pick_gold(gold: str | None):
     return gold if gold else gr.update()
 
 
-@shows_errors
-def cb_random_gold(key: str | None, seed: float | None = None) -> tuple[str, dict]:
-    entry = get_workbench().entry(key)
-    if not entry.corpus.queries:
-        raise UserError("this corpus has no gold questions (queries.jsonl)")
-    q = random.Random(seed).choice(entry.corpus.queries) if seed is not None else random.choice(entry.corpus.queries)
-    return q.question, gr.update(value=q.question if q.question in {c for c, _ in gold_choices(entry)} else None)
-
-
-def _ask(wb: Workbench, entry: CorpusEntry, question: str, mode: str, top_k: int, top_n: int) -> RAGResult:
-    if not 1 <= top_k <= MAX_TOP_K or not 1 <= top_n <= MAX_TOP_N:
-        raise UserError(f"top-k must be between 1 and {MAX_TOP_K} and top-n between 1 and {MAX_TOP_N}")
-    with wb.gate.use():
-        if mode == ZERO_SHOT:
-            engine, mode = wb.zero_shot_engine(entry), "reuse"
-        else:
-            engine = wb.engine(entry)
-        try:  # through the batcher: users asking at once share model calls
-            return wb.batcher.ask(engine, question, mode, int(top_k), int(top_n))
-        except (QuestionError, Busy) as err:
-            raise UserError(str(err)) from None
-
-
-@shows_errors
-def cb_compare(question: str, top_k: float, top_n: float, key: str | None):
-    """Ask one question in each of ``COMPARE_MODES``; yields after each mode.
-
-    Yields (summary, banner, then answer/timings/docs for each mode)."""
-    wb = get_workbench()
-    entry = wb.entry(key)
-    try:
-        question, notes = clean_question(question)
-    except QuestionError as err:
-        raise UserError(f"{err} (or pick a gold question)") from None
-    gold = _gold(entry, question)
-    results: dict[str, RAGResult] = {}
-    warnings: list[str] = list(notes)
-    outputs: list[Any] = [gr.update()] * (2 + 3 * len(COMPARE_MODES))
-    for i, mode in enumerate(COMPARE_MODES):
-        result = _ask(wb, entry, question, mode, int(top_k), int(top_n))
-        results[mode] = result
-        warnings += [w for w in result.warnings if w not in notes]
-        outputs[2 + 3 * i: 5 + 3 * i] = [answer_markdown(result, gold), timing_markdown(result),
-                                         docs_frame(result, gold)]
-        outputs[0] = summary_markdown(results) or f"Running… {MODE_TITLES[mode]} done."
-        outputs[1] = banner(warnings)
-        yield tuple(outputs)
-    for w in dict.fromkeys(warnings):
-        gr.Warning(w)
-
-
-@shows_errors
-def cb_reference(question: str, top_k: float, top_n: float, key: str | None) -> str:
-    """The traditional generator on the same question (``REFERENCE_MODES``): the reference the
-    reader is measured against, one click away."""
-    wb = get_workbench()
-    entry = wb.entry(key)
-    try:
-        question, _ = clean_question(question)
-    except QuestionError as err:
-        raise UserError(f"{err} (or pick a gold question)") from None
-    results = {mode: _ask(wb, entry, question, mode, int(top_k), int(top_n)) for mode in REFERENCE_MODES}
-    return reference_markdown(results, _gold(entry, question))
-
-
 # -- batch of gold queries with live dashboards --------------------------------------------------
-BATCH_COLUMNS = ["query", "mode", "question", "answer", "EM", "F1", "confidence", "gold rank", "total ms"]
 DASHBOARDS = (("Latency per stage", figures.latency_figure), ("Throughput", figures.throughput_figure),
               ("Quality", figures.quality_figure), ("Storage", figures.storage_figure),
               ("Quality vs throughput", figures.frontier_figure))
 FIGURE_NAMES = [name for name, _ in DASHBOARDS]
 
 
-def batch_results(wb: Workbench, entry: CorpusEntry, records: list[dict]) -> dict:
-    """The bench's result dict for the records so far, with the storage part of this store."""
-    result = report.summarize(records)
-    estimate = wb.estimate(entry)
-    chosen = next(r for r in estimate["codecs"] if r["codec"] == estimate["codec"])
-    store = wb.wait_ready().store.describe()
-    result["storage"] = {"codec": estimate["codec"], "docs": estimate["docs"], "tokens": estimate["tokens"],
-                         "bytes": chosen["bytes"], "bytes_per_token": chosen["bytes_per_token"],
-                         "load_gb_per_s": store.get("load_gb_per_s", 0.0), "store": store.get("url"),
-                         "cpu_tier_gb": store.get("cpu_tier_gb", 0.0)}
-    result["codecs"] = estimate["codecs"]
-    planner = [{"label": f"estimate ({estimate['codec']})", "bytes": chosen["bytes"]}]
-    if entry.report is not None and entry.report.encoded and not entry.report.skipped:
-        result["storage"]["precompute_docs_per_s"] = entry.report.docs_per_s
-        planner.append({"label": "written by precompute", "bytes": entry.report.bytes})
-    result["planner"] = planner
-    return result
+class Callbacks:
+    """The app's callbacks over its one workbench (the app's state: no module-level singleton)."""
 
+    def __init__(self, workbench: Workbench):
+        self.wb = workbench
 
-def batch_row(record: dict) -> list:
-    answers = record.get("answers") or []
-    gold = set(record.get("gold_ids") or [])
-    rank = next((i for i, d in enumerate(record["ranked_ids"], 1) if d in gold), None)
-    em, f1 = report.answer_scores(record) if answers else (None, None)  # the reader's own answer, declined or not
-    return [record["query_id"], record["mode"], record["question"], record["answer"], em,
-            round(f1, 3) if f1 is not None else None, percent(record.get("confidence")) if "found" in record else "",
-            rank, round(record["timings"].get("total", 0.0) * 1e3, 1)]
+    @shows_errors
+    def resolve_entry(self, source: str, files: Sequence[str] | None, key: str | None,
+                      progress: Callable[[int, int], None] | None = None) -> CorpusEntry:
+        """The corpus a Corpus-tab action is about: the default one, the staged upload, or a new upload
+        (documents read into passages with ``progress``; files that gave none are shown as warnings)."""
+        if source != UPLOAD:
+            return self.wb.entry(DEFAULT_KEY)
+        files = [str(f) for f in files or [] if f]
+        staged = self.wb.find(key) if key and key != DEFAULT_KEY else None
+        if staged is not None and (not files or staged.sources == tuple(files)):
+            return staged
+        entry = self.wb.stage_upload(files, progress)
+        for error in entry.upload_errors:
+            gr.Warning(error)
+        return entry
 
+    @shows_errors
+    def cb_select_corpus(self, source: str, files: Sequence[str] | None, key: str | None, codec: str | None = None,
+                         progress=gr.Progress()):
+        """Corpus choice or upload changed: validate it, estimate its storage, list its gold questions.
 
-def write_exports(folder: Path, result: dict, records: list[dict]) -> list[str]:
-    """The batch as JSON (summary + every record) and CSV (one row per query and mode)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = folder / "hyperrag-batch.json", folder / "hyperrag-batch.csv"
-    json_path.write_text(json.dumps({**result, "records": records}, indent=1, default=str), encoding="utf-8")
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    stages = list(report.STAGES) + ["total"]
-    writer.writerow([*BATCH_COLUMNS[:-1], *[f"{s}_ms" for s in stages], "ranked_ids", "gold_ids", "gold_answers"])
-    for rec in records:
-        row = batch_row(rec)[:-1]
-        writer.writerow([*row, *[round(rec["timings"].get(s, 0.0) * 1e3, 2) for s in stages],
-                         " ".join(rec["ranked_ids"]), " ".join(rec.get("gold_ids") or []),
-                         " | ".join(rec.get("answers") or [])])
-    csv_path.write_text(buf.getvalue(), encoding="utf-8")
-    return [str(json_path), str(csv_path)]
+        Returns (corpus key, corpus markdown, gold dropdown update, banner update)."""
+        if source == UPLOAD and not files:
+            return (key or DEFAULT_KEY, "Choose files to upload: `docs.jsonl` (+ `queries.jsonl`) or "
+                    "`.txt`/`.md`/`.pdf`/`.html`/`.docx`/`.zip` files "
+                    f"(at most {self.wb.config.upload_max_mb:g} MiB in all).", gr.update(), banner([]))
+        entry = self.resolve_entry(source, files, key, _gr_progress(progress, "reading uploaded files"))
+        estimate = self.wb.estimate(entry)
+        return (entry.key, corpus_markdown(entry, estimate),
+                gr.update(choices=gold_choices(entry), value=None), banner(list(entry.upload_errors)))
 
+    @shows_errors
+    def cb_files_changed(self, files: Sequence[str] | None, key: str | None, progress=gr.Progress()):
+        """Files dropped in (or cleared): switch the corpus choice to match, then as cb_select_corpus."""
+        source = UPLOAD if files else SHIPPED
+        return (source, *self.cb_select_corpus(source, files, key, progress=progress))
 
-def batch_modes(settings: Settings) -> tuple[str, ...]:
-    """Modes a batch can run: the engine's, plus the zero-shot reference when an adapter is set
-    (without one there is no reader either)."""
-    if not settings.adapter:
-        return tuple(m for m in MODES if MODE_SPECS[m].read is None)
-    return (*MODES, ZERO_SHOT)
+    @shows_errors
+    def cb_prepare(self, source: str, files: Sequence[str] | None, key: str | None, progress=gr.Progress()):
+        """The one button: embed and index the corpus, then precompute its document KV caches.
 
+        Returns (corpus key, corpus markdown, gold dropdown update, banner update, status)."""
+        if progress is not None:
+            progress(0, desc="loading models")
+        self.wb.wait_ready()
+        entry = self.resolve_entry(source, files, key, _gr_progress(progress, "reading uploaded files"))
+        estimate = self.wb.estimate(entry)
+        warnings = self.wb.prepare(entry, _gr_progress(progress, "embedding documents"),
+                                   _gr_progress(progress, "precomputing document KV caches"))
+        for w in warnings:
+            gr.Warning(w)
+        return (entry.key, corpus_markdown(entry, estimate), gr.update(choices=gold_choices(entry), value=None),
+                banner(warnings), status_markdown(self.wb.status()))
 
-@shows_errors
-def cb_run_batch(n_queries: float, modes: Sequence[str], seed: float, top_k: float, top_n: float,
-                 key: str | None):
-    """Run gold queries in the chosen modes (interleaved per query); yield updated dashboards.
+    @shows_errors
+    def cb_apply_settings(self, codec: str, store_url: str, batch_size: float, key: str | None):
+        """Explicit settings change: re-open the store and/or rebuild the reranker (shared by all users)."""
+        notes = self.wb.reconfigure(codec, store_url, int(batch_size))
+        warnings = [n for n in notes if "fail" in n.lower() or "unreachable" in n.lower() or "could not" in n.lower()]
+        for w in warnings:
+            gr.Warning(w)
+        entry = self.wb.entry(key)
+        text = corpus_markdown(entry, self.wb.estimate(entry))
+        return (status_markdown(self.wb.status()), "; ".join(notes), text, banner(warnings),
+                redact_url(self.wb.settings.store_url))
 
-    Yields (status, banner, 5 figures, per-query table, export files)."""
-    wb = get_workbench()
-    entry = wb.entry(key)
-    modes = [m for m in batch_modes(wb.settings) if m in (modes or [])]
-    if not modes:
-        raise UserError("choose at least one mode")
-    if not entry.corpus.queries:
-        raise UserError("this corpus has no gold questions (queries.jsonl): upload one with the documents")
-    n = max(1, min(int(n_queries), MAX_BATCH_QUERIES, len(entry.corpus.queries)))
-    queries = entry.corpus.sample_queries(n, int(seed or 0))
-    records: list[dict] = []
-    warnings: list[str] = []
-    t0 = time.perf_counter()
-    result: dict = {}
-    if ZERO_SHOT in modes:  # its document KV first, so that its timings are query time only
-        yield (f"Computing the zero-shot reranker's document KV for the candidates of {n} queries…",
-               banner([]), *[gr.update()] * (len(DASHBOARDS) + 2))
-        with wb.gate.use():
-            zs = wb.zero_shot_engine(entry)
-            texts = [entry.corpus.by_id[d].text for q in queries for d, _ in zs.retrieve(q.question, int(top_k))]
-            precompute(zs.reranker, zs.store, list(dict.fromkeys(texts)))
-    for i, query in enumerate(queries, 1):
-        for mode in modes:
-            res = _ask(wb, entry, query.question, mode, int(top_k), int(top_n))
-            warnings += res.warnings
-            records.append({**report.record_from_result(res, query), "mode": mode})
-        result = batch_results(wb, entry, records)
-        status = f"{i}/{n} queries × {len(modes)} modes in {time.perf_counter() - t0:.0f} s"
-        if i < n:
-            yield (status + " — running…", banner(warnings), *[fn(result) for _, fn in DASHBOARDS],
-                   pd.DataFrame([batch_row(r) for r in records], columns=BATCH_COLUMNS), None)
-    result["config"] = {"corpus": entry.corpus.name, "queries": n, "modes": modes, "seed": int(seed or 0),
-                        "top_k": int(top_k), "top_n": int(top_n), "codec": wb.settings.codec,
-                        "store": wb.store_label(), "model": wb.settings.model, "batch_size": wb.settings.batch_size}
-    folder = wb.config.exports / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    files = write_exports(folder, result, records)
-    prune_folders(wb.config.exports, wb.config.keep_exports, keep={folder})
-    headline = [f"{n} queries × {len(modes)} modes in {time.perf_counter() - t0:.0f} s"]
-    speed = (result.get("e2e") or {}).get("speedup_vs_baseline")
-    if speed:
-        headline.append(f"end to end, reuse is {speed:.1f}× the baseline's queries/s")
-    agree = (result.get("quality") or {}).get("ranking_agreement")
-    if agree is not None:
-        headline.append(f"identical rankings reuse vs baseline: {agree:.0%}")
-    yield ("**Done:** " + "; ".join(headline), banner(warnings), *[fn(result) for _, fn in DASHBOARDS],
-           pd.DataFrame([batch_row(r) for r in records], columns=BATCH_COLUMNS), files)
+    @shows_errors
+    def cb_random_gold(self, key: str | None, seed: float | None = None) -> tuple[str, dict]:
+        entry = self.wb.entry(key)
+        if not entry.corpus.queries:
+            raise UserError("this corpus has no gold questions (queries.jsonl)")
+        queries = entry.corpus.queries
+        q = random.Random(seed).choice(queries) if seed is not None else random.choice(queries)
+        return q.question, gr.update(value=q.question if q.question in {c for c, _ in gold_choices(entry)} else None)
 
+    @shows_errors
+    def cb_compare(self, question: str, top_k: float, top_n: float, key: str | None):
+        """Ask one question in each of ``COMPARE_MODES``; yields after each mode.
 
-@shows_errors
-def api_ask(question: str, mode: str = "reuse", top_k: int = 0, top_n: int = 0, corpus: str = "") -> dict:
-    """Answer one question in one mode (retrieval | baseline | prefix | reuse) on a loaded corpus.
+        Yields (summary, banner, then answer/timings/docs for each mode)."""
+        entry = self.wb.entry(key)
+        try:
+            question, notes = clean_question(question)
+        except QuestionError as err:
+            raise UserError(f"{err} (or pick a gold question)") from None
+        gold = _gold(entry, question)
+        results: dict[str, RAGResult] = {}
+        warnings: list[str] = list(notes)
+        outputs: list[Any] = [gr.update()] * (2 + 3 * len(COMPARE_MODES))
+        for i, mode in enumerate(COMPARE_MODES):
+            result = self.wb.ask(entry, question, mode, int(top_k), int(top_n))
+            results[mode] = result
+            warnings += [w for w in result.warnings if w not in notes]
+            outputs[2 + 3 * i: 5 + 3 * i] = [answer_markdown(result, gold), timing_markdown(result),
+                                             docs_frame(result, gold)]
+            outputs[0] = summary_markdown(results) or f"Running… {MODE_TITLES[mode]} done."
+            outputs[1] = banner(warnings)
+            yield tuple(outputs)
+        for w in dict.fromkeys(warnings):
+            gr.Warning(w)
 
-    ``corpus``: "" for the app's default corpus, or the id an upload was given. Returns the
-    answer (reader modes: ``found`` False when it declined, with its ``confidence``), the ranked
-    documents (``relevance``: calibrated P(the passage answers), where calibrated), stage timings
-    (seconds) and warnings."""
-    wb = get_workbench()
-    if mode not in MODES:
-        raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    entry = wb.entry(corpus or DEFAULT_KEY)
-    result = _ask(wb, entry, question, mode, int(top_k) or wb.settings.top_k, int(top_n) or wb.settings.top_n)
-    return {"question": result.question, "mode": result.mode, "answer": result.answer, "top_n": result.top_n,
-            "found": result.found, "confidence": result.confidence,
-            "docs": [{"id": d.id, "score": d.score, "rank": d.rank, "retrieval_rank": d.retrieval_rank,
-                      "relevance": d.relevance} for d in result.docs],
-            "timings": result.timings, "warnings": result.warnings, "corpus": entry.key}
+    @shows_errors
+    def cb_reference(self, question: str, top_k: float, top_n: float, key: str | None) -> str:
+        """The traditional generator on the same question (``REFERENCE_MODES``): the reference the
+        reader is measured against, one click away."""
+        entry = self.wb.entry(key)
+        try:
+            question, _ = clean_question(question)
+        except QuestionError as err:
+            raise UserError(f"{err} (or pick a gold question)") from None
+        results = {mode: self.wb.ask(entry, question, mode, int(top_k), int(top_n)) for mode in REFERENCE_MODES}
+        return reference_markdown(results, _gold(entry, question))
+
+    def batch_result(self, entry: CorpusEntry, records: list[dict]) -> dict:
+        """The bench's result dict for the records so far, with the storage part of this store."""
+        return report.batch_summary(records, self.wb.estimate(entry), self.wb.wait_ready().store.describe(),
+                                    entry.report)
+
+    @shows_errors
+    def cb_run_batch(self, n_queries: float, modes: Sequence[str], seed: float, top_k: float, top_n: float,
+                     key: str | None):
+        """Run gold queries in the chosen modes (interleaved per query); yield updated dashboards.
+
+        Yields (status, banner, 5 figures, per-query table, export files)."""
+        entry = self.wb.entry(key)
+        records: list[dict] = []
+        warnings: list[str] = []
+        t0 = time.perf_counter()
+        result: dict = {}
+        step = None
+        for step in self.wb.run_batch(entry, int(n_queries), modes, int(seed or 0), int(top_k), int(top_n)):
+            if not step.done:  # the zero-shot reference's document KV comes first
+                yield (f"Computing the zero-shot reranker's document KV for the candidates of {step.queries} queries…",
+                       banner([]), *[gr.update()] * (len(DASHBOARDS) + 2))
+                continue
+            for query, mode, res in step.answers:
+                warnings += res.warnings
+                records.append({**report.record_from_result(res, query), "mode": mode})
+            result = self.batch_result(entry, records)
+            if step.done < step.queries:
+                status = (f"{step.done}/{step.queries} queries × {len(step.modes)} modes in "
+                          f"{time.perf_counter() - t0:.0f} s — running…")
+                yield (status, banner(warnings), *[fn(result) for _, fn in DASHBOARDS], self._table(records), None)
+        s = self.wb.settings
+        result["config"] = {"corpus": entry.corpus.name, "queries": step.queries, "modes": step.modes,
+                            "seed": int(seed or 0), "top_k": int(top_k), "top_n": int(top_n), "codec": s.codec,
+                            "store": self.wb.store_label(), "model": s.model, "batch_size": s.batch_size}
+        folder = self.wb.config.exports / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        files = report.write_batch_exports(folder, result, records)
+        prune_folders(self.wb.config.exports, self.wb.config.keep_exports, keep={folder})
+        yield (batch_headline(step, result, time.perf_counter() - t0), banner(warnings),
+               *[fn(result) for _, fn in DASHBOARDS], self._table(records), files)
+
+    @staticmethod
+    def _table(records: list[dict]) -> pd.DataFrame:
+        return pd.DataFrame([report.batch_row(r) for r in records], columns=report.BATCH_COLUMNS)
+
+    @shows_errors
+    def api_ask(self, question: str, mode: str = "reuse", top_k: int = 0, top_n: int = 0, corpus: str = "") -> dict:
+        """Answer one question in one mode (retrieval | baseline | prefix | reuse) on a loaded corpus.
+
+        ``corpus``: "" for the app's default corpus, or the id an upload was given. Returns the
+        answer (reader modes: ``found`` False when it declined, with its ``confidence``), the ranked
+        documents (``relevance``: calibrated P(the passage answers), where calibrated), stage timings
+        (seconds) and warnings."""
+        if mode not in ENGINE_MODES:
+            raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(ENGINE_MODES)}")
+        entry = self.wb.entry(corpus or DEFAULT_KEY)
+        s = self.wb.settings
+        result = self.wb.ask(entry, question, mode, int(top_k) or s.top_k, int(top_n) or s.top_n)
+        return {"question": result.question, "mode": result.mode, "answer": result.answer, "top_n": result.top_n,
+                "found": result.found, "confidence": result.confidence,
+                "docs": [{"id": d.id, "score": d.score, "rank": d.rank, "retrieval_rank": d.retrieval_rank,
+                          "relevance": d.relevance} for d in result.docs],
+                "timings": result.timings, "warnings": result.warnings, "corpus": entry.key}
+
+    def on_load(self):
+        """The page opened: the status line, the default corpus and its gold questions."""
+        self.wb.wait_ready()
+        _, info, gold_update, _ = self.cb_select_corpus(SHIPPED, None, DEFAULT_KEY)
+        return status_markdown(self.wb.status()), info, gold_update
 
 
 # --------------------------------------------------------------------------------------------
@@ -639,134 +555,147 @@ def css() -> str:
     return (ASSETS / "style.css").read_text(encoding="utf-8")
 
 
-def build_app(workbench: Workbench | None = None) -> gr.Blocks:
-    """The Blocks app (``app.py`` queues and launches it)."""
-    wb = workbench or get_workbench()
-    set_workbench(wb)
+def _corpus_tab(wb: Workbench) -> SimpleNamespace:
+    """Tab 1: corpus choice or upload, the prepare button, the process-wide store settings."""
     s = wb.settings
-    with gr.Blocks(title="HyperRAG workbench", delete_cache=(3600, 24 * 3600)) as demo:
-        corpus_key = gr.State(DEFAULT_KEY)
-        gr.HTML(_logo_html())
-        status = gr.Markdown(wb.status(), elem_id="hr-status")
-        warn = gr.Markdown("", visible=False, elem_id="hr-banner", elem_classes=["hr-banner"])
+    c = SimpleNamespace()
+    with gr.Row():
+        with gr.Column(scale=2):
+            c.source = gr.Radio([(f"Default: {Path(s.corpus).name}", SHIPPED), (UPLOAD, UPLOAD)],
+                                value=SHIPPED, label="Corpus")
+            c.files = gr.File(file_count="multiple", file_types=[".jsonl", *UPLOAD_DOC_SUFFIXES],
+                              label=f"Upload {UPLOAD_KINDS}")
+            gr.Markdown(
+                f"jsonl lines: `{{\"id\", \"title\", \"text\"}}`; gold questions: `{{\"id\", \"question\", "
+                f"\"answers\": [...], \"doc_ids\": [...]}}`. Limits: {wb.config.upload_max_mb:g} MiB per "
+                f"upload, {wb.config.upload_max_docs:,} documents.", elem_classes=["hr-small"])
+        with gr.Column(scale=3):
+            c.info = gr.Markdown("Loading…", elem_id="hr-corpus")
+            c.prepare = gr.Button("Build index & precompute KV caches", variant="primary")
+            c.prepare_status = gr.Markdown("")
+    with gr.Accordion("Store and reranker settings (shared by every user of this app)", open=False):
+        with gr.Row():
+            c.codec = gr.Dropdown(list(CODECS), value=s.codec, label="KV codec")
+            c.store_url = gr.Textbox(redact_url(s.store_url), label="Store URL",
+                                     info="fs://DIR (embedded) · memory:// · lm://HOST:PORT · redis://HOST:PORT")
+            c.batch = gr.Slider(1, MAX_BATCH_SIZE, value=min(s.batch_size, MAX_BATCH_SIZE), step=1,
+                                label="Reranker batch size")
+        c.apply = gr.Button("Apply (re-opens the store / rebuilds the reranker)")
+        c.apply_notes = gr.Markdown("")
+        gr.Markdown(f"Model `{s.model}`{', adapter `' + s.adapter + '`' if s.adapter else ''}, dtype "
+                    f"`{s.dtype}`, documents cut to {s.max_doc_tokens} tokens: these need a model reload, "
+                    "so they are set when the app starts (flags or `HYPERRAG_*` variables).",
+                    elem_classes=["hr-small"])
+    return c
 
+
+def _ask_tab(s: Settings) -> SimpleNamespace:
+    """Tab 2: one question answered by the reader over three rankings, side by side; the
+    traditional generator one click away."""
+    a = SimpleNamespace(outputs=[])
+    with gr.Row():
+        a.question = gr.Textbox(label="Question", placeholder="Type a question, or pick a gold question",
+                                scale=4, lines=1, max_length=4000)
+        a.gold = gr.Dropdown([], label="Gold questions", scale=3, value=None, allow_custom_value=False)
+        a.rand = gr.Button("Random gold question", scale=1)
+    with gr.Row():
+        a.top_k = gr.Slider(1, MAX_TOP_K, value=min(s.top_k, MAX_TOP_K), step=1, label="top-k (retrieved candidates)")
+        a.top_n = gr.Slider(1, MAX_TOP_N, value=min(s.top_n, MAX_TOP_N), step=1,
+                            label="top-n (documents given to the generator)")
+        a.ask = gr.Button("Ask: the reader over three rankings", variant="primary")
+    a.summary = gr.Markdown("", elem_id="hr-summary")
+    with gr.Row(equal_height=False):
+        for mode in COMPARE_MODES:
+            with gr.Column(elem_classes=["hr-mode", f"hr-mode-{mode}"]):
+                gr.Markdown(f"### {MODE_TITLES[mode]}")
+                a.outputs += [gr.Markdown("", elem_classes=["hr-answer"]),
+                              gr.Markdown("", elem_classes=["hr-timing"]),
+                              gr.Dataframe(headers=DOC_COLUMNS, max_height=360, interactive=False,
+                                           label="Documents (Δ: rank change vs retrieval; P(answers): "
+                                                 "calibrated probability that the passage answers; used: "
+                                                 "read or given to the generator)",
+                                           column_widths=["7%", "12%", "14%", "14%", "29%", "12%", "12%"])]
+    with gr.Accordion("Reference: the traditional generator (untrained for this prompt) on the same question",
+                      open=False):
+        a.reference = gr.Button("Ask the traditional generator (retrieval only, and after KV-reuse rerank)")
+        a.reference_out = gr.Markdown("")
+    return a
+
+
+def _batch_tab(wb: Workbench) -> SimpleNamespace:
+    """Tab 3: a batch of gold queries in the chosen modes, with live dashboards and exports."""
+    b = SimpleNamespace()
+    with gr.Row():
+        b.n_queries = gr.Slider(1, MAX_BATCH_QUERIES, value=10, step=1, label="Gold queries")
+        b.modes = gr.CheckboxGroup([(MODE_TITLES[m], m) for m in wb.modes()], value=list(COMPARE_MODES), label="Modes")
+        b.seed = gr.Number(wb.settings.seed, label="Seed", precision=0)
+    with gr.Row():
+        b.run = gr.Button("Run batch", variant="primary")
+        b.stop = gr.Button("Stop")
+    b.status = gr.Markdown("Uses the Ask tab's top-k and top-n.")
+    b.plots = []
+    with gr.Row():
+        b.plots += [gr.Plot(label=FIGURE_NAMES[0]), gr.Plot(label=FIGURE_NAMES[1])]
+    with gr.Row():
+        b.plots += [gr.Plot(label=FIGURE_NAMES[2]), gr.Plot(label=FIGURE_NAMES[3])]
+    b.plots.append(gr.Plot(label=FIGURE_NAMES[4]))
+    b.table = gr.Dataframe(headers=report.BATCH_COLUMNS, label="Per query", wrap=True, max_height=320,
+                           interactive=False)
+    b.exports = gr.File(label="Export (JSON, CSV)", file_count="multiple", interactive=False)
+    return b
+
+
+def _wire(cb: Callbacks, page: SimpleNamespace, c: SimpleNamespace, a: SimpleNamespace, b: SimpleNamespace) -> None:
+    """The events: which callback each control runs, on which inputs and outputs, under which API name."""
+    corpus_outputs = [page.corpus_key, c.info, a.gold, page.warn]
+    c.source.change(cb.cb_select_corpus, [c.source, c.files, page.corpus_key, c.codec], corpus_outputs,
+                    api_name="select_corpus")
+    c.files.change(cb.cb_files_changed, [c.files, page.corpus_key], [c.source, *corpus_outputs],
+                   api_visibility="private")
+    c.prepare.click(cb.cb_prepare, [c.source, c.files, page.corpus_key], [*corpus_outputs, page.status],
+                    api_name="prepare", concurrency_id="prepare", concurrency_limit=1).then(
+        lambda: "Done.", None, c.prepare_status, api_visibility="private")
+    c.apply.click(cb.cb_apply_settings, [c.codec, c.store_url, c.batch, page.corpus_key],
+                  [page.status, c.apply_notes, c.info, page.warn, c.store_url], api_name="apply_settings",
+                  concurrency_id="prepare", concurrency_limit=1)
+    a.gold.change(cb_pick_gold, a.gold, a.question, api_visibility="private")
+    a.rand.click(cb.cb_random_gold, page.corpus_key, [a.question, a.gold], api_visibility="private")
+    ask_event = dict(fn=cb.cb_compare, inputs=[a.question, a.top_k, a.top_n, page.corpus_key],
+                     outputs=[a.summary, page.warn, *a.outputs])
+    a.ask.click(**ask_event, api_name="compare")
+    a.reference.click(cb.cb_reference, [a.question, a.top_k, a.top_n, page.corpus_key], a.reference_out,
+                      api_name="reference")
+    a.question.submit(**ask_event, api_visibility="private")
+    gr.api(cb.api_ask, api_name="ask")
+    batch_event = b.run.click(cb.cb_run_batch, [b.n_queries, b.modes, b.seed, a.top_k, a.top_n, page.corpus_key],
+                              [b.status, page.warn, *b.plots, b.table, b.exports], api_name="run_batch",
+                              concurrency_id="batch", concurrency_limit=1)
+    b.stop.click(None, None, None, cancels=[batch_event], api_visibility="private")
+
+
+def build_app(workbench: Workbench) -> gr.Blocks:
+    """The Blocks app over ``workbench`` (``app.py`` queues and launches it)."""
+    cb = Callbacks(workbench)
+    with gr.Blocks(title="HyperRAG workbench", delete_cache=(3600, 24 * 3600)) as demo:
+        page = SimpleNamespace(corpus_key=gr.State(DEFAULT_KEY))
+        gr.HTML(_logo_html())
+        page.status = gr.Markdown(status_markdown(workbench.status()), elem_id="hr-status")
+        page.warn = gr.Markdown("", visible=False, elem_id="hr-banner", elem_classes=["hr-banner"])
         with gr.Tabs():
             with gr.Tab("1 · Corpus & KV cache", id="corpus"):
-                with gr.Row():
-                    with gr.Column(scale=2):
-                        source = gr.Radio([(f"Default: {Path(s.corpus).name}", SHIPPED), (UPLOAD, UPLOAD)],
-                                          value=SHIPPED, label="Corpus")
-                        files = gr.File(file_count="multiple", file_types=[".jsonl", *UPLOAD_DOC_SUFFIXES],
-                                        label=f"Upload {UPLOAD_KINDS}")
-                        gr.Markdown(
-                            f"jsonl lines: `{{\"id\", \"title\", \"text\"}}`; gold questions: `{{\"id\", \"question\", "
-                            f"\"answers\": [...], \"doc_ids\": [...]}}`. Limits: {wb.config.upload_max_mb:g} MiB per "
-                            f"upload, {wb.config.upload_max_docs:,} documents.", elem_classes=["hr-small"])
-                    with gr.Column(scale=3):
-                        corpus_info = gr.Markdown("Loading…", elem_id="hr-corpus")
-                        prepare = gr.Button("Build index & precompute KV caches", variant="primary")
-                        prepare_status = gr.Markdown("")
-                with gr.Accordion("Store and reranker settings (shared by every user of this app)", open=False):
-                    with gr.Row():
-                        codec = gr.Dropdown(list(CODECS), value=s.codec, label="KV codec")
-                        store_url = gr.Textbox(redact_url(s.store_url), label="Store URL",
-                                               info="fs://DIR (embedded) · memory:// · lm://HOST:PORT · "
-                                                    "redis://HOST:PORT")
-                        batch = gr.Slider(1, MAX_BATCH_SIZE, value=min(s.batch_size, MAX_BATCH_SIZE), step=1,
-                                          label="Reranker batch size")
-                    apply = gr.Button("Apply (re-opens the store / rebuilds the reranker)")
-                    apply_notes = gr.Markdown("")
-                    gr.Markdown(f"Model `{s.model}`{', adapter `' + s.adapter + '`' if s.adapter else ''}, dtype "
-                                f"`{s.dtype}`, documents cut to {s.max_doc_tokens} tokens: these need a model reload, "
-                                "so they are set when the app starts (flags or `HYPERRAG_*` variables).",
-                                elem_classes=["hr-small"])
-
+                corpus = _corpus_tab(workbench)
             with gr.Tab("2 · Ask", id="ask"):
-                with gr.Row():
-                    question = gr.Textbox(label="Question", placeholder="Type a question, or pick a gold question",
-                                          scale=4, lines=1, max_length=4000)
-                    gold = gr.Dropdown([], label="Gold questions", scale=3, value=None, allow_custom_value=False)
-                    rand = gr.Button("Random gold question", scale=1)
-                with gr.Row():
-                    top_k = gr.Slider(1, MAX_TOP_K, value=min(s.top_k, MAX_TOP_K), step=1,
-                                      label="top-k (retrieved candidates)")
-                    top_n = gr.Slider(1, MAX_TOP_N, value=min(s.top_n, MAX_TOP_N), step=1,
-                                      label="top-n (documents given to the generator)")
-                    ask = gr.Button("Ask: the reader over three rankings", variant="primary")
-                summary = gr.Markdown("", elem_id="hr-summary")
-                mode_outputs: list[gr.components.Component] = []
-                with gr.Row(equal_height=False):
-                    for mode in COMPARE_MODES:
-                        with gr.Column(elem_classes=["hr-mode", f"hr-mode-{mode}"]):
-                            gr.Markdown(f"### {MODE_TITLES[mode]}")
-                            mode_outputs += [gr.Markdown("", elem_classes=["hr-answer"]),
-                                             gr.Markdown("", elem_classes=["hr-timing"]),
-                                             gr.Dataframe(headers=DOC_COLUMNS, max_height=360, interactive=False,
-                                                          label="Documents (Δ: rank change vs retrieval; P(answers): "
-                                                                "calibrated probability that the passage answers; "
-                                                                "used: read or given to the generator)",
-                                                          column_widths=["7%", "12%", "14%", "14%", "29%", "12%", "12%"])]
-                with gr.Accordion("Reference: the traditional generator (untrained for this prompt) on the same "
-                                  "question", open=False):
-                    reference = gr.Button("Ask the traditional generator (retrieval only, and after KV-reuse rerank)")
-                    reference_out = gr.Markdown("")
-
+                ask = _ask_tab(workbench.settings)
             with gr.Tab("3 · Batch & dashboards", id="batch"):
-                with gr.Row():
-                    n_queries = gr.Slider(1, MAX_BATCH_QUERIES, value=10, step=1, label="Gold queries")
-                    mode_box = gr.CheckboxGroup([(MODE_TITLES[m], m) for m in batch_modes(s)],
-                                                value=list(COMPARE_MODES), label="Modes")
-                    seed = gr.Number(s.seed, label="Seed", precision=0)
-                with gr.Row():
-                    run = gr.Button("Run batch", variant="primary")
-                    stop = gr.Button("Stop")
-                batch_status = gr.Markdown("Uses the Ask tab's top-k and top-n.")
-                plots = []
-                with gr.Row():
-                    plots += [gr.Plot(label=FIGURE_NAMES[0]), gr.Plot(label=FIGURE_NAMES[1])]
-                with gr.Row():
-                    plots += [gr.Plot(label=FIGURE_NAMES[2]), gr.Plot(label=FIGURE_NAMES[3])]
-                plots.append(gr.Plot(label=FIGURE_NAMES[4]))
-                batch_table = gr.Dataframe(headers=BATCH_COLUMNS, label="Per query", wrap=True, max_height=320,
-                                           interactive=False)
-                exports = gr.File(label="Export (JSON, CSV)", file_count="multiple", interactive=False)
-
-        # -- events -----------------------------------------------------------------------------
-        corpus_outputs = [corpus_key, corpus_info, gold, warn]
-        source.change(cb_select_corpus, [source, files, corpus_key, codec], corpus_outputs, api_name="select_corpus")
-        files.change(cb_files_changed, [files, corpus_key], [source, *corpus_outputs], api_visibility="private")
-        prepare.click(cb_prepare, [source, files, corpus_key], [*corpus_outputs, status], api_name="prepare",
-                      concurrency_id="prepare", concurrency_limit=1).then(
-            lambda: "Done.", None, prepare_status, api_visibility="private")
-        apply.click(cb_apply_settings, [codec, store_url, batch, corpus_key],
-                    [status, apply_notes, corpus_info, warn, store_url], api_name="apply_settings",
-                    concurrency_id="prepare", concurrency_limit=1)
-        gold.change(cb_pick_gold, gold, question, api_visibility="private")
-        rand.click(cb_random_gold, corpus_key, [question, gold], api_visibility="private")
-        ask_event = dict(fn=cb_compare, inputs=[question, top_k, top_n, corpus_key],
-                         outputs=[summary, warn, *mode_outputs])
-        ask.click(**ask_event, api_name="compare")
-        reference.click(cb_reference, [question, top_k, top_n, corpus_key], reference_out, api_name="reference")
-        question.submit(**ask_event, api_visibility="private")
-        gr.api(api_ask, api_name="ask")
-        batch_event = run.click(cb_run_batch, [n_queries, mode_box, seed, top_k, top_n, corpus_key],
-                                [batch_status, warn, *plots, batch_table, exports], api_name="run_batch",
-                                concurrency_id="batch", concurrency_limit=1)
-        stop.click(None, None, None, cancels=[batch_event], api_visibility="private")
-
-        def on_load():
-            wb.wait_ready()
-            key, info, gold_update, _ = cb_select_corpus(SHIPPED, None, DEFAULT_KEY)
-            return wb.status(), info, gold_update
-
-        demo.load(on_load, None, [status, corpus_info, gold], api_visibility="private")
+                batch = _batch_tab(workbench)
+        _wire(cb, page, corpus, ask, batch)
+        demo.load(cb.on_load, None, [page.status, corpus.info, ask.gold], api_visibility="private")
     return demo
 
 
-def launch_kwargs(workbench: Workbench | None = None) -> dict:
+def launch_kwargs(workbench: Workbench) -> dict:
     """Arguments for ``demo.launch`` that the app needs (CSS, upload limit, the export folder)."""
-    wb = workbench or get_workbench()
-    wb.config.exports.mkdir(parents=True, exist_ok=True)
-    return {"css": css(), "max_file_size": f"{int(wb.config.upload_max_mb * 1024)}kb",
-            "allowed_paths": [str(wb.config.exports)], "favicon_path": str(ASSETS / "logo.svg"),
+    workbench.config.exports.mkdir(parents=True, exist_ok=True)
+    return {"css": css(), "max_file_size": f"{int(workbench.config.upload_max_mb * 1024)}kb",
+            "allowed_paths": [str(workbench.config.exports)], "favicon_path": str(ASSETS / "logo.svg"),
             "theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="cyan")}

@@ -21,7 +21,6 @@ import torch
 
 from hyperrag.model.decoder import hadamard
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def nf_levels(bits: int) -> torch.Tensor:
@@ -193,7 +192,7 @@ def main() -> None:
     exact = dict(zip(union, rr.encode_docs(union)))
     # RoPE tables at the documents' absolute positions (they follow the fixed prefix)
     longest = max(kv.shape[3] for kv in exact.values())
-    pos = (rr.prefix_len + torch.arange(longest))[None]
+    pos = (rr.runner.prefix_len + torch.arange(longest))[None]
     cos, sin = rr.decoder.body.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
     rope = (cos[0], sin[0])
     w = engine.runtime.retrieval_weight

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -26,8 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
@@ -140,7 +137,7 @@ def main() -> None:
         if shutil.which("redis-server"):
             servers.append(Server("redis").start())
             urls["redis"] = servers[-1].url
-        layout = reranker.layout
+        layout = reranker.runner.layout
         lens = {t: kvs[t].shape[3] for t in union}
         fits = [t for t in union if lens[t] <= layout.max_slots]
 

@@ -118,6 +118,7 @@ def test_bad_input_gives_clear_errors(client, tmp_path):
         client.predict("Who?", "turbo", 3, 1, "", api_name="/ask")
 
 
+@pytest.mark.slow  # the batcher's answers-as-alone is test_batching's; one question per mode over HTTP stays in
 def test_eight_concurrent_clients_get_sequential_answers(app, client):
     """8 users at once, different questions (reuse mode): same answers, rankings and scores as one
     user asking them in turn, no errors, memory bounded; their questions are batched together."""

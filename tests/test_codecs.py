@@ -138,13 +138,13 @@ def test_static_layout_matches_concat_and_per_document(reranker, real_batch):
     question, candidates, kvs = real_batch
     docs = sorted(candidates, key=lambda d: kvs[d].shape[3])  # the layout's row order
     docs = docs[:3] + docs[-2:]  # short and long ones: two row groups
-    layout, dec = reranker.layout, reranker.decoder
+    layout, dec = reranker.runner.layout, reranker.decoder
     query = reranker.prompt.query(question)
     n_query = len(query.ids)
     lens = [kvs[d].shape[3] for d in docs]
     for r, d in enumerate(docs):
         layout.doc_view(r, lens[r]).copy_(kvs[d])
-    concat, concat_lens = concat_layout(reranker.prefix_kv, [kvs[d] for d in docs], n_query)
+    concat, concat_lens = concat_layout(reranker.runner.prefix_kv, [kvs[d] for d in docs], n_query)
     assert concat_lens == lens
     p, longest = layout.prefix_len, max(lens)
     for r, n in enumerate(lens):  # same prefix and document columns, row by row

@@ -89,7 +89,7 @@ def test_evaluate_on_a_tiny_corpus(tiny_corpus_dir, cache_dir, tmp_path):
 def test_query_first_prefix_cache_scores_like_its_full_prefill(reranker):
     """The query-first baseline with ``[instruction][question]`` cached scores every candidate as
     the whole query-first prompt does (the bench times it; it must compute the same thing)."""
-    from hyperrag.evaluate import QueryFirstScorer
+    from hyperrag.rag.query_first import QueryFirstScorer
     from hyperrag.rag.rerank import FP32_SCORE_BOUND
 
     docs = [json.loads(line)["text"] for line in (SHIPPED / "docs.jsonl").read_text().splitlines()[:5]]

@@ -147,7 +147,7 @@ def test_decoder_logits_equal_transformers(family_llm):
 def test_reuse_equals_full_prefill_and_transformers(family_reranker, texts):
     reranker, model = family_reranker, family_reranker.llm.model
     lens = [reranker.doc_tokens(t) for t in texts]
-    assert max(lens) > 4 * min(lens) and min(lens) + reranker.prefix_len > WINDOW
+    assert max(lens) > 4 * min(lens) and min(lens) + reranker.runner.prefix_len > WINDOW
     source = LocalKV()
     questions = ["Who led the Norse raiders?", LONG_QUESTION]
     assert len(reranker.prompt.query(LONG_QUESTION).ids) > WINDOW + 16  # + the layout's bucket of padding
@@ -175,7 +175,7 @@ def test_reader_and_generator_equal_transformers_generate(family_reranker, texts
     reranker, llm = family_reranker, family_reranker.llm
     tok, steps, question = llm.tokenizer, 8, LONG_QUESTION
     docs = [texts[0], texts[2], texts[1]]
-    reader = Reader(reranker, max_rows=3, max_new_tokens=steps, span=False, prune=False)
+    reader = Reader(reranker.runner, max_rows=3, max_new_tokens=steps, span=False, prune=False)
     source = LocalKV()
     from_kv = reader.read(question, docs, [0.0] * len(docs), "kv", source)
     computed = reader.read(question, docs, [0.0] * len(docs), "full")
@@ -205,8 +205,8 @@ def test_geometry_comes_from_the_model(family_reranker, family_folders):
     cfg = reranker.llm.model.config
     geometry = KVGeometry.of(reranker)
     assert geometry == KVGeometry.from_config(cfg) == geometry_for(str(family_folders[cfg.model_type]))
-    assert reranker.layout.kv.shape[0] == cfg.num_hidden_layers and reranker.layout.kv.shape[3] == cfg.num_key_value_heads
-    assert reranker.layout.kv.shape[-1] == reranker.decoder.head_dim
+    assert reranker.runner.layout.kv.shape[0] == cfg.num_hidden_layers and reranker.runner.layout.kv.shape[3] == cfg.num_key_value_heads
+    assert reranker.runner.layout.kv.shape[-1] == reranker.decoder.head_dim
     layer = reranker.llm.model.model.layers[0]
     projections = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]

@@ -438,7 +438,7 @@ def test_killed_precompute_resumes(tmp_path, reranker, tiny_corpus_dir, cache_di
     (kv_dir / "half-written.tmp").write_bytes(written[0].read_bytes()[:1000])
     written[1].write_bytes(written[1].read_bytes()[:5000])
     # The rerun: the same CLI entry point, in this process (a second interpreter start is slow).
-    from hyperrag.rag.precompute import main
+    from hyperrag.precompute import main
 
     assert main(cmd[3:]) == 0
     printed = capsys.readouterr().out

@@ -1,7 +1,8 @@
 """Where a model comes from and what it is: packaged ids, Hugging Face folders (relative or
 absolute), GGUF files, Hub ids (refused at once offline); the weights hash in the KV identity
 (one store, two models: nothing served across); and the refusals, each naming the model and
-what is wrong before anything is stored. Tiny random models saved beside SmolLM2's tokenizer."""
+what is wrong before anything is stored. Tiny random models beside a small BPE tokenizer with
+SmolLM2's chat template."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ TEXTS = ["The Normans gave their name to Normandy, a region in France.",
 
 
 @pytest.fixture(scope="module")
-def tokenizer(cache_dir):
+def smollm2_tokenizer(cache_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_folder("smollm2-135m", cache_dir))
@@ -153,7 +154,7 @@ def write_gguf(path: Path, model, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="module")
-def small_tokenizer(tokenizer):
+def tokenizer(smollm2_tokenizer):
     """A byte-level BPE of 307 tokens with SmolLM2's chat template ('Yes' and 'No' single tokens):
     a GGUF's tokenizer is rebuilt token by token on load, so a small vocabulary keeps it fast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -167,12 +168,11 @@ def small_tokenizer(tokenizer):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     small = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                     unk_token="<|endoftext|>")
-    small.chat_template = tokenizer.chat_template
+    small.chat_template = smollm2_tokenizer.chat_template
     return small
 
 
-def test_a_gguf_file_loads(tmp_path, small_tokenizer, cache_dir, monkeypatch):
-    tokenizer = small_tokenizer
+def test_a_gguf_file_loads(tmp_path, tokenizer, cache_dir, monkeypatch):
     model = tiny_llama(tokenizer, 0).eval()
     write_gguf(tmp_path / "tiny.gguf", model, tokenizer)
     monkeypatch.chdir(tmp_path)
@@ -229,7 +229,7 @@ def test_a_folder_without_weights_or_tokenizer(folders, tmp_path, tokenizer, cac
     with pytest.raises(ModelError, match=r"no-weights.*no weights"):
         load_llm(str(no_weights), cache_dir, **FAST)
     no_tokenizer = save(tmp_path / "no-tokenizer", tiny_llama(tokenizer, 0), None)
-    with pytest.raises(ModelError, match=r"no-tokenizer.*no a tokenizer"):
+    with pytest.raises(ModelError, match=r"no-tokenizer.*no tokenizer"):
         load_llm(str(no_tokenizer), cache_dir, **FAST)
 
 
@@ -318,9 +318,10 @@ def test_nothing_is_stored_when_the_model_is_refused(tmp_path, cache_dir, folder
 
 # -- prompts per tokenizer ------------------------------------------------------------------------
 
-def test_prompts_follow_the_tokenizer(tokenizer):
+def test_prompts_follow_the_tokenizer(smollm2_tokenizer):
     from hyperrag.model.prompts import ChatFormat, GenerateTemplate, GenerationPrompt, RerankPrompt, RerankTemplate
 
+    tokenizer = smollm2_tokenizer
     assert RerankTemplate.for_tokenizer(tokenizer) == RerankTemplate()  # SmolLM2's chat template: unchanged
     plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     plain.chat_template = None

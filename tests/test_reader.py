@@ -60,7 +60,7 @@ def hf_greedy(llm, ids: list[int], steps: int, stop: set[int]) -> tuple[list[int
 
 def test_reading_stored_kv_equals_full_prompt(llm, reranker, docs_and_question):
     docs, question = docs_and_question
-    reader = Reader(reranker, max_rows=4, max_new_tokens=6, span=False, prune=False)  # every row to its end
+    reader = Reader(reranker.runner, max_rows=4, max_new_tokens=6, span=False, prune=False)  # every row to its end
     source = LocalKV()
     for text, kv in zip(docs, reranker.encode_docs(docs)):
         source.put(text, kv)
@@ -84,7 +84,7 @@ def test_reading_on_the_rerankers_question_kv_equals_running_the_question(rerank
     cue runs): the same answers, within the fp32 bound, for questions of different lengths read
     together (padded query columns) and documents in two row groups."""
     docs, question = docs_and_question
-    reader = Reader(reranker, max_rows=3, max_new_tokens=6, span=False, prune=False)  # every row to its end
+    reader = Reader(reranker.runner, max_rows=3, max_new_tokens=6, span=False, prune=False)  # every row to its end
     source = LocalKV()
     requests = three_questions(question, docs)
     ranked = reranker.score_many([(q, ds) for q, ds, _ in requests], "reuse", source, keep_question_kv=True)
@@ -97,14 +97,15 @@ def test_reading_on_the_rerankers_question_kv_equals_running_the_question(rerank
         reranker.score_many([(question, docs)], "full", keep_question_kv=True)
 
 
+@pytest.mark.slow  # reader_first_tokens > 1 is an off-by-default setting
 def test_rows_from_the_likeliest_first_tokens(llm, reranker, docs_and_question):
     """``first_tokens=2`` reads each document twice: one row is greedy (as a reader of one row
     per document), the other starts with the second likeliest first token and then goes on
     greedily, as the plain model does on the whole prompt; the answer is the best candidate of all."""
     docs, question = docs_and_question
     source = LocalKV()
-    one = Reader(reranker, max_rows=3, max_new_tokens=6, span=False, prune=False)
-    two = Reader(reranker, max_rows=3, max_new_tokens=6, span=False, prune=False, first_tokens=2)
+    one = Reader(reranker.runner, max_rows=3, max_new_tokens=6, span=False, prune=False)
+    two = Reader(reranker.runner, max_rows=3, max_new_tokens=6, span=False, prune=False, first_tokens=2)
     scores = [0.5, 0.0, 1.0]
     greedy, both = one.read(question, docs, scores, "kv", source), two.read(question, docs, scores, "kv", source)
     assert len(both.candidates) == 2 * len(docs)
@@ -127,12 +128,12 @@ def test_rows_from_the_likeliest_first_tokens(llm, reranker, docs_and_question):
     chosen = [c for c in both.candidates if (c.text, c.doc) == (both.answer, both.doc)][0]
     assert scores[chosen.doc] + two.selection_weight * chosen.logprob == max(values)
     with pytest.raises(ValueError, match="first_tokens"):
-        Reader(reranker, first_tokens=0)
+        Reader(reranker.runner, first_tokens=0)
 
 
 def test_a_missing_document_is_computed_and_stored(reranker, docs_and_question):
     docs, question = docs_and_question
-    reader = Reader(reranker, max_rows=4, max_new_tokens=3)
+    reader = Reader(reranker.runner, max_rows=4, max_new_tokens=3)
     source = LocalKV()
     first = reader.read(question, docs, [0.0] * 3, "kv", source)
     assert first.encoded_docs == 3 and len(source.entries) == 3 and first.warnings
@@ -142,7 +143,7 @@ def test_a_missing_document_is_computed_and_stored(reranker, docs_and_question):
 
 def test_span_decoding_emits_spans_of_the_row_document(reranker, docs_and_question):
     docs, question = docs_and_question
-    reader = Reader(reranker, max_rows=4, max_new_tokens=8, span=True)
+    reader = Reader(reranker.runner, max_rows=4, max_new_tokens=8, span=True)
     reading = reader.read(question, docs, [3.0, 2.0, 1.0], "full")
     tail = len(reranker.prompt.tail_ids)
     for c in reading.candidates:
@@ -192,13 +193,18 @@ def test_questions_read_together_as_alone(reranker, docs_and_question):
     """The reader's rows of several questions (different question lengths, so padded query
     columns) decode together to the answers each question gets alone."""
     docs, question = docs_and_question
-    reader = Reader(reranker, max_rows=3, max_new_tokens=6, span=True, prune=False)  # every row to its end
+    reader = Reader(reranker.runner, max_rows=3, max_new_tokens=6, span=True, prune=False)  # every row to its end
     source = LocalKV()
     requests = three_questions(question, docs)
     assert len({len(reranker.prompt.read_query(q).ids) for q, _, _ in requests}) == 3
     together = reader.read_many(requests, "kv", source)
     for (q, ds, scores), batched in zip(requests, together):
         assert_same_reading(reader.read(q, ds, scores, "kv", source), batched)
+
+
+# Free decoding is the shipped adapter's choice; span decoding (a setting) runs with -m slow, and
+# test_span_decoding_emits_spans_of_the_row_document keeps it in the default run.
+SPAN_MODES = [False, pytest.param(True, marks=pytest.mark.slow)]
 
 
 def test_draft_is_what_follows_the_answer_in_the_document():
@@ -209,7 +215,7 @@ def test_draft_is_what_follows_the_answer_in_the_document():
     assert draft(doc, [8], 3) == [] and draft(doc, [1], 0) == [] and draft(doc, [], 3) == []
 
 
-@pytest.mark.parametrize("span", [False, True])
+@pytest.mark.parametrize("span", SPAN_MODES)
 def test_drafted_decoding_equals_one_token_steps(tiny_engine, span):
     """Prompt-lookup drafts change how many forwards a reading takes, not what it reads: the
     trained reader's answers (mostly spans, so drafts are kept) equal one-token steps', with
@@ -231,7 +237,7 @@ def test_drafted_decoding_equals_one_token_steps(tiny_engine, span):
     reranker.decoder.forward_groups = counted
     try:
         for k in (0, 8):
-            reader = Reader(reranker, max_rows=3, max_new_tokens=12, span=span, draft_tokens=k, prune=False)
+            reader = Reader(reranker.runner, max_rows=3, max_new_tokens=12, span=span, draft_tokens=k, prune=False)
             calls["n"] = 0
             readings[k] = [reader.read(q, ds, sc, "kv", engine.runtime.store) for q, ds, sc in requests]
             forwards[k] = calls["n"]
@@ -245,7 +251,7 @@ def test_drafted_decoding_equals_one_token_steps(tiny_engine, span):
     assert forwards[8] < forwards[0], forwards
 
 
-@pytest.mark.parametrize("span", [False, True])
+@pytest.mark.parametrize("span", SPAN_MODES)
 def test_pruning_stops_rows_that_cannot_win_and_keeps_the_answer(tiny_engine, span):
     """A row whose ranking score + w x log-likelihood so far is below a finished answer's can
     never be chosen (the value only falls as it decodes): it stops, and the reading's answer,
@@ -257,8 +263,8 @@ def test_pruning_stops_rows_that_cannot_win_and_keeps_the_answer(tiny_engine, sp
     source = engine.runtime.store
     stopped = 0
     for weight in (0.0, 1.0, 4.0):
-        whole = Reader(reranker, max_rows=3, max_new_tokens=12, span=span, selection_weight=weight, prune=False)
-        pruning = Reader(reranker, max_rows=3, max_new_tokens=12, span=span, selection_weight=weight)
+        whole = Reader(reranker.runner, max_rows=3, max_new_tokens=12, span=span, selection_weight=weight, prune=False)
+        pruning = Reader(reranker.runner, max_rows=3, max_new_tokens=12, span=span, selection_weight=weight)
         for q, docs in requests:
             scores = [2.0, 1.0, 0.0]
             a, b = whole.read(q, docs, scores, "kv", source), pruning.read(q, docs, scores, "kv", source)

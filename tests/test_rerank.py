@@ -89,7 +89,7 @@ def test_load_reranker_builds_on_a_given_model(llm, tmp_path):
     template = RerankTemplate(instruction="Does the passage answer the question?")
     r = load_reranker(s, llm, template)
     assert r.llm is llm and r.template is template
-    assert (r.batch_size, r.prompt.max_doc_tokens, r.prompt.max_question_tokens, r.answer_tokens) == (3, 100, 20, 5)
+    assert (r.batch_size, r.prompt.max_doc_tokens, r.prompt.max_question_tokens, r.runner.answer_tokens) == (3, 100, 20, 5)
     assert r.kv_identity == f"{llm.fingerprint}|{r.decoder.dtype}|{template.digest}|100|hadamard"
     assert load_reranker(s.replace(kv_rotation=0), llm).kv_identity == f"{llm.fingerprint}|{r.decoder.dtype}|" \
         f"{RerankTemplate().digest}|100"
@@ -124,7 +124,7 @@ def test_reuse_equals_full_prefill(reranker, squad_batch):
     assert max(lengths) > 3 * min(lengths), "candidates must differ in length"
     question, docs = squad_batch[0]
     lens = sorted(reranker.doc_tokens(d) for d in docs)
-    groups = reranker.layout.query_groups(lens, len(reranker.prompt.query(question).ids))[1]
+    groups = reranker.runner.layout.query_groups(lens, len(reranker.prompt.query(question).ids))[1]
     assert len(groups) == 2, "the reuse batch must run in two row groups (short and long documents)"
     for question, docs in squad_batch:
         full = reranker.score(question, docs, "full")
@@ -209,13 +209,13 @@ def test_row_streams_size_openmp_teams_by_work():
     assert torch.get_num_threads() == caller and later == [caller]
 
 
-def test_row_streams_score_as_one_batch(llm, squad_batch):
+def test_row_streams_score_as_one_batch(llm, reranker, squad_batch):
     """Rows run as two concurrent streams score as one batch does, in every mode, and encode
     the same document KV."""
     from hyperrag.rag.rerank import Reranker
 
-    one, two = Reranker(llm, batch_size=8, streams=1), Reranker(llm, batch_size=8, streams=2)
-    assert (one.rows.size, two.rows.size) == (1, 2)
+    one, two = Reranker(llm, batch_size=8, streams=1), reranker  # the shared fixture runs two streams
+    assert (one.runner.rows.size, two.runner.rows.size) == (1, 2)
     source = LocalKV()
     for question, docs in squad_batch[:2]:
         for mode in ("full", "prefix", "reuse"):
@@ -227,13 +227,11 @@ def test_row_streams_score_as_one_batch(llm, squad_batch):
 
 
 
-def test_reuse_loads_in_the_row_streams(llm, squad_batch):
+def test_reuse_loads_in_the_row_streams(reranker, squad_batch):
     """Each row stream decodes its own rows into the batch buffer. In the calling thread the
     decode ran on an OpenMP team that libgomp throttles once big streams have run (a full
     prefill): int4 decoding then took ~2.3x as long on 2 cores."""
     import threading
-
-    from hyperrag.rag.rerank import Reranker
 
     class Recording(LocalKV):
         def load_into(self, text: str, out: torch.Tensor) -> bool:
@@ -241,7 +239,7 @@ def test_reuse_loads_in_the_row_streams(llm, squad_batch):
             return super().load_into(text, out)
 
     loaders: list[tuple[str, str]] = []
-    two = Reranker(llm, batch_size=8, streams=2)
+    two = reranker  # the shared fixture: two row streams
     question, docs = squad_batch[0]
     source = Recording()
     for text, kv in zip(docs, two.encode_docs(docs)):
@@ -259,7 +257,7 @@ def test_long_question_is_truncated_with_notice(reranker, squad_batch):
 
 
 def test_length_batches_bound_padding():
-    from hyperrag.rag.rerank import length_batches
+    from hyperrag.rag.batch_runner import length_batches
 
     lengths = [10, 200, 11, 190, 12, 205, 100]
     batches = length_batches(lengths, max_batch=3)
@@ -270,7 +268,8 @@ def test_length_batches_bound_padding():
         assert len(batch) * longest <= 1.15 * sum(lengths[i] for i in batch) or len(batch) == 1
 
 
-@pytest.mark.parametrize("mode", ["reuse", "full"])
+# reuse is the serving path; full prefill batched alike runs with -m slow
+@pytest.mark.parametrize("mode", ["reuse", pytest.param("full", marks=pytest.mark.slow)])
 def test_questions_batched_together_score_as_alone(reranker, squad_batch, mode):
     """Concurrent requests share batches (rows of several questions of different lengths,
     right-padded): each question's scores equal asking alone within the fp32 bound."""
@@ -301,13 +300,13 @@ def test_stream_threads_are_measured_cached_or_set(llm, tmp_path, monkeypatch):
     choices = {1, torch.get_num_threads()}
     assert first["source"].startswith("probe") and first["small_stream_threads"] in choices
     assert set(first["figures_ms"]) == {str(n) for n in choices} and all(v > 0 for v in first["figures_ms"].values())
-    assert reranker.rows.small_threads == first["small_stream_threads"]
+    assert reranker.runner.rows.small_threads == first["small_stream_threads"]
     assert json.loads(next((tmp_path / "kernels").glob("streams-*.json")).read_text())["probes"] == [
         {k: first[k] for k in ("small_stream_threads", "figures_ms")}], "cached (pending a second start's probe)"
     again = reranker.tune_streams(str(tmp_path))
     assert again == first, "one probe per start"
-    assert reranker.tune_streams(str(tmp_path), setting=3)["source"] == "setting" and reranker.rows.small_threads == 3
+    assert reranker.tune_streams(str(tmp_path), setting=3)["source"] == "setting" and reranker.runner.rows.small_threads == 3
     reranker.tune_streams(str(tmp_path))  # back to the machine's choice for the other tests
-    assert reranker.rows.small_threads == first["small_stream_threads"]
+    assert reranker.runner.rows.small_threads == first["small_stream_threads"]
     one = Reranker(llm, batch_size=4, streams=1).tune_streams(str(tmp_path))
     assert one == {"small_stream_threads": 1, "source": "one stream"}

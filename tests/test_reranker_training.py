@@ -14,10 +14,15 @@ from tests.conftest import SHIPPED
 
 
 @pytest.fixture(scope="module")
-def trained_llm(cache_dir):
-    from hyperrag.model.loading import load_llm
+def trained_reranker(tiny_engine):
+    """The shipped adapter's reranker as the engine builds it (fp32), loaded once for every test file."""
+    assert tiny_engine.runtime.settings.adapter == str(ADAPTER)
+    return tiny_engine.runtime.reranker
 
-    return load_llm("smollm2-135m", cache_dir, device="cpu", dtype="float32", adapter=str(ADAPTER))
+
+@pytest.fixture(scope="module")
+def trained_llm(trained_reranker):
+    return trained_reranker.llm
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +56,9 @@ CASES = [
 ]
 
 
-def test_trained_reranker_scores_gold_above_negatives(trained_llm, dev):
-    from hyperrag.rag.rerank import Reranker
-
+def test_trained_reranker_scores_gold_above_negatives(trained_reranker, dev):
     docs, queries = dev
-    reranker = Reranker(trained_llm, batch_size=4)
+    reranker = trained_reranker
     for qid, gold, negatives in CASES:
         question = queries[qid]["question"]
         assert queries[qid]["doc_ids"] == [gold]

@@ -5,7 +5,8 @@ import pytest
 
 from hyperrag.data.corpus import load_corpus
 from hyperrag.rag.metrics import recall_at_k
-from hyperrag.rag.pipeline import MODES, QuestionError
+from hyperrag.rag.modes import ENGINE_MODES
+from hyperrag.rag.pipeline import QuestionError
 
 
 def test_retrieval_finds_gold(tiny_engine):
@@ -29,7 +30,7 @@ def test_index_is_saved_beside_corpus_and_reused(tiny_engine, tiny_corpus_dir):
 
 def test_every_mode_answers_with_timings(tiny_engine):
     question = tiny_engine.corpus.queries[0].question
-    results = {mode: tiny_engine.ask(question, mode) for mode in MODES}
+    results = {mode: tiny_engine.ask(question, mode) for mode in ENGINE_MODES}
     for mode, result in results.items():
         assert result.answer, mode
         assert set(result.timings) >= {"retrieve", "kv_load", "rerank", "generate", "total"}

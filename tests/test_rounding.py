@@ -75,10 +75,17 @@ def test_rounding_is_part_of_the_store_key():
     assert codec_for("fp16", "hessian", None, "/nonexistent") is get_codec("fp16")  # casts round nothing
 
 
-def test_measured_factors_lower_real_score_errors(reranker, real_batch, tmp_path, monkeypatch):
-    """Factors measured on the shipped calibration set (SQuAD train questions), cached on disk;
-    on a real question with 20 candidates (shipped dev corpus), int4 and int2 scores move less
-    from the exact-KV scores with Hessian rounding than with nearest rounding."""
+@pytest.fixture(scope="module")
+def measured_moments(reranker):
+    """The query moments on the shipped calibration set, measured once for this module (~25 s)."""
+    return reader_moments(reranker)
+
+
+def test_measured_factors_lower_real_score_errors(reranker, real_batch, measured_moments, tmp_path, monkeypatch):
+    """Factors from the moments measured on the shipped calibration set (SQuAD train questions),
+    cached on disk; on a real question with 20 candidates (shipped dev corpus), int4 and int2
+    scores move less from the exact-KV scores with Hessian rounding than with nearest rounding."""
+    monkeypatch.setattr("hyperrag.rag.kv_rounding.reader_moments", lambda r: measured_moments)
     hinv = rounding_factors(reranker, tmp_path)
     dec = reranker.decoder
     assert hinv.shape == (dec.n_layers, 2, dec.n_kv_heads, dec.head_dim, dec.head_dim)
@@ -102,9 +109,9 @@ def test_measured_factors_lower_real_score_errors(reranker, real_batch, tmp_path
         assert errors["hessian"] < errors["nearest"], (name, errors)
 
 
-def test_reader_moments_are_symmetric_and_normalised(reranker, monkeypatch):
+def test_reader_moments_are_symmetric_and_normalised(reranker, measured_moments):
     """The key moments come from queries only: the probe is off again afterwards."""
-    moments = reader_moments(reranker)
+    moments = measured_moments
     assert reranker.decoder.probe is None
     assert torch.allclose(moments, moments.transpose(-1, -2))
     assert torch.allclose(moments.diagonal(dim1=-2, dim2=-1).mean(-1), torch.ones(moments.shape[:3], dtype=moments.dtype))

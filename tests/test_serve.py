@@ -186,7 +186,7 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_engine):
         with serving(create_app(svc)) as url, httpx.Client(base_url=url, timeout=120) as c, cf.ThreadPoolExecutor(2) as pool:
             assert c.post("/v1/rerank", json=ok).status_code == 200  # stored: the rest computes nothing
             before = store_files(tiny_engine)
-            with tiny_engine.reranker.lock:
+            with tiny_engine.reranker.runner.lock:
                 first = pool.submit(c.post, "/v1/rerank", json=ok)
                 assert wait_until(lambda: runs() == 2, 30)  # the worker took it and waits for the model
                 second = pool.submit(c.post, "/v1/rerank", json=ok)

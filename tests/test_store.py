@@ -230,7 +230,7 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     assert hot_tier_gb(100 * gib, memory=16 * gib) == 4.0  # never more than a quarter of memory
     assert hot_tier_gb(1 * gib, memory=64 * gib, room_gb=0.4) == 0.4  # within what the budget leaves
     assert hot_tier_gb(1 * gib, memory=64 * gib, room_gb=-0.3) == 0.0  # nothing left: no tier
-    assert budget_room_gb(3.0, resident_bytes=2 * gib) == pytest.approx(1.0 - WORKING_MARGIN_GB)
+    assert budget_room_gb(3.0, resident_bytes=2 * gib) == pytest.approx(3e9 / gib - 2 - WORKING_MARGIN_GB)  # decimal GB
     assert budget_room_gb(0.0) is None  # no budget
     assert 0 < memory_bytes() <= 2**60
 
@@ -245,7 +245,7 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     finally:
         store.close()
     # With a budget the tier takes what the process has not used of it (this one holds a model).
-    budget = resident_bytes() / gib + WORKING_MARGIN_GB + 0.3
+    budget = (resident_bytes() / gib + WORKING_MARGIN_GB + 0.3) * gib / 1e9  # decimal GB
     store = open_store(settings.replace(memory_budget_gb=budget), reranker, texts)
     try:
         assert 0.2 <= store.hot_cache_gb <= 0.3

@@ -38,7 +38,7 @@ def corpus_out(name: str) -> Path:
     return CORPORA / slug
 
 
-def _default_cache_dir() -> str:
+def default_cache_dir() -> str:
     return os.environ.get("HYPERRAG_CACHE_DIR") or str(Path.home() / ".cache" / "hyperrag")
 
 
@@ -158,8 +158,8 @@ class Settings:
     )
     memory_budget_gb: float = field(
         default=3.0,
-        metadata={"help": "peak resident memory the automatic CPU tier (hot_cache_gb -1) keeps the process under: "
-                          "the tier gets what the loaded models and buffers and a 0.8 GB working margin leave "
+        metadata={"help": "peak resident memory (decimal GB) the automatic CPU tier (hot_cache_gb -1) keeps the "
+                          "process under: the tier gets what the loaded models and buffers and a 0.8 GiB working margin leave "
                           "(on the shipped corpus about 0.4 of the 1.2 GB it would take); 0 = no budget"},
     )
     store_timeout_s: float = field(
@@ -189,7 +189,7 @@ class Settings:
                           "Requests waiting beyond queue_size get 429 with Retry-After"},
     )
     cache_dir: str = field(
-        default_factory=_default_cache_dir,
+        default_factory=default_cache_dir,
         metadata={"help": "models (safetensors copies), indexes and the default KV store live here"},
     )
     seed: int = field(default=0, metadata={"help": "seed for anything random (query sampling)"})

@@ -138,7 +138,7 @@ def _load_docs_jsonl(path: Path, max_file_bytes: int) -> list[Doc]:
         if doc_id in first_line:
             raise CorpusError(f"{path}:{lineno}: duplicate id {doc_id!r} (first on line {first_line[doc_id]})")
         first_line[doc_id] = lineno
-        docs.append(Doc(doc_id, title, text.strip(), _source(path, lineno, rec)))
+        docs.append(Doc(doc_id, title, text.strip(), doc_source(path, lineno, rec)))
         if len(docs) > MAX_DOCS:
             raise CorpusError(f"{path}:{lineno}: more than {MAX_DOCS} documents")
     return docs
@@ -147,7 +147,7 @@ def _load_docs_jsonl(path: Path, max_file_bytes: int) -> list[Doc]:
 SOURCE_FIELDS = {"file": (str,), "page": (int,), "start": (int,), "end": (int,), "line": (int,)}
 
 
-def _source(path: Path, lineno: int, record: dict) -> dict | None:
+def doc_source(path: Path, lineno: int, record: dict) -> dict | None:
     """The optional ``source`` object, checked lightly: known keys must have the right type or be null."""
     source = record.get("source")
     if source is None:

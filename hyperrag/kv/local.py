@@ -1,6 +1,6 @@
 """Document KVs held in this process, as exact tensors or encoded by a codec.
 
-A :class:`~hyperrag.rag.rerank.DocKVSource` without LMCache, framing or checksums, for measurements
+A :class:`~hyperrag.rag.batch_runner.DocKVSource` without LMCache, framing or checksums, for measurements
 that want exactly that: the held-out evaluation (exact KV, no codec round trip) and the bench's
 codec sweep (each codec's round trip and nothing else). Serving uses :class:`KVStore`, whose
 ``memory://`` backend is the in-process store with the checks.

@@ -228,17 +228,18 @@ def hot_tier_gb(corpus_bytes: int, memory: int | None = None, room_gb: float | N
 
 
 def budget_room_gb(budget_gb: float, resident_bytes: int | None = None) -> float | None:
-    """What a memory budget leaves for the CPU tier: the budget less this process's resident
-    memory now (models and buffers loaded) and :data:`WORKING_MARGIN_GB`; None without a budget.
-    Why a budget at all: the tier trades resident memory for ~1 ms per entry read (fs:// reads
-    come from the OS page cache, which the machine can reclaim and the tier cannot)."""
+    """What a memory budget leaves for the CPU tier, in the tier's GiB: the budget (decimal GB,
+    as the target it stands for: ``3`` keeps the peak under 3e9 bytes) less this process's
+    resident memory now (models and buffers loaded) and :data:`WORKING_MARGIN_GB`; None without
+    a budget. Why a budget at all: the tier trades resident memory for ~1 ms per entry read
+    (fs:// reads come from the OS page cache, which the machine can reclaim and the tier cannot)."""
     if budget_gb <= 0:
         return None
     if resident_bytes is None:
         from hyperrag.common.memory import resident_bytes as now
 
         resident_bytes = now()
-    return budget_gb - resident_bytes / 2**30 - WORKING_MARGIN_GB
+    return (budget_gb * 1e9 - resident_bytes) / 2**30 - WORKING_MARGIN_GB
 
 
 def format_bytes(n: float) -> str:

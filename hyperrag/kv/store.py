@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import logging
-import os
 import socket
 import threading
 import time
@@ -47,8 +46,6 @@ from hyperrag.kv.codec import Codec, get_codec
 from hyperrag.kv.frame import content_address, frame, unframe
 from hyperrag.kv.urls import StoreError, parse_store_url, redact_url
 
-os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
-os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
 
 log = logging.getLogger("hyperrag.store")
 

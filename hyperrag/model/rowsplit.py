@@ -18,7 +18,7 @@ OpenMP team; ``hyperrag/__init__`` shortens OpenMP's idle spin so those teams do
 cores busy after a batch. Once big streams have run, libgomp manages more threads than there
 are cores and throttles every team's spin, so the calling thread's own team wakes late at each
 op (int4 decoding in the calling thread took ~2.3x as long after a full prefill on 2 cores):
-that is why loading stored KV runs in the streams too (:meth:`hyperrag.rag.rerank.Reranker.load_rows`).
+that is why loading stored KV runs in the streams too (:meth:`hyperrag.rag.batch_runner.BatchRunner.load_rows`).
 """
 from __future__ import annotations
 

@@ -111,7 +111,8 @@ def reader_moments(reranker: "Reranker") -> torch.Tensor:
     for text, kv in zip(texts, reranker.encode_docs(texts)):
         source.put(text, kv)
     pairs = [(q.question, by_title[corpus.by_id[q.doc_ids[0]].title]) for q in corpus.queries]
-    reader = Reader(reranker, max_rows=max(len(docs) for _, docs in pairs), max_new_tokens=reranker.answer_tokens)
+    reader = Reader(reranker.runner, max_rows=max(len(docs) for _, docs in pairs),
+                    max_new_tokens=reranker.runner.answer_tokens)
     jobs = (lambda q, docs: reranker.score(q, docs, "reuse", source),
             lambda q, docs: reader.read(q, docs, [0.0] * len(docs), "kv", source))
     keys = torch.zeros(dec.n_layers, n_kv, d, d, dtype=torch.float64)

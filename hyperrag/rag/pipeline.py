@@ -39,7 +39,6 @@ from hyperrag.rag.runtime import Runtime
 from hyperrag.common.settings import Settings
 
 log = logging.getLogger("hyperrag")
-MODES = ENGINE_MODES
 MAX_QUESTION_CHARS = 2000
 Progress = Callable[[int, int], None]
 
@@ -134,8 +133,8 @@ class Engine:
         :mod:`hyperrag.workbench.batcher`); the traditional generator answers them in turn. Each result
         equals asking alone up to float rounding; its stage timings are the whole call's."""
         spec = mode_spec(mode)
-        if spec.name not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if spec.name not in ENGINE_MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {ENGINE_MODES}")
         mode = spec.name
         if not questions:
             return []

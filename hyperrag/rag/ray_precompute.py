@@ -24,22 +24,22 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
-from hyperrag.rag.precompute import PrecomputeReport, progress_bar
-from hyperrag.rag.rerank import length_batches
+from hyperrag.rag.precompute import PrecomputeReport
+from hyperrag.rag.batch_runner import length_batches
 from hyperrag.rag.runtime import load_reranker, open_store
+from hyperrag.common.env import DEFAULTS
 from hyperrag.common.settings import Settings
 
 Progress = Callable[[int, int], None]
 SCAN_CHUNK = 256  # documents per scan task
 IN_FLIGHT = 2  # batches queued per actor, so none waits on the driver between batches
 REPO = Path(__file__).resolve().parents[2]
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "LMCACHE_TRACK_USAGE": "false", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def worker_env() -> dict[str, str]:
-    """Environment of Ray workers started from this checkout: offline models, no usage reports,
+    """Environment of Ray workers started from this checkout: the process defaults (common/env.py),
     this repo on the import path, the same model cache."""
-    env = {**WORKER_ENV, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {**DEFAULTS, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     for key in ("HYPERRAG_CACHE_DIR",):
         if key in os.environ:
             env[key] = os.environ[key]
@@ -109,83 +109,117 @@ def precompute_ray(settings: Settings, texts: Sequence[str], address: str | None
     None and Ray is not initialized yet (a caller's ``ray.init`` is used as it is). ``workers``
     actors of ``cpus_per_worker`` CPUs each (default: as many as the cluster's CPUs allow).
     ``progress(done, total)`` after the scan and after every batch."""
-    import ray
-
     if settings.store_url.startswith("memory://"):
         raise ValueError("memory:// is private to each process: Ray workers need a shared store "
                          "(redis://, lm:// or an fs:// folder they all see)")
+    import ray
+
     if not ray.is_initialized():
         ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
-    if workers is None:
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_worker))
     unique = list(dict.fromkeys(texts))
     report = PrecomputeReport(docs=len(unique), verified=verify)
     t0 = time.perf_counter()
+    actors = _start_actors(settings, workers, cpus_per_worker)
+    try:
+        tokens, todo = _scan(actors, unique, verify, report)
+        if progress:
+            progress(report.skipped, len(unique))
+        # The single-process plan: length-sorted batches over what is left, each to one actor.
+        size = batch_size or settings.batch_size
+        queue = deque([[unique[todo[i]] for i in b] for b in length_batches([tokens[i] for i in todo], size)])
+        _encode(actors, queue, report, progress and (lambda: progress(report.skipped + report.encoded, len(unique))))
+    finally:
+        _stop_actors(actors)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _start_actors(settings: Settings, workers: int | None, cpus_per_worker: float) -> list:
+    """``workers`` precompute actors (default: as many as the cluster's CPUs allow)."""
+    import ray
+
+    if workers is None:
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_worker))
     env = worker_env()
     actor_cls = ray.remote(PrecomputeWorker)
     threads = max(1, int(cpus_per_worker))
-    actors = [actor_cls.options(num_cpus=cpus_per_worker, runtime_env={"env_vars": env}).remote(settings, threads)
-              for _ in range(workers)]
-    try:
-        # 1. Scan: which documents are stored, in parallel over the actors (order kept).
-        chunks = [unique[i : i + SCAN_CHUNK] for i in range(0, len(unique), SCAN_CHUNK)]
-        scans = ray.get([actors[i % len(actors)].scan.remote(chunk, verify) for i, chunk in enumerate(chunks)])
-        present = [p for s in scans for p in s["present"]]
-        tokens = [n for s in scans for n in s["tokens"]]
-        for s in scans:
-            report.replaced += s["replaced"]
-            report.warnings += [w for w in s["warnings"] if w not in report.warnings]
-        todo = [i for i, p in enumerate(present) if not p]
-        report.skipped = len(unique) - len(todo)
-        if progress:
-            progress(report.skipped, len(unique))
-        # 2. The single-process plan: length-sorted batches over what is left, each to one actor.
-        size = batch_size or settings.batch_size
-        queue = deque([[unique[todo[i]] for i in b] for b in length_batches([tokens[i] for i in todo], size)])
-        free = [a for a in actors for _ in range(IN_FLIGHT)]
-        running: dict = {}
-        while queue or running:
-            while queue and free:
-                actor, batch = free.pop(0), queue.popleft()
-                running[actor.encode.remote(batch)] = (actor, batch)
-            done, _ = ray.wait(list(running), num_returns=1)
-            actor, batch = running.pop(done[0])
-            try:
-                result = ray.get(done[0])
-            except ray.exceptions.RayActorError as err:  # the actor is gone: its batches fail, others go on
-                report.failed += len(batch)
-                msg = f"a Ray worker died ({type(err).__name__}); run precompute again (it resumes)"
-                report.warnings += [msg] if msg not in report.warnings else []
-                free = [a for a in free if a is not actor]
-                if not free and not running:
-                    report.failed += sum(len(b) for b in queue)
-                    queue.clear()
-                continue
-            except ray.exceptions.RayError as err:
-                report.failed += len(batch)
-                report.warnings.append(f"a batch of {len(batch)} documents failed: {err}")
-                free.append(actor)
-                continue
-            free.append(actor)
-            report.encoded += result["encoded"]
-            report.tokens += result["tokens"]
-            report.bytes += result["bytes"]
-            report.encode_seconds += result["encode_s"]
-            report.failed += result["failed"]
-            report.warnings += [w for w in result["warnings"] if w not in report.warnings]
-            if result["stopped"] and queue:
+    return [actor_cls.options(num_cpus=cpus_per_worker, runtime_env={"env_vars": env}).remote(settings, threads)
+            for _ in range(workers)]
+
+
+def _scan(actors: list, unique: list[str], verify: bool, report: PrecomputeReport) -> tuple[list[int], list[int]]:
+    """Which documents are stored, in parallel over the actors (order kept): each one's token
+    count and the indices still to encode (``report`` gets the skipped and replaced counts)."""
+    import ray
+
+    chunks = [unique[i : i + SCAN_CHUNK] for i in range(0, len(unique), SCAN_CHUNK)]
+    scans = ray.get([actors[i % len(actors)].scan.remote(chunk, verify) for i, chunk in enumerate(chunks)])
+    present = [p for s in scans for p in s["present"]]
+    tokens = [n for s in scans for n in s["tokens"]]
+    for s in scans:
+        report.replaced += s["replaced"]
+        report.warnings += [w for w in s["warnings"] if w not in report.warnings]
+    todo = [i for i, p in enumerate(present) if not p]
+    report.skipped = len(unique) - len(todo)
+    return tokens, todo
+
+
+def _encode(actors: list, queue: deque, report: PrecomputeReport, progress: Callable[[], None] | None) -> None:
+    """The batches of ``queue`` on the actors, ``IN_FLIGHT`` per actor; a dead actor's batches
+    fail and the others go on. ``progress()`` after every batch."""
+    import ray
+
+    free = [a for a in actors for _ in range(IN_FLIGHT)]
+    running: dict = {}
+    while queue or running:
+        while queue and free:
+            actor, batch = free.pop(0), queue.popleft()
+            running[actor.encode.remote(batch)] = (actor, batch)
+        done, _ = ray.wait(list(running), num_returns=1)
+        actor, batch = running.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayActorError as err:  # the actor is gone: its batches fail, others go on
+            report.failed += len(batch)
+            msg = f"a Ray worker died ({type(err).__name__}); run precompute again (it resumes)"
+            report.warnings += [msg] if msg not in report.warnings else []
+            free = [a for a in free if a is not actor]
+            if not free and not running:
                 report.failed += sum(len(b) for b in queue)
                 queue.clear()
-                report.warnings.append("the store is unavailable and a worker's retry queue is full: stopped "
-                                       "early; run precompute again when the store is back (it resumes)")
-            if progress:
-                progress(report.skipped + report.encoded, len(unique))
-    finally:
-        for actor in actors:
-            try:
-                ray.get(actor.close.remote(), timeout=60)
-            except Exception:  # a dead actor has nothing to close
-                pass
-            ray.kill(actor)
-    report.seconds = time.perf_counter() - t0
-    return report
+            continue
+        except ray.exceptions.RayError as err:
+            report.failed += len(batch)
+            report.warnings.append(f"a batch of {len(batch)} documents failed: {err}")
+            free.append(actor)
+            continue
+        free.append(actor)
+        _add_batch(report, result)
+        if result["stopped"] and queue:
+            report.failed += sum(len(b) for b in queue)
+            queue.clear()
+            report.warnings.append("the store is unavailable and a worker's retry queue is full: stopped "
+                                   "early; run precompute again when the store is back (it resumes)")
+        if progress:
+            progress()
+
+
+def _add_batch(report: PrecomputeReport, result: dict) -> None:
+    """One actor's batch result (:meth:`PrecomputeWorker.encode`) into the run's report."""
+    report.encoded += result["encoded"]
+    report.tokens += result["tokens"]
+    report.bytes += result["bytes"]
+    report.encode_seconds += result["encode_s"]
+    report.failed += result["failed"]
+    report.warnings += [w for w in result["warnings"] if w not in report.warnings]
+
+
+def _stop_actors(actors: list) -> None:
+    import ray
+
+    for actor in actors:
+        try:
+            ray.get(actor.close.remote(), timeout=60)
+        except Exception:  # a dead actor has nothing to close
+            pass
+        ray.kill(actor)

@@ -6,7 +6,7 @@ The reader's prompt is the reranker's plus an answer cue,
 exactly the reader's too. And the reranker's reuse run has just computed ``[question][suffix]``
 over each of these documents: the engine keeps that KV (``keep_question_kv``), so at answer time
 only the cue and the answer's own tokens run (without it, ``[question][suffix][cue]`` does). The
-top-n documents sit in the rows of one static batch buffer (the reranker's layout type), the
+top-n documents sit in the rows of the one static batch buffer (:mod:`hyperrag.rag.batch_runner`), the
 cue (or the question) runs on all rows in one forward, and the rows decode together. Each row
 yields a candidate answer from its own document; the answer is the candidate with the best
 ``ranking score + selection_weight x answer log-likelihood``.
@@ -38,8 +38,8 @@ import torch
 
 from hyperrag.model.decoder import RowGroup
 from hyperrag.model.batch_kv import row_runs
+from hyperrag.rag.batch_runner import BatchRunner, DocKVSource, QueryRow, missing_kv_warning, query_batches
 from hyperrag.rag.calibration import Trust
-from hyperrag.rag.rerank import DocKVSource, QueryRow, Reranker, missing_kv_warning, query_batches
 
 READ_MODES = ("kv", "full")
 
@@ -111,14 +111,19 @@ class SpanConstraint:
 
 
 class Reader:
-    """Reads answers with the reranker's model, prompt and prefix KV (thread-safe: one at a time)."""
+    """Reads answers with the reranker's batch runner: its model, prompt and prefix KV (thread-safe:
+    one batch at a time)."""
 
-    def __init__(self, reranker: Reranker, max_rows: int = 8, max_new_tokens: int = 16, span: bool = True,
+    def __init__(self, runner: BatchRunner, max_rows: int = 8, max_new_tokens: int = 16, span: bool = True,
                  selection_weight: float = 1.0, draft_tokens: int = 8, prune: bool = True, first_tokens: int = 1,
                  trust: Trust | None = None, abstain_threshold: float = 0.0):
-        self.reranker = reranker
-        self.decoder = reranker.decoder
-        self.prompt = reranker.prompt
+        # The reranker's runner: its model, prompt, prefix KV and batch buffer, whose query
+        # columns it sized for the question, cue and answer. Reading and reranking take turns
+        # under its lock; its rows hold the documents of one question or, batched, of several.
+        self.runner = runner
+        self.decoder = runner.decoder
+        self.prompt = runner.prompt
+        self.layout = runner.layout
         self.max_rows = max_rows  # documents read per question
         self.max_new_tokens = max_new_tokens
         self.span = span
@@ -134,16 +139,11 @@ class Reader:
         # Stop rows that can no longer be chosen (the answer is the same; the others' texts are
         # cut). Off where every candidate is wanted whole: tuning the weight on the same candidates.
         self.prune = prune
-        if max_new_tokens > reranker.answer_tokens:
-            raise ValueError(f"the reader's {max_new_tokens} answer tokens do not fit the reranker's batch buffer "
-                             f"(room for {reranker.answer_tokens}: build the Reranker with answer_tokens={max_new_tokens})")
-        # The reranker's own layout, whose query columns the reranker sized for the question,
-        # cue and answer (reading and reranking take turns under its lock). Its rows hold the
-        # documents of one question or, batched, of several.
-        self.layout = reranker.layout
-        tok = reranker.llm.tokenizer
-        self.stop_ids = {self.prompt.answer_end_id, tok.eos_token_id}
-        self._lock = reranker.lock  # one model, one scratch buffer: reading and reranking take turns
+        if max_new_tokens > runner.answer_tokens:
+            raise ValueError(f"the reader's {max_new_tokens} answer tokens do not fit the batch buffer "
+                             f"(room for {runner.answer_tokens}: build the Reranker with answer_tokens={max_new_tokens})")
+        self.tokenizer = runner.llm.tokenizer
+        self.stop_ids = {self.prompt.answer_end_id, self.tokenizer.eos_token_id}
 
     def read(self, question: str, docs: Sequence[str], rank_scores: Sequence[float], mode: str = "kv",
              source: DocKVSource | None = None, calibrated: bool = True) -> Reading:
@@ -178,8 +178,8 @@ class Reader:
         load_s = compute_s = 0.0
         scores = [rank_scores for _, _, rank_scores in requests]
         best = [float("-inf")] * len(requests)  # per request: the best finished candidate's value so far
-        with self._lock:
-            for batch in query_batches(rows, self.reranker.doc_tokens, self.layout.max_batch):
+        with self.runner.lock:
+            for batch in query_batches(rows, self.runner.doc_tokens, self.layout.max_batch):
                 batch_load, batch_compute = self._read(batch, mode, source, readings, scores, best)
                 load_s, compute_s = load_s + batch_load, compute_s + batch_compute
         for reading, (_, docs, rank_scores) in zip(readings, requests):
@@ -204,22 +204,21 @@ class Reader:
         Returns (seconds loading KV, seconds computing)."""
         layout = self.layout
         texts = [row.text for row in rows]
-        lens = [self.reranker.doc_tokens(t) for t in texts]
+        lens = [self.runner.doc_tokens(t) for t in texts]
         t0 = time.perf_counter()
         load_s = 0.0
         if mode == "kv":
-            load_s, missing = self.reranker.load_rows(layout, texts, lens, source)
+            load_s, missing = self.runner.load_rows(texts, lens, source)
             for r in missing:
                 readings[rows[r].request].encoded_docs += 1
         else:
-            self.reranker.encode_rows([self.prompt.doc_ids(t) for t in texts], layout.kv.rows(slice(0, len(rows))))
+            self.runner.encode_rows([self.prompt.doc_ids(t) for t in texts], layout.kv.rows(slice(0, len(rows))))
         hidden, groups, width, query_lens, written = self._run_question(rows, lens)
         tokens = self._decode(hidden, rows, lens, groups, width, query_lens, written,
                               [scores[row.request][row.doc] for row in rows], best)
         compute_s = time.perf_counter() - t0 - load_s  # documents the store lacked count as compute
-        tok = self.reranker.llm.tokenizer
         for row, (answer, logprob, pruned) in zip(rows, tokens):
-            text = tok.decode(answer, skip_special_tokens=True).strip()
+            text = self.tokenizer.decode(answer, skip_special_tokens=True).strip()
             start = row.text.find(text) if text else -1
             readings[row.request].candidates.append(Candidate(row.doc, text, logprob, len(answer), start,
                                                               start + len(text) if start >= 0 else -1, pruned))
@@ -240,7 +239,7 @@ class Reader:
         kv = layout.kv.rows(slice(0, n))
         none = torch.zeros(n, 0, dtype=torch.bool, device=device)  # no answer column written yet
         if any(row.question_kv is None for row in rows):
-            ids, last = self.reranker.batch_ids([row.query for row in rows])
+            ids, last = self.runner.batch_ids([row.query for row in rows])
             pos, groups = layout.query_groups(lens, ids.shape[1])
             hidden = self.decoder.forward_groups(ids, pos, kv, groups, out_index=last)
             return hidden, groups, ids.shape[1], [len(row.query) for row in rows], none

@@ -17,7 +17,8 @@ from typing import Sequence
 import torch
 
 from hyperrag.rag.reader import Reader, Reading
-from hyperrag.rag.rerank import DocKVSource, Reranker
+from hyperrag.rag.batch_runner import DocKVSource
+from hyperrag.rag.rerank import Reranker
 
 
 @dataclass

@@ -63,10 +63,6 @@ class BatchStats:
     groups: int = 0
     requests: int = 0
 
-    @property
-    def mean_group(self) -> float:
-        return self.requests / self.groups if self.groups else 0.0
-
 
 class Batcher:
     """One worker thread that answers queued requests in groups; shared by every corpus view."""

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 from collections import OrderedDict
@@ -21,72 +20,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from hyperrag.workbench.batcher import Batcher
+from hyperrag.common.settings import SHIPPED, Settings
 from hyperrag.data.corpus import Corpus, CorpusError, Query, load_corpus
 from hyperrag.kv import planner
 from hyperrag.kv.codec import CODECS
 from hyperrag.kv.urls import StoreError, parse_store_url, redact_url
-from hyperrag.rag.pipeline import Engine
-from hyperrag.rag.precompute import PrecomputeReport
+from hyperrag.rag.modes import ENGINE_MODES, MODES
+from hyperrag.rag.pipeline import Engine, QuestionError, RAGResult
+from hyperrag.rag.precompute import PrecomputeReport, precompute
 from hyperrag.rag.runtime import Runtime
-from hyperrag.common.settings import SHIPPED, Settings
-from hyperrag.workbench.uploads import UploadError, _relative_message, copy_upload, ingest_upload, prune_folders
+from hyperrag.workbench.batcher import Batcher, Busy
+from hyperrag.workbench.config import AppConfig
+from hyperrag.workbench.uploads import UploadError, copy_upload, ingest_upload, prune_folders, relative_message
 
 log = logging.getLogger("hyperrag.workbench.operations")
 DEFAULT_KEY = "default"
 MAX_BATCH_SIZE = 32  # the reranker's buffers grow linearly with it (~55 MB per row for SmolLM2)
+MAX_TOP_K, MAX_TOP_N = 50, 10  # per request: bounds the work (and memory) one request can ask for
+MAX_BATCH_QUERIES = 200
+ZERO_SHOT = "zero_shot"  # batch-only mode: what the trained adapter is measured against
+
+
+def runnable_modes(reader: bool, zero_shot: bool) -> tuple[str, ...]:
+    """The modes that can run: every engine mode, the reader's only with a reader (an adapter),
+    then the zero-shot reference when there is one (the app's batch tab and the bench)."""
+    engine = tuple(m for m in ENGINE_MODES if MODES[m].read is None or reader)
+    return (*engine, ZERO_SHOT) if zero_shot else engine
+
+
+def route(mode: str, engine: Callable[[], Engine], zero_shot: Callable[[], Engine]) -> tuple[Engine, str]:
+    """The engine a mode runs on and the engine mode it runs there: ``zero_shot`` is the
+    reference engine (the base model without the adapter) in reuse mode; any other mode is the
+    engine's own. The engines are made only when chosen."""
+    return (zero_shot(), "reuse") if mode == ZERO_SHOT else (engine(), mode)
 
 
 class UserError(ValueError):
     """A message for the user (bad input, busy, ...): the UI shows it, with no traceback."""
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-
-
-@dataclass
-class AppConfig:
-    """App-side limits and folders (engine settings live in :class:`Settings`)."""
-
-    data_dir: Path
-    upload_max_mb: float = 25.0  # per upload, all files together
-    upload_max_files: int = 1000
-    upload_max_docs: int = 5000
-    keep_uploads: int = 20  # upload folders kept on disk (oldest removed first)
-    keep_exports: int = 20
-    allow_any_store: bool = False  # let users point the app at any store URL (trusted deployments)
-
-    @classmethod
-    def from_env(cls, settings: Settings, data_dir: str | Path | None = None, **overrides: Any) -> "AppConfig":
-        folder = data_dir or os.environ.get("HYPERRAG_DATA_DIR") or Path(settings.cache_dir) / "app"
-        values = dict(
-            upload_max_mb=_env_float("HYPERRAG_UPLOAD_MAX_MB", cls.upload_max_mb),
-            upload_max_docs=int(_env_float("HYPERRAG_UPLOAD_MAX_DOCS", cls.upload_max_docs)),
-            allow_any_store=os.environ.get("HYPERRAG_ALLOW_ANY_STORE", "") in ("1", "true", "yes"),
-        )
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(Path(folder).expanduser().resolve(), **values)
-
-    @property
-    def upload_max_bytes(self) -> int:
-        return int(self.upload_max_mb * 2**20)
-
-    @property
-    def uploads(self) -> Path:
-        return self.data_dir / "uploads"
-
-    @property
-    def exports(self) -> Path:
-        return self.data_dir / "exports"
-
-    @property
-    def stores(self) -> Path:
-        return self.data_dir / "stores"
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +223,7 @@ class Workbench:
                                   f"{self.config.upload_max_docs:,} per upload (HYPERRAG_UPLOAD_MAX_DOCS)")
         except CorpusError as err:
             shutil.rmtree(folder, ignore_errors=True)
-            raise UploadError(_relative_message(str(err), folder)) from None
+            raise UploadError(relative_message(str(err), folder)) from None
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -362,20 +332,81 @@ class Workbench:
             raise UserError(f"settings not changed: {err}; try again when it ends") from None
         return notes or ["nothing changed"]
 
-    def status(self) -> str:
+    def status(self) -> dict:
+        """Where the engine stands, as data (the UI words it): ``state`` is loading, failed or
+        ready; when ready, the model, device, store, codec, batch size and store problems."""
         if self._load_error is not None:
-            return f"**Engine failed to load:** {self._load_error}"
+            return {"state": "failed", "error": str(self._load_error)}
         if not self.ready:
-            return "Loading models and index…"
+            return {"state": "loading"}
         s, store = self.settings, self._base.store
-        text = (f"**Model** {s.model}{' + ' + Path(s.adapter).name if s.adapter else ''} · "
-                f"**device** {self._base.reranker.decoder.device} · "
-                f"**store** `{redact_url(store.url)}` ({store.codec.name}) · **batch** {s.batch_size}")
-        if store.url != s.store_url:
-            text += f" · ⚠ `{redact_url(s.store_url)}` could not be used: an in-process store stands in"
-        elif not store.available:
-            text += " · ⚠ the store is unreachable: document KV is computed per query until it is back"
-        return text
+        problem = ("fallback" if store.url != s.store_url else "unreachable" if not store.available else None)
+        return {"state": "ready", "model": s.model, "adapter": Path(s.adapter).name if s.adapter else "",
+                "device": str(self._base.reranker.decoder.device), "store": redact_url(store.url),
+                "codec": store.codec.name, "batch_size": s.batch_size, "store_problem": problem,
+                "configured_store": redact_url(s.store_url)}
+
+    # -- operations ---------------------------------------------------------------------------
+    def modes(self) -> tuple[str, ...]:
+        """The modes a request can run here: the reader and the zero-shot reference need an adapter."""
+        return runnable_modes(reader=bool(self.settings.adapter), zero_shot=bool(self.settings.adapter))
+
+    def ask(self, entry: CorpusEntry, question: str, mode: str, top_k: int, top_n: int) -> RAGResult:
+        """One question in one mode (``zero_shot`` included) on this corpus, through the batcher:
+        users asking at once share model calls."""
+        if not 1 <= top_k <= MAX_TOP_K or not 1 <= top_n <= MAX_TOP_N:
+            raise UserError(f"top-k must be between 1 and {MAX_TOP_K} and top-n between 1 and {MAX_TOP_N}")
+        with self.gate.use():
+            engine, engine_mode = route(mode, lambda: self.engine(entry), lambda: self.zero_shot_engine(entry))
+            try:
+                return self.batcher.ask(engine, question, engine_mode, int(top_k), int(top_n))
+            except (QuestionError, Busy) as err:
+                raise UserError(str(err)) from None
+
+    def prepare(self, entry: CorpusEntry, index_progress: Callable[[int, int], None] | None = None,
+                kv_progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Embed and index the corpus, then precompute its document KV; returns the warnings."""
+        with self.gate.use():
+            engine = self.engine(entry, index_progress)
+            report = engine.precompute(kv_progress)
+            warnings = report.warnings + engine.store.take_warnings()
+        entry.report = report
+        return warnings
+
+    def run_batch(self, entry: CorpusEntry, n_queries: int, modes: Sequence[str], seed: int, top_k: int,
+                  top_n: int) -> Iterator[BatchStep]:
+        """Gold queries of this corpus in the chosen modes, interleaved per query. Yields a
+        :class:`BatchStep` before the zero-shot reference's document KV is computed (so that its
+        timings are query time only) and after each query."""
+        modes = [m for m in self.modes() if m in (modes or [])]
+        if not modes:
+            raise UserError("choose at least one mode")
+        if not entry.corpus.queries:
+            raise UserError("this corpus has no gold questions (queries.jsonl): upload one with the documents")
+        n = max(1, min(int(n_queries), MAX_BATCH_QUERIES, len(entry.corpus.queries)))
+        queries = entry.corpus.sample_queries(n, int(seed or 0))
+        step = BatchStep(n, modes)
+        if ZERO_SHOT in modes:
+            yield step
+            with self.gate.use():
+                zs = self.zero_shot_engine(entry)
+                texts = [entry.corpus.by_id[d].text for q in queries for d, _ in zs.retrieve(q.question, int(top_k))]
+                precompute(zs.reranker, zs.store, list(dict.fromkeys(texts)))
+        for query in queries:
+            step.answers = [(query, mode, self.ask(entry, query.question, mode, top_k, top_n)) for mode in modes]
+            step.done += 1
+            yield step
+
+
+@dataclass
+class BatchStep:
+    """Where a gold batch stands: ``done`` of ``queries`` asked in ``modes``; ``answers`` are
+    the last query's (query, mode, result), one per mode."""
+
+    queries: int
+    modes: list[str]
+    done: int = 0
+    answers: list[tuple[Query, str, RAGResult]] = field(default_factory=list)
 
 
 def default_label(corpus: Corpus) -> str:

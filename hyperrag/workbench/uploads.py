@@ -13,12 +13,10 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 from hyperrag.data.corpus import TEXT_SUFFIXES
-
-if TYPE_CHECKING:
-    from hyperrag.workbench.operations import AppConfig
+from hyperrag.workbench.config import AppConfig
 
 
 class UploadError(ValueError):
@@ -114,13 +112,14 @@ def ingest_upload(folder: Path, tokenizer, max_tokens: int, config: AppConfig,
     files = sorted(p for p in folder.iterdir() if p.is_file())
     report = ingest(files, folder, tokenizer, max_tokens, max_file_bytes=config.upload_max_bytes,
                     progress=(lambda done, total, _file: progress(done, total)) if progress else None)
-    errors = [_relative_message(e, folder) for e in report.errors]
+    errors = [relative_message(e, folder) for e in report.errors]
     if not report.passages:
         raise UploadError("no text could be read from the upload: " + "; ".join(errors or ["no passages"]))
     return errors
 
 
-def _relative_message(message: str, folder: Path) -> str:
+def relative_message(message: str, folder: Path) -> str:
+    """``message`` with the upload folder's path cut out (the user never sees the server's folders)."""
     return message.replace(str(folder) + os.sep, "").replace(str(folder), "upload")
 
 

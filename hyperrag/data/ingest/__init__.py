@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
-from hyperrag.data.corpus import MAX_DOCS, MAX_FILE_BYTES, CorpusError, _source
+from hyperrag.data.corpus import MAX_DOCS, MAX_FILE_BYTES, CorpusError, doc_source
 from hyperrag.data.ingest.parsers import decode, extract
 from hyperrag.data.ingest.sources import MAX_ZIP_BYTES, SUFFIXES, IngestError, Item, collect
 from hyperrag.data.ingest.split import Splitter
@@ -84,7 +84,7 @@ def _jsonl(label: str, data: bytes, splitter: Splitter, used: set[str], report: 
         used.add(doc_id)
         text = text.strip()
         try:  # a source from an earlier ingest is kept when the engine would accept it
-            source = _source(Path(label), lineno, rec)
+            source = doc_source(Path(label), lineno, rec)
         except CorpusError:
             source = None
         source = source or {"file": label, "page": None, "start": 0, "end": len(text), "line": lineno}
