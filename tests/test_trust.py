@@ -222,3 +222,10 @@ def test_the_app_shows_a_declined_answer_with_the_closest_passages():
     result.found, result.answer, result.confidence = True, "Scheele", 0.93
     text = ui.answer_markdown(result, None)
     assert text.startswith("**Answer:** Scheele") and "confidence 93%" in text and "Not found" not in text
+
+
+def test_threshold_keeps_a_share_of_answerable_questions_answered():
+    answerable = [True] * 6 + [False] * 4
+    confidences = [0.9, 0.8, 0.7, 0.65, 0.6, 0.3, 0.55, 0.2, 0.1, 0.05]
+    t = choose_threshold(confidences, answerable, min_answered=1.0)  # never decline an answerable one
+    assert 0.2 < t <= 0.3 and all(c >= t for c, a in zip(confidences, answerable) if a)
