@@ -241,6 +241,20 @@ def adapter_card(r: Records) -> str:
     return table(["shipped adapter", ""], rows)
 
 
+def http_service(r: Records) -> str:
+    d = r[0]
+    rows = [[f"first vs second request, {v['questions']} questions ({label})",
+             f"{v['first_p50_ms'] / 1e3:.1f} s vs {v['second_p50_ms'] / 1e3:.2f} s p50: **{num(v['speedup'], 1)}x** "
+             f"({pct(v['first_kv_computed_fraction'])} of documents computed on first sight; {v['errors']} errors)"]
+            for key, label in (("fs_store_single_process", "one process, fs://"), ("redis_store_ray_serve", "Ray Serve, redis://"))
+            for v in (d["first_vs_second"][key],)]
+    rows += [[f"{run['service']}, {run['clients']} client(s), {run['requests']} requests",
+              f"{num(run['queries_per_s'], 2)} queries/s, p50 {run['p50_ms'] / 1e3:.1f} s, p95 {run['p95_ms'] / 1e3:.1f} s, "
+              f"{run['errors']} errors, KV reused {pct(run['kv_reused_fraction'])}, identical rankings {pct(run['identical_rankings'])}"]
+             for run in d["runs"]]
+    return table(["HTTP service (`/v1/rerank`)", "result"], rows)
+
+
 def settings_table(_: Records) -> str:
     from hyperrag.common.settings import Settings
 
@@ -274,6 +288,7 @@ BLOCKS: dict[str, Block] = {
                          "docs/bench/bench-squad-100k.json"), scale_100k),
     "planner-1m": Block(("docs/bench/bench-default.json",), planner_1m),
     "adapter-card": Block(("hyperrag/shipped/hyperrag-lora/hyperrag.json",), adapter_card),
+    "http-service": Block(("docs/bench/bench-http.json",), http_service),
     "settings": Block((), settings_table),
 }
 

@@ -423,7 +423,7 @@ def fmt_share(v: Any, decimals: int = 0) -> str:
 
 
 # -- the app's gold batches: the summary with its store's storage part, rows, exports ---------------
-BATCH_COLUMNS = ["query", "mode", "question", "answer", "EM", "F1", "gold rank", "total ms"]
+BATCH_COLUMNS = ["query", "mode", "question", "answer", "EM", "F1", "confidence", "gold rank", "total ms"]
 
 
 def batch_summary(records: list[dict], estimate: dict, store: Mapping[str, Any], precompute: Any = None) -> dict:
@@ -446,13 +446,15 @@ def batch_summary(records: list[dict], estimate: dict, store: Mapping[str, Any],
 
 
 def batch_row(record: Mapping[str, Any]) -> list:
-    """One record as a row of :data:`BATCH_COLUMNS`."""
+    """One record as a row of :data:`BATCH_COLUMNS` (EM/F1 of the reader's own answer, also where
+    it declined, as the quality part scores it; the reader's confidence where calibrated)."""
     answers = record.get("answers") or []
     gold = set(record.get("gold_ids") or [])
     rank = next((i for i, d in enumerate(record["ranked_ids"], 1) if d in gold), None)
-    return [record["query_id"], record["mode"], record["question"], record["answer"],
-            exact_match(record["answer"], answers) if answers else None,
-            round(f1_score(record["answer"], answers), 3) if answers else None,
+    em, f1 = answer_scores(record) if answers else (None, None)
+    confidence = record.get("confidence")
+    return [record["query_id"], record["mode"], record["question"], record["answer"], em,
+            round(f1, 3) if f1 is not None else None, f"{confidence:.0%}" if confidence is not None else "",
             rank, round(record["timings"].get("total", 0.0) * 1e3, 1)]
 
 

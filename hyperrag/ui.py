@@ -29,6 +29,7 @@ from hyperrag.data.corpus import Query
 from hyperrag.kv.codec import CODECS
 from hyperrag.kv.planner import format_bytes, format_duration
 from hyperrag.kv.urls import redact_url
+from hyperrag.rag.calibration import NOT_FOUND
 from hyperrag.rag.metrics import agreement, exact_match, f1_score
 from hyperrag.rag.modes import ENGINE_MODES, MODE_TABLE, MODES as MODE_SPECS
 from hyperrag.rag.pipeline import QuestionError, RAGResult, clean_question
@@ -39,9 +40,11 @@ from hyperrag.workbench.uploads import UPLOAD_DOC_SUFFIXES, UPLOAD_KINDS, Upload
 log = logging.getLogger("hyperrag.ui")
 ASSETS = SHIPPED / "ui"  # logo and style sheet: package data, so an installed app has them too
 SHIPPED, UPLOAD = "Shipped corpus", "Upload my own"
-# The Ask tab's columns: traditional RAG, the full-prefill and KV-reuse rerankers with the
-# traditional generator, and HyperRAG's reader on the same stored KV (reader_full: batch tab).
-COMPARE_MODES = ("retrieval", "baseline", "reuse", "reader_kv")
+# The Ask tab's columns: the same trained reader over the retriever's order, over full-prefill
+# reranking and over KV-reuse reranking (HyperRAG), so what reranking adds and what KV reuse saves
+# are both in view. The traditional (untrained) generator is one click away as a reference.
+COMPARE_MODES = ("retrieval_reader", "reader_full", "reader_kv")
+REFERENCE_MODES = ("retrieval", "reuse")  # the generator over the retriever's / the reranked top-n
 MODE_TITLES = {m.name: m.title for m in MODE_TABLE}
 MAX_GOLD_CHOICES = 400
 
@@ -79,7 +82,7 @@ def seconds_text(s: float) -> str:
 # --------------------------------------------------------------------------------------------
 # result rendering
 # --------------------------------------------------------------------------------------------
-DOC_COLUMNS = ["#", "Δ", "score", "document", "gold", "used"]
+DOC_COLUMNS = ["#", "Δ", "score", "P(answers)", "document", "gold", "used"]
 
 
 def rank_change(doc) -> str:
@@ -89,19 +92,26 @@ def rank_change(doc) -> str:
 
 def docs_frame(result: RAGResult, gold: Query | None = None) -> pd.DataFrame:
     gold_ids = set(gold.doc_ids) if gold else set()
-    rows = [[d.rank, rank_change(d), round(d.score, 2), d.id, "✓" if d.id in gold_ids else "",
+    rows = [[d.rank, rank_change(d), round(d.score, 2), percent(d.relevance), d.id, "✓" if d.id in gold_ids else "",
              "✓" if d.rank <= result.top_n else ""] for d in result.docs]
     return pd.DataFrame(rows, columns=DOC_COLUMNS)
 
 
+def percent(p: float | None) -> str:
+    """A calibrated probability as a percentage; a dash where there is none (not calibrated)."""
+    return "–" if p is None else f"{p:.0%}"
+
+
 def judge(result: RAGResult, gold: Query | None) -> dict:
-    """For a gold question: EM/F1 of the answer and where the gold documents ended up."""
+    """For a gold question: EM/F1 of the answer (of the reader's guess where it declined) and
+    where the gold documents ended up."""
     if gold is None:
         return {}
     out: dict[str, Any] = {}
+    answer = result.reading.answer if not result.found and result.reading is not None else result.answer
     if gold.answers:
-        out["em"] = exact_match(result.answer, gold.answers)
-        out["f1"] = f1_score(result.answer, gold.answers)
+        out["em"] = exact_match(answer, gold.answers)
+        out["f1"] = f1_score(answer, gold.answers)
     ranks = {d.id: d for d in result.docs}
     found = [ranks[g] for g in gold.doc_ids if g in ranks]
     out["gold_rank"] = min((d.rank for d in found), default=None)
@@ -111,13 +121,18 @@ def judge(result: RAGResult, gold: Query | None) -> dict:
 
 
 def answer_markdown(result: RAGResult, gold: Query | None) -> str:
-    answer = result.answer.strip() or "_(empty answer)_"
-    lines = [f"**Answer:** {answer}"]
-    if result.reading is not None:
-        lines.append(source_markdown(result))
+    if not result.found:
+        lines = [declined_markdown(result)]
+    else:
+        answer = result.answer.strip() or "_(empty answer)_"
+        confidence = "" if result.confidence is None else f" · confidence {result.confidence:.0%}"
+        lines = [f"**Answer:** {answer}{confidence}"]
+        if result.reading is not None:
+            lines.append(source_markdown(result))
     verdict = judge(result, gold)
     if "em" in verdict:
         ok = "✓ right" if verdict["em"] else ("≈ partly right" if verdict["f1"] >= 0.5 else "✗ wrong")
+        ok = ok if result.found else f"declined; its guess: {ok}"
         lines.append(f"**{ok}** — EM {verdict['em']:.0f} · F1 {verdict['f1']:.2f} — gold: "
                      + " / ".join(f"“{a}”" for a in dict.fromkeys(gold.answers)))
     if gold is not None and gold.doc_ids:
@@ -127,6 +142,19 @@ def answer_markdown(result: RAGResult, gold: Query | None) -> str:
             where = "given to the generator ✓" if verdict["gold_in_prompt"] else "not in the top-n ✗"
             lines.append(f"Gold paragraph: rank {verdict['gold_rank']} (retrieval rank "
                          f"{verdict['gold_retrieval_rank']}), {where}")
+    return "\n\n".join(lines)
+
+
+def declined_markdown(result: RAGResult, snippet: int = 160) -> str:
+    """The reader declined: says so, with its confidence, the closest passages and its guess."""
+    confidence = "" if result.confidence is None else f" (confidence {result.confidence:.0%}, below the threshold)"
+    lines = [f"**{NOT_FOUND}**{confidence} The closest passages:"]
+    for d in result.docs[: result.top_n]:
+        text = d.text if len(d.text) <= snippet else d.text[:snippet].rsplit(" ", 1)[0] + "…"
+        lines.append(f"{d.rank}. **{_md(d.title or d.id)}** (`{d.id}`{source_text(d.source)}, P(answers) "
+                     f"{percent(d.relevance)}): {_md(text)}")
+    if result.reading is not None and result.reading.answer:
+        lines.append(f"_The reader's best guess, not given as an answer: “{_md(result.reading.answer)}”_")
     return "\n\n".join(lines)
 
 
@@ -173,6 +201,8 @@ def timing_markdown(result: RAGResult) -> str:
 
 
 def summary_markdown(results: dict[str, RAGResult]) -> str:
+    if "reader_kv" in results or "reader_full" in results or "retrieval_reader" in results:
+        return reader_summary(results)
     base, reuse, retr = results.get("baseline"), results.get("reuse"), results.get("retrieval")
     lines = []
     if base and reuse:
@@ -198,6 +228,40 @@ def summary_markdown(results: dict[str, RAGResult]) -> str:
     if retr:
         lines.append(f"Retrieval only (no reranker): {seconds_text(retr.timings['total'])}.")
     return "  \n".join(lines)
+
+
+def reader_summary(results: dict[str, RAGResult]) -> str:
+    """The Ask tab's headline: KV reuse against full prefill (same reader, same ranking), then what
+    reranking changed against the reader over the retriever's order."""
+    full, kv, plain = results.get("reader_full"), results.get("reader_kv"), results.get("retrieval_reader")
+    lines = []
+    if full and kv:
+        tf = full.timings["kv_load"] + full.timings["rerank"]
+        tk = kv.timings["kv_load"] + kv.timings["rerank"]
+        speed = f"{tf / tk:.1f}×" if tk else "∞×"
+        agree = agreement([report.record_from_result(full, generated=True)],
+                          [report.record_from_result(kv, generated=True)])
+        same = "Same ranking ✓" if agree["ranking_agreement"] == 1 else (
+            f"Same top-{kv.top_n} {'✓' if agree['top_n_agreement'] == 1 else '✗'}; the full ranking differs "
+            f"(near-tied scores, max difference {agree['max_abs_score_diff']:.1e})")
+        lines.append(f"**KV reuse reranked {len(kv.docs)} documents {speed} faster than full prefill** "
+                     f"({seconds_text(tk)} vs {seconds_text(tf)}); end to end {seconds_text(kv.timings['total'])} vs "
+                     f"{seconds_text(full.timings['total'])}, no document token computed. {same} · same answer "
+                     f"{'✓' if agree['answer_agreement'] == 1 else '✗'}")
+    ranked = kv or full
+    if ranked and plain:
+        moved = sum(d.rank <= ranked.top_n for d in ranked.docs if d.retrieval_rank > ranked.top_n)
+        change = ("the same answer" if plain.reading and ranked.reading and plain.reading.answer == ranked.reading.answer
+                  else f"“{_md(plain.answer)}” over the retriever's order, “{_md(ranked.answer)}” reranked")
+        lines.append(f"**Reranking** moved {moved} passage(s) into the top {ranked.top_n} from lower in the "
+                     f"retriever's list; the reader gave {change}.")
+    return "  \n".join(lines)
+
+
+def reference_markdown(results: dict[str, RAGResult], gold: Query | None) -> str:
+    """The traditional generator's answers (the reference, not trained for this prompt)."""
+    return "\n\n---\n\n".join(f"#### {MODE_TITLES[mode]} · {timing_markdown(r)}\n\n{answer_markdown(r, gold)}"
+                                 for mode, r in results.items())
 
 
 def status_markdown(status: dict) -> str:
@@ -395,6 +459,18 @@ class Callbacks:
         for w in dict.fromkeys(warnings):
             gr.Warning(w)
 
+    @shows_errors
+    def cb_reference(self, question: str, top_k: float, top_n: float, key: str | None) -> str:
+        """The traditional generator on the same question (``REFERENCE_MODES``): the reference the
+        reader is measured against, one click away."""
+        entry = self.wb.entry(key)
+        try:
+            question, _ = clean_question(question)
+        except QuestionError as err:
+            raise UserError(f"{err} (or pick a gold question)") from None
+        results = {mode: self.wb.ask(entry, question, mode, int(top_k), int(top_n)) for mode in REFERENCE_MODES}
+        return reference_markdown(results, _gold(entry, question))
+
     def batch_result(self, entry: CorpusEntry, records: list[dict]) -> dict:
         """The bench's result dict for the records so far, with the storage part of this store."""
         return report.batch_summary(records, self.wb.estimate(entry), self.wb.wait_ready().store.describe(),
@@ -444,15 +520,18 @@ class Callbacks:
         """Answer one question in one mode (retrieval | baseline | prefix | reuse) on a loaded corpus.
 
         ``corpus``: "" for the app's default corpus, or the id an upload was given. Returns the
-        answer, the ranked documents, stage timings (seconds) and warnings."""
+        answer (reader modes: ``found`` False when it declined, with its ``confidence``), the ranked
+        documents (``relevance``: calibrated P(the passage answers), where calibrated), stage timings
+        (seconds) and warnings."""
         if mode not in ENGINE_MODES:
             raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(ENGINE_MODES)}")
         entry = self.wb.entry(corpus or DEFAULT_KEY)
         s = self.wb.settings
         result = self.wb.ask(entry, question, mode, int(top_k) or s.top_k, int(top_n) or s.top_n)
         return {"question": result.question, "mode": result.mode, "answer": result.answer, "top_n": result.top_n,
-                "docs": [{"id": d.id, "score": d.score, "rank": d.rank, "retrieval_rank": d.retrieval_rank}
-                         for d in result.docs],
+                "found": result.found, "confidence": result.confidence,
+                "docs": [{"id": d.id, "score": d.score, "rank": d.rank, "retrieval_rank": d.retrieval_rank,
+                          "relevance": d.relevance} for d in result.docs],
                 "timings": result.timings, "warnings": result.warnings, "corpus": entry.key}
 
     def on_load(self):
@@ -511,7 +590,8 @@ def _corpus_tab(wb: Workbench) -> SimpleNamespace:
 
 
 def _ask_tab(s: Settings) -> SimpleNamespace:
-    """Tab 2: one question in the four compared modes, side by side."""
+    """Tab 2: one question answered by the reader over three rankings, side by side; the
+    traditional generator one click away."""
     a = SimpleNamespace(outputs=[])
     with gr.Row():
         a.question = gr.Textbox(label="Question", placeholder="Type a question, or pick a gold question",
@@ -522,7 +602,7 @@ def _ask_tab(s: Settings) -> SimpleNamespace:
         a.top_k = gr.Slider(1, MAX_TOP_K, value=min(s.top_k, MAX_TOP_K), step=1, label="top-k (retrieved candidates)")
         a.top_n = gr.Slider(1, MAX_TOP_N, value=min(s.top_n, MAX_TOP_N), step=1,
                             label="top-n (documents given to the generator)")
-        a.ask = gr.Button("Ask in all four modes", variant="primary")
+        a.ask = gr.Button("Ask: the reader over three rankings", variant="primary")
     a.summary = gr.Markdown("", elem_id="hr-summary")
     with gr.Row(equal_height=False):
         for mode in COMPARE_MODES:
@@ -531,9 +611,14 @@ def _ask_tab(s: Settings) -> SimpleNamespace:
                 a.outputs += [gr.Markdown("", elem_classes=["hr-answer"]),
                               gr.Markdown("", elem_classes=["hr-timing"]),
                               gr.Dataframe(headers=DOC_COLUMNS, max_height=360, interactive=False,
-                                           label="Documents (Δ: rank change vs retrieval; used: "
-                                                 "given to the generator)",
-                                           column_widths=["7%", "14%", "18%", "33%", "14%", "14%"])]
+                                           label="Documents (Δ: rank change vs retrieval; P(answers): "
+                                                 "calibrated probability that the passage answers; used: "
+                                                 "read or given to the generator)",
+                                           column_widths=["7%", "12%", "14%", "14%", "29%", "12%", "12%"])]
+    with gr.Accordion("Reference: the traditional generator (untrained for this prompt) on the same question",
+                      open=False):
+        a.reference = gr.Button("Ask the traditional generator (retrieval only, and after KV-reuse rerank)")
+        a.reference_out = gr.Markdown("")
     return a
 
 
@@ -578,6 +663,8 @@ def _wire(cb: Callbacks, page: SimpleNamespace, c: SimpleNamespace, a: SimpleNam
     ask_event = dict(fn=cb.cb_compare, inputs=[a.question, a.top_k, a.top_n, page.corpus_key],
                      outputs=[a.summary, page.warn, *a.outputs])
     a.ask.click(**ask_event, api_name="compare")
+    a.reference.click(cb.cb_reference, [a.question, a.top_k, a.top_n, page.corpus_key], a.reference_out,
+                      api_name="reference")
     a.question.submit(**ask_event, api_visibility="private")
     gr.api(cb.api_ask, api_name="ask")
     batch_event = b.run.click(cb.cb_run_batch, [b.n_queries, b.modes, b.seed, a.top_k, a.top_n, page.corpus_key],

@@ -99,7 +99,7 @@ def test_upload_txt_prepare_compare(wb, tmp_path, app):
 
     out = last(app.cb_compare("What is the capital of France?", 3, 1, key))
     summary, banner = out[0], out[1]
-    assert "faster than the baseline" in summary and banner["visible"] is False  # all KV came from the store
+    assert "faster than full prefill" in summary and banner["visible"] is False  # all KV came from the store
     for i in range(len(ui.COMPARE_MODES)):
         answer, timing, frame = out[2 + 3 * i: 5 + 3 * i]
         assert answer.startswith("**Answer:**") and "total" in timing
@@ -175,17 +175,17 @@ def test_long_question_is_cut_with_a_visible_notice(wb, app):
     first = next(steps)  # the retrieval-only column is enough to see the notice
     steps.close()
     assert first[1]["visible"] and "question cut to 2000 characters" in first[1]["value"]
-    assert first[2].startswith("**Answer:**") and first[5] == gr.update()  # baseline not run yet
+    assert first[2].startswith("**Answer:**") and first[5] == gr.update()  # reader_full not run yet
 
 
 def test_compare_gold_question(wb, app):
     entry = wb.entry(ui.DEFAULT_KEY)
     query = next(q for q in entry.corpus.queries if q.doc_ids[0] == "normans-002")
     steps = list(app.cb_compare(query.question, 3, 1, ui.DEFAULT_KEY))
-    assert len(steps) == len(ui.COMPARE_MODES)  # one update per mode: retrieval, baseline, reuse, reader
+    assert len(steps) == len(ui.COMPARE_MODES)  # one update per mode: the reader over three rankings
     out = steps[-1]
     assert ("Same ranking ✓" in out[0] or "Same top-1" in out[0]) and "same answer" in out[0]
-    assert "The reader answered from the stored KV" in out[0]
+    assert "no document token computed" in out[0] and "**Reranking** moved" in out[0]
     assert "Read from" in out[2 + 3 * ui.COMPARE_MODES.index("reader_kv")]  # where the answer was found
     for i in range(len(ui.COMPARE_MODES)):
         answer, frame = out[2 + 3 * i], out[4 + 3 * i]
@@ -193,7 +193,10 @@ def test_compare_gold_question(wb, app):
         assert frame["gold"].tolist().count("✓") == 1
         assert sorted(frame["#"]) == [1, 2, 3] and frame["used"].tolist().count("✓") == 1
     retrieval = out[4]
-    assert retrieval["Δ"].tolist() == ["="] * 3  # retrieval-only keeps the retriever's order
+    assert retrieval["Δ"].tolist() == ["="] * 3  # the reader over the retriever's order keeps it
+    assert retrieval["P(answers)"].tolist() == ["–"] * 3  # cosine scores: no calibrated probability
+    reference = app.cb_reference(query.question, 3, 1, ui.DEFAULT_KEY)  # the generator, one click away
+    assert all(ui.MODE_TITLES[m] in reference for m in ui.REFERENCE_MODES) and reference.count("EM") == 2
 
 
 def test_batch_dashboards_and_exports(wb, app):
@@ -293,7 +296,7 @@ def test_shipped_corpus_load_precompute_ask_batch(cache_dir, tmp_path):
         app.cb_prepare(ui.SHIPPED, None, key, progress=None)
         assert workbench.entry(key).report.encoded + workbench.entry(key).report.skipped == 309
         out = last(app.cb_compare(gold["choices"][0][1], 8, 2, key))
-        assert "faster than the baseline" in out[0] and not out[1]["visible"]
+        assert "faster than full prefill" in out[0] and not out[1]["visible"]
         final = list(app.cb_run_batch(3, ["retrieval", "baseline", "reuse"], 1, 8, 2, key))[-1]
         assert final[0].startswith("**Done:**") and len(final[-1]) == 2
     finally:

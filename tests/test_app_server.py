@@ -68,20 +68,21 @@ def test_listens_on_loopback_only(app):
 
 
 def test_one_question_in_each_mode(client):
-    """The side-by-side endpoint (retrieval-only, baseline, reuse, the reader from stored KV) and
-    /ask for the prefix-cached mode."""
+    """The side-by-side endpoint (the reader over the retriever's order, over full-prefill and over
+    KV-reuse reranking) and /ask for the prefix-cached mode."""
     summary, banner, *columns = client.predict(QUESTIONS[0], 3, 1, api_name="/compare")
-    assert "faster than the baseline" in summary and "Same ranking ✓" in summary  # fp32: exact reuse
+    assert "faster than full prefill" in summary and "Same ranking ✓" in summary  # fp32: exact reuse
     assert len(columns) == 3 * len(ui.COMPARE_MODES) and all(a.startswith("**Answer:**") for a in columns[0::3])
     assert all("total" in t for t in columns[1::3]) and "KV load" in columns[7]
     assert "Read from" in columns[3 * ui.COMPARE_MODES.index("reader_kv")]
     frames = {mode: frame["data"] for mode, frame in zip(ui.COMPARE_MODES, columns[2::3])}
     assert all(len(rows) == 3 for rows in frames.values())
-    assert [row[3] for row in frames["reuse"]] == [row[3] for row in frames["baseline"]]
+    document = ui.DOC_COLUMNS.index("document")
+    assert [row[document] for row in frames["reader_kv"]] == [row[document] for row in frames["reader_full"]]
     prefix = client.predict(QUESTIONS[0], "prefix", 3, 1, "", api_name="/ask")
     assert prefix["mode"] == "prefix" and prefix["answer"]
     assert set(prefix["timings"]) >= {"retrieve", "kv_load", "rerank", "generate", "total"}
-    assert [d["id"] for d in prefix["docs"]] == [row[3] for row in frames["baseline"]]
+    assert [d["id"] for d in prefix["docs"]] == [row[document] for row in frames["reader_full"]]
     assert [d["rank"] for d in prefix["docs"]] == [1, 2, 3]
 
 

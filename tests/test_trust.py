@@ -193,3 +193,39 @@ def test_bench_quality_has_the_retrieval_reader_row_and_reranking_gain():
     assert gain["f1_ci95"][0] <= 0.5 <= gain["f1_ci95"][1]
     rows = {what: value for what, value, _ in ratio_rows({"quality": quality})}
     assert rows["reranking's own F1 gain (same reader, paired)"].startswith("+0.500 (95% CI")
+
+
+def declined_result():
+    from hyperrag.rag.pipeline import RAGResult, RankedDoc
+    from hyperrag.rag.reader import Candidate, Reading
+
+    docs = [RankedDoc("oxygen-003", "Oxygen", "Oxygen was discovered by Scheele and Priestley.", -3.1, 1, 2, None, 0.08),
+            RankedDoc("normans-001", "Normans", "Rollo led the Norse raiders.", -4.0, 2, 1, None, 0.03),
+            RankedDoc("normans-002", "Normans", "The Norman conquest.", -6.0, 3, 3, None, 0.01)]
+    reading = Reading("Scheele", 0, 27, 34, [Candidate(0, "Scheele", -2.5, 3, 27, 34)], logprob=-2.5,
+                      confidence=0.12, found=False)
+    timings = {"retrieve": 0.01, "kv_load": 0.02, "rerank": 0.1, "generate": 0.05, "total": 0.18}
+    return RAGResult("What is the capital of Australia?", "reader_kv", NOT_FOUND, docs, 2, timings,
+                     reading=reading, found=False, confidence=0.12)
+
+
+def test_the_app_shows_a_declined_answer_with_the_closest_passages():
+    from hyperrag import ui
+
+    result = declined_result()
+    text = ui.answer_markdown(result, None)
+    assert "Not found in these documents" in text and "12%" in text
+    assert "oxygen-003" in text and "normans-001" in text and "normans-002" not in text  # the top-n passages
+    assert "Scheele" in text  # the reader's guess, shown as a guess
+    frame = ui.docs_frame(result)
+    assert list(frame["P(answers)"]) == ["8%", "3%", "1%"]
+    result.found, result.answer, result.confidence = True, "Scheele", 0.93
+    text = ui.answer_markdown(result, None)
+    assert text.startswith("**Answer:** Scheele") and "confidence 93%" in text and "Not found" not in text
+
+
+def test_threshold_keeps_a_share_of_answerable_questions_answered():
+    answerable = [True] * 6 + [False] * 4
+    confidences = [0.9, 0.8, 0.7, 0.65, 0.6, 0.3, 0.55, 0.2, 0.1, 0.05]
+    t = choose_threshold(confidences, answerable, min_answered=1.0)  # never decline an answerable one
+    assert 0.2 < t <= 0.3 and all(c >= t for c, a in zip(confidences, answerable) if a)

@@ -91,7 +91,7 @@ def save_trust(adapter: str | Path, trust: Trust) -> Path:
     path = Path(adapter) / ADAPTER_META
     meta = json.loads(path.read_text()) if path.is_file() else {}
     meta[TRUST_KEY] = trust.to_json()
-    path.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(meta, indent=1) + "\n")
     return path
 
 
@@ -112,9 +112,11 @@ def fit_platt(scores: Sequence[float], labels: Sequence[int]) -> Platt:
     return Platt(a, b)
 
 
-def choose_threshold(confidences: Sequence[float], answerable: Sequence[bool]) -> float:
+def choose_threshold(confidences: Sequence[float], answerable: Sequence[bool], min_answered: float = 0.0) -> float:
     """The confidence cut that best separates answerable from unanswerable questions: the one
-    with the highest mean of (answerable answered, unanswerable declined). Decline = below it."""
+    with the highest mean of (answerable answered, unanswerable declined) among those that still
+    answer at least ``min_answered`` of the answerable ones (declining one costs its answer's
+    F1). Decline = below it."""
     pos = sorted(c for c, a in zip(confidences, answerable) if a)
     neg = sorted(c for c, a in zip(confidences, answerable) if not a)
     if not pos or not neg:
@@ -127,7 +129,8 @@ def choose_threshold(confidences: Sequence[float], answerable: Sequence[bool]) -
         declined = sum(c < t for c in neg) / len(neg)
         return (answered + declined) / 2
 
-    return max(cuts, key=balanced)
+    allowed = [t for t in cuts if sum(c >= t for c in pos) >= min_answered * len(pos)]
+    return max(allowed, key=balanced)
 
 
 def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:

@@ -51,12 +51,12 @@ def rerank_texts(reranker: Reranker, store: DocKVSource, requests: Sequence[tupl
     return rankings
 
 
-def answer_texts(reader: Reader, store: DocKVSource, requests: Sequence[tuple[str, Sequence[str], int]]
-                 ) -> list[tuple[TextRanking, Reading]]:
+def answer_texts(reranker: Reranker, reader: Reader, store: DocKVSource,
+                 requests: Sequence[tuple[str, Sequence[str], int]]) -> list[tuple[TextRanking, Reading]]:
     """Rank each (query, documents, top_n) request's documents, then read its ``top_n`` best
     from their stored KV, continuing from the question KV the ranking computed (as the engine's
     ``reader_kv`` mode does). A reading's ``doc`` is an index into the documents as sent."""
-    rankings = rerank_texts(reader.reranker, store, [(q, docs) for q, docs, _ in requests], keep_question_kv=True)
+    rankings = rerank_texts(reranker, store, [(q, docs) for q, docs, _ in requests], keep_question_kv=True)
     tops = [ranking.order[:top_n] for ranking, (_, _, top_n) in zip(rankings, requests)]
     readings = reader.read_many(
         [(q, [docs[i] for i in top], [ranking.scores[i] for i in top])

@@ -7,6 +7,7 @@ Replicas share documents' KV only through the store: give them one lm:// or redi
 from __future__ import annotations
 
 import dataclasses
+import signal
 import time
 
 from ray import serve
@@ -56,7 +57,10 @@ def run_ray(settings: Settings, token: str, address: str, replicas: int, host: s
             raise
         ray.init(include_dashboard=False, log_to_driver=False)
     url = deploy(settings, token, replicas, host, port)
-    print(f"HyperRAG on Ray Serve: {replicas} replica(s) at {url} (store {settings.store_url}); Ctrl-C stops it")
+    print(f"HyperRAG on Ray Serve: {replicas} replica(s) at {url} (store {settings.store_url}); Ctrl-C or SIGTERM "
+          "stops it", flush=True)
+    # SIGTERM (systemd, docker, kill) stops it as cleanly as Ctrl-C; a shell's background job ignores SIGINT.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)

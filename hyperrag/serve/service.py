@@ -78,7 +78,7 @@ class Service:
 
     def _answer_group(self, items: list[tuple[str, list[str], int]]) -> list[tuple[TextRanking, Reading]]:
         self.metrics.batch_requests.observe(len(items))
-        results = answer_texts(self.engine.reader, self.engine.store, items)
+        results = answer_texts(self.engine.reranker, self.engine.reader, self.engine.store, items)
         self._write_through([ranking for ranking, _ in results])
         return results
 
