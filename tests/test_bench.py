@@ -179,7 +179,7 @@ def test_quick_bench_schema_and_numbers(quick_run, capsys):
     assert serve["queries_per_s"] > 0 and serve["sequential_queries_per_s"] > 0 and serve["p95_ms"] >= serve["p50_ms"] > 0
     assert serve["identical_answers"] == 1.0 and serve["identical_rankings"] == 1.0 and serve["mean_group"] >= 1
     assert "serve" in saved["memory"]["peak_rss_gb_after"]
-    assert len(results["records"]) == 2 * 7  # zero-shot, retrieval, baseline, prefix, reuse, two reader modes
+    assert len(results["records"]) == 2 * 8  # zero-shot, retrieval, baseline, prefix, reuse, the reader over retrieval and its two reranked modes
 
 
 def test_quick_bench_html_is_self_contained(quick_run):

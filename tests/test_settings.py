@@ -59,3 +59,13 @@ def test_settings_page_names_every_setting():
              for name in re.findall(r"`(\w+)`", line.split("|")[1])}
     missing = [f.name for f in dataclasses.fields(Settings) if f.name not in table]
     assert not missing, f"docs/settings.md lacks {missing}"
+
+
+def test_the_adapter_follows_a_packaged_model():
+    from hyperrag.common.settings import SHIPPED_ADAPTER, SHIPPED_ADAPTERS
+
+    assert Settings(model="gemma3-270m").adapter == str(SHIPPED_ADAPTERS["gemma3-270m"])
+    assert (SHIPPED_ADAPTERS["gemma3-270m"] / "adapter_model.safetensors").is_file()
+    assert Settings().adapter == str(SHIPPED_ADAPTER)
+    assert Settings(model="gemma3-270m", adapter="").adapter == ""  # zero-shot stays a choice
+    assert Settings(model="/some/folder").adapter == str(SHIPPED_ADAPTER)  # refused at load, by name

@@ -21,6 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # a checkout's root (training i
 SHIPPED = Path(__file__).resolve().parents[1] / "shipped"
 SHIPPED_CORPUS = SHIPPED / "squad-dev-mini"
 SHIPPED_ADAPTER = SHIPPED / "hyperrag-lora"
+# The adapter follows the model: a packaged model with a shipped adapter gets it by default.
+SHIPPED_ADAPTERS = {"smollm2-135m": SHIPPED_ADAPTER, "gemma3-270m": SHIPPED / "gemma3-270m-lora"}
 # Corpora built here (ingest, the SQuAD builders) go to corpora/<name> under the current folder: the
 # checkout's top level when run through ./run.sh, where corpora/squad-dev-mini links to the shipped corpus.
 CORPORA = Path("corpora")
@@ -55,8 +57,8 @@ class Settings:
         metadata={"help": "LLM (reranker base and generator): a packaged id (smollm2-135m, gemma3-270m: "
                           "hyperrag.model.loading.MODELS), a Hugging Face folder (config.json, *.safetensors, "
                           "tokenizer; relative or absolute), a .gguf file, or a Hub id (org/name) where the network "
-                          "allows it (HF_HUB_OFFLINE=0). The default adapter is trained for smollm2-135m: pass "
-                          "--adapter '' (or an adapter trained for the model) with any other"},
+                          "allows it (HF_HUB_OFFLINE=0). The default adapter follows a packaged model (each ships one); "
+                          "with any other model pass --adapter '' or an adapter trained for it"},
     )
     adapter: str = field(
         default=str(SHIPPED_ADAPTER),
@@ -195,6 +197,8 @@ class Settings:
     seed: int = field(default=0, metadata={"help": "seed for anything random (query sampling)"})
 
     def __post_init__(self) -> None:
+        if self.adapter == str(SHIPPED_ADAPTER) and self.model in SHIPPED_ADAPTERS:
+            self.adapter = str(SHIPPED_ADAPTERS[self.model])
         if not self.store_url:
             self.store_url = f"fs://{Path(self.cache_dir) / 'kv'}"
         for name in ("top_k", "top_n", "batch_size", "cpu_streams", "max_new_tokens", "max_question_tokens", "max_doc_tokens",
