@@ -214,8 +214,9 @@ def codecs_dev(r: Records) -> str:
 
 
 def memory(r: Records) -> str:
-    peak = lambda rec, phase: next(p["peak_rss_gb"] for p in rec["phases"] if p["phase"] == phase)  # noqa: E731
-    labels = [f"**default** (memory budget {r[0]['settings']['memory_budget_gb']:g} GB: CPU tier {r[0]['cpu_tier_gb']} GB)",
+    # The script records GiB (``*_gb``); the budget and the target are decimal GB.
+    peak = lambda rec, phase: next(p["peak_rss_gb"] for p in rec["phases"] if p["phase"] == phase) * 2**30 / 1e9  # noqa: E731
+    labels = [f"**default** (memory budget {r[0]['settings']['memory_budget_gb']:g} GB: CPU tier {r[0]['cpu_tier_gb'] * 2**30 / 1e9:.2f} GB)",
               "no budget (tier holds the corpus)", "no CPU tier"]
     rows = [[phase] + [f"{peak(rec, key):.2f} GB" for rec in r] for phase, key in
             (("after load", "load"), ("precompute (309 documents), peak", "precompute"), ("after a question in each mode, **peak**", "ask reader_kv"))]
@@ -282,6 +283,42 @@ def http_service(r: Records) -> str:
     return table(["HTTP service (`/v1/rerank`)", "result"], rows)
 
 
+MODEL_IDS = ("smollm2-135m", "gemma3-270m")
+
+
+def models(r: Records) -> str:
+    """The two packaged models side by side: geometry, the quick fp32 bench (same corpus and
+    questions, one machine) and each shipped adapter's validation on held-out SQuAD train articles."""
+    benches, cards = r[:2], r[2:]
+    geo = [planner.KNOWN_GEOMETRY[m] for m in MODEL_IDS]
+    val = [c["validation"] for c in cards]
+    best = lambda v: v["fusion_grid"][str(v["retrieval_weight"]) if str(v["retrieval_weight"]) in v["fusion_grid"] else "0.0"]  # noqa: E731
+    reader = lambda v: max(v["reader"]["grid"].values(), key=lambda g: g["f1"])  # noqa: E731
+    rows = [["layers / KV heads / head_dim", *(f"{g.layers} / {g.kv_heads} / {g.head_dim}" for g in geo)],
+            ["KV bytes per token (fp16 store)", *(f"{planner.bytes_per_token('fp16', g):,.0f}" for g in geo)],
+            ["precompute, documents/s", *(num(b["storage"]["precompute_docs_per_s"], 2) for b in benches)],
+            ["reranker pairs/s: full prefill / **reuse** (speedup)",
+             *(f"{num(b['rerank']['full']['pairs_per_s'], 3)} / {num(b['rerank']['reuse']['pairs_per_s'], 3)} "
+               f"(**{num(b['rerank']['speedup_vs_full'], 2)}x**)" for b in benches)],
+            ["share of the token-ratio limit", *(f"{pct(b['rerank']['limit_fraction'], 1)} of {num(b['rerank']['token_ratio_limit'], 3)}x" for b in benches)],
+            ["reader from stored KV vs full prefill", *(f"{num(b['e2e']['reader_speedup'], 2)}x" for b in benches)],
+            ["reuse vs full (fp32): max score difference / identical rankings",
+             *(f"{sci(b['quality']['max_abs_score_diff'])} / {pct(b['quality']['ranking_agreement'])}" for b in benches)],
+            ["adapter: training steps", *(f"{c['steps']:,}" for c in cards)],
+            ["held-out train articles: recall@1 retrieval / reranker / fused",
+             *(f"{num(v['retrieval']['recall@1'])} / {num(v['trained']['recall@1'])} / {num(best(v)['recall@1'])} ({v['questions']} q.)" for v in val)],
+            ["held-out train articles: NDCG@10 retrieval / fused", *(f"{num(v['retrieval']['ndcg@10'])} / {num(best(v)['ndcg@10'])}" for v in val)],
+            ["held-out train articles: reader F1 / EM", *(f"{num(reader(v)['f1'])} / {num(reader(v)['em'])}" for v in val)]]
+    return table(["", *(f"`{m}`" for m in MODEL_IDS)], rows)
+
+
+def tests_line(r: Records) -> str:
+    d = r[0]
+    return (f"Fresh clone at `{d['commit']}`, `.ci/run`: {d['passed']} passed, {d['skipped']} skipped, "
+            f"{d['failed']} failed in **{d['test_seconds'] / 60:.1f} min** of tests ({d['total_seconds'] / 60:.1f} min with "
+            f"set-up); {d['note']}")
+
+
 def settings_table(_: Records) -> str:
     from hyperrag.common.settings import Settings
 
@@ -317,6 +354,9 @@ BLOCKS: dict[str, Block] = {
     "planner-1m": Block(("docs/bench/bench-default.json",), planner_1m),
     "adapter-card": Block(("hyperrag/shipped/hyperrag-lora/hyperrag.json",), adapter_card),
     "http-service": Block(("docs/bench/bench-http.json",), http_service),
+    "models": Block(("docs/bench/bench-quick-smollm2-135m.json", "docs/bench/bench-quick-gemma3-270m.json",
+                     "hyperrag/shipped/hyperrag-lora/hyperrag.json", "hyperrag/shipped/gemma3-270m-lora/hyperrag.json"), models),
+    "tests-line": Block(("docs/bench/tests-fresh-clone.json",), tests_line),
     "settings": Block((), settings_table),
 }
 
