@@ -46,6 +46,7 @@ SHIPPED, UPLOAD = "Shipped corpus", "Upload my own"
 COMPARE_MODES = ("retrieval_reader", "reader_full", "reader_kv")
 REFERENCE_MODES = ("retrieval", "reuse")  # the generator over the retriever's / the reranked top-n
 MODE_TITLES = {m.name: m.title for m in MODE_TABLE}
+ASK_BUTTON = "Ask: the reader over three rankings"  # scripts/drive_app.py presses it by this label
 MAX_GOLD_CHOICES = 400
 
 
@@ -602,7 +603,7 @@ def _ask_tab(s: Settings) -> SimpleNamespace:
         a.top_k = gr.Slider(1, MAX_TOP_K, value=min(s.top_k, MAX_TOP_K), step=1, label="top-k (retrieved candidates)")
         a.top_n = gr.Slider(1, MAX_TOP_N, value=min(s.top_n, MAX_TOP_N), step=1,
                             label="top-n (documents given to the generator)")
-        a.ask = gr.Button("Ask: the reader over three rankings", variant="primary")
+        a.ask = gr.Button(ASK_BUTTON, variant="primary")
     a.summary = gr.Markdown("", elem_id="hr-summary")
     with gr.Row(equal_height=False):
         for mode in COMPARE_MODES:

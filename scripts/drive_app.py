@@ -3,7 +3,7 @@
     ./run.sh python scripts/drive_app.py [--out assets/screenshot.png] [app.py flags...]
 
 launches ``app.py`` on 127.0.0.1 (a free port), opens it in Debian's ``chromium`` (headless,
-fresh profile, no network but the app), asks a gold question in every Ask-tab mode by typing and
+fresh profile, no network but the app), asks a gold question in the Ask tab (the reader over three rankings) by typing and
 clicking like a user, and saves a screenshot (the README's ``assets/screenshot.png``).
 
 The browser is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: JSON
@@ -275,9 +275,12 @@ def ask_in_browser(browser: Chromium, url: str, question: str, timeout_s: float 
     browser.wait_for("[...document.querySelectorAll('label')].some(l => l.innerText.trim().startsWith('Question'))")
     browser.fill("Question", question)
     time.sleep(0.5)  # let the page take the typed value before the click reads it
-    browser.click_button("Ask in all four modes")
-    done = ("document.body.innerText.includes('The reader answered from the stored KV')"
-            " && document.body.innerText.split('Answer:').length > 4")
+    from hyperrag.ui import ASK_BUTTON, COMPARE_MODES
+
+    browser.click_button(ASK_BUTTON)
+    # The headline compares KV reuse with full prefill once the last column is in.
+    done = ("document.body.innerText.includes('faster than full prefill')"
+            f" && document.body.innerText.split('Answer:').length > {len(COMPARE_MODES)}")
     toasts = "[...document.querySelectorAll('[data-testid=\"toast-body\"]')].map(t => t.innerText).join(' | ')"
     try:
         browser.wait_for(f"({done}) || ({toasts}).includes('Error')", timeout_s)
