@@ -202,36 +202,6 @@ def timing_markdown(result: RAGResult) -> str:
 
 
 def summary_markdown(results: dict[str, RAGResult]) -> str:
-    if "reader_kv" in results or "reader_full" in results or "retrieval_reader" in results:
-        return reader_summary(results)
-    base, reuse, retr = results.get("baseline"), results.get("reuse"), results.get("retrieval")
-    lines = []
-    if base and reuse:
-        tb = base.timings["kv_load"] + base.timings["rerank"]
-        tr = reuse.timings["kv_load"] + reuse.timings["rerank"]
-        speed = f"{tb / tr:.1f}×" if tr else "∞×"
-        lines.append(f"**KV reuse reranked {len(reuse.docs)} documents {speed} faster than the baseline** "
-                     f"({seconds_text(tr)} vs {seconds_text(tb)}); end to end {seconds_text(reuse.timings['total'])} "
-                     f"vs {seconds_text(base.timings['total'])}.")
-        agree = agreement([report.record_from_result(base, generated=True)],
-                          [report.record_from_result(reuse, generated=True)])
-        if agree["ranking_agreement"] == 1:
-            same = "Same ranking ✓"
-        else:
-            same = (f"Same top-{reuse.top_n} {'✓' if agree['top_n_agreement'] == 1 else '✗'}; the full ranking "
-                    f"differs (near-tied scores, max difference {agree['max_abs_score_diff']:.1e})")
-        lines[-1] += f" {same} · same answer {'✓' if agree['answer_agreement'] == 1 else '✗'}"
-    reader = results.get("reader_kv")
-    if reader and base:
-        ratio = base.timings["total"] / reader.timings["total"] if reader.timings["total"] else float("inf")
-        lines.append(f"**The reader answered from the stored KV in {seconds_text(reader.timings['total'])}**, "
-                     f"{ratio:.1f}× faster end to end than the baseline; no document token was computed.")
-    if retr:
-        lines.append(f"Retrieval only (no reranker): {seconds_text(retr.timings['total'])}.")
-    return "  \n".join(lines)
-
-
-def reader_summary(results: dict[str, RAGResult]) -> str:
     """The Ask tab's headline: KV reuse against full prefill (same reader, same ranking), then what
     reranking changed against the reader over the retriever's order."""
     full, kv, plain = results.get("reader_full"), results.get("reader_kv"), results.get("retrieval_reader")
