@@ -292,7 +292,7 @@ def models(r: Records) -> str:
     benches, cards = r[:2], r[2:]
     geo = [planner.KNOWN_GEOMETRY[m] for m in MODEL_IDS]
     val = [c["validation"] for c in cards]
-    best = lambda v: v["fusion_grid"][str(v["retrieval_weight"]) if str(v["retrieval_weight"]) in v["fusion_grid"] else "0.0"]  # noqa: E731
+    best = lambda v: v["fusion_grid"][str(v["retrieval_weight"])]  # the grid point the tuned weight chose  # noqa: E731
     reader = lambda v: max(v["reader"]["grid"].values(), key=lambda g: g["f1"])  # noqa: E731
     rows = [["layers / KV heads / head_dim", *(f"{g.layers} / {g.kv_heads} / {g.head_dim}" for g in geo)],
             ["KV bytes per token (fp16 store)", *(f"{planner.bytes_per_token('fp16', g):,.0f}" for g in geo)],
