@@ -25,8 +25,9 @@ Every answer row also gets a paired interval of "row minus retrieval-only RAG" o
 questions (``_minus_retrieval``: the traditional generator over the retriever's order, when
 generated) and of "row minus the reader over the retriever's order" (``_minus_retrieval_reader``).
 
-``--unanswerable F`` makes that fraction of the read questions unanswerable: their gold passages
-are removed from the candidates (retrieval runs on the rest of the corpus), the trained+retrieval
+``--unanswerable F`` makes that fraction of the read questions unanswerable: their gold passages,
+and every passage that holds one of their answers, are removed from the candidates (retrieval
+runs on the rest of the corpus), the trained+retrieval
 ranking and the reader run again on what is left, and ``abstain`` reports how well declining
 separates them (an unanswerable question is right only when declined): the calibrated rule of
 :mod:`hyperrag.rag.calibration` and, for comparison, the fused ranking score alone and the
@@ -60,14 +61,15 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 
 import torch
 
+from hyperrag.data.corpus import Doc
 from hyperrag.kv.local import LocalKV
 from hyperrag.rag.calibration import Trust, auroc, auroc_interval, expected_calibration_error
-from hyperrag.rag.metrics import agreement, exact_match, f1_score, mean_interval, ranking_metrics
+from hyperrag.rag.metrics import agreement, contains_answer, exact_match, f1_score, mean_interval, ranking_metrics
 from hyperrag.model.prompts import RerankTemplate
 from hyperrag.rag.query_first import QueryFirstScorer
 from hyperrag.rag.reader import Reading
@@ -221,10 +223,20 @@ def pick_unanswerable(n: int, fraction: float, seed: int) -> set[int]:
     return set(random.Random(seed).sample(range(n), round(fraction * n)))
 
 
-def without_gold(index, c: Candidates, k: int) -> Candidates:
-    """``c`` made unanswerable: the retriever's top ``k`` of the corpus less its gold passages."""
-    gold = set(c.gold)
-    hits = [h for h in index.search(c.question, k + len(gold)) if h[0] not in gold][:k]
+def without_gold(index, c: Candidates, k: int, by_id: Mapping[str, Doc]) -> Candidates:
+    """``c`` made unanswerable: the retriever's top ``k`` of the corpus less its gold passages and
+    less every passage that holds one of its answers (SQuAD articles repeat facts across
+    paragraphs, so removing the gold paragraph alone leaves some questions answerable)."""
+    def answers_it(doc_id: str) -> bool:
+        return doc_id in c.gold or contains_answer(by_id[doc_id].text, c.answers)
+
+    depth = k + len(c.gold)
+    while True:
+        found = index.search(c.question, depth)
+        hits = [h for h in found if not answers_it(h[0])][:k]
+        if len(hits) == k or len(found) < depth:
+            break
+        depth *= 2
     return Candidates(c.qid, c.question, c.answers, c.gold, [h[0] for h in hits], [h[1] for h in hits])
 
 
@@ -563,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 records.append(abstain_record(readings[CALIBRATED][i], runs[CALIBRATED].scores[i], c, False, s.top_n,
                                               c.doc_ids))
                 continue
-            u = without_gold(index, c, s.top_k)
+            u = without_gold(index, c, s.top_k, by_id)
             known = dict(zip(c.doc_ids, runs[CALIBRATED].scores[i]))  # a pair's score does not depend on the others
             new = [j for j, d in enumerate(u.doc_ids) if d not in known]
             if new:

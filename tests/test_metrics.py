@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from hyperrag.rag.metrics import (agreement, exact_match, f1_score, latency_summary, mrr_at_k, ndcg_at_k, normalize_answer,
+from hyperrag.rag.metrics import (agreement, contains_answer, exact_match, f1_score, latency_summary, mrr_at_k, ndcg_at_k, normalize_answer,
                               percentile, recall_at_k)
 
 RANKED = ["a", "b", "c", "d", "e"]
@@ -27,6 +27,12 @@ def test_ndcg():
     # two relevant at ranks 1 and 3: (1 + 1/2) / (1 + 1/log2(3))
     assert ndcg_at_k(RANKED, ["a", "c"]) == pytest.approx(1.5 / (1 + 1 / math.log2(3)))
     assert ndcg_at_k(RANKED, ["z"]) == 0.0
+
+
+def test_a_passage_contains_an_answer_as_whole_normalised_words():
+    assert contains_answer("Built in 1889, the Eiffel Tower...", ["eiffel tower!", "Paris"])
+    assert not contains_answer("Eiffelism spread in 1889.", ["Eiffel", ""])
+    assert not contains_answer("anything", [])
 
 
 def test_squad_normalisation_em_f1():

@@ -108,17 +108,21 @@ def test_fit_from_an_evaluation_record():
         check_held_out(["Saint Barth", "Bacteria"], {"train_articles": ["Saint_Barth"]})
 
 
-def test_unanswerable_questions_never_have_their_gold_passage():
+def test_unanswerable_questions_never_have_their_gold_passage_nor_their_answer():
+    from hyperrag.data.corpus import Doc
     from hyperrag.evaluate import Candidates, pick_unanswerable, without_gold
 
     class Index:  # the gold passage ranks first, as it mostly does
         def search(self, question, k):
-            return [(f"d{j}", 1.0 - j / 10) for j in range(k)]
+            return [(f"d{j}", 1.0 - j / 10) for j in range(min(k, 9))]
 
-    c = Candidates("q", "Who?", ["x"], ["d0", "d2"], ["d0", "d1", "d2", "d3"], [1.0, 0.9, 0.8, 0.7])
-    u = without_gold(Index(), c, 4)
-    assert u.doc_ids == ["d1", "d3", "d4", "d5"] and not set(u.doc_ids) & set(c.gold)
-    assert u.cosine == [0.9, 0.7, 0.6, 0.5] and u.answers == c.answers
+    texts = {"d3": "It was built in 1889 by Eiffel.", "d5": "The Eiffel Tower, again.", "d6": "Eiffelism is no answer."}
+    by_id = {f"d{j}": Doc(f"d{j}", "T", texts.get(f"d{j}", "Nothing to see.")) for j in range(9)}
+    c = Candidates("q", "Who?", ["the Eiffel", "x"], ["d0", "d2"], ["d0", "d1", "d2", "d3"], [1.0, 0.9, 0.8, 0.7])
+    u = without_gold(Index(), c, 4, by_id)  # d0, d2 gold; d3, d5 hold "Eiffel"; d6's "Eiffelism" is another word
+    assert u.doc_ids == ["d1", "d4", "d6", "d7"] and not set(u.doc_ids) & set(c.gold)
+    assert u.cosine == pytest.approx([0.9, 0.6, 0.4, 0.3]) and u.answers == c.answers
+    assert without_gold(Index(), c, 8, by_id).doc_ids == ["d1", "d4", "d6", "d7", "d8"]  # the corpus runs out
     chosen = pick_unanswerable(10, 0.5, seed=0)
     assert len(chosen) == 5 and chosen == pick_unanswerable(10, 0.5, seed=0) and chosen <= set(range(10))
     with pytest.raises(SystemExit, match="fraction"):

@@ -38,6 +38,13 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def contains_answer(text: str, answers: Iterable[str]) -> bool:
+    """Whether ``text`` holds one of ``answers`` as whole normalised words (DPR's "has answer"):
+    a passage that does is no evidence of an unanswerable question, whatever its id."""
+    padded = f" {normalize_answer(text)} "
+    return any(f" {a} " in padded for a in map(normalize_answer, answers) if a)
+
+
 def exact_match(prediction: str, answers: Iterable[str]) -> float:
     return max((float(normalize_answer(prediction) == normalize_answer(a)) for a in answers), default=0.0)
 
