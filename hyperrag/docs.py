@@ -363,19 +363,28 @@ BLOCKS: dict[str, Block] = {
 
 @dataclass(frozen=True)
 class Constant:
-    """A constant in code that a measurement set: it must equal ``figure(record)`` rounded to ``digits``."""
+    """A constant in code that a measurement set: it must equal ``figure(record)`` rounded to
+    ``digits`` or, for a safety margin (``at_least``), be no smaller than it."""
 
     name: str  # module:attribute
     record: str
     figure: Callable[[dict], float]
     digits: int
+    at_least: bool = False
 
 
-CONSTANTS = (  # the planner names its record in MEASURED_RECORD, beside the constants
+def margin_used_gib(d: dict) -> float:
+    """What the app's peak held on top of the loaded engine and its CPU tier (GiB)."""
+    load = next(p for p in d["phases"] if p["phase"] == "load")
+    return d["peak_rss_bytes"] / 2**30 - load["rss_gb"] - d["cpu_tier_gb"]
+
+
+CONSTANTS = (  # each constant's module names its record beside it
     Constant("hyperrag.kv.planner:MEASURED_DOCS_PER_S", planner.MEASURED_RECORD,
              lambda d: d["storage"]["precompute_docs_per_s"], 2),
     Constant("hyperrag.kv.planner:MEASURED_TOKENS_PER_DOC", planner.MEASURED_RECORD,
              lambda d: d["storage"]["tokens"] / d["storage"]["docs"], 6),
+    Constant("hyperrag.kv.planner:WORKING_MARGIN_GB", planner.MARGIN_RECORD, margin_used_gib, 2, at_least=True),
 )
 
 
@@ -430,7 +439,9 @@ def constant_problems(root: Path) -> list[str]:
             out.append(f"{c.name}: record missing: {c.record}")
             continue
         value, want = getattr(importlib.import_module(module), attr), round(c.figure(load(root, c.record)), c.digits)
-        if round(value, c.digits) != want:
+        if c.at_least and value < want:
+            out.append(f"{c.name} = {value} is less than the {want} that {c.record} measured")
+        elif not c.at_least and round(value, c.digits) != want:
             out.append(f"{c.name} = {value}, but {c.record} measured {want}")
     return out
 

@@ -72,3 +72,11 @@ def test_a_measured_constant_that_left_its_record_fails(copy, monkeypatch, capsy
     monkeypatch.setattr(planner, "MEASURED_DOCS_PER_S", 3.67)
     assert docs.main(["check", "--root", str(copy)]) == 1
     assert "MEASURED_DOCS_PER_S = 3.67, but docs/bench/bench-default.json measured 6.01" in capsys.readouterr().err
+
+
+def test_a_safety_margin_smaller_than_its_record_measured_fails(copy, monkeypatch, capsys):
+    assert planner.MARGIN_RECORD == "docs/memory/app-first-visit.json"
+    monkeypatch.setattr(planner, "WORKING_MARGIN_GB", 0.3)  # the record's run held 0.47 GiB on top
+    assert docs.main(["check", "--root", str(copy)]) == 1
+    assert "WORKING_MARGIN_GB = 0.3 is less than the 0.47 that docs/memory/app-first-visit.json measured" in \
+        capsys.readouterr().err

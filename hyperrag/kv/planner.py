@@ -48,10 +48,11 @@ AUTO_TIER_MIN_GB = 0.5  # the automatic CPU tier never goes below this (room for
 AUTO_TIER_HEADROOM = 1.10  # ... and holds the corpus's entries plus 10%
 AUTO_TIER_MEMORY_SHARE = 0.25  # ... within a quarter of the memory this process may use
 # ... and within the memory budget (Settings.memory_budget_gb), less what the process holds when
-# the store opens and this margin for what comes on top at peak: the store's in-flight buffers
-# (0.09 GB), the corpus index, precomputing and one answer per mode. Measured 0.75 GB on the
-# shipped corpus (scripts/measure_memory.py on a fresh store: 1.84 GB resident at store open,
-# 3.15 GB peak with a 0.56 GB tier; AMD EPYC, 2 threads).
+# the store opens and this margin (GiB) for what comes on top at peak: the store's in-flight
+# buffers, precomputing and one answer per mode. `python -m hyperrag.docs check` fails when it is
+# smaller than what the record's run (scripts/measure_memory.py, the app's first visit with
+# default settings) held on top of the loaded engine and its tier.
+MARGIN_RECORD = "docs/memory/app-first-visit.json"
 WORKING_MARGIN_GB = 0.8
 # Precompute rate of one 2-core worker (fp32 compute, fp16 store, fs://), from the record
 # docs/bench/bench-default.json (storage.precompute_docs_per_s: 309 SQuAD paragraphs, 52,044 tokens;
