@@ -4,10 +4,12 @@
 
 Reads an evaluation's per-question scores (``python -m hyperrag.evaluate --json``: exact KV and
 a codec's KV for the same candidates), keeps each question's error pattern and scales it by
-``a`` (scores ``exact + a * (codec - exact)``), and reports, with :func:`hyperrag.rag.metrics.agreement`
-(the definition the bench and evaluation use), the identical full rankings, the same top-n and the
-largest score difference at each ``a``. The ``a`` where a target is first met says how many
-times smaller the codec's error must get; a uniform quantizer halves its error per extra bit.
+``a`` (scores ``exact + a * (codec - exact)``; :func:`hyperrag.rag.metrics.scaled_error`, which
+``python -m hyperrag.docs`` renders the codecs page's targets with), and reports, with
+:func:`hyperrag.rag.metrics.agreement` (the definition the bench and evaluation use), the identical
+full rankings, the same top-n and the largest score difference at each ``a``. The ``a`` where a
+target is first met says how many times smaller the codec's error must get; a uniform quantizer
+halves its error per extra bit.
 Also prints how close neighbouring candidates' exact scores are (the smallest gap per question),
 the scale any error is measured against.
 """
@@ -20,21 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hyperrag.rag.metrics import agreement
-
-SCALES = (1.0, 0.7, 0.5, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03)
-
-
-def records(per_question: list[dict], system: str, exact: str, top_n: int, a: float) -> list[dict]:
-    """The questions as :func:`agreement` reads them, ``system``'s error scaled by ``a``."""
-    out = []
-    for q in per_question:
-        ref, got = np.array(q["scores"][exact]), np.array(q["scores"][system])
-        scores = ref + a * (got - ref)
-        order = np.argsort(-scores, kind="stable")
-        out.append({"query_id": q["qid"], "top_n": top_n, "ranked_ids": [q["doc_ids"][i] for i in order],
-                    "scores": dict(zip(q["doc_ids"], scores.tolist()))})
-    return out
+from hyperrag.rag.metrics import ERROR_SCALES, scaled_error
 
 
 def main() -> None:
@@ -46,12 +34,10 @@ def main() -> None:
     data = json.loads(Path(args.evaluation).read_text())
     per_question, exact, top_n = data["per_question"], args.codec.split("@")[0], data["top_n"]
     want_identical, want_top = map(float, args.targets.split(","))
-    reference = records(per_question, exact, exact, top_n, 0.0)
     print(f"{args.codec} against {exact}, {len(per_question)} questions, top-{top_n}")
     print("error x   identical   same top-n   max |diff|   mean |diff|")
     met: dict[str, float] = {}
-    for a in SCALES:
-        m = agreement(reference, records(per_question, args.codec, exact, top_n, a))
+    for a, m in scaled_error(per_question, args.codec, exact, top_n):
         print(f"{a:7.2f}   {m['ranking_agreement']:9.0%}   {m['top_n_agreement']:10.1%}   "
               f"{m['max_abs_score_diff']:10.3f}   {m['mean_abs_score_diff']:11.4f}")
         if m["ranking_agreement"] >= want_identical:
@@ -61,7 +47,7 @@ def main() -> None:
     for name, want in (("identical", want_identical), ("top_n", want_top)):
         a = met.get(name)
         bits = f", about {math.log2(1 / a):.1f} more bits of a uniform grid" if a else ""
-        print(f"{name} >= {want:.0%}: " + (f"error x {a}{bits}" if a else f"not met at x {SCALES[-1]}"))
+        print(f"{name} >= {want:.0%}: " + (f"error x {a}{bits}" if a else f"not met at x {ERROR_SCALES[-1]}"))
     gaps = [float(np.diff(np.sort(q["scores"][exact])).min()) for q in per_question]
     print("smallest gap between neighbouring exact scores, percentiles 10 / 25 / 50: "
           + " / ".join(f"{v:.4f}" for v in np.percentile(gaps, [10, 25, 50])))

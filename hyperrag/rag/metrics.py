@@ -132,3 +132,27 @@ def agreement(reference: Sequence[Mapping[str, Any]], other: Sequence[Mapping[st
     if answered:
         out["answer_agreement"] = same_answer / answered
     return out
+
+
+ERROR_SCALES = (1.0, 0.7, 0.5, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03)
+
+
+def scaled_error(per_question: Sequence[Mapping[str, Any]], system: str, exact: str, top_n: int,
+                 scales: Sequence[float] = ERROR_SCALES) -> list[tuple[float, dict]]:
+    """How small a codec's score error must get to keep rankings: for each ``a`` in ``scales``, the
+    :func:`agreement` of ``exact``'s scores with ``exact + a * (system - exact)``, each question's
+    measured error pattern kept and scaled. ``per_question`` is an evaluation's (``python -m
+    hyperrag.evaluate --json``): ``qid``, ``doc_ids`` and ``scores`` per system, in candidate order.
+    A uniform quantizer halves its error per extra bit, so ``log2(1 / a)`` is the bits it needs."""
+    def records(a: float) -> list[dict]:
+        out = []
+        for q in per_question:
+            ref, got = q["scores"][exact], q["scores"][system]
+            scores = [r + a * (g - r) for r, g in zip(ref, got)]
+            order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable, like argsort's
+            out.append({"query_id": q["qid"], "top_n": top_n, "ranked_ids": [q["doc_ids"][i] for i in order],
+                        "scores": dict(zip(q["doc_ids"], scores))})
+        return out
+
+    reference = records(0.0)
+    return [(a, agreement(reference, records(a))) for a in scales]
