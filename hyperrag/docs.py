@@ -251,6 +251,26 @@ def codec_targets(r: Records) -> str:
     ])
 
 
+def kernel_probe(r: Records) -> str:
+    """What the first-start probes (``hyperrag/model/kernels.py``) chose on the default run's machine."""
+    lin, streams = r[0]["machine"]["linear"], r[0]["machine"]["streams"]
+    rows = [[label, f"**{lin[key]}**", f"ATen {lin['figures_ms'][key]['aten']:.1f} / oneDNN {lin['figures_ms'][key]['onednn']:.1f}"]
+            for key, label in (("small", "projections, reuse-sized"), ("large", "projections, prefill-sized"), ("head", "output head"))]
+    rows.append(["OpenMP threads per reuse stream", f"**{streams['small_stream_threads']}**",
+                 " / ".join(f"{n} thread{'s' * (n != '1')} {ms:.0f}" for n, ms in sorted(streams["figures_ms"].items()))])
+    return table(["first-start probe, default bench run", "chosen", "ms per call"], rows)
+
+
+def memory_budget(r: Records) -> str:
+    """The 3 GB target and the working margin the budget keeps, against the default run."""
+    d = r[0]
+    budget, peak = d["settings"]["memory_budget_gb"], d["peak_rss_bytes"] / 1e9
+    return (f"Target {budget:g} GB with default settings: {status(peak <= budget)} (peak {peak:.2f} GB "
+            f"after a question in each mode). The budget keeps a working margin of {planner.WORKING_MARGIN_GB:g} GiB "
+            f"(`hyperrag.kv.planner.WORKING_MARGIN_GB`) for what comes on top of the loaded engine and its tier; the "
+            f"record's run held {margin_used_gib(d):.2f} GiB there (`python -m hyperrag.docs check` fails if the margin falls below it).")
+
+
 def memory(r: Records) -> str:
     # The script records GiB (``*_gb``); the budget and the target are decimal GB.
     peak = lambda rec, phase: next(p["peak_rss_gb"] for p in rec["phases"] if p["phase"] == phase) * 2**30 / 1e9  # noqa: E731
@@ -386,8 +406,10 @@ BLOCKS: dict[str, Block] = {
     "bench-codecs": Block(("docs/bench/bench-default.json",), bench_codecs),
     "codecs-dev-300": Block(("docs/eval/codecs-dev-300.json",), codecs_dev),
     "codec-targets": Block(("docs/bench/bench-default.json", "docs/eval/codecs-dev-300.json"), codec_targets),
+    "kernel-probe": Block(("docs/bench/bench-default.json",), kernel_probe),
     "memory": Block(("docs/memory/app-first-visit.json", "docs/memory/app-first-visit-no-budget.json",
                      "docs/memory/app-first-visit-no-tier.json"), memory),
+    "memory-budget": Block(("docs/memory/app-first-visit.json",), memory_budget),
     "scale-100k": Block(("docs/bench/scale-squad-100k.json", "docs/bench/scale-squad-100k-sweep.json",
                          "docs/bench/bench-squad-100k.json"), scale_100k),
     "planner-1m": Block(("docs/bench/bench-default.json",), planner_1m),
