@@ -336,7 +336,8 @@ def http_service(r: Records) -> str:
             for v in (d["first_vs_second"][key],)]
     rows += [[f"{run['service']}, {run['clients']} client(s), {run['requests']} requests",
               f"{num(run['queries_per_s'], 2)} queries/s, p50 {run['p50_ms'] / 1e3:.1f} s, p95 {run['p95_ms'] / 1e3:.1f} s, "
-              f"{run['errors']} errors, KV reused {pct(run['kv_reused_fraction'])}, identical rankings {pct(run['identical_rankings'])}"]
+              f"{run['errors']} errors, KV reused {pct(run['kv_reused_fraction'])}, identical rankings {pct(run['identical_rankings'])}; "
+              f"load average {run['loadavg_end']:g} at its end"]
              for run in d["runs"]]
     return table(["HTTP service (`/v1/rerank`)", "result"], rows)
 
