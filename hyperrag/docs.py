@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from hyperrag.kv import planner
+from hyperrag.kv.codec import get_codec
 from hyperrag.rag import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,7 +305,7 @@ def scale_100k(r: Records) -> str:
 def planner_1m(r: Records) -> str:
     docs, tokens = 1_000_000, 200
     rate = planner.docs_per_s_for(tokens)
-    rows = [[codec, f"{planner.estimate(docs, tokens, codec).total_bytes / 1e12:.2f} TB"] for codec in ("fp16", "int8", "int4", "int2")]
+    rows = [[codec, f"{planner.estimate(docs, tokens, get_codec(codec)).total_bytes / 1e12:.2f} TB"] for codec in ("fp16", "int8", "int4", "int2")]
     hours = ", ".join(f"{planner.precompute_hours(docs, rate, w):,.1f} h on {w}" for w in (1, 8, 32))
     return (table([f"{docs:,} passages of {tokens} tokens", "store size"], rows)
             + f"\n\nPrecompute at {rate:.2f} docs/s per 2-core worker (the record's "
@@ -354,7 +355,7 @@ def models(r: Records) -> str:
     best = lambda v: v["fusion_grid"][str(v["retrieval_weight"])]  # the grid point the tuned weight chose  # noqa: E731
     reader = lambda v: max(v["reader"]["grid"].values(), key=lambda g: g["f1"])  # noqa: E731
     rows = [["layers / KV heads / head_dim", *(f"{g.layers} / {g.kv_heads} / {g.head_dim}" for g in geo)],
-            ["KV bytes per token (fp16 store)", *(f"{planner.bytes_per_token('fp16', g):,.0f}" for g in geo)],
+            ["KV bytes per token (fp16 store)", *(f"{planner.bytes_per_token(get_codec('fp16'), g):,.0f}" for g in geo)],
             ["precompute, documents/s", *(num(b["storage"]["precompute_docs_per_s"], 2) for b in benches)],
             ["reranker pairs/s: full prefill / **reuse** (speedup)",
              *(f"{num(b['rerank']['full']['pairs_per_s'], 3)} / {num(b['rerank']['reuse']['pairs_per_s'], 3)} "

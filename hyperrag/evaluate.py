@@ -61,7 +61,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 
 import torch
@@ -74,6 +74,12 @@ from hyperrag.model.prompts import RerankTemplate
 from hyperrag.rag.query_first import QueryFirstScorer
 from hyperrag.rag.reader import Reading
 from hyperrag.rag.rerank import Reranker, fuse_scores
+
+if TYPE_CHECKING:
+    from hyperrag.common.settings import Settings
+    from hyperrag.model.loading import LLM
+    from hyperrag.rag.reader import Reader
+    from hyperrag.rag.retrieval import DenseIndex
 
 log = logging.getLogger("hyperrag.evaluate")
 
@@ -373,25 +379,84 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass
+class Evaluation:
+    """What the phases of one :func:`main` run share: the arguments and settings, the question
+    sample with its candidates, the models loaded so far, each system's run, the answers and the report."""
+
+    args: argparse.Namespace
+    s: Settings
+    index: DenseIndex
+    by_id: Mapping[str, Doc]
+    cands: list[Candidates]
+    retrieve_s: float
+    adapter: str
+    base: LLM  # the base model, without the adapter
+    report: dict
+    subset: int
+    trained_llm: LLM | None = None
+    trained_reranker: Reranker | None = None
+    trained_kv: LocalKV = field(default_factory=LocalKV)  # exact fp32 document KV of the trained model: reranking and reading share it
+    runs: dict[str, SystemRun] = field(default_factory=dict)
+    codec_kv: dict[str, LocalKV] = field(default_factory=dict)  # "int4" -> the candidates' KV through that codec (reranking and reading)
+    answered: dict[str, list[str]] = field(default_factory=dict)  # answer row -> answer per question (the first n)
+
+    def make_reranker(self, llm, instruction: str | None = None) -> Reranker:
+        from hyperrag.rag.runtime import load_reranker
+
+        return load_reranker(self.s, llm, RerankTemplate.for_tokenizer(llm.tokenizer, instruction=instruction)
+                             if instruction else None)
+
+    def codec_source(self, codec: str) -> LocalKV:
+        """Every candidate's exact KV (from the trained run) stored through ``codec``, once."""
+        from hyperrag.rag.kv_rounding import codec_for
+
+        s, by_id, cands, trained_kv, codec_kv = self.s, self.by_id, self.cands, self.trained_kv, self.codec_kv
+        if self.trained_reranker is None:
+            raise SystemExit(f"@{codec}: the trained model must run in this process (list trained or "
+                             "trained+retrieval without --scores-from covering it)")
+        if codec not in codec_kv:
+            texts = list(dict.fromkeys(by_id[d].text for c in cands for d in c.doc_ids))
+            missing = [t for t in texts if t not in trained_kv.entries]
+            for text, kv in zip(missing, self.trained_reranker.encode_docs(missing) if missing else []):
+                trained_kv.put(text, kv)
+            codec_kv[codec] = LocalKV(codec_for(codec, s.kv_rounding, self.trained_reranker, s.cache_dir))
+            for text in texts:
+                codec_kv[codec].put(text, trained_kv.entries[text][1])
+        return codec_kv[codec]
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    from tqdm import tqdm
-
-    from hyperrag.data.corpus import load_corpus
-    from hyperrag.rag.generate import Generator
-    from hyperrag.rag.kv_rounding import codec_for
-    from hyperrag.model.loading import adapter_meta, load_embedder, load_llm
-    from hyperrag.rag.calibration import load_trust
-    from hyperrag.rag.retrieval import DenseIndex
-    from hyperrag.rag.runtime import load_reranker
-    from hyperrag.common.settings import settings_from_args
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    ev = prepare(args)
+    previous, old = previous_scores(args, ev.cands, ev.s.top_k)
+    for name in [x.strip() for x in args.systems.split(",") if x.strip()]:
+        rank_system(ev, name, previous, old)
+    if (args.read or args.unanswerable) and ev.trained_reranker is None and ev.adapter and any(
+            name.partition("@")[0] in ("trained", "trained+retrieval") for name in ev.runs):
+        load_trained_reader_model(ev)
+    if args.generate:
+        generate_rows(ev)
+    reader, readings = read_rows(ev) if args.read else (None, {})
+    if args.unanswerable:
+        unanswerable_records(ev, reader, readings)
+    answer_rows(ev)
+    return finish(ev)
+
+
+def prepare(args: argparse.Namespace) -> Evaluation:
+    """Settings, corpus and index, the question sample with its retrieved candidates, the base
+    model, and the report's header: everything every system needs before it runs."""
+    from hyperrag.common.settings import settings_from_args
+    from hyperrag.data.corpus import load_corpus
+    from hyperrag.model.loading import load_embedder, load_llm
+    from hyperrag.rag.retrieval import DenseIndex
+
     s = settings_from_args(args)
     torch.manual_seed(s.seed)
-    systems = [x.strip() for x in args.systems.split(",") if x.strip()]
     corpus = load_corpus(s.folder("corpus"))
     adapter = str(s.folder("adapter")) if s.adapter else ""
     by_id = corpus.by_id
@@ -402,8 +467,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cands = retrieve(index, queries, s.top_k)
     retrieve_s = time.perf_counter() - t0
     base = load_llm(s.model, s.cache_dir, s.device, s.dtype, cpu_linear=s.cpu_linear)
-    trained_llm = trained_reranker = None
-    trained_kv = LocalKV()  # exact fp32 document KV of the trained model: reranking and reading share it
     from hyperrag.model.kernels import cpu_model
 
     # date and cpu: what `python -m hyperrag.docs` prints beside the tables it writes from this record
@@ -413,184 +476,244 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if adapter:
         from hyperrag.model.loading import adapter_hash
         report["adapter_hash"] = adapter_hash(adapter)
-    runs: dict[str, SystemRun] = {}
-    codec_kv: dict[str, LocalKV] = {}  # "int4" -> the candidates' KV through that codec (reranking and reading)
     subset = args.subset or len(cands)
+    return Evaluation(args, s, index, by_id, cands, retrieve_s, adapter, base, report, subset)
 
-    def make_reranker(llm, instruction: str | None = None) -> Reranker:
-        return load_reranker(s, llm, RerankTemplate.for_tokenizer(llm.tokenizer, instruction=instruction)
-                             if instruction else None)
 
-    def codec_source(codec: str) -> LocalKV:
-        """Every candidate's exact KV (from the trained run) stored through ``codec``, once."""
-        if trained_reranker is None:
-            raise SystemExit(f"@{codec}: the trained model must run in this process (list trained or "
-                             "trained+retrieval without --scores-from covering it)")
-        if codec not in codec_kv:
-            texts = list(dict.fromkeys(by_id[d].text for c in cands for d in c.doc_ids))
-            missing = [t for t in texts if t not in trained_kv.entries]
-            for text, kv in zip(missing, trained_reranker.encode_docs(missing) if missing else []):
-                trained_kv.put(text, kv)
-            codec_kv[codec] = LocalKV(codec_for(codec, s.kv_rounding, trained_reranker, s.cache_dir))
-            for text in texts:
-                codec_kv[codec].put(text, trained_kv.entries[text][1])
-        return codec_kv[codec]
-
+def previous_scores(args: argparse.Namespace, cands: Sequence[Candidates], top_k: int) -> tuple[dict, dict]:
+    """``--scores-from``: each system's ranking scores from a previous record of the same sample
+    (refused when the sample or top-k differ), and that record; empty without the flag."""
     previous: dict[str, list[list[float]]] = {}
+    old: dict = {}
     if args.scores_from:
         old = json.loads(Path(args.scores_from).read_text())
-        if [q["qid"] for q in old["per_question"]] != [c.qid for c in cands] or old.get("top_k") != s.top_k:
+        if [q["qid"] for q in old["per_question"]] != [c.qid for c in cands] or old.get("top_k") != top_k:
             raise SystemExit(f"{args.scores_from}: another question sample or top-k; cannot reuse its scores")
         for q in old["per_question"]:
             for name, sc in q["scores"].items():
                 previous.setdefault(name, []).append(sc)
-    for name in systems:
-        base_name, _, codec = name.partition("@")
-        n = subset if (name.startswith("wording:") or name == "query-first") else len(cands)
-        part = cands[:n]
-        run = SystemRun(name)
-        if name in previous and len(previous[name]) >= n and name != "retrieval":
-            run.scores = previous[name][:n]
-            runs[name] = run
-            old_row = old["systems"].get(name, {})
-            report["systems"][name] = {"ranking": ranking_summary(run, part), "seconds": old_row.get("seconds", 0.0),
-                                       "seconds_per_question": old_row.get("seconds_per_question", 0.0),
-                                       "scores_from": args.scores_from}
-            check = old.get("full_check", {}).get(name, {})
-            if "ranking_agreement" in check:  # files from before the shared agreement keys lack it
-                report["full_check"][name] = check
-            continue
-        bar = tqdm(total=len(part), desc=name, mininterval=10)
-        tick = lambda i, total: bar.update(1)  # noqa: E731
-        t1 = time.perf_counter()
-        if name == "retrieval":
-            run.scores = [list(c.cosine) for c in part]
-            bar.update(len(part))
-        elif name in ("zero-shot", "query-first") or name.startswith("wording:"):
-            instruction = WORDINGS[name.split(":", 1)[1]] if name.startswith("wording:") else None
-            reranker = make_reranker(base, instruction)
-            if name == "query-first":
-                qf = QueryFirstScorer(reranker)
-                for c in part:
-                    run.scores.append(qf.score(c.question, [by_id[d].text for d in c.doc_ids]))
-                    bar.update(1)
-            else:
-                run.scores = rerank_scores(reranker, part, by_id, args.mode, progress=tick)
-                if name == "zero-shot" and args.check_full:
-                    full = rerank_scores(reranker, part[: args.check_full], by_id, "full")
-                    report["full_check"][name] = agreement(score_records(full, part, s.top_n),
-                                                           score_records(run.scores, part, s.top_n))
-        elif base_name in ("trained", "trained+retrieval"):
-            if not adapter:
-                raise SystemExit("the trained systems need an adapter (--adapter or HYPERRAG_ADAPTER)")
-            if trained_llm is None:
-                trained_llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter, cpu_linear=s.cpu_linear)
-            if codec:  # the same scores from document KV stored through a codec: what it costs in ranking
-                if base_name not in runs:
-                    raise SystemExit(f"{name}: list {base_name} before it (its exact-KV run is the reference)")
-                run.scores = rerank_scores(trained_reranker, part, by_id, args.mode, codec_source(codec), progress=tick)
-            elif "trained" in runs:
-                run.scores = [list(x) for x in runs["trained"].scores]
-            else:
-                trained_reranker = reranker = make_reranker(trained_llm)
-                run.scores = rerank_scores(reranker, part, by_id, args.mode, trained_kv, progress=tick)
-                if args.check_full:
-                    full = rerank_scores(reranker, part[: args.check_full], by_id, "full")
-                    report["full_check"]["trained"] = agreement(score_records(full, part, s.top_n),
-                                                                score_records(run.scores, part, s.top_n))
-            if base_name == "trained+retrieval":
-                w = float(adapter_meta(adapter).get("retrieval_weight", 0.0))
-                report["retrieval_weight"] = w
-                run.scores = [fuse_scores(sc, c.cosine, w) for sc, c in zip(run.scores, part)]
-        else:
-            raise SystemExit(f"unknown system {name!r}")
-        bar.close()
-        run.seconds = time.perf_counter() - t1 + (retrieve_s if name == "retrieval" else 0.0)
-        runs[name] = run
-        per_question = ranking_per_question(run, part)
-        metrics = with_intervals(per_question) | {"questions": len(part)}
-        report["systems"][name] = {"ranking": metrics, "seconds": run.seconds,
-                                   "seconds_per_question": run.seconds / max(1, len(part))}
-        if codec:  # against the exact-KV run of the same system, question by question
-            exact = runs[base_name]
-            report["codec_check"][name] = agreement(score_records(exact.scores, part, s.top_n),
-                                                    score_records(run.scores, part, s.top_n)) | paired_differences(
-                per_question, ranking_per_question(exact, part), ["ndcg@10"], "minus_exact")
-        log.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items() if not k.endswith("_ci95")})
-        if name == "retrieval":  # same questions, for a paired comparison with subset systems
-            report["systems"][name]["ranking_subset"] = ranking_summary(
-                SystemRun(name, run.scores[:subset]), cands[:subset])
-    answered: dict[str, list[str]] = {}  # answer row -> answer per question (the first n)
-    if (args.read or args.unanswerable) and trained_reranker is None and adapter and any(
-            name.partition("@")[0] in ("trained", "trained+retrieval") for name in runs):
-        # every trained score came from --scores-from: the model still reads (and scores what is new)
-        trained_llm = trained_llm or load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter,
-                                              cpu_linear=s.cpu_linear)
-        trained_reranker = make_reranker(trained_llm)
-    if args.generate:
-        generator = Generator(base, s.max_new_tokens, s.max_doc_tokens, streams=s.cpu_streams)
-        report["generator_template"] = asdict(generator.prompt.template)
-        cache: dict = {}
-        n = min(args.generate, len(cands))
-        wanted = {x.strip() for x in args.generate_systems.split(",") if x.strip()} or set(runs)
-        for name, run in runs.items():
-            if len(run.scores) >= n and name in wanted:
-                bar = tqdm(total=n, desc=f"generator {name}", mininterval=10)
-                answered[f"{name}+generator"] = generate_answers(generator, SystemRun(name, run.scores[:n]), cands[:n],
-                                                                 by_id, s.top_n, cache, lambda i, t: bar.update(1))
-                bar.close()
-    readings: dict[str, list[Reading]] = {}
-    if args.read:
-        from hyperrag.rag.runtime import load_reader
+    return previous, old
 
-        if trained_reranker is None:
-            raise SystemExit("--read needs a trained system (trained or trained+retrieval) in --systems")
-        reader = load_reader(s.replace(abstain_threshold=0.0), trained_reranker)  # answers as without declining
-        report["reader"] = {"span": reader.span, "selection_weight": reader.selection_weight}
-        n = min(args.read, len(cands))
-        read_systems = [x.strip() for x in args.read_systems.split(",") if x.strip()]
-        if not read_systems:
-            read_systems = [x for x in DEFAULT_READ if x == "oracle" or x in runs]
-        for name in read_systems:
-            run = None if name == "oracle" else runs.get(name)
-            if name != "oracle" and (run is None or len(run.scores) < n):
-                raise SystemExit(f"--read-systems: {name!r} is not among the ranked systems {sorted(runs)}")
-            bar = tqdm(total=n, desc=f"reader {name}", mininterval=10)
-            codec = name.partition("@")[2]
-            source = codec_source(codec) if codec else trained_kv  # a codec system reads its codec's KV
-            readings[name] = read_answers(reader, run, cands[:n], by_id, s.top_n, source, lambda i, t: bar.update(1),
-                                          calibrated=name == CALIBRATED)
-            answered[f"{name}+reader"] = [r.answer for r in readings[name]]
-            bar.close()
-    if args.unanswerable:
-        if CALIBRATED not in readings or trained_reranker is None:
-            raise SystemExit(f"--unanswerable needs {CALIBRATED} ranked in this process and read (--read N)")
-        n = len(readings[CALIBRATED])
-        chosen = pick_unanswerable(n, args.unanswerable, s.seed)
-        w = float(adapter_meta(adapter).get("retrieval_weight", 0.0))
-        records = []
-        bar = tqdm(total=len(chosen), desc="unanswerable", mininterval=10)
-        for i, c in enumerate(cands[:n]):
-            if i not in chosen:
-                records.append(abstain_record(readings[CALIBRATED][i], runs[CALIBRATED].scores[i], c, False, s.top_n,
-                                              c.doc_ids))
-                continue
-            u = without_gold(index, c, s.top_k, by_id)
-            known = dict(zip(c.doc_ids, runs[CALIBRATED].scores[i]))  # a pair's score does not depend on the others
-            new = [j for j, d in enumerate(u.doc_ids) if d not in known]
-            if new:
-                raw = trained_reranker.score(c.question, [by_id[u.doc_ids[j]].text for j in new], args.mode,
-                                             trained_kv if args.mode == "reuse" else None).scores
-                known |= dict(zip([u.doc_ids[j] for j in new], fuse_scores(raw, [u.cosine[j] for j in new], w)))
-            scores = [known[d] for d in u.doc_ids]
-            top = ranked_order(scores)[: s.top_n]
-            reading = reader.read(c.question, [by_id[u.doc_ids[j]].text for j in top], [scores[j] for j in top], "kv",
-                                  trained_kv)
-            records.append(abstain_record(reading, scores, u, True, s.top_n, u.doc_ids))
+
+def rank_system(ev: Evaluation, name: str, previous: dict, old: dict) -> None:
+    """One system's scores for the sample (its subset for wording:* and query-first), from the
+    previous record when it has them, then its ranking metrics in the report."""
+    from tqdm import tqdm
+
+    cands = ev.cands
+    base_name, _, codec = name.partition("@")
+    n = ev.subset if (name.startswith("wording:") or name == "query-first") else len(cands)
+    part = cands[:n]
+    run = SystemRun(name)
+    if name in previous and len(previous[name]) >= n and name != "retrieval":
+        reuse_previous(ev, run, part, previous[name][:n], old)
+        return
+    bar = tqdm(total=len(part), desc=name, mininterval=10)
+    tick = lambda i, total: bar.update(1)  # noqa: E731
+    t1 = time.perf_counter()
+    if name == "retrieval":
+        run.scores = [list(c.cosine) for c in part]
+        bar.update(len(part))
+    elif name in ("zero-shot", "query-first") or name.startswith("wording:"):
+        base_scores(ev, run, part, bar, tick)
+    elif base_name in ("trained", "trained+retrieval"):
+        trained_scores(ev, run, part, tick)
+    else:
+        raise SystemExit(f"unknown system {name!r}")
+    bar.close()
+    run.seconds = time.perf_counter() - t1 + (ev.retrieve_s if name == "retrieval" else 0.0)
+    ev.runs[name] = run
+    record_ranking(ev, run, part)
+
+
+def reuse_previous(ev: Evaluation, run: SystemRun, part: Sequence[Candidates], scores: list[list[float]],
+                   old: dict) -> None:
+    """A system's ``scores`` taken from the ``--scores-from`` record ``old``, with its timing and full check."""
+    name, report = run.name, ev.report
+    run.scores = scores
+    ev.runs[name] = run
+    old_row = old["systems"].get(name, {})
+    report["systems"][name] = {"ranking": ranking_summary(run, part), "seconds": old_row.get("seconds", 0.0),
+                               "seconds_per_question": old_row.get("seconds_per_question", 0.0),
+                               "scores_from": ev.args.scores_from}
+    check = old.get("full_check", {}).get(name, {})
+    if "ranking_agreement" in check:  # files from before the shared agreement keys lack it
+        report["full_check"][name] = check
+
+
+def base_scores(ev: Evaluation, run: SystemRun, part: Sequence[Candidates], bar, tick) -> None:
+    """The base model's systems: zero-shot, wording:<name> and query-first (full prefill, question first)."""
+    name, args, s, by_id, report = run.name, ev.args, ev.s, ev.by_id, ev.report
+    instruction = WORDINGS[name.split(":", 1)[1]] if name.startswith("wording:") else None
+    reranker = ev.make_reranker(ev.base, instruction)
+    if name == "query-first":
+        qf = QueryFirstScorer(reranker)
+        for c in part:
+            run.scores.append(qf.score(c.question, [by_id[d].text for d in c.doc_ids]))
             bar.update(1)
+    else:
+        run.scores = rerank_scores(reranker, part, by_id, args.mode, progress=tick)
+        if name == "zero-shot" and args.check_full:
+            full = rerank_scores(reranker, part[: args.check_full], by_id, "full")
+            report["full_check"][name] = agreement(score_records(full, part, s.top_n),
+                                                   score_records(run.scores, part, s.top_n))
+
+
+def trained_scores(ev: Evaluation, run: SystemRun, part: Sequence[Candidates], tick) -> None:
+    """The adapter's systems: trained, trained+retrieval (fused with the retriever's cosine), and
+    either from a codec's stored KV (``@CODEC``); the trained model is loaded on first use."""
+    from hyperrag.model.loading import adapter_meta, load_llm
+
+    args, s, by_id, runs, report, adapter = ev.args, ev.s, ev.by_id, ev.runs, ev.report, ev.adapter
+    name = run.name
+    base_name, _, codec = name.partition("@")
+    if not adapter:
+        raise SystemExit("the trained systems need an adapter (--adapter or HYPERRAG_ADAPTER)")
+    if ev.trained_llm is None:
+        ev.trained_llm = load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=adapter, cpu_linear=s.cpu_linear)
+    if codec:  # the same scores from document KV stored through a codec: what it costs in ranking
+        if base_name not in runs:
+            raise SystemExit(f"{name}: list {base_name} before it (its exact-KV run is the reference)")
+        run.scores = rerank_scores(ev.trained_reranker, part, by_id, args.mode, ev.codec_source(codec), progress=tick)
+    elif "trained" in runs:
+        run.scores = [list(x) for x in runs["trained"].scores]
+    else:
+        ev.trained_reranker = reranker = ev.make_reranker(ev.trained_llm)
+        run.scores = rerank_scores(reranker, part, by_id, args.mode, ev.trained_kv, progress=tick)
+        if args.check_full:
+            full = rerank_scores(reranker, part[: args.check_full], by_id, "full")
+            report["full_check"]["trained"] = agreement(score_records(full, part, s.top_n),
+                                                        score_records(run.scores, part, s.top_n))
+    if base_name == "trained+retrieval":
+        w = float(adapter_meta(adapter).get("retrieval_weight", 0.0))
+        report["retrieval_weight"] = w
+        run.scores = [fuse_scores(sc, c.cosine, w) for sc, c in zip(run.scores, part)]
+
+
+def record_ranking(ev: Evaluation, run: SystemRun, part: Sequence[Candidates]) -> None:
+    """A system's ranking metrics (with intervals) in the report; a codec system's agreement with
+    its exact-KV run; retrieval's metrics on the subset too, for paired comparisons."""
+    name, s, report = run.name, ev.s, ev.report
+    base_name, _, codec = name.partition("@")
+    per_question = ranking_per_question(run, part)
+    metrics = with_intervals(per_question) | {"questions": len(part)}
+    report["systems"][name] = {"ranking": metrics, "seconds": run.seconds,
+                               "seconds_per_question": run.seconds / max(1, len(part))}
+    if codec:  # against the exact-KV run of the same system, question by question
+        exact = ev.runs[base_name]
+        report["codec_check"][name] = agreement(score_records(exact.scores, part, s.top_n),
+                                                score_records(run.scores, part, s.top_n)) | paired_differences(
+            per_question, ranking_per_question(exact, part), ["ndcg@10"], "minus_exact")
+    log.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items() if not k.endswith("_ci95")})
+    if name == "retrieval":  # same questions, for a paired comparison with subset systems
+        report["systems"][name]["ranking_subset"] = ranking_summary(
+            SystemRun(name, run.scores[:ev.subset]), ev.cands[:ev.subset])
+
+
+def load_trained_reader_model(ev: Evaluation) -> None:
+    """Every trained score came from --scores-from: the model still reads (and scores what is new)."""
+    from hyperrag.model.loading import load_llm
+
+    s = ev.s
+    ev.trained_llm = ev.trained_llm or load_llm(s.model, s.cache_dir, s.device, s.dtype, adapter=ev.adapter,
+                                                cpu_linear=s.cpu_linear)
+    ev.trained_reranker = ev.make_reranker(ev.trained_llm)
+
+
+def generate_rows(ev: Evaluation) -> None:
+    """``--generate``: the traditional generator's answers from each wanted system's top-n."""
+    from tqdm import tqdm
+
+    from hyperrag.rag.generate import Generator
+
+    args, s, cands, by_id = ev.args, ev.s, ev.cands, ev.by_id
+    generator = Generator(ev.base, s.max_new_tokens, s.max_doc_tokens, streams=s.cpu_streams)
+    ev.report["generator_template"] = asdict(generator.prompt.template)
+    cache: dict = {}
+    n = min(args.generate, len(cands))
+    wanted = {x.strip() for x in args.generate_systems.split(",") if x.strip()} or set(ev.runs)
+    for name, run in ev.runs.items():
+        if len(run.scores) >= n and name in wanted:
+            bar = tqdm(total=n, desc=f"generator {name}", mininterval=10)
+            ev.answered[f"{name}+generator"] = generate_answers(generator, SystemRun(name, run.scores[:n]), cands[:n],
+                                                                by_id, s.top_n, cache, lambda i, t: bar.update(1))
+            bar.close()
+
+
+def read_rows(ev: Evaluation) -> tuple[Reader, dict[str, list[Reading]]]:
+    """``--read``: the reader's answers from the top-n of each read system (``oracle``: the gold
+    paragraph); returns the reader and its readings, which ``--unanswerable`` goes on from."""
+    from tqdm import tqdm
+
+    from hyperrag.rag.runtime import load_reader
+
+    args, s, cands, by_id, runs = ev.args, ev.s, ev.cands, ev.by_id, ev.runs
+    readings: dict[str, list[Reading]] = {}
+    if ev.trained_reranker is None:
+        raise SystemExit("--read needs a trained system (trained or trained+retrieval) in --systems")
+    reader = load_reader(s.replace(abstain_threshold=0.0), ev.trained_reranker)  # answers as without declining
+    ev.report["reader"] = {"span": reader.span, "selection_weight": reader.selection_weight}
+    n = min(args.read, len(cands))
+    read_systems = [x.strip() for x in args.read_systems.split(",") if x.strip()]
+    if not read_systems:
+        read_systems = [x for x in DEFAULT_READ if x == "oracle" or x in runs]
+    for name in read_systems:
+        run = None if name == "oracle" else runs.get(name)
+        if name != "oracle" and (run is None or len(run.scores) < n):
+            raise SystemExit(f"--read-systems: {name!r} is not among the ranked systems {sorted(runs)}")
+        bar = tqdm(total=n, desc=f"reader {name}", mininterval=10)
+        codec = name.partition("@")[2]
+        source = ev.codec_source(codec) if codec else ev.trained_kv  # a codec system reads its codec's KV
+        readings[name] = read_answers(reader, run, cands[:n], by_id, s.top_n, source, lambda i, t: bar.update(1),
+                                      calibrated=name == CALIBRATED)
+        ev.answered[f"{name}+reader"] = [r.answer for r in readings[name]]
         bar.close()
-        report["abstain"] = {"system": CALIBRATED, "fraction": args.unanswerable}
-        report["abstain_records"] = records
+    return reader, readings
+
+
+def unanswerable_records(ev: Evaluation, reader: Reader | None, readings: dict[str, list[Reading]]) -> None:
+    """``--unanswerable``: a fraction of the read questions made unanswerable (see the module's
+    docstring), ranked and read again; one abstain record per read question in the report."""
+    from tqdm import tqdm
+
+    from hyperrag.model.loading import adapter_meta
+
+    args, s, index, cands, by_id, runs = ev.args, ev.s, ev.index, ev.cands, ev.by_id, ev.runs
+    trained_reranker, trained_kv = ev.trained_reranker, ev.trained_kv
+    if CALIBRATED not in readings or trained_reranker is None:
+        raise SystemExit(f"--unanswerable needs {CALIBRATED} ranked in this process and read (--read N)")
+    n = len(readings[CALIBRATED])
+    chosen = pick_unanswerable(n, args.unanswerable, s.seed)
+    w = float(adapter_meta(ev.adapter).get("retrieval_weight", 0.0))
+    records = []
+    bar = tqdm(total=len(chosen), desc="unanswerable", mininterval=10)
+    for i, c in enumerate(cands[:n]):
+        if i not in chosen:
+            records.append(abstain_record(readings[CALIBRATED][i], runs[CALIBRATED].scores[i], c, False, s.top_n,
+                                          c.doc_ids))
+            continue
+        u = without_gold(index, c, s.top_k, by_id)
+        known = dict(zip(c.doc_ids, runs[CALIBRATED].scores[i]))  # a pair's score does not depend on the others
+        new = [j for j, d in enumerate(u.doc_ids) if d not in known]
+        if new:
+            raw = trained_reranker.score(c.question, [by_id[u.doc_ids[j]].text for j in new], args.mode,
+                                         trained_kv if args.mode == "reuse" else None).scores
+            known |= dict(zip([u.doc_ids[j] for j in new], fuse_scores(raw, [u.cosine[j] for j in new], w)))
+        scores = [known[d] for d in u.doc_ids]
+        top = ranked_order(scores)[: s.top_n]
+        reading = reader.read(c.question, [by_id[u.doc_ids[j]].text for j in top], [scores[j] for j in top], "kv",
+                              trained_kv)
+        records.append(abstain_record(reading, scores, u, True, s.top_n, u.doc_ids))
+        bar.update(1)
+    bar.close()
+    ev.report["abstain"] = {"system": CALIBRATED, "fraction": args.unanswerable}
+    ev.report["abstain_records"] = records
+
+
+def answer_rows(ev: Evaluation) -> None:
+    """Each answer row's EM/F1 with intervals in the report, paired against retrieval-only RAG,
+    against the reader over the retriever's order, and a codec's reading against exact KV."""
+    s, cands, answered, report = ev.s, ev.cands, ev.answered, ev.report
     reference = answered.get("retrieval+generator")  # retrieval-only RAG: what the others are paired against
     reader_reference = answered.get("retrieval+reader")  # the same reader over the retriever's order
     for row, answers in answered.items():
@@ -608,11 +731,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
             entry["same_answer_as_exact"] = sum(a == b for a, b in zip(answers, answered[exact_row])) / max(1, len(answers))
         report.setdefault("answers", {})[row] = entry
         log.info("%s: EM %.3f F1 %.3f", row, entry["em"], entry["f1"])
+
+
+def finish(ev: Evaluation) -> dict:
+    """Per-question scores and answers, the calibration and abstain sections, the printed table,
+    and the record written to ``--json``."""
+    from hyperrag.rag.calibration import load_trust
+
+    args, s, report, adapter = ev.args, ev.s, ev.report, ev.adapter
     report["per_question"] = [
         {"qid": c.qid, "gold": c.gold, "doc_ids": c.doc_ids, "cosine": c.cosine,
-         "scores": {name: run.scores[i] for name, run in runs.items() if i < len(run.scores)},
-         "answers": {row: answers[i] for row, answers in answered.items() if i < len(answers)}}
-        for i, c in enumerate(cands)
+         "scores": {name: run.scores[i] for name, run in ev.runs.items() if i < len(run.scores)},
+         "answers": {row: answers[i] for row, answers in ev.answered.items() if i < len(answers)}}
+        for i, c in enumerate(ev.cands)
     ]
     trust = load_trust(adapter) if adapter else None  # fitted for the fused score with the adapter's weight
     measure_trust(report, trust, s.abstain_threshold)

@@ -588,9 +588,7 @@ LATER_KEYS = {"first_article": 0, "compute": "float32"}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from tqdm import tqdm
-
-    from hyperrag.model.loading import check_adapter, load_embedder, resolve_model, weights_hash
+    from hyperrag.model.loading import load_embedder
     from hyperrag.common.settings import existing_folder
 
     args = build_parser().parse_args(argv)
@@ -606,6 +604,46 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ckpt = out / "checkpoint"
     t_start = time.perf_counter()
 
+    source, base_model, model_hash = base_model_source(args)
+    config = {k: getattr(args, k) for k in CONFIG_KEYS}  # what a resumed checkpoint must match
+    model = build_model(args, source.folder, base_model)
+    template, prompt, score_vec = score_head(model, source.folder, args)
+
+    embedder = load_embedder("all-minilm-l6-v2", args.cache_dir, "cpu")
+    t_data = time.perf_counter()
+    data = prepare_data(args, prompt, embedder)
+    data_s = time.perf_counter() - t_data
+    log.info("data: %d articles, %d paragraphs, %d usable questions, %d anchors mined (%.0fs)",
+             len(data.articles), len(data.texts), sum(len(v) for v in data.by_doc.values()), len(data.anchors), data_s)
+
+    params, optimizer, step, history, resumed_from = resume_optimizer(args, model, ckpt, config)
+    step = train_steps(args, model, prompt, score_vec, data, params, optimizer, step, history, ckpt, config)
+    train_s = sum(r["seconds"] for r in history)
+    save_adapter(model, out, base_model)
+    summary = {
+        "base_model": base_model, "engine_model_id": args.model,
+        "model_hash": model_hash, "license": source.license or "see the base model",
+        "data": "SQuAD v1.1 train (CC BY-SA 4.0)", "train_articles": data.articles,
+        "train_paragraphs": len(data.texts), "val_articles": data.val_articles,
+        "hyperparameters": {**config, "steps": args.steps}, "steps": step, "resumed_from_step": resumed_from,
+        "train_seconds": round(train_s, 1), "data_seconds": round(data_s, 1),
+        "pairs_seen": sum(r["pairs"] for r in history),
+        "questions_seen": sum(r.get("questions", args.questions) for r in history),
+        "loss_curve": loss_curve(history), "template_digest": template.digest,
+    }
+    if not args.no_check:
+        summary["check"] = check_against_reranker(args, model, prompt, score_vec, data, out)
+        log.info("check: %s", summary["check"])
+    summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    return record_validation(args, out, summary, embedder)
+
+
+def base_model_source(args):
+    """The base model's folder, public name and weights hash, refused early when it cannot be
+    trained (an init adapter made for other weights, a final logit soft cap); fills in the LoRA
+    targets of its family when ``--targets`` is not given."""
+    from hyperrag.model.loading import check_adapter, resolve_model, weights_hash
+
     source = resolve_model(args.model, args.cache_dir)
     base_model = source.base_model or args.model
     model_hash = weights_hash(source.folder, args.cache_dir)
@@ -615,24 +653,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if model_config.get("final_logit_softcapping"):  # the score is a difference of two linear logits
         raise SystemExit(f"{args.model}: training a model with a final logit soft cap is not supported")
     args.targets = args.targets or lora_targets(model_config["model_type"])
-    config = {k: getattr(args, k) for k in CONFIG_KEYS}  # what a resumed checkpoint must match
-    model = build_model(args, source.folder, base_model)
+    return source, base_model, model_hash
+
+
+def score_head(model, folder: Path, args) -> tuple[RerankTemplate, RerankPrompt, torch.Tensor]:
+    """The reranker's template and prompt for this tokenizer, and the score direction: the LM
+    head's Yes row minus its No row (the score is logit(yes) - logit(no))."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     template = RerankTemplate.for_tokenizer(tokenizer)
     prompt = RerankPrompt(tokenizer, template, args.max_doc_tokens, 64)
     lm = model.get_base_model()
     head = lm.lm_head.weight.detach()
     score_vec = (head[prompt.yes_id] - head[prompt.no_id]).clone()
+    return template, prompt, score_vec
 
-    embedder = load_embedder("all-minilm-l6-v2", args.cache_dir, "cpu")
-    t_data = time.perf_counter()
-    data = prepare_data(args, prompt, embedder)
-    data_s = time.perf_counter() - t_data
-    log.info("data: %d articles, %d paragraphs, %d usable questions, %d anchors mined (%.0fs)",
-             len(data.articles), len(data.texts), sum(len(v) for v in data.by_doc.values()), len(data.anchors), data_s)
 
+def resume_optimizer(args, model, ckpt: Path, config: dict):
+    """The trainable LoRA parameters and their optimizer, at the checkpoint's step when there is
+    one (``--fresh`` removes it first): (params, optimizer, step, history, resumed_from)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     step, history, resumed_from = 0, [], 0
@@ -644,7 +684,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         log.info("resumed from %s at step %d", ckpt, step)
     n_params = sum(p.numel() for p in params)
     log.info("LoRA: %d trainable parameters (rank %d, top %s layers)", n_params, args.rank, args.lora_layers or "all")
+    return params, optimizer, step, history, resumed_from
 
+
+def train_steps(args, model, prompt: RerankPrompt, score_vec: torch.Tensor, data: TrainData, params, optimizer,
+                step: int, history: list[dict], ckpt: Path, config: dict) -> int:
+    """Optimizer steps from ``step`` to ``--steps``, one group each, appending a record per step
+    to ``history`` and checkpointing every ``--save-every`` steps; returns the last step."""
+    from tqdm import tqdm
+
+    lm = model.get_base_model()
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="train", mininterval=5)
     while step < args.steps:
@@ -674,9 +723,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if step % args.save_every == 0 or step == args.steps:
             save_checkpoint(ckpt, model, optimizer, step, history, config)
     bar.close()
-    train_s = sum(r["seconds"] for r in history)
+    return step
 
-    # The adapter itself (merged by hyperrag.model.loading.load_llm at inference).
+
+def save_adapter(model, out: Path, base_model: str) -> None:
+    """The adapter itself (merged by hyperrag.model.loading.load_llm at inference), beside our own
+    model card."""
     model.eval()
     card = (out / "README.md").read_bytes() if (out / "README.md").exists() else None
     model.save_pretrained(out)
@@ -685,22 +737,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config_file = out / "adapter_config.json"  # name the public base model, not this machine's cache path
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
                                        "base_model_name_or_path": base_model}, indent=2, sort_keys=True))
-    summary = {
-        "base_model": base_model, "engine_model_id": args.model,
-        "model_hash": model_hash, "license": source.license or "see the base model",
-        "data": "SQuAD v1.1 train (CC BY-SA 4.0)", "train_articles": data.articles,
-        "train_paragraphs": len(data.texts), "val_articles": data.val_articles,
-        "hyperparameters": {**config, "steps": args.steps}, "steps": step, "resumed_from_step": resumed_from,
-        "train_seconds": round(train_s, 1), "data_seconds": round(data_s, 1),
-        "pairs_seen": sum(r["pairs"] for r in history),
-        "questions_seen": sum(r.get("questions", args.questions) for r in history),
-        "loss_curve": loss_curve(history), "template_digest": template.digest,
-    }
-    if not args.no_check:
-        summary["check"] = check_against_reranker(args, model, prompt, score_vec, data, out)
-        log.info("check: %s", summary["check"])
-    summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    return record_validation(args, out, summary, embedder)
 
 
 def record_validation(args, out: Path, summary: dict, embedder) -> dict:

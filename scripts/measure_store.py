@@ -39,7 +39,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from hyperrag.data.corpus import load_corpus
-    from hyperrag.kv.codec import CODECS
+    from hyperrag.kv.codec import CODECS, get_codec
     from hyperrag.kv.planner import KVGeometry, plan_corpus
     from hyperrag.kv.store import KVStore
     from hyperrag.model.loading import load_embedder
@@ -68,7 +68,7 @@ def main() -> None:
     try:
         # -- precompute (into fs://, fp32 so the exact KV can be read back for the codec table) --
         pre_url = f"fs://{tmp / 'pre'}"
-        store = KVStore(pre_url, "fp32", reranker.kv_identity, hot_cache_gb=0)
+        store = KVStore(pre_url, get_codec("fp32"), reranker.kv_identity, hot_cache_gb=0)
         report = precompute(reranker, store, union)
         store.close()
         out["precompute"] = {"docs": report.encoded, "seconds": report.seconds, "docs_per_s": report.docs_per_s,
@@ -77,7 +77,7 @@ def main() -> None:
         print(f"\nprecompute: {report.encoded} docs in {report.seconds:.1f} s = {report.docs_per_s:.2f} docs/s, "
               f"{report.tokens / report.seconds:.0f} tokens/s (model {report.encode_seconds:.1f} s), "
               f"{report.bytes / 1e6:.0f} MB as fp32", flush=True)
-        store = KVStore(pre_url, "fp32", reranker.kv_identity, hot_cache_gb=0)
+        store = KVStore(pre_url, get_codec("fp32"), reranker.kv_identity, hot_cache_gb=0)
         kvs = {}
         for text in union:  # exact fp32 KV, read back through the store
             kvs[text] = torch.empty(KVGeometry.of(reranker).shape(reranker.doc_tokens(text)))
@@ -94,8 +94,8 @@ def main() -> None:
         geometry = KVGeometry.of(reranker)
         rows = []
         for name, codec in CODECS.items():
-            mem = KVStore("memory://", name, reranker.kv_identity,
-                          hot_cache_gb=plan_corpus(reranker, union, name).total_bytes * 1.2 / 2**30 + 0.1)
+            mem = KVStore("memory://", codec, reranker.kv_identity,
+                          hot_cache_gb=plan_corpus(reranker, union, codec).total_bytes * 1.2 / 2**30 + 0.1)
             for text, kv in kvs.items():
                 mem.put(text, kv)
             diffs, same, top3 = [], 0, 0
@@ -114,7 +114,7 @@ def main() -> None:
             for _ in range(20):
                 codec.decode_into(payload, tuple(sample.shape), target)
             decode_ms = (time.perf_counter() - t0) / 20 * 1e3
-            plan = plan_corpus(reranker, union, name)
+            plan = plan_corpus(reranker, union, codec)
             rows.append({"codec": name, "spec": codec.spec, "bytes_per_token": plan.bytes_per_token,
                          "payload_bytes_per_token_256": codec.bytes_per_token(geometry.layers, geometry.kv_heads, geometry.head_dim),
                          "max_score_err": max(diffs), "mean_score_err": sum(diffs) / len(diffs),
@@ -150,13 +150,14 @@ def main() -> None:
             return time.perf_counter() - t0, st.stats.load_bytes - nbytes0
 
         loads = []
-        hot_gb = plan_corpus(reranker, union, "fp32").total_bytes * 1.2 / 2**30 + 0.1
+        hot_gb = plan_corpus(reranker, union, get_codec("fp32")).total_bytes * 1.2 / 2**30 + 0.1
         for scheme, codec in [("fs", "fp16"), ("lm", "fp16"), ("redis", "fp16"), ("memory", "fp16"),
                               ("fs", "fp32"), ("fs", "int8"), ("fs", "int4")]:
             if scheme not in urls:
                 continue
             url = urls[scheme] if scheme != "fs" else f"{urls['fs']}-{codec}"
-            writer = KVStore(url, codec, reranker.kv_identity, hot_cache_gb=hot_gb if scheme == "memory" else 0)
+            stored = get_codec(codec)
+            writer = KVStore(url, stored, reranker.kv_identity, hot_cache_gb=hot_gb if scheme == "memory" else 0)
             t0 = time.perf_counter()
             for text in fits:
                 writer.put(text, kvs[text])
@@ -169,10 +170,10 @@ def main() -> None:
                 writer.close()
             else:
                 writer.close()
-                cold = KVStore(url, codec, reranker.kv_identity, hot_cache_gb=0)
+                cold = KVStore(url, stored, reranker.kv_identity, hot_cache_gb=0)
                 cold_s, cold_b = load_all(cold)
                 cold.close()
-                hot = KVStore(url, codec, reranker.kv_identity, hot_cache_gb=hot_gb)
+                hot = KVStore(url, stored, reranker.kv_identity, hot_cache_gb=hot_gb)
                 load_all(hot)  # first pass promotes into the CPU tier
                 hot_s, hot_b = load_all(hot)
                 hot.close()

@@ -114,7 +114,7 @@ def test_scores_per_codec_within_bounds(reranker, real_batch):
     rank = lambda s: sorted(range(len(s)), key=lambda i: -s[i])  # noqa: E731
     measured = {}
     for name in CODECS:
-        store = KVStore("memory://", name, reranker.kv_identity, hot_cache_gb=0.25)
+        store = KVStore("memory://", CODECS[name], reranker.kv_identity, hot_cache_gb=0.25)
         try:
             for text, kv in kvs.items():
                 store.put(text, kv)

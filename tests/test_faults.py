@@ -30,6 +30,7 @@ import torch
 
 from hyperrag.rag.rerank import FP32_SCORE_BOUND
 
+from hyperrag.kv.codec import get_codec
 from hyperrag.kv.frame import content_address, frame
 from hyperrag.kv.store import KVStore
 from tests.conftest import write_jsonl
@@ -63,7 +64,7 @@ def make_store(reranker):
     made = []
 
     def make(url, codec="fp32", **kw) -> KVStore:
-        store = KVStore(url, codec, reranker.kv_identity, **{**FAST, **kw})
+        store = KVStore(url, get_codec(codec), reranker.kv_identity, **{**FAST, **kw})
         made.append(store)
         return store
 
@@ -263,7 +264,7 @@ def foreign_entry(store, docs, kvs, kind):
     if kind == "another document's entry":
         return framed(store, store.address(other), kvs[other])
     if kind == "another codec's entry":
-        int8 = KVStore("memory://", "int8", store.identity, hot_cache_gb=0.01)
+        int8 = KVStore("memory://", get_codec("int8"), store.identity, hot_cache_gb=0.01)
         try:
             return framed(int8, address, kv)
         finally:
@@ -463,7 +464,7 @@ def test_precompute_warns_before_it_starts_when_the_disk_is_too_small(tmp_path, 
 
     texts = ["A first document about rivers.", "A second one, about mountains and their glaciers."]
     store = make_store(f"fs://{tmp_path / 'kv'}", codec="fp16")
-    need = plan_corpus(reranker, texts, "fp16").total_bytes
+    need = plan_corpus(reranker, texts, get_codec("fp16")).total_bytes
     assert len(plan_lines(reranker, texts, store)) == 1  # this disk has room
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * need, 10 * need - 1000, 1000))
     plan, warning = plan_lines(reranker, texts, store)

@@ -83,6 +83,7 @@ def test_one_store_two_models_nothing_served_across(folders, cache_dir, tmp_path
     miss and is encoded anew; a's entries are still there for a."""
     import shutil
 
+    from hyperrag.kv.codec import get_codec
     from hyperrag.kv.store import KVStore
     from hyperrag.rag.precompute import precompute
     from hyperrag.rag.rerank import Reranker
@@ -99,7 +100,7 @@ def test_one_store_two_models_nothing_served_across(folders, cache_dir, tmp_path
             shutil.rmtree(path)
             shutil.copytree(folders["a"], path)
         reranker = Reranker(load_llm(str(path), cache_dir, **FAST), batch_size=4)
-        store = KVStore(url, "fp32", reranker.kv_identity, hot_cache_gb=0, timeout_s=5)
+        store = KVStore(url, get_codec("fp32"), reranker.kv_identity, hot_cache_gb=0, timeout_s=5)
         try:
             reports[name] = precompute(reranker, store, TEXTS)
             store.flush()

@@ -67,6 +67,7 @@ def test_trained_reranker_scores_gold_above_negatives(trained_reranker, dev):
 
 
 def test_store_key_changes_with_the_adapter(llm, trained_llm, tmp_path):
+    from hyperrag.kv.codec import get_codec
     from hyperrag.kv.frame import content_address
     from hyperrag.model.loading import adapter_hash
     from hyperrag.model.prompts import RerankTemplate
@@ -77,9 +78,9 @@ def test_store_key_changes_with_the_adapter(llm, trained_llm, tmp_path):
     def identity(fingerprint: str) -> str:  # what Reranker.kv_identity builds from an LLM's fingerprint
         return f"{fingerprint}|torch.float32|{RerankTemplate().digest}|448"
 
-    text = "The Normans gave their name to Normandy."
-    base_key = content_address(identity(llm.fingerprint), "fp16", text)
-    trained_key = content_address(identity(trained_llm.fingerprint), "fp16", text)
+    text, fp16 = "The Normans gave their name to Normandy.", get_codec("fp16")
+    base_key = content_address(identity(llm.fingerprint), fp16, text)
+    trained_key = content_address(identity(trained_llm.fingerprint), fp16, text)
     assert base_key != trained_key
     # Any change to the adapter's weights changes its hash, hence every document's key.
     other = tmp_path / "adapter"
@@ -92,7 +93,7 @@ def test_store_key_changes_with_the_adapter(llm, trained_llm, tmp_path):
     save_file(weights, other / "adapter_model.safetensors")
     assert adapter_hash(other) != adapter_hash(ADAPTER)
     changed = f"{llm.fingerprint}+lora-{adapter_hash(other)}"
-    assert content_address(identity(changed), "fp16", text) != trained_key
+    assert content_address(identity(changed), fp16, text) != trained_key
 
 
 def test_reranker_identity_carries_the_fingerprint(reranker):

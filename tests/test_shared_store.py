@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from hyperrag.kv.codec import get_codec
 from hyperrag.kv.store import KVStore
 from hyperrag.rag.precompute import precompute
 from hyperrag.rag.rerank import FP32_SCORE_BOUND
@@ -28,7 +29,7 @@ def test_second_worker_finds_everything(reranker, tiny_corpus_dir, cache_dir, tm
     urls = [lm_server.url, redis_server.url]
     mine = {}
     for url in urls:  # worker A: this process
-        store = KVStore(url, "fp16", reranker.kv_identity, hot_cache_gb=0.05)
+        store = KVStore(url, get_codec("fp16"), reranker.kv_identity, hot_cache_gb=0.05)
         try:
             report = precompute(reranker, store, docs)
             assert report.complete and report.encoded == len(docs), report

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from hyperrag.kv.codec import get_codec
 from hyperrag.kv.frame import content_address
 from hyperrag.kv.store import KVStore
 from hyperrag.kv.urls import StoreError, parse_store_url, redact_url
@@ -30,7 +31,7 @@ def make_store():
 
     def make(url, codec="fp16", identity="test-identity", **kw) -> KVStore:
         kw.setdefault("hot_cache_gb", 0.05)
-        store = KVStore(url, codec, identity, **{"timeout_s": 5, "backoff_s": 1, **kw})
+        store = KVStore(url, get_codec(codec), identity, **{"timeout_s": 5, "backoff_s": 1, **kw})
         made.append(store)
         return store
 
@@ -126,11 +127,11 @@ def test_bad_urls(tmp_path):
     assert parse_store_url(f"fs://{tmp_path}/x")[1] == f"fs://host:0{tmp_path}/x"
     for bad in ("s3://bucket", "lm://nohost", "fs://", "127.0.0.1:80", "redis://host:port"):
         with pytest.raises(StoreError):
-            KVStore(bad, "fp16", "id")
+            KVStore(bad, get_codec("fp16"), "id")
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(StoreError, match="cannot create"):
-        KVStore(f"fs://{blocker}/kv", "fp16", "id")
+        KVStore(f"fs://{blocker}/kv", get_codec("fp16"), "id")
 
 
 def test_key_changes_with_model_template_codec_text_adapter(llm, tmp_path, make_store):
@@ -159,7 +160,7 @@ def test_key_changes_with_model_template_codec_text_adapter(llm, tmp_path, make_
         assert f"{llm.fingerprint}+lora-{adapter_hash(folder)}" == fingerprint
     assert len(set(variants.values())) == len(variants), variants
     text = "The Normans gave their name to Normandy."
-    addresses = {content_address(ident, c, t) for ident in variants.values()
+    addresses = {content_address(ident, get_codec(c), t) for ident in variants.values()
                  for c in ("fp16", "int8", "int4") for t in (text, text + " ")}
     assert len(addresses) == len(variants) * 3 * 2
     # And on disk: an entry written under one identity is a miss under another.
@@ -182,7 +183,7 @@ def test_precompute_resumes_and_reports(reranker, tiny_corpus_dir, tmp_path, mak
     first = precompute(reranker, store, texts[:3] + texts[:1], progress=lambda d, t: calls.append((d, t)))
     assert (first.docs, first.encoded, first.skipped, first.failed) == (3, 3, 0, 0) and first.complete
     assert calls[0] == (0, 3) and calls[-1] == (3, 3)
-    plan = plan_corpus(reranker, texts[:3], "fp16")
+    plan = plan_corpus(reranker, texts[:3], get_codec("fp16"))
     assert first.bytes == plan.total_bytes and first.tokens == plan.tokens  # the planner is exact
     second = precompute(reranker, store, texts)
     assert (second.encoded, second.skipped, second.replaced) == (2, 3, 0) and second.verified
@@ -199,19 +200,20 @@ def test_planner_matches_store(make_store):
     for name in CODECS:
         store = make_store("memory://", name)
         for tokens in (1, 31, 200):
-            assert store.put(f"d{tokens}", fake_kv(tokens, tokens)) == entry_bytes(name, g, tokens), (name, tokens)
-    plan = estimate(1000, 200, "fp16")
-    assert plan.total_bytes == 1000 * entry_bytes("fp16", g, 200)
+            assert store.put(f"d{tokens}", fake_kv(tokens, tokens)) == entry_bytes(CODECS[name], g, tokens), (name, tokens)
+    fp16, int4 = get_codec("fp16"), get_codec("int4")
+    plan = estimate(1000, 200, fp16)
+    assert plan.total_bytes == 1000 * entry_bytes(fp16, g, 200)
     assert 23040 < plan.bytes_per_token < 23050 and "1,000 docs" in plan.human()
-    ragged = estimate(3, [10, 20, 20], "int4")
-    assert ragged.tokens == 50 and ragged.max_doc_bytes == entry_bytes("int4", g, 20)
+    ragged = estimate(3, [10, 20, 20], int4)
+    assert ragged.tokens == 50 and ragged.max_doc_bytes == entry_bytes(int4, g, 20)
     table = {p.codec: p.bytes_per_token for p in codec_table(100, 256)}
     assert table["fp32"] > table["fp16"] > table["int8"] > table["int4"]
     assert table["fp16"] / table["int4"] > 3
     with pytest.raises(ValueError):
-        estimate(2, [10], "fp16")
+        estimate(2, [10], fp16)
     with pytest.raises(ValueError, match="no KV geometry"):
-        estimate(1, 10, "fp16", model="gpt-9")
+        estimate(1, 10, fp16, model="gpt-9")
 
 
 def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
@@ -237,7 +239,7 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     settings = Settings.from_env(store_url=f"fs://{tmp_path / 'kv'}", codec="fp16", memory_budget_gb=0.0)
     assert settings.hot_cache_gb == -1
     texts = [d.text for d in load_corpus(settings.corpus).docs]  # the shipped corpus, ~1.2 GB in fp16
-    need = plan_corpus(reranker, texts, "fp16").total_bytes / gib
+    need = plan_corpus(reranker, texts, get_codec("fp16")).total_bytes / gib
     store = open_store(settings, reranker, texts)
     try:
         assert store.hot_cache_gb == pytest.approx(hot_tier_gb(need * gib)) and store.hot_cache_gb >= min(need, memory_bytes() / 4 / gib)

@@ -21,7 +21,7 @@ from typing import Sequence
 import google_crc32c
 import torch
 
-from hyperrag.kv.codec import Codec, get_codec
+from hyperrag.kv.codec import Codec
 
 MAGIC = b"HRKV\x02"
 ALIGN = 64
@@ -29,9 +29,9 @@ _LENGTH = struct.Struct("<I")
 _HEAD = len(MAGIC) + _LENGTH.size
 
 
-def content_address(identity: str, codec: str | Codec, text: str) -> str:
+def content_address(identity: str, codec: Codec, text: str) -> str:
     """The key of a document's KV: sha256 over everything the KV depends on."""
-    spec = (get_codec(codec) if isinstance(codec, str) else codec).spec
+    spec = codec.spec
     doc = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return hashlib.sha256(f"{identity}|{spec}|{doc}".encode()).hexdigest()
 

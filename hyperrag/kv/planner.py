@@ -3,8 +3,9 @@
 What one stored document costs, what a corpus costs, and what N documents of L tokens would
 cost, per codec, before anything is computed (the app shows :func:`estimate` before precompute).
 
+    >>> from hyperrag.kv.codec import get_codec
     >>> from hyperrag.kv.planner import estimate
-    >>> plan = estimate(n_docs=10_000, doc_tokens=200, codec="fp16")   # SmolLM2-135M geometry
+    >>> plan = estimate(n_docs=10_000, doc_tokens=200, codec=get_codec("fp16"))   # SmolLM2-135M geometry
     >>> plan.total_bytes, plan.bytes_per_token, plan.human()
     (46081920000, 23040.96, '10,000 docs x 200 tokens, fp16: 46.1 GB (23,041 B/token, 4.61 MB/doc)')
 
@@ -41,7 +42,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterable, Sequence
 
-from hyperrag.kv.codec import CODECS, Codec, get_codec
+from hyperrag.kv.codec import CODECS, Codec
 from hyperrag.kv.frame import frame_bytes
 
 AUTO_TIER_MIN_GB = 0.5  # the automatic CPU tier never goes below this (room for uploaded corpora)
@@ -107,18 +108,13 @@ def geometry_for(model: str | KVGeometry) -> KVGeometry:
                      f"(known: {', '.join(KNOWN_GEOMETRY)})")
 
 
-def _codec(codec: str | Codec) -> Codec:
-    return get_codec(codec) if isinstance(codec, str) else codec
-
-
-def entry_bytes(codec: str | Codec, geometry: KVGeometry | str, tokens: int) -> int:
+def entry_bytes(codec: Codec, geometry: KVGeometry | str, tokens: int) -> int:
     """Bytes of one stored document of ``tokens`` tokens: codec payload + frame."""
     g = geometry_for(geometry)
-    c = _codec(codec)
-    return c.nbytes(g.shape(tokens)) + frame_bytes(c, g.shape(tokens))
+    return codec.nbytes(g.shape(tokens)) + frame_bytes(codec, g.shape(tokens))
 
 
-def bytes_per_token(codec: str | Codec, geometry: KVGeometry | str = "smollm2-135m", tokens: int = 256) -> float:
+def bytes_per_token(codec: Codec, geometry: KVGeometry | str = "smollm2-135m", tokens: int = 256) -> float:
     """Entry bytes per token for documents of ``tokens`` tokens (the frame amortized)."""
     return entry_bytes(codec, geometry, tokens) / tokens
 
@@ -155,21 +151,20 @@ class StorePlan:
         return {**asdict(self), "bytes_per_token": self.bytes_per_token, "bytes_per_doc": self.bytes_per_doc}
 
 
-def _plan(codec: str | Codec, geometry: KVGeometry, token_counts: Iterable[int]) -> StorePlan:
-    c = _codec(codec)
+def _plan(codec: Codec, geometry: KVGeometry, token_counts: Iterable[int]) -> StorePlan:
     counts: dict[int, int] = {}
     for n in token_counts:
         counts[n] = counts.get(n, 0) + 1
     total = payload = biggest = 0
     for n, k in counts.items():
-        size = entry_bytes(c, geometry, n)
+        size = entry_bytes(codec, geometry, n)
         total += k * size
-        payload += k * c.nbytes(geometry.shape(n))
+        payload += k * codec.nbytes(geometry.shape(n))
         biggest = max(biggest, size)
-    return StorePlan(c.name, sum(counts.values()), sum(n * k for n, k in counts.items()), total, payload, biggest)
+    return StorePlan(codec.name, sum(counts.values()), sum(n * k for n, k in counts.items()), total, payload, biggest)
 
 
-def estimate(n_docs: int, doc_tokens: int | Sequence[int], codec: str | Codec = "fp16",
+def estimate(n_docs: int, doc_tokens: int | Sequence[int], codec: Codec = CODECS["fp16"],
              model: str | KVGeometry = "smollm2-135m") -> StorePlan:
     """Store size for ``n_docs`` documents of ``doc_tokens`` tokens each (or one count per
     document: a sequence of length ``n_docs``). ``doc_tokens`` counts what is stored: the
@@ -178,16 +173,15 @@ def estimate(n_docs: int, doc_tokens: int | Sequence[int], codec: str | Codec = 
     if isinstance(doc_tokens, int):
         if n_docs < 0 or doc_tokens < 1:
             raise ValueError("need n_docs >= 0 and doc_tokens >= 1")
-        c = _codec(codec)
-        size = entry_bytes(c, g, doc_tokens)
-        return StorePlan(c.name, n_docs, n_docs * doc_tokens, n_docs * size,
-                         n_docs * c.nbytes(g.shape(doc_tokens)), size if n_docs else 0)
+        size = entry_bytes(codec, g, doc_tokens)
+        return StorePlan(codec.name, n_docs, n_docs * doc_tokens, n_docs * size,
+                         n_docs * codec.nbytes(g.shape(doc_tokens)), size if n_docs else 0)
     if len(doc_tokens) != n_docs:
         raise ValueError(f"{len(doc_tokens)} token counts for {n_docs} documents")
     return _plan(codec, g, doc_tokens)
 
 
-def plan_corpus(reranker, texts: Sequence[str], codec: str | Codec = "fp16") -> StorePlan:
+def plan_corpus(reranker, texts: Sequence[str], codec: Codec = CODECS["fp16"]) -> StorePlan:
     """Exact size of a corpus's entries: token counts from the reranker (truncation and tail
     included); duplicate texts are stored once."""
     unique = list(dict.fromkeys(texts))
@@ -195,9 +189,9 @@ def plan_corpus(reranker, texts: Sequence[str], codec: str | Codec = "fp16") -> 
 
 
 def codec_table(n_docs: int, doc_tokens: int | Sequence[int], model: str | KVGeometry = "smollm2-135m",
-                codecs: Sequence[str] | None = None) -> list[StorePlan]:
-    """:func:`estimate` for each codec (default: all), in CODECS order."""
-    return [estimate(n_docs, doc_tokens, name, model) for name in (codecs or list(CODECS))]
+                codecs: Sequence[Codec] | None = None) -> list[StorePlan]:
+    """:func:`estimate` for each codec (default: all, in CODECS order)."""
+    return [estimate(n_docs, doc_tokens, codec, model) for codec in (codecs or list(CODECS.values()))]
 
 
 def memory_bytes() -> int:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
-from hyperrag.kv.codec import Codec, get_codec
+from hyperrag.kv.codec import Codec
 from hyperrag.kv.frame import content_address, frame, unframe
 from hyperrag.kv.urls import StoreError, parse_store_url, redact_url
 
@@ -92,13 +92,13 @@ class StoreStats:
 class KVStore:
     """Per-document KV entries in LMCache. Thread-safe; every backend call bounded in time."""
 
-    def __init__(self, url: str, codec: str | Codec, identity: str, hot_cache_gb: float = 2.0,
+    def __init__(self, url: str, codec: Codec, identity: str, hot_cache_gb: float = 2.0,
                  timeout_s: float = 5.0, backoff_s: float = 10.0, retry_queue_mb: float = 256.0,
                  max_inflight_mb: float = 64.0):
         self.url = url
         self.display_url = redact_url(url)  # for messages, logs and the UI: no password
         self.scheme, self._remote_url = parse_store_url(url)
-        self.codec = get_codec(codec) if isinstance(codec, str) else codec
+        self.codec = codec
         self.identity = identity
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s

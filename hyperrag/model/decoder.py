@@ -166,35 +166,11 @@ class Decoder:
         calls over consecutive token chunks can so run at once, see :class:`LayerSync`)."""
         bsz, n_new = ids.shape
         buf = kv.tensor  # the per-layer writes and reads below index the tensor itself
-        if any(a.hi > b.lo for a, b in zip(groups, groups[1:])) or sum(g.hi - g.lo for g in groups) != bsz:
-            raise ValueError("row groups must be in order, apart, and as many rows as ids has")
-        from_zero = []  # per group: causal from column 0 (SDPA's is_causal)
-        for g in groups:
-            from_zero.append(g.mask is None and g.start == 0 and n_new > 1)
-            if g.mask is None and not from_zero[-1] and n_new > 1:
-                raise ValueError("a mask is needed for several new tokens after column 0")
-        spans, first = [], 0  # per group: its rows of ids, its rows of the buffer, new columns
-        for g in groups:
-            spans.append((slice(first, first + g.hi - g.lo), slice(g.lo, g.hi), g.start, g.start + n_new))
-            first += g.hi - g.lo
-        # Boolean masks per attention kind: None for full layers (the groups' own), and each
-        # window that can cut a key here (a window no shorter than the columns attended cannot).
-        widest = max(end for *_, end in spans)
-        windows = {w for w in self.arch.windows if w is not None and w < widest}
-        kind = [w if w in windows else None for w in self.arch.windows]  # per layer
-        bool_masks = {None: [g.mask for g in groups]}
-        for w in windows:
-            bool_masks[w] = [_windowed(_explicit(g, n_new, ids.device), pos[rows], w) for g, (rows, *_) in zip(groups, spans)]
-        masks = {w: [_additive(m, self.dtype) for m in ms] for w, ms in bool_masks.items()}
-        causal = {w: from_zero if w is None else [False] * len(groups) for w in bool_masks}
-        gqa = self.n_heads != self.n_kv_heads
-        lin, nq, nkv, scale = self.linear, self.n_heads, self.n_kv_heads, self.arch.attn_scale
+        from_zero, spans = _row_spans(groups, bsz, n_new)
+        kind, bool_masks, masks, causal = self._attention_masks(groups, spans, from_zero, pos, n_new)
+        lin, nq, nkv = self.linear, self.n_heads, self.n_kv_heads
         x = self.body.embed_tokens(ids)
-        if self.family.rope_per_layer_type:  # Gemma 3: local and global layers rotate by their own bases
-            rope = {t: self.body.rotary_emb(x, pos, t) for t in set(self.arch.layer_types)}
-            rope_of = self.arch.layer_types
-        else:
-            rope, rope_of = {None: self.body.rotary_emb(x, pos)}, [None] * self.n_layers
+        rope, rope_of = self._rope_tables(x, pos)
         last = len(self.body.layers) - 1
         for i, layer in enumerate(self.body.layers):
             attn, mlp, norms = layer.self_attn, layer.mlp, self.norms[i]
@@ -221,13 +197,7 @@ class Decoder:
                 buf[i, 1, kv_rows, :, begin:end] = v[rows]
             if after_kv is not None:
                 after_kv(i)
-            outs = []
-            for (rows, kv_rows, _, end), mask, is_causal in zip(spans, masks[kind[i]], causal[kind[i]]):
-                outs.append(F.scaled_dot_product_attention(
-                    q[rows], buf[i, 0, kv_rows, :, :end], buf[i, 1, kv_rows, :, :end],
-                    attn_mask=mask, is_causal=is_causal, enable_gqa=gqa, scale=scale,
-                ))
-            o = outs[0] if len(outs) == 1 else torch.cat(outs)
+            o = self._attend(q, buf[i], spans, masks[kind[i]], causal[kind[i]])
             a = lin(o.transpose(1, 2).reshape(bsz, -1, nq * self.head_dim), attn.o_proj)
             x = x + (a if norms.attn_out is None else self._norm(a, norms.attn_out))
             h = self._norm(x, norms.mlp_in)
@@ -236,6 +206,41 @@ class Decoder:
         if out_index is not None:
             x = x[:, -1] if x.shape[1] == 1 else x[torch.arange(bsz, device=x.device), out_index]
         return self._norm(x, self.final_norm)
+
+    def _attention_masks(self, groups: Sequence[RowGroup], spans: list, from_zero: list[bool], pos: torch.Tensor,
+                         n_new: int) -> tuple[list, dict, dict, dict]:
+        """Per layer, its attention kind; per kind, the groups' boolean masks, the additive masks
+        SDPA gets and whether each group is causal from column 0. Built once per forward, not per
+        layer; kinds are None for full layers (the groups' own masks) and each window that can cut
+        a key here (a window no shorter than the columns attended cannot)."""
+        widest = max(end for *_, end in spans)
+        windows = {w for w in self.arch.windows if w is not None and w < widest}
+        kind = [w if w in windows else None for w in self.arch.windows]  # per layer
+        bool_masks = {None: [g.mask for g in groups]}
+        for w in windows:
+            bool_masks[w] = [_windowed(_explicit(g, n_new, pos.device), pos[rows], w) for g, (rows, *_) in zip(groups, spans)]
+        masks = {w: [_additive(m, self.dtype) for m in ms] for w, ms in bool_masks.items()}
+        causal = {w: from_zero if w is None else [False] * len(groups) for w in bool_masks}
+        return kind, bool_masks, masks, causal
+
+    def _rope_tables(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[dict, Sequence]:
+        """(cos, sin) per rotary kind, and each layer's kind: one table for most families; Gemma 3's
+        local and global layers rotate by their own bases."""
+        if self.family.rope_per_layer_type:
+            return {t: self.body.rotary_emb(x, pos, t) for t in set(self.arch.layer_types)}, self.arch.layer_types
+        return {None: self.body.rotary_emb(x, pos)}, [None] * self.n_layers
+
+    def _attend(self, q: torch.Tensor, layer_kv: torch.Tensor, spans: list, masks: list, causal: list[bool]) -> torch.Tensor:
+        """Attention of one layer, group by group (each over its own buffer rows and columns),
+        the groups' outputs back in row order."""
+        outs = []
+        for (rows, kv_rows, _, end), mask, is_causal in zip(spans, masks, causal):
+            outs.append(F.scaled_dot_product_attention(
+                q[rows], layer_kv[0, kv_rows, :, :end], layer_kv[1, kv_rows, :, :end],
+                attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_heads != self.n_kv_heads,
+                scale=self.arch.attn_scale,
+            ))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _heads(self, h: torch.Tensor, proj: torch.nn.Linear, n: int, norm: torch.Tensor | None = None) -> torch.Tensor:
         """``proj(h)`` as ``n`` heads [B, n, T, head_dim], each RMS-normed by ``norm`` when given (q/k norms)."""
@@ -305,6 +310,24 @@ def hadamard(n: int) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return (h / math.sqrt(n)).float()
+
+
+def _row_spans(groups: Sequence[RowGroup], bsz: int, n_new: int) -> tuple[list[bool], list]:
+    """Check that ``groups`` take the ``bsz`` rows of ids in order; return, per group, whether it
+    is causal from column 0 (SDPA's is_causal) and its span: rows of ids, rows of the buffer,
+    and the columns its new tokens go to."""
+    if any(a.hi > b.lo for a, b in zip(groups, groups[1:])) or sum(g.hi - g.lo for g in groups) != bsz:
+        raise ValueError("row groups must be in order, apart, and as many rows as ids has")
+    from_zero = []  # per group: causal from column 0 (SDPA's is_causal)
+    for g in groups:
+        from_zero.append(g.mask is None and g.start == 0 and n_new > 1)
+        if g.mask is None and not from_zero[-1] and n_new > 1:
+            raise ValueError("a mask is needed for several new tokens after column 0")
+    spans, first = [], 0  # per group: its rows of ids, its rows of the buffer, new columns
+    for g in groups:
+        spans.append((slice(first, first + g.hi - g.lo), slice(g.lo, g.hi), g.start, g.start + n_new))
+        first += g.hi - g.lo
+    return from_zero, spans
 
 
 def _explicit(g: RowGroup, n_new: int, device: torch.device) -> torch.Tensor:

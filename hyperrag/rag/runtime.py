@@ -162,11 +162,11 @@ def open_store(settings: Settings, reranker: Reranker, texts: Sequence[str] = ()
     store starts degraded (warning kept on it), reconnects every ``2 x store_timeout_s`` and
     writes what was computed meanwhile. Only a store that cannot be used at all (bad URL,
     folder that cannot be created) falls back to an in-process one, with a warning."""
+    codec = codec_for(settings.codec, settings.kv_rounding, reranker, settings.cache_dir)
     hot_gb = settings.hot_cache_gb
     if hot_gb < 0:
-        hot_gb = planner.hot_tier_gb(planner.plan_corpus(reranker, texts, settings.codec).total_bytes,
+        hot_gb = planner.hot_tier_gb(planner.plan_corpus(reranker, texts, codec).total_bytes,
                                      room_gb=planner.budget_room_gb(settings.memory_budget_gb))
-    codec = codec_for(settings.codec, settings.kv_rounding, reranker, settings.cache_dir)
     try:
         return KVStore(settings.store_url, codec, reranker.kv_identity, hot_gb,
                        settings.store_timeout_s, backoff_s=max(1.0, 2 * settings.store_timeout_s))

@@ -78,6 +78,21 @@ def create_app(service: Service, token: str = "") -> FastAPI:
     s = service.settings
     app = FastAPI(title="HyperRAG", description="Decoder reranking with per-document KV reuse: the Cohere / Jina / "
                   "vLLM / TEI rerank APIs and an answer API; document KV found in the store by content.")
+    _add_error_replies(app)
+    _add_rerank_routes(app, service)
+    _add_answer_route(app, service)
+    _add_status_routes(app, service)
+    # Outermost last: every reply is measured, then the token is checked, then the body's size.
+    app.add_middleware(BodyLimit, max_bytes=int(s.serve_max_body_mb * 2**20))
+    if token:
+        app.add_middleware(BearerToken, token=token)
+    app.add_middleware(_Measured, metrics=service.metrics, replica=service.replica)
+    return app
+
+
+def _add_error_replies(app: FastAPI) -> None:
+    """Every refusal as ``{"error": message}`` with its status: 422 for what the client can fix,
+    501 without a reader, 429 (with Retry-After) when the batcher's queue is full."""
 
     @app.exception_handler(RequestValidationError)
     async def malformed(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -99,24 +114,35 @@ def create_app(service: Service, token: str = "") -> FastAPI:
     async def busy(_: Request, err: Busy) -> JSONResponse:
         return JSONResponse({"error": str(err)}, status_code=429, headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    def checked(texts: list[str]) -> list[str]:
-        if len(texts) > s.serve_max_documents:
-            raise ClientError(f"{len(texts)} documents sent; at most {s.serve_max_documents} per request "
-                              "(setting serve_max_documents): split them into several requests")
-        service.metrics.documents.observe(len(texts))
-        return texts
 
-    async def done(job: Job) -> tuple[object, dict[str, float]]:
-        result = await asyncio.wrap_future(job.future)
-        return result, {"queue": job.queue_s}
+def _checked(service: Service, texts: list[str]) -> list[str]:
+    """The request's documents, refused (422) beyond ``serve_max_documents`` and counted."""
+    s = service.settings
+    if len(texts) > s.serve_max_documents:
+        raise ClientError(f"{len(texts)} documents sent; at most {s.serve_max_documents} per request "
+                          "(setting serve_max_documents): split them into several requests")
+    service.metrics.documents.observe(len(texts))
+    return texts
 
-    async def ranked(query: str, texts: list[str]) -> tuple[schemas.RerankMeta, object, float]:
-        t0 = time.perf_counter()
-        ranking, timings = await done(service.rerank(query, checked(texts)))
-        timings |= {**ranking.timings, "total": time.perf_counter() - t0}
-        meta = schemas.RerankMeta(kv_reused=ranking.kv_reused, kv_computed=ranking.kv_computed,
-                                  truncated=ranking.truncated, timings_ms=_ms(timings), warnings=ranking.warnings)
-        return meta, ranking
+
+async def _done(job: Job) -> tuple[object, dict[str, float]]:
+    """A batcher job's result, awaited without holding a thread, and how long it queued."""
+    result = await asyncio.wrap_future(job.future)
+    return result, {"queue": job.queue_s}
+
+
+async def _ranked(service: Service, query: str, texts: list[str]) -> tuple[schemas.RerankMeta, object]:
+    """The documents ranked for ``query``, with the ``meta`` every rerank API reports."""
+    t0 = time.perf_counter()
+    ranking, timings = await _done(service.rerank(query, _checked(service, texts)))
+    timings |= {**ranking.timings, "total": time.perf_counter() - t0}
+    meta = schemas.RerankMeta(kv_reused=ranking.kv_reused, kv_computed=ranking.kv_computed,
+                              truncated=ranking.truncated, timings_ms=_ms(timings), warnings=ranking.warnings)
+    return meta, ranking
+
+
+def _add_rerank_routes(app: FastAPI, service: Service) -> None:
+    """The rerank APIs: Cohere / Jina / vLLM (/v1/rerank, /v2/rerank) and TEI (/rerank)."""
 
     @app.post("/v1/rerank", response_model=schemas.RerankResponse, response_model_exclude_none=True)
     @app.post("/v2/rerank", response_model=schemas.RerankResponse, response_model_exclude_none=True,
@@ -125,7 +151,7 @@ def create_app(service: Service, token: str = "") -> FastAPI:
         """Cohere v1/v2, Jina and vLLM rerank: documents best first, ``relevance_score`` =
         P(yes) of the reranker, ``meta`` = how many documents' KV were reused or computed."""
         texts = body.texts()
-        meta, ranking = await ranked(body.query, texts)
+        meta, ranking = await _ranked(service, body.query, texts)
         results = [schemas.RerankResult(index=i, relevance_score=probability(ranking.scores[i]),
                                         document=schemas.Document(text=texts[i]) if body.return_documents else None)
                    for i in ranking.order[: body.top_n]]
@@ -135,10 +161,14 @@ def create_app(service: Service, token: str = "") -> FastAPI:
     async def rerank_tei(body: schemas.TEIRequest, response: Response) -> list[schemas.TEIResult]:
         """Text Embeddings Inference rerank: ``[{index, score, text?}]`` best first; ``score`` is
         P(yes), or logit(yes) - logit(no) with ``raw_scores``. KV reuse in the X-KV-* headers."""
-        meta, ranking = await ranked(body.query, body.texts)
+        meta, ranking = await _ranked(service, body.query, body.texts)
         response.headers["X-KV-Reused"], response.headers["X-KV-Computed"] = str(meta.kv_reused), str(meta.kv_computed)
         return [schemas.TEIResult(index=i, score=ranking.scores[i] if body.raw_scores else probability(ranking.scores[i]),
                                   text=body.texts[i] if body.return_text else None) for i in ranking.order]
+
+
+def _add_answer_route(app: FastAPI, service: Service) -> None:
+    """The answer API (/v1/answer): over the sent documents, or over the service's corpus."""
 
     @app.post("/v1/answer", response_model=schemas.AnswerResponse, response_model_exclude_none=True)
     async def answer(body: schemas.AnswerRequest) -> dict:
@@ -147,11 +177,11 @@ def create_app(service: Service, token: str = "") -> FastAPI:
         t0 = time.perf_counter()
         texts = body.texts()
         if texts is None:
-            result, timings = await done(service.answer_corpus(body.query, body.top_n))
+            result, timings = await _done(service.answer_corpus(body.query, body.top_n))
             reply = service.corpus_reply(result)
             timings |= {k: v for k, v in result.timings.items() if k != "total"}
         else:
-            (ranking, reading), timings = await done(service.answer_texts(body.query, checked(texts), body.top_n))
+            (ranking, reading), timings = await _done(service.answer_texts(body.query, _checked(service, texts), body.top_n))
             timings |= ranking.timings
             reply = {"answer": reading.answer,
                      "source": {"index": reading.doc, "start": reading.start, "end": reading.end} if reading.doc >= 0 else None,
@@ -161,6 +191,10 @@ def create_app(service: Service, token: str = "") -> FastAPI:
                      "warnings": ranking.warnings + reading.warnings, **service.reading_extras(reading)}
         timings["total"] = time.perf_counter() - t0
         return {**reply, "timings_ms": _ms(timings)}
+
+
+def _add_status_routes(app: FastAPI, service: Service) -> None:
+    """What operators poll: /health (liveness and the store's answer) and /metrics (Prometheus)."""
 
     @app.get("/health")
     async def health() -> dict:
@@ -181,10 +215,3 @@ def create_app(service: Service, token: str = "") -> FastAPI:
     async def metrics() -> Response:
         """Prometheus text: requests, latency, batch sizes, KV reuse and store traffic, queue depth."""
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
-
-    # Outermost last: every reply is measured, then the token is checked, then the body's size.
-    app.add_middleware(BodyLimit, max_bytes=int(s.serve_max_body_mb * 2**20))
-    if token:
-        app.add_middleware(BearerToken, token=token)
-    app.add_middleware(_Measured, metrics=service.metrics, replica=service.replica)
-    return app

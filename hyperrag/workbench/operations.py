@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 from hyperrag.common.settings import SHIPPED, Settings
 from hyperrag.data.corpus import Corpus, CorpusError, Query, load_corpus
 from hyperrag.kv import planner
-from hyperrag.kv.codec import CODECS
+from hyperrag.kv.codec import CODECS, get_codec
 from hyperrag.kv.urls import StoreError, parse_store_url, redact_url
 from hyperrag.rag.modes import ENGINE_MODES, MODES
 from hyperrag.rag.pipeline import Engine, QuestionError, RAGResult
@@ -265,10 +265,11 @@ class Workbench:
 
     # -- storage estimate ---------------------------------------------------------------------
     def estimate(self, entry: CorpusEntry, codecs: Sequence[str] | None = None) -> dict:
-        """What the document KV of this corpus will take in the store, per codec (the planner)."""
+        """What the document KV of this corpus will take in the store, per codec (the planner);
+        ``codecs`` are names, as the UI gives them (default: every codec)."""
         geometry = planner.KVGeometry.of(self.wait_ready().reranker)
         tokens = self.doc_tokens(entry)
-        plans = planner.codec_table(len(tokens), tokens, geometry, codecs)
+        plans = planner.codec_table(len(tokens), tokens, geometry, [get_codec(name) for name in codecs or ()])
         rows = [{"codec": p.codec, "bytes": p.total_bytes, "bytes_per_token": p.bytes_per_token,
                  "tokens": p.tokens, "docs": p.docs} for p in plans]
         return {"docs": len(tokens), "tokens": sum(tokens), "codecs": rows, "precompute_s": plans[0].precompute_s,
