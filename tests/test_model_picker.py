@@ -84,6 +84,8 @@ def test_switch_to_a_folder_model_and_back(wb, tiny_folder):
     assert live.reranker.llm.fingerprint.startswith("llama@") and live.store.identity != identity
     assert live.runtime.embedder is embedder and live.index is index  # the retriever stays
     assert wb.modes() == ("retrieval", "baseline", "prefix", "reuse")  # no adapter, no reader
+    with pytest.raises(UserError, match="'reader_kv' needs an adapter"):
+        wb.ask(wb.entry(DEFAULT_KEY), QUESTION, "reader_kv", 3, 1)
 
     # Its own document KV: nothing of SmolLM2's served to it, nothing of SmolLM2's touched.
     entry = wb.entry(DEFAULT_KEY)

@@ -474,6 +474,9 @@ class Workbench:
         users asking at once share model calls."""
         if not 1 <= top_k <= MAX_TOP_K or not 1 <= top_n <= MAX_TOP_N:
             raise UserError(f"top-k must be between 1 and {MAX_TOP_K} and top-n between 1 and {MAX_TOP_N}")
+        if mode in MODES and mode not in self.modes():
+            raise UserError(f"mode {mode!r} needs an adapter (the reader), and the live model {self.settings.model} "
+                            f"runs without one: choose one of {', '.join(self.modes())}")
         with self.gate.use():
             engine, engine_mode = route(mode, lambda: self.engine(entry), lambda: self.zero_shot_engine(entry))
             try:
