@@ -12,9 +12,10 @@ py -c "pass"  # the environment first, so its set-up output stays out of what is
 slug=$(py - <<'EOF'
 import re, sys, torch
 if not torch.cuda.is_available():
-    why = (f"torch {torch.__version__} in .venv is a CPU-only build; install a CUDA build of the same version "
-           "(https://pytorch.org/get-started/locally/)" if torch.version.cuda is None else
-           f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; check nvidia-smi and CUDA_VISIBLE_DEVICES")
+    why = (f"torch {torch.__version__} in .venv is a CPU-only build; install a CUDA build of the same "
+           "version (https://pytorch.org/get-started/locally/)" if torch.version.cuda is None else
+           f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU; check nvidia-smi and "
+           "CUDA_VISIBLE_DEVICES")
     sys.exit(f"gpu_check: CUDA is not available: {why}. Nothing was run.")
 print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))
 EOF
@@ -22,7 +23,7 @@ EOF
 out=docs/bench/bench-gpu-$slug
 
 echo "== tests/test_cuda.py ($slug)"
-py -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider
+py -m pytest tests/test_cuda.py -q
 
 echo "== the default bench on CUDA -> $out.json"
 py -m hyperrag.bench --device cuda --codecs fp32,fp16,bf16,int8,int8:nearest,int4,int4:nearest,int2,int2:nearest \
@@ -40,5 +41,6 @@ try:
 except KeyError as e:  # a partial run (flags that leave a block out): the ratios it has
     rr, e2e = d["rerank"], d["e2e"]
     print(f"(no full headline: {e} missing) reuse vs full prefill {rr['speedup_vs_full']:.2f}x; end to end "
-          f"reuse vs baseline {e2e['speedup_vs_baseline']:.2f}x; reader_kv vs reader_full {e2e.get('reader_speedup', 0):.2f}x")
+          f"reuse vs baseline {e2e['speedup_vs_baseline']:.2f}x; reader_kv vs reader_full "
+          f"{e2e.get('reader_speedup', 0):.2f}x")
 EOF

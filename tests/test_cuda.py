@@ -11,7 +11,8 @@
 Every test takes the device as a parameter: ``cuda`` is skipped, with the reason, where torch
 sees no GPU, so a CPU-only machine still runs the CPU side of each comparison (bf16 compute on
 the CPU included). ``scripts/gpu_check.sh`` runs this file on a GPU machine with
-``HYPERRAG_REQUIRE_CUDA=1``: without CUDA it then fails rather than skip. A tiny random Llama saved as a Hugging Face folder, no download.
+``HYPERRAG_REQUIRE_CUDA=1``: without CUDA it then fails rather than skip. A tiny random Llama
+saved as a Hugging Face folder, no download.
 """
 from __future__ import annotations
 
