@@ -261,8 +261,8 @@ def status_markdown(status: dict) -> str:
         return f"**Engine failed to load:** {status['error']}"
     if status["state"] == "loading":
         return "Loading models and index…"
-    adapter = f" + {status['adapter']}" if status["adapter"] else " (zero-shot: no adapter, no reader)"
-    text = (f"**Model** `{status['model']}`{adapter} (weights `{status['weights']}`) · **device** "
+    adapter = f" + {status['adapter']}" if status["adapter"] else " · zero-shot (no adapter, so no reader)"
+    text = (f"**Model** `{status['model']}`{adapter} · **weights** `{status['weights']}` · **device** "
             f"{status['device']} ({status['dtype']}) · "
             f"**store** `{status['store']}` ({status['codec']}) · **batch** {status['batch_size']}")
     if status["store_problem"] == "fallback":
