@@ -24,17 +24,19 @@ import gradio as gr
 import pandas as pd
 
 from hyperrag import figures, report
-from hyperrag.common.settings import SHIPPED, Settings
+from hyperrag.common.settings import SHIPPED, SHIPPED_ADAPTERS, Settings
 from hyperrag.data.corpus import Query
 from hyperrag.kv.codec import CODECS
 from hyperrag.kv.planner import format_bytes, format_duration
 from hyperrag.kv.urls import redact_url
+from hyperrag.model.loading import MODELS
 from hyperrag.rag.calibration import NOT_FOUND
 from hyperrag.rag.metrics import agreement, exact_match, f1_score
 from hyperrag.rag.modes import ENGINE_MODES, MODE_TABLE, MODES as MODE_SPECS
 from hyperrag.rag.pipeline import QuestionError, RAGResult, clean_question
 from hyperrag.workbench.operations import (DEFAULT_KEY, MAX_BATCH_QUERIES, MAX_BATCH_SIZE, MAX_TOP_K, MAX_TOP_N,
-                                           BatchStep, CorpusEntry, UserError as WorkbenchError, Workbench)
+                                           SWITCH_STAGES, BatchStep, CorpusEntry, UserError as WorkbenchError,
+                                           Workbench)
 from hyperrag.workbench.uploads import UPLOAD_DOC_SUFFIXES, UPLOAD_KINDS, UploadError, prune_folders
 
 log = logging.getLogger("hyperrag.ui")
@@ -44,9 +46,12 @@ SHIPPED, UPLOAD = "Shipped corpus", "Upload my own"
 # reranking and over KV-reuse reranking (HyperRAG), so what reranking adds and what KV reuse saves
 # are both in view. The traditional (untrained) generator is one click away as a reference.
 COMPARE_MODES = ("retrieval_reader", "reader_full", "reader_kv")
+# A model without an adapter has no reader: the columns are then the generator's, over the same three rankings.
+GENERATOR_COMPARE_MODES = ("retrieval", "baseline", "reuse")
 REFERENCE_MODES = ("retrieval", "reuse")  # the generator over the retriever's / the reranked top-n
 MODE_TITLES = {m.name: m.title for m in MODE_TABLE}
 ASK_BUTTON = "Ask: the reader over three rankings"  # scripts/drive_app.py presses it by this label
+SWITCH_BUTTON = "Load model (replaces the live one once loaded)"
 MAX_GOLD_CHOICES = 400
 
 
@@ -201,10 +206,20 @@ def timing_markdown(result: RAGResult) -> str:
     return " · ".join(parts) + f" · **total {seconds_text(t['total'])}**"
 
 
+def compare_modes(reader: bool) -> tuple[str, ...]:
+    """The Ask tab's three columns: the reader's modes, or the generator's for a model without a reader."""
+    return COMPARE_MODES if reader else GENERATOR_COMPARE_MODES
+
+
+def column_title(mode: str) -> str:
+    return f"### {MODE_TITLES[mode]}"
+
+
 def summary_markdown(results: dict[str, RAGResult]) -> str:
-    """The Ask tab's headline: KV reuse against full prefill (same reader, same ranking), then what
-    reranking changed against the reader over the retriever's order."""
-    full, kv, plain = results.get("reader_full"), results.get("reader_kv"), results.get("retrieval_reader")
+    """The Ask tab's headline: KV reuse against full prefill (same reader or generator, same
+    ranking), then what reranking changed against the retriever's order."""
+    plain, full, kv = (next((results[m] for m in modes if m in results), None)
+                       for modes in zip(COMPARE_MODES, GENERATOR_COMPARE_MODES))
     lines = []
     if full and kv:
         tf = full.timings["kv_load"] + full.timings["rerank"]
@@ -215,17 +230,22 @@ def summary_markdown(results: dict[str, RAGResult]) -> str:
         same = "Same ranking ✓" if agree["ranking_agreement"] == 1 else (
             f"Same top-{kv.top_n} {'✓' if agree['top_n_agreement'] == 1 else '✗'}; the full ranking differs "
             f"(near-tied scores, max difference {agree['max_abs_score_diff']:.1e})")
+        # The reader reads from the stored KV too; the generator prefills its top-n documents anew.
+        computed = "no document token computed" if kv.reading is not None else "the generator read its top-n anew"
         lines.append(f"**KV reuse reranked {len(kv.docs)} documents {speed} faster than full prefill** "
                      f"({seconds_text(tk)} vs {seconds_text(tf)}); end to end {seconds_text(kv.timings['total'])} vs "
-                     f"{seconds_text(full.timings['total'])}, no document token computed. {same} · same answer "
+                     f"{seconds_text(full.timings['total'])}, {computed}. {same} · same answer "
                      f"{'✓' if agree['answer_agreement'] == 1 else '✗'}")
     ranked = kv or full
     if ranked and plain:
         moved = sum(d.rank <= ranked.top_n for d in ranked.docs if d.retrieval_rank > ranked.top_n)
-        change = ("the same answer" if plain.reading and ranked.reading and plain.reading.answer == ranked.reading.answer
+        same = (plain.reading.answer == ranked.reading.answer if plain.reading and ranked.reading
+                else plain.reading is None and plain.answer == ranked.answer)
+        change = ("the same answer" if same
                   else f"“{_md(plain.answer)}” over the retriever's order, “{_md(ranked.answer)}” reranked")
+        reader = "reader" if ranked.reading is not None else "generator"
         lines.append(f"**Reranking** moved {moved} passage(s) into the top {ranked.top_n} from lower in the "
-                     f"retriever's list; the reader gave {change}.")
+                     f"retriever's list; the {reader} gave {change}.")
     return "  \n".join(lines)
 
 
@@ -241,8 +261,9 @@ def status_markdown(status: dict) -> str:
         return f"**Engine failed to load:** {status['error']}"
     if status["state"] == "loading":
         return "Loading models and index…"
-    adapter = f" + {status['adapter']}" if status["adapter"] else ""
-    text = (f"**Model** {status['model']}{adapter} · **device** {status['device']} · "
+    adapter = f" + {status['adapter']}" if status["adapter"] else " · zero-shot (no adapter, so no reader)"
+    text = (f"**Model** `{status['model']}`{adapter} · **weights** `{status['weights']}` · **device** "
+            f"{status['device']} ({status['dtype']}) · "
             f"**store** `{status['store']}` ({status['codec']}) · **batch** {status['batch_size']}")
     if status["store_problem"] == "fallback":
         text += f" · ⚠ `{status['configured_store']}` could not be used: an in-process store stands in"
@@ -395,6 +416,37 @@ class Callbacks:
         return (status_markdown(self.wb.status()), "; ".join(notes), text, banner(warnings),
                 redact_url(self.wb.settings.store_url))
 
+    def compare_modes(self) -> tuple[str, ...]:
+        return compare_modes("reader_kv" in self.wb.modes())
+
+    def model_view(self) -> tuple:
+        """What the page shows of the live model beyond the status line: the Ask tab's column
+        titles, the batch tab's modes, and the model fields (as the live model has them)."""
+        s, modes = self.wb.settings, self.wb.modes()
+        ask = self.compare_modes()
+        return (*[column_title(m) for m in ask],
+                gr.update(choices=[(MODE_TITLES[m], m) for m in modes], value=[m for m in ask if m in modes]),
+                gr.update(value=s.model if s.model in MODELS else None), "" if s.model in MODELS else s.model,
+                _adapter_field(s))
+
+    @shows_errors
+    def cb_switch_model(self, model: str | None, model_path: str, adapter: str, key: str | None,
+                        progress=gr.Progress()):
+        """Load another model (the path field wins over the list) and make it the live one of the
+        whole app; a model that cannot be loaded is an error message, and the live one stays.
+
+        Returns (status, notes, corpus markdown, banner, the model view: column titles, batch
+        modes, model list, path, adapter)."""
+        choice = (model_path or "").strip() or (model or "")
+
+        def stage(done: int, total: int) -> None:
+            progress((done, total), desc=f"{choice}: {SWITCH_STAGES[min(done, total - 1)]}")
+
+        notes = self.wb.switch_model(choice, adapter, stage if progress is not None else None)
+        entry = self.wb.entry(key)
+        return (status_markdown(self.wb.status()), "; ".join(notes),
+                corpus_markdown(entry, self.wb.estimate(entry)), banner([]), *self.model_view())
+
     @shows_errors
     def cb_random_gold(self, key: str | None, seed: float | None = None) -> tuple[str, dict]:
         entry = self.wb.entry(key)
@@ -418,7 +470,7 @@ class Callbacks:
         results: dict[str, RAGResult] = {}
         warnings: list[str] = list(notes)
         outputs: list[Any] = [gr.update()] * (2 + 3 * len(COMPARE_MODES))
-        for i, mode in enumerate(COMPARE_MODES):
+        for i, mode in enumerate(self.compare_modes()):
             result = self.wb.ask(entry, question, mode, int(top_k), int(top_n))
             results[mode] = result
             warnings += [w for w in result.warnings if w not in notes]
@@ -506,10 +558,11 @@ class Callbacks:
                 "timings": result.timings, "warnings": result.warnings, "corpus": entry.key}
 
     def on_load(self):
-        """The page opened: the status line, the default corpus and its gold questions."""
+        """The page opened: the status line, the default corpus and its gold questions, and the
+        live model's view (another user may have switched the model since the app started)."""
         self.wb.wait_ready()
         _, info, gold_update, _ = self.cb_select_corpus(SHIPPED, None, DEFAULT_KEY)
-        return status_markdown(self.wb.status()), info, gold_update
+        return status_markdown(self.wb.status()), info, gold_update, *self.model_view()
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +580,7 @@ def css() -> str:
 
 
 def _corpus_tab(wb: Workbench) -> SimpleNamespace:
-    """Tab 1: corpus choice or upload, the prepare button, the process-wide store settings."""
+    """Tab 1: corpus choice or upload, the prepare button, the process-wide store settings and model."""
     s = wb.settings
     c = SimpleNamespace()
     with gr.Row():
@@ -544,7 +597,7 @@ def _corpus_tab(wb: Workbench) -> SimpleNamespace:
             c.info = gr.Markdown("Loading…", elem_id="hr-corpus")
             c.prepare = gr.Button("Build index & precompute KV caches", variant="primary")
             c.prepare_status = gr.Markdown("")
-    with gr.Accordion("Store and reranker settings (shared by every user of this app)", open=False):
+    with gr.Accordion("Store and reranker settings, and the model (shared by every user of this app)", open=False):
         with gr.Row():
             c.codec = gr.Dropdown(list(CODECS), value=s.codec, label="KV codec")
             c.store_url = gr.Textbox(redact_url(s.store_url), label="Store URL",
@@ -553,11 +606,32 @@ def _corpus_tab(wb: Workbench) -> SimpleNamespace:
                                 label="Reranker batch size")
         c.apply = gr.Button("Apply (re-opens the store / rebuilds the reranker)")
         c.apply_notes = gr.Markdown("")
-        gr.Markdown(f"Model `{s.model}`{', adapter `' + s.adapter + '`' if s.adapter else ''}, dtype "
-                    f"`{s.dtype}`, documents cut to {s.max_doc_tokens} tokens: these need a model reload, "
-                    "so they are set when the app starts (flags or `HYPERRAG_*` variables).",
-                    elem_classes=["hr-small"])
+        gr.Markdown("**Model** (reranker, reader and generator). The new model loads while the live one "
+                    "keeps answering, and takes over once loaded; one that cannot be loaded leaves the live one "
+                    "as it was. Stored KV is keyed by the model's weights: each model computes its own (press "
+                    "*Build index & precompute* after a switch), and none is deleted.", elem_classes=["hr-small"])
+        with gr.Row():
+            c.model = gr.Dropdown(list(MODELS), value=s.model if s.model in MODELS else None, label="Packaged model",
+                                  info="each with its trained adapter (the reader)")
+            c.model_path = gr.Textbox("" if s.model in MODELS else s.model, label="…or a model on this machine",
+                                      placeholder="/path/to/hf-folder or /path/to/model.gguf",
+                                      info="a Hugging Face folder (config.json, *.safetensors, tokenizer) or a "
+                                           ".gguf file; when filled, it is loaded instead of the list's model")
+            c.adapter = gr.Textbox(_adapter_field(s), label="LoRA adapter folder (optional)",
+                                   placeholder="empty: the packaged model's own; none for any other model",
+                                   info="empty: a packaged model gets its shipped adapter, any other model runs "
+                                        "zero-shot (reranker and generator, no reader)")
+        c.switch = gr.Button(SWITCH_BUTTON)
+        c.switch_notes = gr.Markdown("")
+        gr.Markdown(f"dtype `{s.dtype}` on device `{s.device}`, documents cut to {s.max_doc_tokens} tokens: set when "
+                    "the app starts (flags or `HYPERRAG_*` variables).", elem_classes=["hr-small"])
     return c
+
+
+def _adapter_field(s: Settings) -> str:
+    """The adapter field's value for settings ``s``: empty for none or a shipped one (the field's
+    empty value gives a packaged model its own)."""
+    return "" if not s.adapter or Path(s.adapter) in SHIPPED_ADAPTERS.values() else s.adapter
 
 
 def _ask_tab(s: Settings) -> SimpleNamespace:
@@ -575,10 +649,11 @@ def _ask_tab(s: Settings) -> SimpleNamespace:
                             label="top-n (documents given to the generator)")
         a.ask = gr.Button(ASK_BUTTON, variant="primary")
     a.summary = gr.Markdown("", elem_id="hr-summary")
+    a.titles = []
     with gr.Row(equal_height=False):
-        for mode in COMPARE_MODES:
+        for mode, shown in zip(COMPARE_MODES, compare_modes(bool(s.adapter))):
             with gr.Column(elem_classes=["hr-mode", f"hr-mode-{mode}"]):
-                gr.Markdown(f"### {MODE_TITLES[mode]}")
+                a.titles.append(gr.Markdown(column_title(shown)))
                 a.outputs += [gr.Markdown("", elem_classes=["hr-answer"]),
                               gr.Markdown("", elem_classes=["hr-timing"]),
                               gr.Dataframe(headers=DOC_COLUMNS, max_height=360, interactive=False,
@@ -598,7 +673,9 @@ def _batch_tab(wb: Workbench) -> SimpleNamespace:
     b = SimpleNamespace()
     with gr.Row():
         b.n_queries = gr.Slider(1, MAX_BATCH_QUERIES, value=10, step=1, label="Gold queries")
-        b.modes = gr.CheckboxGroup([(MODE_TITLES[m], m) for m in wb.modes()], value=list(COMPARE_MODES), label="Modes")
+        modes = wb.modes()
+        b.modes = gr.CheckboxGroup([(MODE_TITLES[m], m) for m in modes], label="Modes",
+                                   value=[m for m in compare_modes("reader_kv" in modes) if m in modes])
         b.seed = gr.Number(wb.settings.seed, label="Seed", precision=0)
     with gr.Row():
         b.run = gr.Button("Run batch", variant="primary")
@@ -629,6 +706,9 @@ def _wire(cb: Callbacks, page: SimpleNamespace, c: SimpleNamespace, a: SimpleNam
     c.apply.click(cb.cb_apply_settings, [c.codec, c.store_url, c.batch, page.corpus_key],
                   [page.status, c.apply_notes, c.info, page.warn, c.store_url], api_name="apply_settings",
                   concurrency_id="prepare", concurrency_limit=1)
+    c.switch.click(cb.cb_switch_model, [c.model, c.model_path, c.adapter, page.corpus_key],
+                   [page.status, c.switch_notes, c.info, page.warn, *model_view(c, a, b)], api_name="switch_model",
+                   concurrency_id="prepare", concurrency_limit=1)
     a.gold.change(cb_pick_gold, a.gold, a.question, api_visibility="private")
     a.rand.click(cb.cb_random_gold, page.corpus_key, [a.question, a.gold], api_visibility="private")
     ask_event = dict(fn=cb.cb_compare, inputs=[a.question, a.top_k, a.top_n, page.corpus_key],
@@ -642,6 +722,11 @@ def _wire(cb: Callbacks, page: SimpleNamespace, c: SimpleNamespace, a: SimpleNam
                               [b.status, page.warn, *b.plots, b.table, b.exports], api_name="run_batch",
                               concurrency_id="batch", concurrency_limit=1)
     b.stop.click(None, None, None, cancels=[batch_event], api_visibility="private")
+
+
+def model_view(c: SimpleNamespace, a: SimpleNamespace, b: SimpleNamespace) -> list:
+    """The components :meth:`Callbacks.model_view` fills, in its order."""
+    return [*a.titles, b.modes, c.model, c.model_path, c.adapter]
 
 
 def build_app(workbench: Workbench) -> gr.Blocks:
@@ -660,7 +745,8 @@ def build_app(workbench: Workbench) -> gr.Blocks:
             with gr.Tab("3 · Batch & dashboards", id="batch"):
                 batch = _batch_tab(workbench)
         _wire(cb, page, corpus, ask, batch)
-        demo.load(cb.on_load, None, [page.status, corpus.info, ask.gold], api_visibility="private")
+        demo.load(cb.on_load, None, [page.status, corpus.info, ask.gold, *model_view(corpus, ask, batch)],
+                  api_visibility="private")
     return demo
 
 

@@ -33,6 +33,12 @@ FOLDER_SETTINGS = {
 }
 
 
+def shipped_adapter(model: str) -> str:
+    """The adapter a model gets when none is named: a packaged model's shipped one, else ''
+    (zero-shot: the base model alone, no reader)."""
+    return str(SHIPPED_ADAPTERS[model]) if model in SHIPPED_ADAPTERS else ""
+
+
 def corpus_out(name: str) -> Path:
     """The default folder of a corpus built under ``name``: ``corpora/<name>``, a slug of it."""
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()

@@ -44,10 +44,12 @@ class Runtime:
 
     @classmethod
     def load(cls, settings: Settings | None = None, with_generator: bool = True,
-             corpus_texts: Sequence[str] = ()) -> "Runtime":
-        """Load everything for ``settings``; the store's CPU tier is sized for ``corpus_texts``."""
+             corpus_texts: Sequence[str] = (), embedder: object | None = None) -> "Runtime":
+        """Load everything for ``settings``; the store's CPU tier is sized for ``corpus_texts``.
+        ``embedder``: an already loaded embedder of ``settings.embedder`` to use (another model
+        keeps the retriever, and so every corpus's index)."""
         s = settings or Settings.from_env()
-        embedder = load_embedder(s.embedder, s.cache_dir, s.device)
+        embedder = embedder if embedder is not None else load_embedder(s.embedder, s.cache_dir, s.device)
         # The base model (no adapter) answers with the traditional generator, and is the reranker
         # itself when no adapter is set; with an adapter and no generator it is not loaded at all.
         base = load_llm(s.model, s.cache_dir, s.device, s.dtype, cpu_linear=s.cpu_linear) if with_generator or not s.adapter else None
@@ -91,6 +93,24 @@ class Runtime:
             notes += self.store.take_warnings()
         self.settings = new
         return notes
+
+    def resize_tier(self, texts: Sequence[str]) -> str | None:
+        """Re-open the store with its automatic CPU tier (``hot_cache_gb`` -1) sized for ``texts``
+        from what is resident now. A runtime loaded while another model was still resident (a
+        model switch) got a smaller tier under the memory budget, or none; once that model is
+        gone this gives it its due. A note when the size changed; the caller makes sure no
+        request runs meanwhile. A fallback (in-process) store is kept as it is."""
+        s = self.settings
+        if s.hot_cache_gb >= 0 or self.store.url != s.store_url:
+            return None
+        want = planner.hot_tier_gb(planner.plan_corpus(self.reranker, texts, s.codec).total_bytes,
+                                   room_gb=planner.budget_room_gb(s.memory_budget_gb))
+        if abs(want - self.store.hot_cache_gb) < 0.01:
+            return None
+        previous = self.store
+        self.store = open_store(s, self.reranker, texts)
+        previous.close()
+        return f"store CPU tier {previous.hot_cache_gb:g} -> {self.store.hot_cache_gb:g} GB"
 
     def zero_shot(self, hot_cache_gb: float) -> "Runtime":
         """The base model as a zero-shot reranker (no adapter, no score fusion, no reader), with

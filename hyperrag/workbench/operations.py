@@ -5,13 +5,17 @@
   shipped one, uploads) gets its own index and a light :class:`~hyperrag.rag.pipeline.Engine` view
   over the shared runtime, so one user's upload never changes another user's answers. Store and
   reranker settings (codec, store URL, batch size) are process-wide and change only through
-  :meth:`Workbench.reconfigure`, which waits for running requests.
+  :meth:`Workbench.reconfigure`, which waits for running requests; the model and its adapter
+  through :meth:`Workbench.switch_model`, which loads the new runtime while the live one still
+  answers and only then puts it in its place.
 - errors meant for the user are :class:`UserError` (and :class:`~hyperrag.workbench.uploads.UploadError`);
   the UI turns them into messages. Nothing here imports gradio.
 """
 from __future__ import annotations
 
+import gc
 import logging
+import re
 import shutil
 import threading
 from collections import OrderedDict
@@ -20,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from hyperrag.common.settings import SHIPPED, Settings
+from hyperrag.common.memory import return_freed_memory
+from hyperrag.common.settings import SHIPPED, Settings, shipped_adapter
 from hyperrag.data.corpus import Corpus, CorpusError, Query, load_corpus
 from hyperrag.kv import planner
 from hyperrag.kv.codec import CODECS, get_codec
 from hyperrag.kv.urls import StoreError, parse_store_url, redact_url
+from hyperrag.model.loading import MODELS, ModelError
 from hyperrag.rag.modes import ENGINE_MODES, MODES
 from hyperrag.rag.pipeline import Engine, QuestionError, RAGResult
 from hyperrag.rag.precompute import PrecomputeReport, precompute
@@ -39,6 +45,8 @@ MAX_BATCH_SIZE = 32  # the reranker's buffers grow linearly with it (~55 MB per 
 MAX_TOP_K, MAX_TOP_N = 50, 10  # per request: bounds the work (and memory) one request can ask for
 MAX_BATCH_QUERIES = 200
 ZERO_SHOT = "zero_shot"  # batch-only mode: what the trained adapter is measured against
+# What Workbench.switch_model reports through its progress(done, total), in order.
+SWITCH_STAGES = ("loading the model", "waiting for running requests", "switching over")
 
 
 def runnable_modes(reader: bool, zero_shot: bool) -> tuple[str, ...]:
@@ -134,6 +142,9 @@ class Workbench:
         self._zero_shot: Runtime | None = None
         self._corpora: OrderedDict[str, CorpusEntry] = OrderedDict()
         self._loader: threading.Thread | None = None
+        # Held by a settings change or a model switch: one at a time, and never one over the other
+        # (a switch loads from the settings it started with).
+        self._changing = threading.Lock()
 
     # -- loading ------------------------------------------------------------------------------
     def load(self, progress: Callable[[int, int], None] | None = None) -> Engine:
@@ -316,6 +327,8 @@ class Workbench:
             raise UserError(f"batch size must be between 1 and {MAX_BATCH_SIZE}")
         url = self.check_store_url(store_url)
         notes: list[str] = []
+        if not self._changing.acquire(blocking=False):
+            raise UserError("settings not changed: a model is being loaded; try again when it is live")
         try:
             with self.gate.exclusive(timeout_s):
                 new = self.settings.replace(codec=codec, store_url=url, batch_size=batch_size)
@@ -331,7 +344,110 @@ class Workbench:
                         self._zero_shot = None
         except TimeoutError as err:
             raise UserError(f"settings not changed: {err}; try again when it ends") from None
+        finally:
+            self._changing.release()
         return notes or ["nothing changed"]
+
+    def switch_model(self, model: str, adapter: str = "", progress: Callable[[int, int], None] | None = None,
+                     timeout_s: float = 60.0) -> list[str]:
+        """Make ``model`` (with ``adapter``) the live model of the whole app; returns notes.
+
+        ``model``: a packaged id (:data:`~hyperrag.model.loading.MODELS`), a Hugging Face folder
+        or a ``.gguf`` file on this machine (:func:`check_model`). ``adapter``: a LoRA adapter
+        folder; '' gives a packaged model its shipped adapter and any other model none (it runs
+        zero-shot: reranker and generator, no reader). The new runtime is loaded while the live
+        one keeps answering (``progress(done, total)`` over :data:`SWITCH_STAGES`), and replaces
+        it only once complete, after the running requests; a model that cannot be loaded (the
+        loader's :class:`~hyperrag.model.loading.ModelError`: unknown id, no weights or
+        tokenizer, unsupported architecture, an adapter made for another model) is a
+        :class:`UserError` and leaves the live model as it was. Corpora keep their indexes (the
+        embedder stays); their document KV is the new model's to precompute. The store keys every
+        entry by the model's weights hash, so no entry of the old model is served to the new
+        one, and none is deleted: switching back finds them. A start-up load that failed (a bad
+        ``--model``) is recovered from by switching to a good one."""
+        model, adapter = (model or "").strip(), (adapter or "").strip()
+        check_model(model)
+        adapter = str(Path(adapter).expanduser()) if adapter else shipped_adapter(model)
+        if adapter and not Path(adapter).is_dir():
+            raise UserError(f"adapter folder {adapter!r} does not exist: give a LoRA adapter folder trained for "
+                            "this model, or leave the field empty")
+        report = progress or (lambda done, total: None)
+        if not self._changing.acquire(blocking=False):
+            raise UserError("another model is being loaded, or the store settings are being changed: try again "
+                            "when it is done")
+        try:
+            live = self._live()
+            if live is not None and (model, adapter) == (self.settings.model, self.settings.adapter):
+                return [f"{model} is already the live model"]
+            new = self.settings.replace(model=model, adapter=adapter)
+            report(0, len(SWITCH_STAGES))
+            engine = self._load_engine(new, live)
+            del live  # the old engine is freed once it is replaced (_put_live), not held here
+            report(1, len(SWITCH_STAGES))
+            try:
+                with self.gate.exclusive(timeout_s):
+                    report(2, len(SWITCH_STAGES))
+                    notes = self._put_live(engine)
+            except TimeoutError as err:
+                engine.close()
+                raise UserError(f"model not changed: {err}; try again when it ends") from None
+            report(3, len(SWITCH_STAGES))
+        finally:
+            self._changing.release()
+        llm, dtype = engine.reranker.llm, str(engine.reranker.decoder.dtype).replace("torch.", "")
+        what = f"adapter {Path(adapter).name}" if adapter else "no adapter: zero-shot reranker and generator, no reader"
+        return [f"{model} is live ({llm.fingerprint}, {dtype} on {llm.device}; {what})", *notes]
+
+    def _live(self) -> Engine | None:
+        """The live engine once the start-up load is over; None if that load failed, or if nothing
+        was loaded yet (``--no-preload``: the start-up model is not loaded just to be replaced)."""
+        if self._base is None and self._loader is None:
+            return None
+        try:
+            return self.wait_ready()
+        except UserError:
+            if self._load_error is None:  # still loading
+                raise
+            return None
+
+    def _load_engine(self, new: Settings, live: Engine | None) -> Engine:
+        """An engine for ``new`` over the default corpus, loaded beside the live one (whose embedder
+        and index it shares); the loader's errors as :class:`UserError`."""
+        try:
+            if live is None:
+                return Engine.load(new)
+            default = self._corpora[DEFAULT_KEY]
+            runtime = Runtime.load(new, corpus_texts=[d.text for d in default.corpus.docs],
+                                   embedder=live.runtime.embedder)
+            return Engine(runtime, default.corpus, default.index)
+        except (ModelError, FileNotFoundError, CorpusError) as err:  # what the loader says is wrong, as it says it
+            raise UserError(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - anything else a foreign model may raise: the app stays up
+            log.exception("loading model %s failed", new.model)
+            raise UserError(f"model {new.model!r} could not be loaded: {type(err).__name__}: {err}") from None
+
+    def _put_live(self, engine: Engine) -> list[str]:
+        """Make ``engine`` the live one (no request running); the previous one and the zero-shot
+        reference are closed (their stores flushed, nothing deleted) and freed, then the new
+        store's CPU tier is sized without them."""
+        with self._lock:
+            previous, zero_shot, self._zero_shot = self._base, self._zero_shot, None
+            self._base, self.settings = engine, engine.settings
+            if previous is None:
+                self._corpora[DEFAULT_KEY] = CorpusEntry(DEFAULT_KEY, default_label(engine.corpus), engine.corpus,
+                                                         engine.index)
+            for entry in self._corpora.values():  # counted in the old tokenizer, stored under the old model
+                entry.doc_tokens, entry.report = None, None
+            self._load_error = None
+            self._ready.set()
+        for old in (zero_shot, previous):
+            if old is not None:
+                old.close()
+        del zero_shot, previous, old  # the last references: the models' memory goes back
+        gc.collect()
+        return_freed_memory()
+        resized = engine.runtime.resize_tier([d.text for d in engine.corpus.docs])
+        return [resized] if resized else []
 
     def status(self) -> dict:
         """Where the engine stands, as data (the UI words it): ``state`` is loading, failed or
@@ -340,10 +456,12 @@ class Workbench:
             return {"state": "failed", "error": str(self._load_error)}
         if not self.ready:
             return {"state": "loading"}
-        s, store = self.settings, self._base.store
+        s, store, reranker = self.settings, self._base.store, self._base.reranker
         problem = ("fallback" if store.url != s.store_url else "unreachable" if not store.available else None)
         return {"state": "ready", "model": s.model, "adapter": Path(s.adapter).name if s.adapter else "",
-                "device": str(self._base.reranker.decoder.device), "store": redact_url(store.url),
+                "weights": reranker.llm.fingerprint.split("+")[0], "reader": self._base.reader is not None,
+                "device": str(reranker.decoder.device), "dtype": str(reranker.decoder.dtype).replace("torch.", ""),
+                "store": redact_url(store.url),
                 "codec": store.codec.name, "batch_size": s.batch_size, "store_problem": problem,
                 "configured_store": redact_url(s.store_url)}
 
@@ -357,6 +475,9 @@ class Workbench:
         users asking at once share model calls."""
         if not 1 <= top_k <= MAX_TOP_K or not 1 <= top_n <= MAX_TOP_N:
             raise UserError(f"top-k must be between 1 and {MAX_TOP_K} and top-n between 1 and {MAX_TOP_N}")
+        if mode in MODES and mode not in self.modes():
+            raise UserError(f"mode {mode!r} needs an adapter (the reader), and the live model {self.settings.model} "
+                            f"runs without one: choose one of {', '.join(self.modes())}")
         with self.gate.use():
             engine, engine_mode = route(mode, lambda: self.engine(entry), lambda: self.zero_shot_engine(entry))
             try:
@@ -408,6 +529,22 @@ class BatchStep:
     modes: list[str]
     done: int = 0
     answers: list[tuple[Query, str, RAGResult]] = field(default_factory=list)
+
+
+def check_model(model: str) -> None:
+    """What the app's model picker loads: a packaged id, a folder or a ``.gguf`` file on this
+    machine. A Hugging Face Hub id (``org/name``) is refused here, before any download: a web user
+    must not make the app fetch gigabytes; the command line takes one (``--model org/name``). The
+    loader names everything else that is wrong with a model."""
+    if not model:
+        raise UserError(f"no model given: choose a packaged model ({', '.join(MODELS)}), or give a Hugging Face "
+                        "folder or a .gguf file on this machine")
+    if model in MODELS or Path(model).expanduser().exists() or model.endswith(".gguf"):
+        return
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith("."):
+        raise UserError(f"model {model!r} is not a packaged id ({', '.join(MODELS)}) nor a folder or .gguf file on "
+                        "this machine; the app does not download Hub models: fetch it with `hf download "
+                        f"{model} --local-dir DIR` and give DIR, or start the app with --model {model}")
 
 
 def default_label(corpus: Corpus) -> str:
