@@ -1,16 +1,16 @@
 """Fit an adapter's calibrated relevance and decline rule on held-out SQuAD *train* articles.
 
-    python scripts/build_squad_mini.py --split train --out /tmp/heldout \\
+    python scripts/build_squad_mini.py --split train --out corpora/trust-heldout8 \\
         --articles Transistor,Bacteria,Compact_disc,Quran,Armenia,Police,Translation,Pain
-    python -m hyperrag.evaluate --corpus /tmp/heldout --queries 240 --systems retrieval,trained+retrieval \\
-        --read 240 --read-systems trained+retrieval --unanswerable 0.5 --json heldout.json
+    python -m hyperrag.evaluate --corpus corpora/trust-heldout8 --queries 320 --systems retrieval,trained+retrieval \\
+        --read 320 --read-systems trained+retrieval --unanswerable 0.5 --json heldout.json
     python -m hyperrag.calibrate heldout.json      # writes `trust` into the adapter's hyperrag.json
     python -m hyperrag.calibrate --measure dev.json   # its calibration and abstain sections, from the stored fit
 
-From the evaluation record: the relevance map (Platt scaling of the fused ranking score, over
-every retrieved candidate: relevant = the question's gold passage), the confidence model (a
-logistic regression of answerable vs made-unanswerable over the calibrated relevance of the best
-passage and the answer's log-likelihood), and the thresholds (the rule's, and each single
+From the evaluation record: the relevance map (a logistic map of the fused ranking score and its
+lead over the best other candidate, over every retrieved candidate: relevant = the question's
+gold passage), the confidence model (a logistic regression of answerable vs made-unanswerable
+over the best passage's fused score and the answer's log-likelihood), and the thresholds (the rule's, and each single
 signal's for comparison) that best separate the two kinds while still answering 92.5% of the
 answerable questions (``--min-answered``: a declined answerable question loses its F1; on the
 shipped adapter's held-out articles the best balanced accuracy alone answered 88.7% and cost
@@ -29,20 +29,17 @@ from hyperrag.common.settings import SHIPPED_ADAPTER
 from hyperrag.data.corpus import load_corpus
 from hyperrag.evaluate import CALIBRATED, abstain_report, format_table, measure_trust, signal_values
 from hyperrag.model.loading import adapter_hash, adapter_meta
-from hyperrag.rag.calibration import (Trust, choose_threshold, expected_calibration_error, fit_logistic, fit_platt,
+from hyperrag.rag.calibration import (Trust, choose_threshold, expected_calibration_error, fit_logistic, fit_relevance,
                                       load_trust, rule_features, save_trust)
 
 
-def relevance_examples(report: dict) -> tuple[list[float], list[int]]:
-    """Every (fused score, is-gold) pair of the calibrated system's candidates."""
-    scores, labels = [], []
-    for q in report["per_question"]:
-        if CALIBRATED in q["scores"]:
-            scores += q["scores"][CALIBRATED]
-            labels += [int(d in q["gold"]) for d in q["doc_ids"]]
-    if not scores:
+def relevance_examples(report: dict) -> list[tuple[list[float], list[int]]]:
+    """Each question's (fused scores, is-gold) over the calibrated system's candidates."""
+    questions = [(q["scores"][CALIBRATED], [int(d in q["gold"]) for d in q["doc_ids"]])
+                 for q in report["per_question"] if CALIBRATED in q["scores"]]
+    if not questions:
         raise SystemExit(f"the record has no {CALIBRATED} scores: run evaluate with --systems ...,{CALIBRATED}")
-    return scores, labels
+    return questions
 
 
 MIN_ANSWERED = 0.925  # of the held-out answerable questions, at the chosen thresholds
@@ -54,19 +51,20 @@ def fit_trust(report: dict, fitted_on: dict | None = None, min_answered: float =
     records = report.get("abstain_records")
     if not records:
         raise SystemExit("the record has no abstain_records: run evaluate with --read N --unanswerable 0.5")
-    scores, labels = relevance_examples(report)
-    relevance = fit_platt(scores, labels)
+    questions = relevance_examples(report)
+    relevance = fit_relevance(questions)
     answerable = [not r["unanswerable"] for r in records]
-    rule = fit_logistic([rule_features(relevance, r["top_scores"], r["logprob"]) for r in records],
+    rule = fit_logistic([rule_features(r["top_scores"], r["logprob"]) for r in records],
                         [int(a) for a in answerable])
     values = signal_values(records, Trust(relevance, rule, 0.0))
     cuts = {name: choose_threshold(v, answerable, min_answered) for name, v in values.items()}
     trust = Trust(relevance, rule, cuts.pop("rule"), cuts)
     summary = abstain_report(records, trust, trust.threshold)
     return Trust(relevance, rule, trust.threshold, cuts, (fitted_on or {}) | {
-        "pairs": len(scores), "relevant": sum(labels), "questions": len(records),
+        "pairs": sum(len(y) for _, y in questions), "relevant": sum(sum(y) for _, y in questions), "questions": len(records),
         "unanswerable": answerable.count(False), "min_answered": min_answered,
-        "ece": expected_calibration_error(trust.relevance_of(scores), labels),
+        "ece": expected_calibration_error([p for s, _ in questions for p in trust.relevance_of(s)],
+                                          [y for _, labels in questions for y in labels]),
         "in_sample": {name: {k: v for k, v in row.items() if not k.endswith("_ci95")} for name, row in summary.items()}})
 
 

@@ -591,12 +591,16 @@ def trained_scores(ev: Evaluation, run: SystemRun, part: Sequence[Candidates], t
 
 
 def record_ranking(ev: Evaluation, run: SystemRun, part: Sequence[Candidates]) -> None:
-    """A system's ranking metrics (with intervals) in the report; a codec system's agreement with
-    its exact-KV run; retrieval's metrics on the subset too, for paired comparisons."""
+    """A system's ranking metrics (with intervals) in the report, paired with retrieval's on the
+    same questions when retrieval ran first (the reranker's own gain); a codec system's agreement
+    with its exact-KV run; retrieval's metrics on the subset too, for paired comparisons."""
     name, s, report = run.name, ev.s, ev.report
     base_name, _, codec = name.partition("@")
     per_question = ranking_per_question(run, part)
     metrics = with_intervals(per_question) | {"questions": len(part)}
+    if name != "retrieval" and "retrieval" in ev.runs:
+        metrics |= paired_differences(per_question, ranking_per_question(ev.runs["retrieval"], part),
+                                      ("recall@1", "ndcg@10"), "minus_retrieval")
     report["systems"][name] = {"ranking": metrics, "seconds": run.seconds,
                                "seconds_per_question": run.seconds / max(1, len(part))}
     if codec:  # against the exact-KV run of the same system, question by question

@@ -53,6 +53,12 @@ def test_evaluate_on_a_tiny_corpus(tiny_corpus_dir, cache_dir, tmp_path):
         for key in ("recall@1", "recall@5", "ndcg@10"):
             lo, hi = ranking[key + "_ci95"]
             assert 0.0 <= lo <= ranking[key] <= hi <= 1.0, (name, key)
+        if name != "retrieval":  # the reranker's own gain over the retriever, question by question
+            for key in ("recall@1", "ndcg@10"):
+                gain, (lo, hi) = ranking[f"{key}_minus_retrieval"], ranking[f"{key}_minus_retrieval_ci95"]
+                assert lo <= gain <= hi
+                assert gain == pytest.approx(ranking[key] - saved["systems"]["retrieval"]["ranking"][key])
+    assert "recall@1_minus_retrieval" not in saved["systems"]["retrieval"]["ranking"]
     answers = saved["answers"]
     assert set(answers) == {"retrieval+generator", "retrieval+reader", "trained+retrieval+reader", "oracle+reader",
                             "trained+retrieval@int8:nearest+reader"}

@@ -1,11 +1,13 @@
 """Answers a user can check: calibrated relevance, declining ("not found in these documents"), the
 unanswerable-question construction and the reader over the retriever's order.
 
-- Platt scaling recovers a known logistic map and is calibrated on its own data (ECE), and the
+- the relevance map (score and lead over the best rival) recovers a known logistic map and is
+  calibrated on its own data (ECE), and the
   fitted models persist in the adapter's hyperrag.json without changing the adapter's hash;
 - the decline threshold separates answerable from unanswerable questions, and the reader declines
   exactly below it; the engine then says so, with the closest passages;
-- a question made unanswerable never has its gold passage among its candidates.
+- a question made unanswerable never has its gold passage, nor any passage holding its answer,
+  among its candidates.
 """
 from __future__ import annotations
 
@@ -15,25 +17,36 @@ import random
 
 import pytest
 
-from hyperrag.rag.calibration import (NOT_FOUND, Platt, Trust, auroc, choose_threshold, expected_calibration_error,
-                                      fit_platt, load_trust, save_trust, sigmoid)
+from hyperrag.rag.calibration import (LEAD_CAP, NOT_FOUND, Relevance, Trust, auroc, choose_threshold,
+                                      expected_calibration_error, fit_relevance, leads, load_trust, save_trust, sigmoid)
 
 
-def synthetic(n: int, a: float, b: float, seed: int = 0) -> tuple[list[float], list[int]]:
-    """Scores and labels drawn so that P(label 1 | score) = sigmoid(a x score + b) exactly."""
-    rng = random.Random(seed)
-    scores = [rng.uniform(-12, 8) for _ in range(n)]
-    return scores, [int(rng.random() < sigmoid(a * s + b)) for s in scores]
+def synthetic(n: int, a: float, b: float, c: float, seed: int = 0) -> list[tuple[list[float], list[int]]]:
+    """``n`` questions of 20 candidates whose labels are drawn so that P(label 1 | score, lead) =
+    sigmoid(a x score + c x lead + b) exactly."""
+    rng, out = random.Random(seed), []
+    for _ in range(n):
+        scores = [rng.uniform(-12, 8) for _ in range(20)]
+        out.append((scores, [int(rng.random() < sigmoid(a * s + c * m + b)) for s, m in zip(scores, leads(scores))]))
+    return out
 
 
-def test_platt_recovers_a_known_map_and_is_calibrated():
-    scores, labels = synthetic(6000, 0.6, 1.5)
-    platt = fit_platt(scores, labels)
-    assert platt.a == pytest.approx(0.6, rel=0.15) and platt.b == pytest.approx(1.5, abs=0.35)
-    probs = [platt.prob(s) for s in scores]
+def test_relevance_recovers_a_known_map_and_is_calibrated():
+    questions = synthetic(1000, 0.6, -1.5, 0.4)
+    relevance = fit_relevance(questions)
+    assert (relevance.a, relevance.c) == pytest.approx((0.6, 0.4), abs=0.1)
+    assert relevance.b == pytest.approx(-1.5, abs=0.5)  # the intercept is the loosest: scores sit far from 0
+    probs = [p for scores, _ in questions for p in relevance.probs(scores)]
+    labels = [y for _, ys in questions for y in ys]
     assert expected_calibration_error(probs, labels) < 0.03
     # a map that is off is seen as off: the same ranking, probabilities pushed towards 1
-    assert expected_calibration_error([Platt(0.6, 4.0).prob(s) for s in scores], labels) > 0.1
+    assert expected_calibration_error([p for s, _ in questions for p in Relevance(0.6, 1.5, 0.4).probs(s)], labels) > 0.1
+
+
+def test_a_lead_is_over_the_best_other_candidate_and_clipped():
+    assert leads([3.0, 1.0, -2.0]) == [2.0, -2.0, -5.0]
+    assert leads([30.0, 1.0]) == [LEAD_CAP, -LEAD_CAP] and leads([0.5]) == [LEAD_CAP] and leads([]) == []
+    assert leads([2.0, 2.0]) == [0.0, 0.0]
 
 
 def test_expected_calibration_error_by_hand():
@@ -68,7 +81,7 @@ def test_trust_persists_beside_the_adapter_without_changing_its_hash(tmp_path):
     folder = fake_adapter(tmp_path)
     before = adapter_hash(folder)
     assert load_trust(folder) is None and load_trust("") is None
-    trust = Trust(Platt(0.5, -1.0), (0.2, 1.0, 0.8), 0.42, {"fused": -1.5, "likelihood": -2.0}, {"questions": 10})
+    trust = Trust(Relevance(0.5, -1.0, 0.0), (0.2, 1.0, 0.8), 0.42, {"fused": -1.5, "likelihood": -2.0}, {"questions": 10})
     save_trust(folder, trust)
     assert load_trust(folder) == trust
     assert adapter_hash(folder) == before  # the stored document KV stays valid
@@ -76,9 +89,9 @@ def test_trust_persists_beside_the_adapter_without_changing_its_hash(tmp_path):
 
 
 def test_confidence_rises_with_relevance_and_likelihood():
-    trust = Trust(Platt(0.5, -1.0), (0.0, 1.0, 0.5), 0.5)
+    trust = Trust(Relevance(0.5, -1.0, 0.0), (0.0, 1.0, 0.5), 0.5)
     assert trust.confidence([6.0, 1.0], -0.2) > trust.confidence([1.0, 0.5], -0.2) > trust.confidence([1.0], -4.0)
-    expected = sigmoid(1.0 * (0.5 * 6.0 - 1.0) + 0.5 * -0.2)  # the best passage's relevance logit only
+    expected = sigmoid(1.0 * 6.0 + 0.5 * -0.2)  # the best passage's fused score only
     assert trust.confidence([6.0, 1.0], -0.2) == pytest.approx(expected)
     assert trust.relevance_of([2.0]) == [pytest.approx(0.5)]
 
@@ -146,14 +159,14 @@ def test_the_reader_declines_exactly_below_its_threshold(tiny_engine, monkeypatc
     "not found in these documents" with the closest passages below it. The reader over the
     retriever's order (cosine scores, which the calibration does not map) never declines."""
     reader = tiny_engine.reader
-    monkeypatch.setattr(reader, "trust", Trust(Platt(0.5, -1.0), (0.0, 1.0, 0.5), 0.5))
+    monkeypatch.setattr(reader, "trust", Trust(Relevance(0.5, -1.0, 0.0), (0.0, 1.0, 0.5), 0.5))
     question = tiny_engine.corpus.queries[0].question
     monkeypatch.setattr(reader, "abstain_threshold", 0.0)
     kept = tiny_engine.ask(question, "reader_kv")
     c = kept.confidence
     assert kept.found and 0.0 < c < 1.0 and kept.answer == kept.reading.answer
     assert all(d.relevance is not None and 0 <= d.relevance <= 1 for d in kept.docs)
-    assert kept.docs[0].relevance == pytest.approx(reader.trust.relevance.prob(kept.docs[0].score))
+    assert [d.relevance for d in kept.docs] == pytest.approx(reader.trust.relevance_of([d.score for d in kept.docs]))
     monkeypatch.setattr(reader, "abstain_threshold", c)
     assert tiny_engine.ask(question, "reader_kv").found  # at the threshold: answered
     monkeypatch.setattr(reader, "abstain_threshold", math.nextafter(c, 1.0))

@@ -1,10 +1,15 @@
 """Calibrated relevance and declining to answer ("not found in these documents").
 
 The fused ranking score (reranker score + w x cosine) orders passages well but is no probability.
-Platt scaling, a logistic map ``sigmoid(a x score + b)``, turns it into P(the passage answers the
-question). An answer's confidence is a second logistic model over two signals: the calibrated
-relevance of the best passage (is the answer in these documents at all?) and the answer's own
-log-likelihood (did the reader find it?). Below a threshold the reader declines.
+A Platt-style logistic map turns it into P(the passage answers the question), over two inputs:
+the passage's score and its lead over the best other candidate. Why the lead: a question's
+answer sits in one passage of the candidates, so a passage whose score nothing else comes near
+is likelier the one than a passage of the same score with a rival; a map over the score alone,
+fitted on every candidate, is calibrated over all of them but under-confident on the top
+passage (the one a user reads first). An answer's confidence is a second logistic model over two
+signals: the best passage's fused score (is the answer in these documents at all? its absolute
+level, not its lead, tells an unanswerable question) and the answer's own log-likelihood (did the
+reader find it?). Below a threshold the reader declines.
 
 Both models and the threshold are fitted on SQuAD *train* articles held out from the adapter's
 training (never on dev): every retrieved candidate of their questions for the relevance map; the
@@ -33,42 +38,57 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
+LEAD_CAP = 10.0  # a lead is clipped to +-this; a passage without rivals leads by it
+
+
+def leads(scores: Sequence[float]) -> list[float]:
+    """Each score minus the best of the others, clipped to +-:data:`LEAD_CAP`."""
+    if len(scores) < 2:
+        return [LEAD_CAP] * len(scores)
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    first, second = scores[order[0]], scores[order[1]]
+    return [max(-LEAD_CAP, min(LEAD_CAP, s - (second if i == order[0] else first))) for i, s in enumerate(scores)]
+
+
 @dataclass(frozen=True)
-class Platt:
-    """``P(relevant | score) = sigmoid(a x score + b)``."""
+class Relevance:
+    """``P(passage answers | its score s, its lead m over the best other candidate) =
+    sigmoid(a x s + c x m + b)``, for one question's candidates at a time."""
 
     a: float
     b: float
+    c: float
 
-    def logit(self, score: float) -> float:
-        return self.a * score + self.b
+    def logits(self, scores: Sequence[float]) -> list[float]:
+        return [self.a * s + self.c * m + self.b for s, m in zip(scores, leads(scores))]
 
-    def prob(self, score: float) -> float:
-        return sigmoid(self.logit(score))
+    def probs(self, scores: Sequence[float]) -> list[float]:
+        return [sigmoid(x) for x in self.logits(scores)]
 
 
-def rule_features(relevance: Platt, rank_scores: Sequence[float], logprob: float) -> list[float]:
-    """What an answer's confidence is computed from: the calibrated relevance logit of the best
-    of the passages read and the chosen answer's log-likelihood."""
-    return [relevance.logit(max(rank_scores)), logprob]
+def rule_features(rank_scores: Sequence[float], logprob: float) -> list[float]:
+    """What an answer's confidence is computed from: the fused score of the best of the passages
+    read and the chosen answer's log-likelihood."""
+    return [max(rank_scores), logprob]
 
 
 @dataclass(frozen=True)
 class Trust:
     """The relevance map, the confidence model and the decline threshold of one adapter."""
 
-    relevance: Platt
+    relevance: Relevance
     rule: tuple[float, ...]  # intercept, then one weight per rule_features entry
     threshold: float  # decline below this confidence (chosen on the held-out articles)
     baselines: dict = field(default_factory=dict)  # thresholds of the single signals, for comparison
     fitted_on: dict = field(default_factory=dict)  # corpus, articles, questions
 
     def relevance_of(self, scores: Sequence[float]) -> list[float]:
-        return [self.relevance.prob(s) for s in scores]
+        """P(answers the question) of each of one question's candidates, from their fused scores."""
+        return self.relevance.probs(scores)
 
     def confidence(self, rank_scores: Sequence[float], logprob: float) -> float:
         """P(the answer is in these documents): the confidence the reader declines below."""
-        x = rule_features(self.relevance, rank_scores, logprob)
+        x = rule_features(rank_scores, logprob)
         return sigmoid(self.rule[0] + sum(w * v for w, v in zip(self.rule[1:], x)))
 
     def to_json(self) -> dict:
@@ -76,7 +96,7 @@ class Trust:
 
     @classmethod
     def from_json(cls, data: dict) -> "Trust":
-        return cls(Platt(**data["relevance"]), tuple(data["rule"]), float(data["threshold"]),
+        return cls(Relevance(**data["relevance"]), tuple(data["rule"]), float(data["threshold"]),
                    dict(data.get("baselines", {})), dict(data.get("fitted_on", {})))
 
 
@@ -107,9 +127,11 @@ def fit_logistic(rows: Sequence[Sequence[float]], labels: Sequence[int]) -> tupl
     return (float(model.intercept_[0]), *map(float, model.coef_[0]))
 
 
-def fit_platt(scores: Sequence[float], labels: Sequence[int]) -> Platt:
-    b, a = fit_logistic([[s] for s in scores], labels)
-    return Platt(a, b)
+def fit_relevance(questions: Sequence[tuple[Sequence[float], Sequence[int]]]) -> Relevance:
+    """The relevance map from each question's candidates: (fused scores, 1 where it answers)."""
+    rows = [[s, m] for scores, _ in questions for s, m in zip(scores, leads(scores))]
+    b, a, c = fit_logistic(rows, [y for _, labels in questions for y in labels])
+    return Relevance(a, b, c)
 
 
 def choose_threshold(confidences: Sequence[float], answerable: Sequence[bool], min_answered: float = 0.0) -> float:

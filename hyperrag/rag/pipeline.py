@@ -165,8 +165,8 @@ class Engine:
         ranked = []
         for ds, ss in zip(docs, scores):
             order = sorted(range(len(ds)), key=lambda i: -ss[i])
-            ranked.append([RankedDoc(ds[i].id, ds[i].title, ds[i].text, ss[i], rank, i + 1, ds[i].source,
-                                     trust.relevance.prob(ss[i]) if trust else None)
+            relevance = trust.relevance_of(ss) if trust else [None] * len(ds)
+            ranked.append([RankedDoc(ds[i].id, ds[i].title, ds[i].text, ss[i], rank, i + 1, ds[i].source, relevance[i])
                            for rank, i in enumerate(order, 1)])
         answers = [""] * len(questions)
         readings: list[Reading | None] = [None] * len(questions)
