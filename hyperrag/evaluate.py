@@ -531,11 +531,10 @@ def reuse_previous(ev: Evaluation, run: SystemRun, part: Sequence[Candidates], s
     """A system's ``scores`` taken from the ``--scores-from`` record ``old``, with its timing and full check."""
     name, report = run.name, ev.report
     run.scores = scores
+    run.seconds = old["systems"].get(name, {}).get("seconds", 0.0)
     ev.runs[name] = run
-    old_row = old["systems"].get(name, {})
-    report["systems"][name] = {"ranking": ranking_summary(run, part), "seconds": old_row.get("seconds", 0.0),
-                               "seconds_per_question": old_row.get("seconds_per_question", 0.0),
-                               "scores_from": ev.args.scores_from}
+    record_ranking(ev, run, part)  # its intervals and pairings as if ranked here
+    report["systems"][name]["scores_from"] = ev.args.scores_from
     check = old.get("full_check", {}).get(name, {})
     if "ranking_agreement" in check:  # files from before the shared agreement keys lack it
         report["full_check"][name] = check

@@ -88,6 +88,12 @@ def test_evaluate_on_a_tiny_corpus(tiny_corpus_dir, cache_dir, tmp_path):
     assert checks["trained@fp32"]["max_abs_score_diff"] <= FP32_SCORE_BOUND  # fp32 stores the exact bytes
     assert checks["trained@fp32"]["ndcg@10_minus_exact"] == 0.0
     assert checks["trained+retrieval@int8:nearest"]["max_abs_score_diff"] > 0.0  # lossy: not the exact scores
+    # scores taken from that record: the same metrics, intervals and pairings as ranked here
+    again = main(["--corpus", str(tiny_corpus_dir), "--cache-dir", cache_dir, "--queries", "3", "--top-k", "4",
+                  "--systems", "retrieval,trained+retrieval", "--scores-from", str(out)])
+    assert again["systems"]["trained+retrieval"]["scores_from"] == str(out)
+    for key in ("recall@1", "recall@1_ci95", "ndcg@10_minus_retrieval", "ndcg@10_minus_retrieval_ci95"):
+        assert again["systems"]["trained+retrieval"]["ranking"][key] == saved["systems"]["trained+retrieval"]["ranking"][key]
     with pytest.raises(SystemExit, match="list trained before it"):
         main(["--corpus", str(tiny_corpus_dir), "--cache-dir", cache_dir, "--queries", "1", "--systems", "trained@int4"])
 
