@@ -103,7 +103,7 @@ class Runtime:
         s = self.settings
         if s.hot_cache_gb >= 0 or self.store.url != s.store_url:
             return None
-        want = planner.hot_tier_gb(planner.plan_corpus(self.reranker, texts, s.codec).total_bytes,
+        want = planner.hot_tier_gb(planner.plan_corpus(self.reranker, texts, self.store.codec).total_bytes,
                                    room_gb=planner.budget_room_gb(s.memory_budget_gb))
         if abs(want - self.store.hot_cache_gb) < 0.01:
             return None
