@@ -12,9 +12,8 @@ lead over the best other candidate, over every retrieved candidate: relevant = t
 gold passage), the confidence model (a logistic regression of answerable vs made-unanswerable
 over the best passage's fused score and the answer's log-likelihood), and the thresholds (the rule's, and each single
 signal's for comparison) that best separate the two kinds while still answering 92.5% of the
-answerable questions (``--min-answered``: a declined answerable question loses its F1; on the
-shipped adapter's held-out articles the best balanced accuracy alone answered 88.7% and cost
-0.046 F1 on them, this constraint 0.021). The corpus's articles must be
+answerable questions (``--min-answered``: a declined answerable question loses its F1; what the
+fit does on its own articles is kept under ``fitted_on.in_sample``). The corpus's articles must be
 neither training nor validation articles of the adapter (its hyperrag.json lists them), and the
 record must be of this adapter's weights. See :mod:`hyperrag.rag.calibration`.
 """

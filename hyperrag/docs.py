@@ -99,7 +99,8 @@ def answers(r: Records) -> str:
 
 
 def abstain(r: Records) -> str:
-    """Declining on questions made unanswerable (their gold passage removed), against the targets."""
+    """Declining on questions made unanswerable (their gold passages, and every passage holding
+    their answer, removed), against the targets."""
     d = r[0]
     a, cal = d["abstain"], d["calibration"]
     rule = a["rule"]

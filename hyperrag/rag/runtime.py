@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from hyperrag.data.corpus import Corpus
 from hyperrag.rag.generate import Generator
 from hyperrag.kv import planner
+from hyperrag.kv.codec import Codec
 from hyperrag.rag.kv_rounding import codec_for
 from hyperrag.kv.store import KVStore
 from hyperrag.kv.urls import StoreError, redact_url
@@ -103,8 +104,7 @@ class Runtime:
         s = self.settings
         if s.hot_cache_gb >= 0 or self.store.url != s.store_url:
             return None
-        want = planner.hot_tier_gb(planner.plan_corpus(self.reranker, texts, self.store.codec).total_bytes,
-                                   room_gb=planner.budget_room_gb(s.memory_budget_gb))
+        want = auto_tier_gb(s, self.reranker, self.store.codec, texts)
         if abs(want - self.store.hot_cache_gb) < 0.01:
             return None
         previous = self.store
@@ -176,6 +176,13 @@ def adapter_trust(s: Settings) -> Trust | None:
     return trust
 
 
+def auto_tier_gb(settings: Settings, reranker: Reranker, codec: Codec, texts: Sequence[str]) -> float:
+    """The automatic CPU tier (``hot_cache_gb`` -1): ``texts``' entries in ``codec`` plus headroom,
+    within what the memory budget leaves of this process's resident memory now."""
+    return planner.hot_tier_gb(planner.plan_corpus(reranker, texts, codec).total_bytes,
+                               room_gb=planner.budget_room_gb(settings.memory_budget_gb))
+
+
 def open_store(settings: Settings, reranker: Reranker, texts: Sequence[str] = ()) -> KVStore:
     """The configured KV store, its CPU tier sized to hold ``texts`` (the corpus) within the
     memory budget when ``hot_cache_gb`` is -1. An unreachable lm:// or redis:// server does not stop it: the
@@ -183,10 +190,7 @@ def open_store(settings: Settings, reranker: Reranker, texts: Sequence[str] = ()
     writes what was computed meanwhile. Only a store that cannot be used at all (bad URL,
     folder that cannot be created) falls back to an in-process one, with a warning."""
     codec = codec_for(settings.codec, settings.kv_rounding, reranker, settings.cache_dir)
-    hot_gb = settings.hot_cache_gb
-    if hot_gb < 0:
-        hot_gb = planner.hot_tier_gb(planner.plan_corpus(reranker, texts, codec).total_bytes,
-                                     room_gb=planner.budget_room_gb(settings.memory_budget_gb))
+    hot_gb = settings.hot_cache_gb if settings.hot_cache_gb >= 0 else auto_tier_gb(settings, reranker, codec, texts)
     try:
         return KVStore(settings.store_url, codec, reranker.kv_identity, hot_gb,
                        settings.store_timeout_s, backoff_s=max(1.0, 2 * settings.store_timeout_s))
