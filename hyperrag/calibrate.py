@@ -10,7 +10,8 @@
 From the evaluation record: the relevance map (a logistic map of the fused ranking score and its
 lead over the best other candidate, over every retrieved candidate: relevant = the question's
 gold passage), the confidence model (a logistic regression of answerable vs made-unanswerable
-over the best passage's fused score and the answer's log-likelihood), and the thresholds (the rule's, and each single
+over the best passage's fused score, its lead over the next passage read and the answer's
+log-likelihood), and the thresholds (the rule's, and each single
 signal's for comparison) that best separate the two kinds while still answering 92.5% of the
 answerable questions (``--min-answered``: a declined answerable question loses its F1; what the
 fit does on its own articles is kept under ``fitted_on.in_sample``). The corpus's articles must be
