@@ -198,6 +198,8 @@ def test_rotated_keys_score_as_unrotated_and_have_flatter_channels(llm, reranker
     assert reranker.decoder.rotation is not None
     plain = Reranker(llm, batch_size=8, rotate=False)
     question, candidates, kvs = real_batch
+    candidates = candidates[:6]  # the gold passage and five of its article's: one batch of the buffer
+    kvs = {text: kvs[text] for text in candidates}
     plain_kvs = dict(zip(candidates, plain.encode_docs(candidates)))
     scores = []  # reuse and full, rotated and plain
     for r, stored in ((reranker, kvs), (plain, plain_kvs)):

@@ -8,6 +8,8 @@ less than with nearest rounding.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from hyperrag.kv.codec import get_codec
 from hyperrag.kv.local import LocalKV
 from hyperrag.rag.kv_rounding import codec_for, hinv_factors, reader_moments, rounding_factors
 from hyperrag.kv.store import content_address
+from tests.conftest import write_jsonl
 
 QUANTIZED = ("int8", "int4", "int2")
 
@@ -76,14 +79,27 @@ def test_rounding_is_part_of_the_store_key():
 
 
 @pytest.fixture(scope="module")
-def measured_moments(reranker):
-    """The query moments on the shipped calibration set, measured once for this module (~25 s)."""
-    return reader_moments(reranker)
+def measured_moments(reranker, tmp_path_factory):
+    """The query moments measured once for this module on two of the shipped calibration set's
+    eight articles with their questions (the whole set takes ~50 s on 2 cores)."""
+    from hyperrag.rag.kv_rounding import CALIBRATION
+
+    folder = tmp_path_factory.mktemp("kv-calibration")
+    docs = [json.loads(line) for line in (CALIBRATION / "docs.jsonl").read_text().splitlines()]
+    titles = sorted({d["title"] for d in docs})[:2]
+    docs = [d for d in docs if d["title"] in titles]
+    ids = {d["id"] for d in docs}
+    queries = [json.loads(line) for line in (CALIBRATION / "queries.jsonl").read_text().splitlines()]
+    write_jsonl(folder / "docs.jsonl", docs)
+    write_jsonl(folder / "queries.jsonl", [q for q in queries if q["doc_ids"][0] in ids])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("hyperrag.rag.kv_rounding.CALIBRATION", folder)
+        return reader_moments(reranker)
 
 
 def test_measured_factors_lower_real_score_errors(reranker, real_batch, measured_moments, tmp_path, monkeypatch):
-    """Factors from the moments measured on the shipped calibration set (SQuAD train questions),
-    cached on disk; on a real question with 20 candidates (shipped dev corpus), int4 and int2
+    """Factors from the moments measured on SQuAD train questions (part of the shipped
+    calibration set), cached on disk; on a real question with 20 candidates (shipped dev corpus), int4 and int2
     scores move less from the exact-KV scores with Hessian rounding than with nearest rounding."""
     monkeypatch.setattr("hyperrag.rag.kv_rounding.reader_moments", lambda r: measured_moments)
     hinv = rounding_factors(reranker, tmp_path)
