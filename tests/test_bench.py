@@ -109,7 +109,7 @@ def quick_run(tiny_corpus_dir, cache_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bench")
     argv = ["--quick", "--corpus", str(tiny_corpus_dir), "--cache-dir", cache_dir, "--queries", "2",
-            "--top-k", "3", "--max-new-tokens", "4", "--codec", "fp32", "--codecs", "fp32,int8", "--frontier",
+            "--top-k", "3", "--top-n", "1", "--max-new-tokens", "4", "--codec", "fp32", "--codecs", "fp32,int8", "--frontier",
             "--layout-repeats", "1", "--dtype", "float32", "--seed", "1", "--serve", "--clients", "2",
             "--json", str(out / "bench.json"), "--html", str(out / "bench.html")]
     results = main(argv)

@@ -45,16 +45,19 @@ def assert_same_reading(a, b) -> None:
 
 
 def hf_greedy(llm, ids: list[int], steps: int, stop: set[int]) -> tuple[list[int], float]:
-    """Greedy tokens and their summed log-probability from the plain model on the whole prompt."""
-    seq, total = list(ids), 0.0
+    """Greedy tokens and their summed log-probability from the plain model on the whole prompt
+    (Hugging Face's own forward and KV cache, as its ``generate`` decodes)."""
+    seq, total, past, new = list(ids), 0.0, None, list(ids)
     with torch.no_grad():
         for step in range(steps + 1):  # as the reader: the token after the last one is scored, not kept
-            logp = torch.log_softmax(llm.model(torch.tensor([seq])).logits[0, -1].float(), -1)
+            out = llm.model(torch.tensor([new]), past_key_values=past, use_cache=True, logits_to_keep=1)
+            past, logp = out.past_key_values, torch.log_softmax(out.logits[0, -1].float(), -1)
             token = int(logp.argmax())
             total += float(logp[token])
             if token in stop or step == steps:
                 break
             seq.append(token)
+            new = [token]
     return seq[len(ids):], total
 
 
