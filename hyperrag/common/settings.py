@@ -123,7 +123,8 @@ class Settings:
     abstain_threshold: float = field(
         default=-1.0,
         metadata={"help": "reader: decline (\"not found in these documents\", with the closest passages) when an "
-                          "answer's confidence (calibrated relevance of the best passage and the answer's likelihood, "
+                          "answer's confidence (from the best passage's fused score, its lead over the next passage read "
+                          "and the answer's likelihood, "
                           "hyperrag.rag.calibration) is below this; -1 = the adapter's threshold, chosen on held-out "
                           "SQuAD train articles (its hyperrag.json; never declines without one), 0 = never decline"},
     )
