@@ -9,8 +9,8 @@ fitted on every candidate, is calibrated over all of them but under-confident on
 passage (the one a user reads first). An answer's confidence is a second logistic model over three
 signals (:data:`RULE_FEATURES`): the best passage's fused score (is the answer in these documents
 at all?), its lead over the next passage read (a question whose answer is gone leaves several
-neighbouring paragraphs of one article scoring alike; on the held-out articles the lead raised
-the share declined at the same share answered, 0.747 -> 0.805 in 10 x 5-fold cross-validation) and
+neighbouring paragraphs of one article scoring alike; in cross-validation on the held-out
+articles the lead raised the share declined at the same share answered) and
 the answer's own log-likelihood (did the reader find it?). Below a threshold the reader declines.
 
 Both models and the threshold are fitted on SQuAD *train* articles held out from the adapter's
