@@ -108,9 +108,10 @@ class Trust:
     @classmethod
     def from_json(cls, data: dict) -> "Trust":
         """Refuses a fit of other rule features (a stale ``trust``: refit it), never misreads one."""
-        if tuple(data.get("rule_features", ("top_score", "logprob"))) != RULE_FEATURES:
-            raise ValueError(f"the stored trust fit uses rule features {data.get('rule_features', ['top_score', 'logprob'])}, "
-                             f"this version {list(RULE_FEATURES)}: refit it with python -m hyperrag.calibrate")
+        stored = tuple(data.get("rule_features", ("top_score", "logprob")))  # fits before the lead named none
+        if stored != RULE_FEATURES:
+            raise ValueError(f"the stored trust fit uses rule features {list(stored)}, this version "
+                             f"{list(RULE_FEATURES)}: refit it with python -m hyperrag.calibrate")
         return cls(Relevance(**data["relevance"]), tuple(data["rule"]), float(data["threshold"]),
                    dict(data.get("baselines", {})), dict(data.get("fitted_on", {})))
 
