@@ -99,8 +99,9 @@ def measured_moments(reranker, tmp_path_factory):
 
 def test_measured_factors_lower_real_score_errors(reranker, real_batch, measured_moments, tmp_path, monkeypatch):
     """Factors from the moments measured on SQuAD train questions (part of the shipped
-    calibration set), cached on disk; on a real question with 20 candidates (shipped dev corpus), int4 and int2
-    scores move less from the exact-KV scores with Hessian rounding than with nearest rounding."""
+    calibration set), cached on disk; on a real question with 20 candidates (shipped dev
+    corpus), int4 and int2 scores move less from the exact-KV scores with Hessian rounding than
+    with nearest rounding."""
     monkeypatch.setattr("hyperrag.rag.kv_rounding.reader_moments", lambda r: measured_moments)
     hinv = rounding_factors(reranker, tmp_path)
     dec = reranker.decoder
