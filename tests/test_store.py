@@ -258,3 +258,28 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
         assert store.hot_cache_gb == 0.2
     finally:
         store.close()
+
+
+def test_resize_tier_reopens_the_store_at_the_size_it_planned(reranker, tmp_path, monkeypatch):
+    """A model switch's ``Runtime.resize_tier``: the store re-opens with the tier size it planned
+    (planned once), keeps the settings' automatic -1, and what was stored is still there."""
+    from hyperrag.common.settings import Settings
+    from hyperrag.rag import runtime
+    from hyperrag.rag.runtime import Runtime, open_store
+
+    settings = Settings.from_env(store_url=f"fs://{tmp_path / 'kv'}", codec="fp16", hot_cache_gb=-1)
+    text = "Oxygen is a chemical element with symbol O and atomic number 8."
+    live = Runtime(settings, None, reranker, open_store(settings.replace(hot_cache_gb=0.0), reranker))
+    live.store.put(text, reranker.encode_docs([text])[0])
+    live.store.close()  # flushed to the folder
+    live.store = open_store(settings.replace(hot_cache_gb=0.0), reranker)
+    plans = []
+    monkeypatch.setattr(runtime, "auto_tier_gb", lambda *args: plans.append(args) or 0.25)
+    try:
+        assert live.resize_tier([text]) == "store CPU tier 0 -> 0.25 GB"
+        assert len(plans) == 1 and live.store.hot_cache_gb == 0.25 and live.settings.hot_cache_gb == -1
+        out = torch.empty(reranker.decoder.kv_shape(1, reranker.doc_tokens(text))).squeeze(2)
+        assert live.store.load_into(text, out)
+        assert live.resize_tier([text]) is None  # already that size
+    finally:
+        live.store.close()

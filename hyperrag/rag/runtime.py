@@ -108,7 +108,7 @@ class Runtime:
         if abs(want - self.store.hot_cache_gb) < 0.01:
             return None
         previous = self.store
-        self.store = open_store(s, self.reranker, texts)
+        self.store = open_store(s.replace(hot_cache_gb=want), self.reranker)  # the size just planned, not planned again
         previous.close()
         return f"store CPU tier {previous.hot_cache_gb:g} -> {self.store.hot_cache_gb:g} GB"
 
