@@ -27,19 +27,11 @@ from typing import Sequence
 
 from hyperrag.common.settings import SHIPPED_ADAPTER
 from hyperrag.data.corpus import load_corpus
-from hyperrag.evaluate import CALIBRATED, abstain_report, format_table, measure_trust, signal_values
+from hyperrag.evaluate import (CALIBRATED, abstain_report, calibration_report, format_table, measure_trust,
+                               relevance_examples, signal_values)
 from hyperrag.model.loading import adapter_hash, adapter_meta
-from hyperrag.rag.calibration import (Trust, choose_threshold, expected_calibration_error, fit_logistic, fit_relevance,
-                                      load_trust, rule_features, save_trust)
-
-
-def relevance_examples(report: dict) -> list[tuple[list[float], list[int]]]:
-    """Each question's (fused scores, is-gold) over the calibrated system's candidates."""
-    questions = [(q["scores"][CALIBRATED], [int(d in q["gold"]) for d in q["doc_ids"]])
-                 for q in report["per_question"] if CALIBRATED in q["scores"]]
-    if not questions:
-        raise SystemExit(f"the record has no {CALIBRATED} scores: run evaluate with --systems ...,{CALIBRATED}")
-    return questions
+from hyperrag.rag.calibration import (Trust, choose_threshold, fit_logistic, fit_relevance, load_trust, rule_features,
+                                      save_trust)
 
 
 MIN_ANSWERED = 0.925  # of the held-out answerable questions, at the chosen thresholds
@@ -51,7 +43,9 @@ def fit_trust(report: dict, fitted_on: dict | None = None, min_answered: float =
     records = report.get("abstain_records")
     if not records:
         raise SystemExit("the record has no abstain_records: run evaluate with --read N --unanswerable 0.5")
-    questions = relevance_examples(report)
+    questions = relevance_examples(report["per_question"])
+    if not questions:
+        raise SystemExit(f"the record has no {CALIBRATED} scores: run evaluate with --systems ...,{CALIBRATED}")
     relevance = fit_relevance(questions)
     answerable = [not r["unanswerable"] for r in records]
     rule = fit_logistic([rule_features(r["top_scores"], r["logprob"]) for r in records],
@@ -60,11 +54,10 @@ def fit_trust(report: dict, fitted_on: dict | None = None, min_answered: float =
     cuts = {name: choose_threshold(v, answerable, min_answered) for name, v in values.items()}
     trust = Trust(relevance, rule, cuts.pop("rule"), cuts)
     summary = abstain_report(records, trust, trust.threshold)
+    calibration = calibration_report(trust, report["per_question"])
     return Trust(relevance, rule, trust.threshold, cuts, (fitted_on or {}) | {
-        "pairs": sum(len(y) for _, y in questions), "relevant": sum(sum(y) for _, y in questions), "questions": len(records),
-        "unanswerable": answerable.count(False), "min_answered": min_answered,
-        "ece": expected_calibration_error([p for s, _ in questions for p in trust.relevance_of(s)],
-                                          [y for _, labels in questions for y in labels]),
+        "pairs": calibration["pairs"], "relevant": sum(sum(y) for _, y in questions), "questions": len(records),
+        "unanswerable": answerable.count(False), "min_answered": min_answered, "ece": calibration["ece"],
         "in_sample": {name: {k: v for k, v in row.items() if not k.endswith("_ci95")} for name, row in summary.items()}})
 
 

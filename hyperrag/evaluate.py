@@ -315,16 +315,19 @@ def measure_trust(report: dict, trust: Trust | None, abstain_threshold: float = 
             report["abstain_records"], trust, threshold)
 
 
+def relevance_examples(per_question: Sequence[dict]) -> list[tuple[list[float], list[int]]]:
+    """Each question's (fused scores, is-gold) over the calibrated system's candidates: what the
+    relevance map is fitted on (``python -m hyperrag.calibrate``) and measured on."""
+    return [(q["scores"][CALIBRATED], [int(d in q["gold"]) for d in q["doc_ids"]])
+            for q in per_question if CALIBRATED in q["scores"]]
+
+
 def calibration_report(trust: Trust, per_question: Sequence[dict]) -> dict:
     """The relevance map on the record's candidates of the calibrated system: expected
     calibration error over every (question, candidate) pair and over each question's top passage."""
     probs, labels, top_probs, top_labels = [], [], [], []
-    for q in per_question:
-        if CALIBRATED not in q["scores"]:
-            continue
-        scores = q["scores"][CALIBRATED]
+    for scores, y in relevance_examples(per_question):
         p = trust.relevance_of(scores)
-        y = [int(d in q["gold"]) for d in q["doc_ids"]]
         probs += p
         labels += y
         best = ranked_order(scores)[0]
