@@ -232,8 +232,7 @@ def codec_targets(r: Records) -> str:
     need = lambda key, want: next((a for a, m in steps if m[key] >= want), None)  # noqa: E731
     times = lambda a: f"{1 / a:.0f}x smaller ({math.log2(1 / a):.1f} more bits)" if a else "more than any scale tried"  # noqa: E731
     top, same = need("top_n_agreement", 0.98), need("ranking_agreement", 0.75)
-    gap = statistics.median(min(b - a for a, b in zip(xs, xs[1:])) for xs in
-                            (sorted(q["scores"]["trained+retrieval"]) for q in dev["per_question"]))
+    gap = statistics.median(metrics.closest_gaps(dev["per_question"], "trained+retrieval"))
     slowest = max(bench["codecs"], key=lambda c: c["decode_share"])
     drop = lambda c: f"{signed(4)(c['ndcg@10_minus_exact'])} {ci(c['ndcg@10_minus_exact_ci95'], signed(4))}"  # noqa: E731
     return table(["target", "measured", "status"], [

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hyperrag.rag.metrics import ERROR_SCALES, scaled_error
+from hyperrag.rag.metrics import ERROR_SCALES, closest_gaps, scaled_error
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
         a = met.get(name)
         bits = f", about {math.log2(1 / a):.1f} more bits of a uniform grid" if a else ""
         print(f"{name} >= {want:.0%}: " + (f"error x {a}{bits}" if a else f"not met at x {ERROR_SCALES[-1]}"))
-    gaps = [float(np.diff(np.sort(q["scores"][exact])).min()) for q in per_question]
+    gaps = closest_gaps(per_question, exact)
     print("smallest gap between neighbouring exact scores, percentiles 10 / 25 / 50: "
           + " / ".join(f"{v:.4f}" for v in np.percentile(gaps, [10, 25, 50])))
 

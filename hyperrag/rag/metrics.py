@@ -156,3 +156,9 @@ def scaled_error(per_question: Sequence[Mapping[str, Any]], system: str, exact: 
 
     reference = records(0.0)
     return [(a, agreement(reference, records(a))) for a in scales]
+
+
+def closest_gaps(per_question: Sequence[Mapping[str, Any]], system: str) -> list[float]:
+    """Per question, the gap between ``system``'s two closest candidate scores: the scale a score
+    error is measured against (an error smaller than it cannot swap two candidates)."""
+    return [min(b - a for a, b in zip(xs, xs[1:])) for xs in (sorted(q["scores"][system]) for q in per_question)]
