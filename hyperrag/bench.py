@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from hyperrag.kv.planner import KVGeometry, estimate, plan_corpus
+from hyperrag.kv.planner import KVGeometry, estimate, memory_budget_gb, plan_corpus
 from hyperrag.rag.metrics import latency_summary
 from hyperrag.rag.modes import E2E_KEYS, MODE_TABLE, MODES
 
@@ -678,6 +678,7 @@ class _Run:
                 "store_temporary": self.tmp is not None, "batch_size": settings.batch_size, "seed": settings.seed,
                 "cpu_streams": engine.reranker.runner.rows.size,
                 "model": settings.model, "adapter": settings.adapter, "dtype": settings.dtype,
+                "memory_budget_gb": memory_budget_gb(settings.memory_budget_gb, settings.model),
                 "max_new_tokens": settings.max_new_tokens, "max_doc_tokens": settings.max_doc_tokens,
                 "generate": not args.no_generate, "quick": args.quick, "precompute": args.precompute,
                 "codecs": args.codec_list, "same_candidates_every_mode": self.same_candidates,

@@ -25,6 +25,7 @@ def main() -> None:
     from hyperrag.model.kernels import cpu_model
     from hyperrag.common.memory import peak_resident_bytes, resident_bytes
     from hyperrag.common.settings import Settings
+    from hyperrag.kv.planner import memory_budget_gb
     from hyperrag.workbench.config import AppConfig
     from hyperrag.workbench.operations import Workbench
 
@@ -59,8 +60,8 @@ def main() -> None:
         mark(f"ask {mode}", t0)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": {"codec": settings.codec, "hot_cache_gb": settings.hot_cache_gb,
-                                    "memory_budget_gb": settings.memory_budget_gb,
+            json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": {"model": settings.model, "codec": settings.codec, "hot_cache_gb": settings.hot_cache_gb,
+                                    "memory_budget_gb": memory_budget_gb(settings.memory_budget_gb, settings.model),
                                     "batch_size": settings.batch_size, "corpus": settings.corpus},
                        "cpu_tier_gb": engine.store.hot_cache_gb, "peak_rss_bytes": peak_resident_bytes(),
                        "cpu": cpu_model(), "phases": phases}, f, indent=1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,14 @@ def test_a_measured_constant_that_left_its_record_fails(copy, monkeypatch, capsy
 
 
 def test_a_safety_margin_smaller_than_its_record_measured_fails(copy, monkeypatch, capsys):
-    assert planner.MARGIN_RECORD == "docs/memory/app-first-visit.json"
-    monkeypatch.setattr(planner, "WORKING_MARGIN_GB", 0.3)  # the record's run held 0.47 GiB on top
+    fit = planner.MEMORY_FITS["smollm2-135m"]
+    assert fit.record == "docs/memory/app-first-visit.json"
+    monkeypatch.setitem(planner.MEMORY_FITS, "smollm2-135m", replace(fit, margin_gb=0.3))  # the run held 0.7 GiB on top
     assert docs.main(["check", "--root", str(copy)]) == 1
-    assert "WORKING_MARGIN_GB = 0.3 is less than the 0.47 that docs/memory/app-first-visit.json measured" in \
-        capsys.readouterr().err
+    assert ("MEMORY_FITS['smollm2-135m'].margin_gb = 0.3 is less than the 0.7 that docs/memory/app-first-visit.json "
+            "measured") in capsys.readouterr().err
+    monkeypatch.setitem(planner.MEMORY_FITS, "smollm2-135m", replace(fit, budget_gb=2.5))  # its peak was 2.82 GB
+    assert docs.main(["check", "--root", str(copy)]) == 1
+    assert "MEMORY_FITS['smollm2-135m'].budget_gb = 2.5 is less than the 2.82" in capsys.readouterr().err
+
+

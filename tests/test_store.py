@@ -221,7 +221,7 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     server's steady-state loads never wait on the backend; bounded by a quarter of memory and
     by what the memory budget leaves."""
     from hyperrag.data.corpus import load_corpus
-    from hyperrag.kv.planner import WORKING_MARGIN_GB, budget_room_gb, hot_tier_gb, memory_bytes, plan_corpus
+    from hyperrag.kv.planner import MEMORY_FITS, budget_room_gb, hot_tier_gb, memory_bytes, plan_corpus
     from hyperrag.common.memory import resident_bytes
     from hyperrag.rag.runtime import open_store
     from hyperrag.common.settings import Settings
@@ -232,8 +232,15 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     assert hot_tier_gb(100 * gib, memory=16 * gib) == 4.0  # never more than a quarter of memory
     assert hot_tier_gb(1 * gib, memory=64 * gib, room_gb=0.4) == 0.4  # within what the budget leaves
     assert hot_tier_gb(1 * gib, memory=64 * gib, room_gb=-0.3) == 0.0  # nothing left: no tier
-    assert budget_room_gb(3.0, resident_bytes=2 * gib) == pytest.approx(3e9 / gib - 2 - WORKING_MARGIN_GB)  # decimal GB
-    assert budget_room_gb(0.0) is None  # no budget
+    smol, gemma = MEMORY_FITS["smollm2-135m"], MEMORY_FITS["gemma3-270m"]
+    assert budget_room_gb(3.0, "smollm2-135m", resident_bytes=2 * gib) == pytest.approx(3e9 / gib - 2 - smol.margin_gb)  # decimal GB
+    assert budget_room_gb(0.0, "smollm2-135m") is None  # no budget
+    # -1: the packaged model's own budget and margin; another model has none unless one is set,
+    # and then the largest measured margin
+    assert budget_room_gb(-1, "gemma3-270m", resident_bytes=2 * gib) == pytest.approx(gemma.budget_gb * 1e9 / gib - 2 - gemma.margin_gb)
+    assert budget_room_gb(-1, "some/folder") is None
+    assert budget_room_gb(4.0, "some/folder", resident_bytes=2 * gib) == pytest.approx(
+        4e9 / gib - 2 - max(f.margin_gb for f in MEMORY_FITS.values()))
     assert 0 < memory_bytes() <= 2**60
 
     settings = Settings.from_env(store_url=f"fs://{tmp_path / 'kv'}", codec="fp16", memory_budget_gb=0.0)
@@ -247,12 +254,20 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     finally:
         store.close()
     # With a budget the tier takes what the process has not used of it (this one holds a model).
-    budget = (resident_bytes() / gib + WORKING_MARGIN_GB + 0.3) * gib / 1e9  # decimal GB
+    budget = (resident_bytes() / gib + MEMORY_FITS[settings.model].margin_gb + 0.3) * gib / 1e9  # decimal GB
     store = open_store(settings.replace(memory_budget_gb=budget), reranker, texts)
     try:
         assert 0.2 <= store.hot_cache_gb <= 0.3
     finally:
         store.close()
+    # The default (-1) is the model's own budget: the one its MemoryFit names
+    own = MEMORY_FITS[settings.model].budget_gb
+    sizes = []
+    for value in (-1.0, own):
+        store = open_store(settings.replace(memory_budget_gb=value), reranker, texts)
+        sizes.append(store.hot_cache_gb)
+        store.close()
+    assert sizes[0] == pytest.approx(sizes[1], abs=0.02)
     store = open_store(settings.replace(hot_cache_gb=0.2), reranker, texts)  # a set size is kept
     try:
         assert store.hot_cache_gb == 0.2

@@ -166,10 +166,11 @@ class Settings:
                           "0 = none (a 20-document load from fs:// then takes ~33 ms instead of ~14 ms)"},
     )
     memory_budget_gb: float = field(
-        default=3.0,
+        default=-1.0,
         metadata={"help": "peak resident memory (decimal GB) the automatic CPU tier (hot_cache_gb -1) keeps the "
-                          "process under: the tier gets what the loaded models and buffers and a 0.8 GiB working margin leave "
-                          "(on the shipped corpus about 0.4 of the 1.2 GB it would take); 0 = no budget"},
+                          "process under: the tier gets what the loaded models and buffers and the model's working "
+                          "margin leave; -1 = the packaged model's own (smollm2-135m 3, gemma3-270m 5: "
+                          "hyperrag.kv.planner.MEMORY_FITS), none for other models; 0 = no budget"},
     )
     store_timeout_s: float = field(
         default=5.0, metadata={"help": "bound on any single store operation before falling back to compute"}

@@ -48,13 +48,31 @@ from hyperrag.kv.frame import frame_bytes
 AUTO_TIER_MIN_GB = 0.5  # the automatic CPU tier never goes below this (room for uploaded corpora)
 AUTO_TIER_HEADROOM = 1.10  # ... and holds the corpus's entries plus 10%
 AUTO_TIER_MEMORY_SHARE = 0.25  # ... within a quarter of the memory this process may use
-# ... and within the memory budget (Settings.memory_budget_gb), less what the process holds when
-# the store opens and this margin (GiB) for what comes on top at peak: the store's in-flight
-# buffers, precomputing and one answer per mode. `python -m hyperrag.docs check` fails when it is
-# smaller than what the record's run (scripts/measure_memory.py, the app's first visit with
-# default settings) held on top of the loaded engine and its tier.
-MARGIN_RECORD = "docs/memory/app-first-visit.json"
-WORKING_MARGIN_GB = 0.8
+# ... and within the memory budget (Settings.memory_budget_gb; see MemoryFit).
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """The app's memory with one packaged model and default settings: ``budget_gb`` (decimal GB, as
+    the target it stands for: 3 keeps the peak under 3e9 bytes) is the peak the automatic memory budget
+    keeps the process under; ``margin_gb`` (GiB) is what the CPU tier leaves free for what comes on top
+    of the loaded engine at peak (the store's in-flight buffers, precomputing, one answer per mode),
+    which grows with the model's widths and vocabulary. Why per model: a budget set for one model's
+    weights leaves a larger one no tier at all. ``record`` is the run of ``scripts/measure_memory.py``
+    that shows both hold: ``python -m hyperrag.docs check`` fails when its peak passes the budget or
+    it held more than the margin on top of the engine and its tier."""
+
+    budget_gb: float
+    margin_gb: float
+    record: str
+
+
+MEMORY_FITS: dict[str, MemoryFit] = {
+    "smollm2-135m": MemoryFit(3.0, 0.8, "docs/memory/app-first-visit.json"),
+    "gemma3-270m": MemoryFit(5.0, 1.3, "docs/memory/app-first-visit-gemma3-270m.json"),
+}
+
+
 # Precompute rate of one 2-core worker (fp32 compute, fp16 store, fs://), from the record
 # docs/bench/bench-default.json (storage.precompute_docs_per_s: 309 SQuAD paragraphs, 52,044 tokens;
 # 2-core Intel Xeon; an AMD EPYC of earlier runs was 1.5-2x slower). `python -m hyperrag.docs check`
@@ -222,19 +240,31 @@ def hot_tier_gb(corpus_bytes: int, memory: int | None = None, room_gb: float | N
     return round(min(want, cap), 3)
 
 
-def budget_room_gb(budget_gb: float, resident_bytes: int | None = None) -> float | None:
-    """What a memory budget leaves for the CPU tier, in the tier's GiB: the budget (decimal GB,
-    as the target it stands for: ``3`` keeps the peak under 3e9 bytes) less this process's
-    resident memory now (models and buffers loaded) and :data:`WORKING_MARGIN_GB`; None without
-    a budget. Why a budget at all: the tier trades resident memory for ~1 ms per entry read
-    (fs:// reads come from the OS page cache, which the machine can reclaim and the tier cannot)."""
+def memory_budget_gb(budget_gb: float, model: str) -> float:
+    """The budget a ``memory_budget_gb`` setting stands for: -1 (the default) is the packaged model's
+    own (:data:`MEMORY_FITS`), none (0) for any other model; 0 is none; else the setting."""
+    if budget_gb >= 0:
+        return budget_gb
+    fit = MEMORY_FITS.get(model)
+    return fit.budget_gb if fit else 0.0
+
+
+def budget_room_gb(budget_gb: float, model: str, resident_bytes: int | None = None) -> float | None:
+    """What a memory budget (:func:`memory_budget_gb`) leaves for the CPU tier, in the tier's GiB:
+    the budget less this process's resident memory now (models and buffers loaded) and the model's
+    working margin (:class:`MemoryFit`; for a model without one, the largest measured); None without
+    a budget. Why a budget at all: the tier trades resident memory for ~1 ms per entry read (fs://
+    reads come from the OS page cache, which the machine can reclaim and the tier cannot)."""
+    budget_gb = memory_budget_gb(budget_gb, model)
     if budget_gb <= 0:
         return None
     if resident_bytes is None:
         from hyperrag.common.memory import resident_bytes as now
 
         resident_bytes = now()
-    return (budget_gb * 1e9 - resident_bytes) / 2**30 - WORKING_MARGIN_GB
+    fit = MEMORY_FITS.get(model)
+    margin = fit.margin_gb if fit else max(f.margin_gb for f in MEMORY_FITS.values())
+    return (budget_gb * 1e9 - resident_bytes) / 2**30 - margin
 
 
 def format_bytes(n: float) -> str:

@@ -180,7 +180,7 @@ def auto_tier_gb(settings: Settings, reranker: Reranker, codec: Codec, texts: Se
     """The automatic CPU tier (``hot_cache_gb`` -1): ``texts``' entries in ``codec`` plus headroom,
     within what the memory budget leaves of this process's resident memory now."""
     return planner.hot_tier_gb(planner.plan_corpus(reranker, texts, codec).total_bytes,
-                               room_gb=planner.budget_room_gb(settings.memory_budget_gb))
+                               room_gb=planner.budget_room_gb(settings.memory_budget_gb, settings.model))
 
 
 def open_store(settings: Settings, reranker: Reranker, texts: Sequence[str] = ()) -> KVStore:
