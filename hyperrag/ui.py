@@ -634,10 +634,10 @@ def _adapter_field(s: Settings) -> str:
     return "" if not s.adapter or Path(s.adapter) in SHIPPED_ADAPTERS.values() else s.adapter
 
 
-def _ask_tab(s: Settings) -> SimpleNamespace:
+def _ask_tab(wb: Workbench) -> SimpleNamespace:
     """Tab 2: one question answered by the reader over three rankings, side by side; the
     traditional generator one click away."""
-    a = SimpleNamespace(outputs=[])
+    s, a = wb.settings, SimpleNamespace(outputs=[])
     with gr.Row():
         a.question = gr.Textbox(label="Question", placeholder="Type a question, or pick a gold question",
                                 scale=4, lines=1, max_length=4000)
@@ -651,7 +651,7 @@ def _ask_tab(s: Settings) -> SimpleNamespace:
     a.summary = gr.Markdown("", elem_id="hr-summary")
     a.titles = []
     with gr.Row(equal_height=False):
-        for mode, shown in zip(COMPARE_MODES, compare_modes(bool(s.adapter))):
+        for mode, shown in zip(COMPARE_MODES, compare_modes("reader_kv" in wb.modes())):
             with gr.Column(elem_classes=["hr-mode", f"hr-mode-{mode}"]):
                 a.titles.append(gr.Markdown(column_title(shown)))
                 a.outputs += [gr.Markdown("", elem_classes=["hr-answer"]),
@@ -741,7 +741,7 @@ def build_app(workbench: Workbench) -> gr.Blocks:
             with gr.Tab("1 · Corpus & KV cache", id="corpus"):
                 corpus = _corpus_tab(workbench)
             with gr.Tab("2 · Ask", id="ask"):
-                ask = _ask_tab(workbench.settings)
+                ask = _ask_tab(workbench)
             with gr.Tab("3 · Batch & dashboards", id="batch"):
                 batch = _batch_tab(workbench)
         _wire(cb, page, corpus, ask, batch)
