@@ -60,7 +60,9 @@ def main() -> None:
         mark(f"ask {mode}", t0)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": {"model": settings.model, "codec": settings.codec, "hot_cache_gb": settings.hot_cache_gb,
+            json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "settings": {"model": settings.model, "codec": settings.codec,
+                                    "hot_cache_gb": settings.hot_cache_gb,
                                     "memory_budget_gb": memory_budget_gb(settings.memory_budget_gb, settings.model),
                                     "batch_size": settings.batch_size, "corpus": settings.corpus},
                        "cpu_tier_gb": engine.store.hot_cache_gb, "peak_rss_bytes": peak_resident_bytes(),

@@ -85,5 +85,3 @@ def test_a_safety_margin_smaller_than_its_record_measured_fails(copy, monkeypatc
     monkeypatch.setitem(planner.MEMORY_FITS, "smollm2-135m", replace(fit, budget_gb=2.5))  # its peak was 2.82 GB
     assert docs.main(["check", "--root", str(copy)]) == 1
     assert "MEMORY_FITS['smollm2-135m'].budget_gb = 2.5 is less than the 2.82" in capsys.readouterr().err
-
-
