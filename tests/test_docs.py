@@ -78,10 +78,12 @@ def test_a_measured_constant_that_left_its_record_fails(copy, monkeypatch, capsy
 def test_a_safety_margin_smaller_than_its_record_measured_fails(copy, monkeypatch, capsys):
     fit = planner.MEMORY_FITS["smollm2-135m"]
     assert fit.record == "docs/memory/app-first-visit.json"
-    monkeypatch.setitem(planner.MEMORY_FITS, "smollm2-135m", replace(fit, margin_gb=0.3))  # the run held 0.7 GiB on top
+    record = json.loads((copy / fit.record).read_text())
+    held, peak = round(docs.margin_used_gib(record), 2), round(record["peak_rss_bytes"] / 1e9, 2)
+    monkeypatch.setitem(planner.MEMORY_FITS, "smollm2-135m", replace(fit, margin_gb=held - 0.1))
     assert docs.main(["check", "--root", str(copy)]) == 1
-    assert ("MEMORY_FITS['smollm2-135m'].margin_gb = 0.3 is less than the 0.7 that docs/memory/app-first-visit.json "
-            "measured") in capsys.readouterr().err
-    monkeypatch.setitem(planner.MEMORY_FITS, "smollm2-135m", replace(fit, budget_gb=2.5))  # its peak was 2.82 GB
+    assert (f"MEMORY_FITS['smollm2-135m'].margin_gb = {held - 0.1} is less than the {held} that "
+            f"docs/memory/app-first-visit.json measured") in capsys.readouterr().err
+    monkeypatch.setitem(planner.MEMORY_FITS, "smollm2-135m", replace(fit, budget_gb=peak - 0.1))
     assert docs.main(["check", "--root", str(copy)]) == 1
-    assert "MEMORY_FITS['smollm2-135m'].budget_gb = 2.5 is less than the 2.82" in capsys.readouterr().err
+    assert f"MEMORY_FITS['smollm2-135m'].budget_gb = {peak - 0.1} is less than the {peak}" in capsys.readouterr().err
