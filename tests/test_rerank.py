@@ -229,7 +229,6 @@ def test_row_streams_score_as_one_batch(llm, reranker, squad_batch):
         assert a.shape == b.shape and (a - b).abs().max().item() <= FP32_SCORE_BOUND
 
 
-
 def test_reuse_loads_in_the_row_streams(reranker, squad_batch):
     """Each row stream decodes its own rows into the batch buffer. In the calling thread the
     decode ran on an OpenMP team that libgomp throttles once big streams have run (a full
@@ -251,6 +250,7 @@ def test_reuse_loads_in_the_row_streams(reranker, squad_batch):
     assert result.encoded_docs == 0 and sorted(t for _, t in loaders) == sorted(docs)
     names = {name for name, _ in loaders}
     assert len(names) == 2 and all(name.startswith("hyperrag-rows") for name in names), names
+
 
 def test_long_question_is_truncated_with_notice(reranker, squad_batch):
     _, docs = squad_batch[0]
