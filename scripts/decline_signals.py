@@ -9,7 +9,8 @@ the answerable training folds); it prints the held-out folds' shares declined an
 F1 the declines cost on answerable questions. Run it on held-out *train* articles only: choosing
 signals on dev would tune the rule to the questions it is measured on.
 
-Signals beyond the shipped ones (:data:`hyperrag.rag.calibration.RULE_FEATURES`) come from the
+Signals beyond the shipped ones (:data:`hyperrag.rag.calibration.RULE_FEATURES`, computed as the
+reader computes them) come from the
 record and the corpus, so none needs the model: the best passage's cosine and reranker parts, the
 third score, how many of the passages read share an article, the answer's length and its
 per-word log-likelihood, and how many of the question's content words the answer's sentence holds
@@ -25,19 +26,18 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-from sklearn.linear_model import LogisticRegression
 
 from hyperrag.calibrate import MIN_ANSWERED
-from hyperrag.rag.calibration import choose_threshold, leads
+from hyperrag.rag.calibration import RULE_FEATURES, choose_threshold, fit_logistic, rule_features
 
 SETS = {
-    "shipped": ("top_score", "top_lead", "logprob"),
-    "+ question words in the answer's sentence": ("top_score", "top_lead", "logprob", "overlap"),
-    "+ cosine of the best passage": ("top_score", "top_lead", "logprob", "cosine"),
+    "shipped": RULE_FEATURES,
+    "+ question words in the answer's sentence": (*RULE_FEATURES, "overlap"),
+    "+ cosine of the best passage": (*RULE_FEATURES, "cosine"),
     "reranker and cosine parts apart": ("reranker", "cosine", "top_lead", "logprob"),
-    "+ passages read from one article": ("top_score", "top_lead", "logprob", "same_article"),
-    "+ third score": ("top_score", "top_lead", "logprob", "third"),
-    "+ answer words": ("top_score", "top_lead", "logprob", "answer_words"),
+    "+ passages read from one article": (*RULE_FEATURES, "same_article"),
+    "+ third score": (*RULE_FEATURES, "third"),
+    "+ answer words": (*RULE_FEATURES, "answer_words"),
     "log-likelihood per answer word": ("top_score", "top_lead", "logprob_per_word"),
 }
 
@@ -74,8 +74,7 @@ def signals(report: dict, corpus: Path) -> tuple[list[dict], np.ndarray, np.ndar
         asked = words(questions[r["qid"]])
         articles = [d.rsplit("-", 1)[0] for d in read if d]
         answer_words = len(r["answer"].split())
-        rows.append({
-            "top_score": r["top_scores"][0], "top_lead": max(leads(r["top_scores"])), "logprob": r["logprob"],
+        rows.append(dict(zip(RULE_FEATURES, rule_features(r["top_scores"], r["logprob"]))) | {
             "cosine": best_cos, "reranker": r["top_scores"][0] - weight * best_cos, "third": r["top_scores"][2],
             "same_article": len(articles) - len(set(articles)), "answer_words": answer_words,
             "logprob_per_word": r["logprob"] / (answer_words + 1),
@@ -95,9 +94,10 @@ def cross_validate(x: np.ndarray, answerable: np.ndarray, f1: np.ndarray, min_an
         for k in range(folds):
             test = np.array(order[k::folds])
             train = np.setdiff1d(order, test)
-            model = LogisticRegression(C=1e4, max_iter=2000).fit(x[train], answerable[train])
-            cut = choose_threshold(list(model.predict_proba(x[train])[:, 1]), list(answerable[train]), min_answered)
-            kept = model.predict_proba(x[test])[:, 1] >= cut
+            b, *w = fit_logistic(x[train], answerable[train].astype(int))  # as calibrate fits the rule
+            confidence = 1 / (1 + np.exp(-(x @ np.array(w) + b)))
+            cut = choose_threshold(list(confidence[train]), list(answerable[train]), min_answered)
+            kept = confidence[test] >= cut
             pos = answerable[test]
             declined.append(np.mean(~kept[~pos]))
             answered.append(np.mean(kept[pos]))
