@@ -10,13 +10,12 @@
 From the evaluation record: the relevance map (a logistic map of the fused ranking score and its
 lead over the best other candidate, over every retrieved candidate: relevant = the question's
 gold passage), the confidence model (a logistic regression of answerable vs made-unanswerable
-over the best passage's fused score, its lead over the next passage read, the answer's
-log-likelihood and the answer check's score of the answer's passage), and the thresholds (the rule's, and each single
+over the best passage's fused score, its lead over the next passage read and the answer's
+log-likelihood), and the thresholds (the rule's, and each single
 signal's for comparison) that best separate the two kinds while still answering 92.5% of the
 answerable questions (``--min-answered``: a declined answerable question loses its F1; what the
 fit does on its own articles is kept under ``fitted_on.in_sample``). The corpus's articles must be
-neither training nor validation articles of the adapter nor its answer check's (their
-hyperrag.json files list them), and the
+neither training nor validation articles of the adapter (its hyperrag.json lists them), and the
 record must be of this adapter's weights. See :mod:`hyperrag.rag.calibration`.
 """
 from __future__ import annotations
@@ -30,7 +29,7 @@ from hyperrag.common.settings import SHIPPED_ADAPTER
 from hyperrag.data.corpus import load_corpus
 from hyperrag.evaluate import (CALIBRATED, abstain_report, calibration_report, format_table, measure_trust,
                                relevance_examples, signal_values)
-from hyperrag.model.loading import CHECK_FOLDER, adapter_hash, adapter_meta
+from hyperrag.model.loading import adapter_hash, adapter_meta
 from hyperrag.rag.calibration import (Trust, choose_threshold, fit_logistic, fit_relevance, load_trust, rule_features,
                                       save_trust)
 
@@ -49,7 +48,7 @@ def fit_trust(report: dict, fitted_on: dict | None = None, min_answered: float =
         raise SystemExit(f"the record has no {CALIBRATED} scores: run evaluate with --systems ...,{CALIBRATED}")
     relevance = fit_relevance(questions)
     answerable = [not r["unanswerable"] for r in records]
-    rule = fit_logistic([rule_features(r["top_scores"], r["logprob"], r.get("check")) for r in records],
+    rule = fit_logistic([rule_features(r["top_scores"], r["logprob"]) for r in records],
                         [int(a) for a in answerable])
     values = signal_values(records, Trust(relevance, rule, 0.0))
     cuts = {name: choose_threshold(v, answerable, min_answered) for name, v in values.items()}
@@ -62,13 +61,12 @@ def fit_trust(report: dict, fitted_on: dict | None = None, min_answered: float =
         "in_sample": {name: {k: v for k, v in row.items() if not k.endswith("_ci95")} for name, row in summary.items()}})
 
 
-def check_held_out(titles: Sequence[str], meta: dict, check_meta: dict | None = None) -> None:
-    """Refuse articles the adapter was trained or validated on, or its answer check trained on."""
-    seen = {t.replace("_", " ") for t in meta.get("train_articles", []) + meta.get("val_articles", [])
-            + (check_meta or {}).get("articles", [])}
+def check_held_out(titles: Sequence[str], meta: dict) -> None:
+    """Refuse articles the adapter was trained or validated on."""
+    seen = {t.replace("_", " ") for t in meta.get("train_articles", []) + meta.get("val_articles", [])}
     overlap = sorted(set(titles) & seen)
     if overlap:
-        raise SystemExit(f"the corpus holds articles the adapter (or its answer check) was trained or validated on: {', '.join(overlap)}")
+        raise SystemExit(f"the corpus holds articles the adapter was trained or validated on: {', '.join(overlap)}")
 
 
 def main(argv: Sequence[str] | None = None) -> Trust:
@@ -100,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> Trust:
         print(format_table(report))
         return trust
     titles = sorted({d.title for d in load_corpus(report["corpus"]).docs})
-    check_held_out(titles, meta, adapter_meta(Path(args.adapter) / CHECK_FOLDER))
+    check_held_out(titles, meta)
     trust = fit_trust(report, {"record": Path(args.record).name, "articles": titles, "seed": report["seed"],
                                "top_k": report["top_k"], "top_n": report["top_n"],
                                "retrieval_weight": meta.get("retrieval_weight", 0.0)}, args.min_answered)

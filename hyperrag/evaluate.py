@@ -30,9 +30,8 @@ and every passage that holds one of their answers, are removed from the candidat
 runs on the rest of the corpus), the trained+retrieval
 ranking and the reader run again on what is left, and ``abstain`` reports how well declining
 separates them (an unanswerable question is right only when declined): the calibrated rule of
-:mod:`hyperrag.rag.calibration` and, for comparison, the fused ranking score alone, the
-answer likelihood alone and the answer check alone, each at its threshold chosen on held-out
-SQuAD train articles. With
+:mod:`hyperrag.rag.calibration` and, for comparison, the fused ranking score alone and the
+answer likelihood alone, each at its threshold chosen on held-out SQuAD train articles. With
 the adapter's calibration, ``calibration`` reports the relevance map's expected calibration
 error on these questions' candidates. Systems:
 
@@ -251,19 +250,16 @@ def abstain_record(reading: Reading, scores: Sequence[float], c: Candidates, una
                    doc_ids: Sequence[str]) -> dict:
     """What declining is decided and judged from, for one question as read."""
     return {"qid": c.qid, "unanswerable": unanswerable, "doc_ids": list(doc_ids), "top_scores": sorted(scores, reverse=True)[:top_n],
-            "logprob": reading.logprob, "check": reading.check, "answer": reading.answer,
-            "f1": f1_score(reading.answer, c.answers)}
+            "logprob": reading.logprob, "answer": reading.answer, "f1": f1_score(reading.answer, c.answers)}
 
 
 def signal_values(records: Sequence[dict], trust: Trust | None) -> dict[str, list[float]]:
     """Per question, each signal declining can use (higher = more likely answerable): the rule
-    (the calibrated confidence), the fused ranking score of the best passage alone, the answer's
-    log-likelihood alone and, where the reader has one, the answer check alone."""
+    (the calibrated confidence), the fused ranking score of the best passage alone, and the
+    answer's log-likelihood alone."""
     out = {"fused": [r["top_scores"][0] for r in records], "likelihood": [r["logprob"] for r in records]}
-    if all(r.get("check") is not None for r in records):
-        out["check"] = [r["check"] for r in records]
     if trust is not None:
-        out = {"rule": [trust.confidence(r["top_scores"], r["logprob"], r.get("check")) for r in records]} | out
+        out = {"rule": [trust.confidence(r["top_scores"], r["logprob"]) for r in records]} | out
     return out
 
 
@@ -811,7 +807,7 @@ def format_table(report: dict) -> str:
                      f"{a['fused']['unanswerable']} made unanswerable")
         lines.append(f"{'signal':12s} {'AUROC [95% CI]':>22s} {'threshold':>10s} {'unans. declined':>16s} "
                      f"{'ans. answered':>14s} {'F1 answerable':>14s} {'(never declining)':>17s} {'F1 overall':>11s}")
-        for name in ("rule", "fused", "likelihood", "check"):
+        for name in ("rule", "fused", "likelihood"):
             row = a.get(name)
             if not row or "auroc" not in row:
                 continue

@@ -74,7 +74,7 @@ def signals(report: dict, corpus: Path) -> tuple[list[dict], np.ndarray, np.ndar
         asked = words(questions[r["qid"]])
         articles = [d.rsplit("-", 1)[0] for d in read if d]
         answer_words = len(r["answer"].split())
-        rows.append(dict(zip(RULE_FEATURES, rule_features(r["top_scores"], r["logprob"], r.get("check")))) | {
+        rows.append(dict(zip(RULE_FEATURES, rule_features(r["top_scores"], r["logprob"]))) | {
             "cosine": best_cos, "reranker": r["top_scores"][0] - weight * best_cos, "third": r["top_scores"][2],
             "same_article": len(articles) - len(set(articles)), "answer_words": answer_words,
             "logprob_per_word": r["logprob"] / (answer_words + 1),

@@ -15,9 +15,6 @@ from tests.conftest import REPO
 SHIPPED_FILES = ["hyperrag/shipped/squad-dev-mini/docs.jsonl", "hyperrag/shipped/squad-dev-mini/queries.jsonl",
                  "hyperrag/shipped/hyperrag-lora/adapter_model.safetensors",
                  "hyperrag/shipped/hyperrag-lora/adapter_config.json", "hyperrag/shipped/hyperrag-lora/hyperrag.json",
-                 "hyperrag/shipped/hyperrag-lora/check/adapter_model.safetensors",
-                 "hyperrag/shipped/hyperrag-lora/check/adapter_config.json",
-                 "hyperrag/shipped/hyperrag-lora/check/hyperrag.json",
                  "hyperrag/shipped/kv-calibration/docs.jsonl", "hyperrag/shipped/kv-calibration/queries.jsonl",
                  "hyperrag/shipped/ui/logo.svg", "hyperrag/shipped/ui/style.css"]
 

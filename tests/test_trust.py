@@ -82,22 +82,19 @@ def test_trust_persists_beside_the_adapter_without_changing_its_hash(tmp_path):
     folder = fake_adapter(tmp_path)
     before = adapter_hash(folder)
     assert load_trust(folder) is None and load_trust("") is None
-    trust = Trust(Relevance(0.5, -1.0, 0.0), (0.2, 1.0, 0.3, 0.8, 0.6), 0.42, {"fused": -1.5, "likelihood": -2.0}, {"questions": 10})
+    trust = Trust(Relevance(0.5, -1.0, 0.0), (0.2, 1.0, 0.3, 0.8), 0.42, {"fused": -1.5, "likelihood": -2.0}, {"questions": 10})
     save_trust(folder, trust)
     assert load_trust(folder) == trust
     assert adapter_hash(folder) == before  # the stored document KV stays valid
     assert adapter_meta(folder)["retrieval_weight"] == 7  # the rest of the file is kept
 
 
-def test_confidence_rises_with_relevance_lead_likelihood_and_check():
-    trust = Trust(Relevance(0.5, -1.0, 0.0), (0.0, 1.0, 0.25, 0.5, 0.4), 0.5)
-    assert (trust.confidence([6.0, 1.0], -0.2, 0.0) > trust.confidence([6.0, 5.0], -0.2, 0.0)
-            > trust.confidence([6.0, 5.0], -4.0, 0.0) > trust.confidence([6.0, 5.0], -4.0, -3.0))
-    expected = sigmoid(1.0 * 6.0 + 0.25 * (6.0 - 1.0) + 0.5 * -0.2 + 0.4 * 2.0)  # best score, lead, likelihood, check
-    assert trust.confidence([1.0, 6.0], -0.2, 2.0) == pytest.approx(expected)
-    assert trust.confidence([6.0], -0.2, 0.0) == pytest.approx(sigmoid(6.0 + 0.25 * LEAD_CAP - 0.1))  # no rival
-    with pytest.raises(ValueError, match="no answer check"):
-        trust.confidence([6.0], -0.2, None)
+def test_confidence_rises_with_relevance_lead_and_likelihood():
+    trust = Trust(Relevance(0.5, -1.0, 0.0), (0.0, 1.0, 0.25, 0.5), 0.5)
+    assert trust.confidence([6.0, 1.0], -0.2) > trust.confidence([6.0, 5.0], -0.2) > trust.confidence([6.0, 5.0], -4.0)
+    expected = sigmoid(1.0 * 6.0 + 0.25 * (6.0 - 1.0) + 0.5 * -0.2)  # best score, its lead, the likelihood
+    assert trust.confidence([1.0, 6.0], -0.2) == pytest.approx(expected)
+    assert trust.confidence([6.0], -0.2) == pytest.approx(sigmoid(6.0 + 0.25 * LEAD_CAP - 0.1))  # no rival
     assert trust.relevance_of([2.0]) == [pytest.approx(0.5)]
 
 
@@ -105,18 +102,15 @@ def test_a_fit_of_other_rule_features_is_refused(tmp_path):
     """A ``trust`` fitted before the rule's features changed is refused by name, never misread
     (its weights would pair with the wrong signals)."""
     folder = fake_adapter(tmp_path)
-    new = Trust(Relevance(0.5, -1.0, 0.0), (0.0, 1.0, 0.25, 0.5, 0.4), 0.5).to_json()
-    first = new | {"rule": [0.0, 1.0, 0.5]}  # before the lead: no rule_features named
-    del first["rule_features"]
-    before_check = new | {"rule": [0.0, 1.0, 0.25, 0.5], "rule_features": ["top_score", "top_lead", "logprob"]}
-    for old in (first, before_check):
-        meta = json.loads((folder / ADAPTER_META).read_text()) | {"trust": old}
-        (folder / ADAPTER_META).write_text(json.dumps(meta))
-        with pytest.raises(ValueError, match="refit it with python -m hyperrag.calibrate") as e:
-            load_trust(folder)
-        assert str(folder) in str(e.value)
-    with pytest.raises(ValueError, match="an intercept and 4 weights"):
-        Trust(Relevance(0.5, -1.0, 0.0), (0.0, 1.0, 0.25, 0.5), 0.5)
+    old = Trust(Relevance(0.5, -1.0, 0.0), (0.0, 1.0, 0.25, 0.5), 0.5).to_json() | {"rule": [0.0, 1.0, 0.5]}
+    del old["rule_features"]
+    meta = json.loads((folder / ADAPTER_META).read_text()) | {"trust": old}
+    (folder / ADAPTER_META).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="refit it with python -m hyperrag.calibrate") as e:
+        load_trust(folder)
+    assert str(folder) in str(e.value)
+    with pytest.raises(ValueError, match="an intercept and 3 weights"):
+        Trust(Relevance(0.5, -1.0, 0.0), (0.0, 1.0, 0.5), 0.5)
 
 
 def test_fit_from_an_evaluation_record():
@@ -133,18 +127,15 @@ def test_fit_from_an_evaluation_record():
         ids = [f"d{j}" for j in range(len(scores))]
         per_question.append({"gold": ["d5"], "doc_ids": ids, "scores": {"trained+retrieval": scores}})
         logprob = rng.gauss(-3, 1) if unanswerable else rng.gauss(-0.7, 0.5)
-        check = rng.gauss(-2, 2) if unanswerable else rng.gauss(2, 2)
         records.append({"unanswerable": unanswerable, "top_scores": sorted(scores, reverse=True)[:3],
-                        "logprob": logprob, "check": check, "f1": 0.0 if unanswerable else 1.0})
+                        "logprob": logprob, "f1": 0.0 if unanswerable else 1.0})
     trust = fit_trust({"per_question": per_question, "abstain_records": records})
-    assert trust.relevance.a > 0 and trust.rule[1] > 0 and trust.rule[3] > 0 and trust.rule[4] > 0  # score, likelihood, check
-    assert 0 < trust.threshold < 1 and set(trust.baselines) == {"fused", "likelihood", "check"}
+    assert trust.relevance.a > 0 and trust.rule[1] > 0 and trust.rule[3] > 0  # top score, likelihood
+    assert 0 < trust.threshold < 1 and set(trust.baselines) == {"fused", "likelihood"}
     assert trust.fitted_on["questions"] == 120 and trust.fitted_on["in_sample"]["rule"]["auroc"] > 0.95
-    check_held_out(["Bacteria"], {"train_articles": ["Time"], "val_articles": ["Madrasa"]}, {"articles": ["Pain"]})
+    check_held_out(["Bacteria"], {"train_articles": ["Time"], "val_articles": ["Madrasa"]})
     with pytest.raises(SystemExit, match="trained or validated on: Saint Barth"):
         check_held_out(["Saint Barth", "Bacteria"], {"train_articles": ["Saint_Barth"]})
-    with pytest.raises(SystemExit, match="trained or validated on: Pain"):  # the answer check's articles
-        check_held_out(["Pain", "Bacteria"], {"train_articles": ["Time"]}, {"articles": ["Pain"]})
 
 
 def test_unanswerable_questions_never_have_their_gold_passage_nor_their_answer():
@@ -185,8 +176,7 @@ def test_the_reader_declines_exactly_below_its_threshold(tiny_engine, monkeypatc
     "not found in these documents" with the closest passages below it. The reader over the
     retriever's order (cosine scores, which the calibration does not map) never declines."""
     reader = tiny_engine.reader
-    assert reader.check is not None  # the shipped adapter's answer check
-    monkeypatch.setattr(reader, "trust", Trust(Relevance(0.5, -1.0, 0.0), (0.0, 1.0, 0.25, 0.5, 0.1), 0.5))
+    monkeypatch.setattr(reader, "trust", Trust(Relevance(0.5, -1.0, 0.0), (0.0, 1.0, 0.25, 0.5), 0.5))
     question = tiny_engine.corpus.queries[0].question
     monkeypatch.setattr(reader, "abstain_threshold", 0.0)
     kept = tiny_engine.ask(question, "reader_kv")

@@ -26,8 +26,6 @@ shorter than the columns attended), and only layers of that window use them.
 """
 from __future__ import annotations
 
-import copy
-
 import math
 import threading
 from dataclasses import dataclass, replace
@@ -99,8 +97,7 @@ class Decoder:
         self.device, self.dtype = param.device, param.dtype
         self.linear = linear or kernels.PATHS["aten"]
         self.head_linear = head_linear or kernels.PATHS["aten"]
-        self.layers = list(self.body.layers)
-        self.norms = [self._layer_norms(layer) for layer in self.layers]
+        self.norms = [self._layer_norms(layer) for layer in self.body.layers]
         self.final_norm = self._weight(self.body.norm)
         # With ``rotate``, queries and keys leave RoPE multiplied by one orthonormal Hadamard
         # matrix: q.k and so attention are unchanged, but the cached keys' outlier channels are
@@ -110,17 +107,6 @@ class Decoder:
         # gets them (after RoPE and rotation): how the quantized codecs measure what reads the
         # cached KV (:mod:`hyperrag.rag.kv_rounding`). Set only while nothing else runs.
         self.probe: Callable[[int, torch.Tensor], None] | None = None
-
-    def with_layers(self, layers: dict[int, torch.nn.Module]) -> "Decoder":
-        """This decoder with the given layers (index -> a layer of the same shape) in place of its
-        own: everything else (embedding, other layers, head, kernels, rotation) is shared. How a
-        second adapter on the top layers (the answer check) runs over the same batch KV."""
-        other = copy.copy(self)
-        other.layers = [layers.get(i, layer) for i, layer in enumerate(self.layers)]
-        other.norms = [other._layer_norms(layer) if i in layers else norms
-                       for i, (layer, norms) in enumerate(zip(other.layers, self.norms))]
-        other.probe = None
-        return other
 
     def _weight(self, norm: torch.nn.Module) -> torch.Tensor:
         """An RMSNorm's scale: the module's own weight, or ``offset + weight`` in fp32 (Gemma's
@@ -185,8 +171,8 @@ class Decoder:
         lin, nq, nkv = self.linear, self.n_heads, self.n_kv_heads
         x = self.body.embed_tokens(ids)
         rope, rope_of = self._rope_tables(x, pos)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
+        last = len(self.body.layers) - 1
+        for i, layer in enumerate(self.body.layers):
             attn, mlp, norms = layer.self_attn, layer.mlp, self.norms[i]
             cos, sin = rope[rope_of[i]]
             h = self._norm(x, norms.attn_in)

@@ -19,7 +19,6 @@ weights, not its name or path: a KV entry of one model is never served to anothe
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
 import json
@@ -462,42 +461,6 @@ def share_unchanged(model: torch.nn.Module, base: torch.nn.Module, changed: set[
         setattr(model.get_submodule(module), attr, q)
         freed[id(p)] = p.numel() * p.element_size()
     return sum(freed.values())
-
-
-CHECK_FOLDER = "check"  # the answer check's LoRA (hyperrag.train_verifier), inside the adapter's folder
-
-
-def load_check_layers(adapter: str | Path, model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """The adapter's answer check (:mod:`hyperrag.train_verifier`): copies of the top layers its
-    LoRA changes, with it merged into the model the adapter is merged into; ``{}`` when the adapter
-    has none. It sits in a folder of its own, outside the adapter's hash: no stored KV depends on
-    it. Refused when it was trained on other adapter weights (it reads their hidden states)."""
-    folder = Path(adapter) / CHECK_FOLDER
-    if not adapter or not folder.is_dir():
-        return {}
-    from safetensors.torch import load_file
-
-    made_on = adapter_meta(folder).get("adapter_hash")
-    if made_on != adapter_hash(adapter):
-        raise ModelError(f"the answer check in {folder} was trained on adapter weights {made_on}, not these "
-                         f"({adapter_hash(adapter)}): retrain it (python -m hyperrag.train_verifier) or remove it")
-    config = _read_json(folder / "adapter_config.json")
-    scale = config["lora_alpha"] / config["r"]
-    state = load_file(str(folder / "adapter_model.safetensors"))
-    layers = model.model.layers
-    out: dict[int, torch.nn.Module] = {}
-    for key, a in state.items():
-        found = re.search(r"layers\.(\d+)\.(.+)\.lora_A\.weight$", key)
-        if not found:
-            continue
-        i, path = int(found[1]), found[2]
-        if i >= len(layers):
-            raise ModelError(f"the answer check in {folder} changes layer {i}; the model has {len(layers)}")
-        layer = out.setdefault(i, copy.deepcopy(layers[i]))
-        linear = layer.get_submodule(path)
-        b = state[key.replace(".lora_A.", ".lora_B.")]
-        linear.weight.data += (scale * b.float() @ a.float()).to(linear.weight.device, linear.weight.dtype)
-    return out
 
 
 def load_embedder(name: str, cache_dir: str | Path, device: str = "auto"):

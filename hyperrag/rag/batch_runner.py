@@ -99,8 +99,6 @@ class BatchRunner:
         self.prompt = prompt
         # Keys are cached in a rotated basis (see Decoder): quantized codecs lose less of them.
         self.decoder = Decoder(llm.model, llm.linear, llm.head_linear, rotate=rotate)
-        head = self.decoder.head.weight  # the score's direction: the LM head's yes row minus its no row
-        self.score_vec = (head[prompt.yes_id] - head[prompt.no_id]).float()
         self.batch_size = batch_size
         # On CPU a batch's rows run as concurrent streams (see rowsplit); one stream on GPU.
         self.rows = row_streams(streams if self.decoder.device.type == "cpu" else 1)
@@ -118,11 +116,6 @@ class BatchRunner:
 
     def doc_tokens(self, text: str) -> int:
         return len(self.prompt.doc_ids(text))
-
-    def score_hidden(self, hidden: torch.Tensor) -> list[float]:
-        """Each row's score from its last position's final hidden state [B, H]:
-        logit(yes) - logit(no) as one dot product."""
-        return (hidden.float() @ self.score_vec).tolist()
 
     def encode_prefix(self, ids: Sequence[int]) -> torch.Tensor:
         """The KV ``[layers, 2, kv_heads, n, head_dim]`` of ``ids`` from column 0: a prefix that

@@ -6,15 +6,12 @@ the passage's score and its lead over the best other candidate. Why the lead: a 
 answer sits in one passage of the candidates, so a passage whose score nothing else comes near
 is likelier the one than a passage of the same score with a rival; a map over the score alone,
 fitted on every candidate, is calibrated over all of them but under-confident on the top
-passage (the one a user reads first). An answer's confidence is a second logistic model over four
+passage (the one a user reads first). An answer's confidence is a second logistic model over three
 signals (:data:`RULE_FEATURES`): the best passage's fused score (is the answer in these documents
 at all?), its lead over the next passage read (a question whose answer is gone leaves several
 neighbouring paragraphs of one article scoring alike; in cross-validation on the held-out
-articles the lead raised the share declined at the same share answered), the answer's own
-log-likelihood (did the reader find it?) and the answer check's score of the passage the answer
-was read from (:mod:`hyperrag.train_verifier`: a second LoRA trained on exactly the confusion the
-other three leave, a passage with the answer against the nearest passages without it). Below a
-threshold the reader declines.
+articles the lead raised the share declined at the same share answered) and
+the answer's own log-likelihood (did the reader find it?). Below a threshold the reader declines.
 
 Both models and the threshold are fitted on SQuAD *train* articles held out from the adapter's
 training (never on dev): every retrieved candidate of their questions for the relevance map; the
@@ -71,17 +68,14 @@ class Relevance:
         return [sigmoid(x) for x in self.logits(scores)]
 
 
-RULE_FEATURES = ("top_score", "top_lead", "logprob", "check")  # stored with a fit: a fit of other features is refused
+RULE_FEATURES = ("top_score", "top_lead", "logprob")  # stored with a fit: a fit of other features is refused
 
 
-def rule_features(rank_scores: Sequence[float], logprob: float, check: float | None) -> list[float]:
+def rule_features(rank_scores: Sequence[float], logprob: float) -> list[float]:
     """What an answer's confidence is computed from (:data:`RULE_FEATURES`): the fused score of the
-    best of the passages read, its lead over the next one (:func:`leads`), the chosen answer's
-    log-likelihood and the answer check's score of the passage it was read from."""
-    if check is None:
-        raise ValueError("the confidence rule reads the answer check's score, and there is none: the adapter has "
-                         "no answer check (python -m hyperrag.train_verifier)")
-    return [max(rank_scores), max(leads(rank_scores)), logprob, check]
+    best of the passages read, its lead over the next one (:func:`leads`) and the chosen answer's
+    log-likelihood."""
+    return [max(rank_scores), max(leads(rank_scores)), logprob]
 
 
 @dataclass(frozen=True)
@@ -98,9 +92,9 @@ class Trust:
         """P(answers the question) of each of one question's candidates, from their fused scores."""
         return self.relevance.probs(scores)
 
-    def confidence(self, rank_scores: Sequence[float], logprob: float, check: float | None) -> float:
+    def confidence(self, rank_scores: Sequence[float], logprob: float) -> float:
         """P(the answer is in these documents): the confidence the reader declines below."""
-        x = rule_features(rank_scores, logprob, check)
+        x = rule_features(rank_scores, logprob)
         return sigmoid(self.rule[0] + sum(w * v for w, v in zip(self.rule[1:], x)))
 
     def __post_init__(self) -> None:

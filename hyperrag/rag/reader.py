@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from hyperrag.model.decoder import Decoder, RowGroup
+from hyperrag.model.decoder import RowGroup
 from hyperrag.model.batch_kv import row_runs
 from hyperrag.rag.batch_runner import BatchRunner, DocKVSource, QueryRow, missing_kv_warning, query_batches
 from hyperrag.rag.calibration import Trust
@@ -55,7 +55,6 @@ class Candidate:
     start: int = -1  # character span of ``text`` in the document (-1: not found verbatim)
     end: int = -1
     pruned: bool = False  # decoding stopped once it could no longer be chosen: ``text`` is cut short
-    check: float | None = None  # the answer check's score of the document for the question (None: no check)
 
 
 @dataclass
@@ -66,7 +65,6 @@ class Reading:
     end: int
     candidates: list[Candidate]
     logprob: float = 0.0  # the chosen answer's log-likelihood
-    check: float | None = None  # the answer check's score of the chosen answer's document
     confidence: float | None = None  # P(the answer is in these documents); None: no calibration applies
     found: bool = True  # False: declined, the evidence is too weak ("not found in these documents")
     load_s: float = 0.0  # reading the documents' KV into the batch buffer
@@ -118,7 +116,7 @@ class Reader:
 
     def __init__(self, runner: BatchRunner, max_rows: int = 8, max_new_tokens: int = 16, span: bool = True,
                  selection_weight: float = 1.0, draft_tokens: int = 8, prune: bool = True, first_tokens: int = 1,
-                 trust: Trust | None = None, abstain_threshold: float = 0.0, check: Decoder | None = None):
+                 trust: Trust | None = None, abstain_threshold: float = 0.0):
         # The reranker's runner: its model, prompt, prefix KV and batch buffer, whose query
         # columns it sized for the question, cue and answer. Reading and reranking take turns
         # under its lock; its rows hold the documents of one question or, batched, of several.
@@ -138,11 +136,6 @@ class Reader:
         # below the threshold (0: never). Fitted for the adapter's fused score only.
         self.trust = trust
         self.abstain_threshold = abstain_threshold
-        # The answer check (:mod:`hyperrag.train_verifier`): the model with a second LoRA on its top
-        # layers, run on each row's question over the same document KV once the answers are read.
-        self.check = check
-        if trust is not None and check is None:
-            raise ValueError("the adapter's confidence rule reads the answer check, which this adapter lacks")
         # Stop rows that can no longer be chosen (the answer is the same; the others' texts are
         # cut). Off where every candidate is wanted whole: tuning the weight on the same candidates.
         self.prune = prune
@@ -198,9 +191,9 @@ class Reader:
             if chosen >= 0:
                 c = reading.candidates[chosen]
                 reading.answer, reading.doc, reading.start, reading.end = c.text, c.doc, c.start, c.end
-                reading.logprob, reading.check = c.logprob, c.check
+                reading.logprob = c.logprob
                 if calibrated and self.trust is not None:
-                    reading.confidence = self.trust.confidence(rank_scores[: self.max_rows], c.logprob, c.check)
+                    reading.confidence = self.trust.confidence(rank_scores[: self.max_rows], c.logprob)
                     reading.found = reading.confidence >= self.abstain_threshold
         return readings
 
@@ -223,24 +216,13 @@ class Reader:
         hidden, groups, width, query_lens, written = self._run_question(rows, lens)
         tokens = self._decode(hidden, rows, lens, groups, width, query_lens, written,
                               [scores[row.request][row.doc] for row in rows], best)
-        checks = self._check(rows, lens) if self.check is not None else [None] * len(rows)
         compute_s = time.perf_counter() - t0 - load_s  # documents the store lacked count as compute
-        for row, (answer, logprob, pruned), check in zip(rows, tokens, checks):
+        for row, (answer, logprob, pruned) in zip(rows, tokens):
             text = self.tokenizer.decode(answer, skip_special_tokens=True).strip()
             start = row.text.find(text) if text else -1
             readings[row.request].candidates.append(Candidate(row.doc, text, logprob, len(answer), start,
-                                                              start + len(text) if start >= 0 else -1, pruned, check))
+                                                              start + len(text) if start >= 0 else -1, pruned))
         return load_s, compute_s
-
-    def _check(self, rows: list[QueryRow], lens: list[int]) -> list[float]:
-        """The answer check's score of each row's document for its question: the reranker's prompt
-        (``[question][suffix]``, without the cue) run by the check's decoder over the document KV
-        in the rows. It overwrites the rows' query and answer columns, read by now."""
-        cue = len(self.prompt.answer_cue_ids)
-        ids, last = self.runner.batch_ids([row.query[:-cue] for row in rows])
-        pos, groups = self.layout.query_groups(lens, ids.shape[1])
-        hidden = self.check.forward_groups(ids, pos, self.layout.kv.rows(slice(0, len(rows))), groups, out_index=last)
-        return self.runner.score_hidden(hidden)
 
     def _run_question(self, rows: list[QueryRow], lens: list[int]
                       ) -> tuple[torch.Tensor, list[RowGroup], int, list[int], torch.Tensor]:

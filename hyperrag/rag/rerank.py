@@ -69,8 +69,8 @@ class Reranker:
         self.decoder = self.runner.decoder
         self.batch_size = batch_size
         self.stream_choice = {"small_stream_threads": self.runner.rows.small_threads, "source": "not measured"}
-        self.score_vec = self.runner.score_vec
-        self.score_hidden = self.runner.score_hidden
+        head = self.decoder.head.weight
+        self.score_vec = (head[self.prompt.yes_id] - head[self.prompt.no_id]).float()
 
     # -- machine ------------------------------------------------------------------------------
     def tune_streams(self, cache_dir: str, setting: int = 0, repeats: int = 5) -> dict:
@@ -151,6 +151,11 @@ class Reranker:
         if keep is not None:
             keep += [kv.row_view(r, g.start, int(last[r]) + 1).clone() for g in groups for r in range(g.lo, g.hi)]
         return self.score_hidden(hidden)
+
+    def score_hidden(self, hidden: torch.Tensor) -> list[float]:
+        """Each row's score from its last position's final hidden state [B, H]:
+        logit(yes) - logit(no) as one dot product."""
+        return (hidden.float() @ self.score_vec).tolist()
 
     def score(self, question: str, docs: Sequence[str], mode: str = "reuse",
               source: DocKVSource | None = None) -> RerankResult:

@@ -21,8 +21,7 @@ from hyperrag.kv.codec import Codec
 from hyperrag.rag.kv_rounding import codec_for
 from hyperrag.kv.store import KVStore
 from hyperrag.kv.urls import StoreError, redact_url
-from hyperrag.model.decoder import Decoder
-from hyperrag.model.loading import LLM, adapter_meta, load_check_layers, load_embedder, load_llm
+from hyperrag.model.loading import LLM, adapter_meta, load_embedder, load_llm
 from hyperrag.model.prompts import RerankTemplate
 from hyperrag.rag.calibration import Trust, load_trust
 from hyperrag.rag.reader import Reader
@@ -162,14 +161,7 @@ def load_reader(s: Settings, reranker: Reranker) -> Reader | None:
     threshold = s.abstain_threshold if s.abstain_threshold >= 0 else (trust.threshold if trust else 0.0)
     return Reader(reranker.runner, max_rows=max(s.top_n, 10), max_new_tokens=s.max_new_tokens, span=span,
                   selection_weight=weight, draft_tokens=s.draft_tokens, first_tokens=s.reader_first_tokens,
-                  trust=trust, abstain_threshold=threshold, check=answer_check(s, reranker))
-
-
-def answer_check(s: Settings, reranker: Reranker) -> Decoder | None:
-    """The adapter's answer check as a decoder over the reranker's (its top layers swapped for the
-    check's merged copies), or None where the adapter has none."""
-    layers = load_check_layers(s.folder("adapter"), reranker.llm.model)
-    return reranker.decoder.with_layers(layers) if layers else None
+                  trust=trust, abstain_threshold=threshold)
 
 
 def adapter_trust(s: Settings) -> Trust | None:
