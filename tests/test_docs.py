@@ -36,7 +36,8 @@ def test_every_block_is_used_and_names_its_records():
     text = "".join(p.read_text(encoding="utf-8") for p in docs.pages(REPO))
     assert {m[2] for m in docs.MARKER.finditer(text)} == set(docs.BLOCKS)
     body = docs.rendered("bench-default", REPO)
-    assert "`docs/bench/bench-default.json` (date not recorded; Intel(R) Xeon(R)" in body
+    record = json.loads((REPO / "docs/bench/bench-default.json").read_text())
+    assert docs.provenance("docs/bench/bench-default.json", record) in body  # the record's own date and CPU
 
 
 def test_a_planted_mismatch_fails_and_render_repairs_it(copy, capsys):
@@ -72,7 +73,8 @@ def test_a_measured_constant_that_left_its_record_fails(copy, monkeypatch, capsy
     assert planner.MEASURED_RECORD == "docs/bench/bench-default.json"
     monkeypatch.setattr(planner, "MEASURED_DOCS_PER_S", 3.67)
     assert docs.main(["check", "--root", str(copy)]) == 1
-    assert "MEASURED_DOCS_PER_S = 3.67, but docs/bench/bench-default.json measured 6.01" in capsys.readouterr().err
+    measured = json.loads((copy / planner.MEASURED_RECORD).read_text())["storage"]["precompute_docs_per_s"]
+    assert f"MEASURED_DOCS_PER_S = 3.67, but docs/bench/bench-default.json measured {measured:.2f}" in capsys.readouterr().err
 
 
 def test_a_safety_margin_smaller_than_its_record_measured_fails(copy, monkeypatch, capsys):

@@ -75,10 +75,10 @@ MEMORY_FITS: dict[str, MemoryFit] = {
 
 # Precompute rate of one 2-core worker (fp32 compute, fp16 store, fs://), from the record
 # docs/bench/bench-default.json (storage.precompute_docs_per_s: 309 SQuAD paragraphs, 52,044 tokens;
-# 2-core Intel Xeon; an AMD EPYC of earlier runs was 1.5-2x slower). `python -m hyperrag.docs check`
-# fails when these leave that record.
+# 2-core AMD EPYC (family 25, model 17); a 2-core Intel Xeon (family 6, model 167) measured 6.01).
+# `python -m hyperrag.docs check` fails when these leave that record.
 MEASURED_RECORD = "docs/bench/bench-default.json"
-MEASURED_DOCS_PER_S = 6.01
+MEASURED_DOCS_PER_S = 4.04
 MEASURED_TOKENS_PER_DOC = 52_044 / 309  # 168.4
 
 
