@@ -38,6 +38,7 @@ def test_every_block_is_used_and_names_its_records():
     body = docs.rendered("bench-default", REPO)
     record = json.loads((REPO / "docs/bench/bench-default.json").read_text())
     assert docs.provenance("docs/bench/bench-default.json", record) in body  # the record's own date and CPU
+    assert f"({record['machine']['date']}; {record['machine']['cpu']})" in body
 
 
 def test_a_planted_mismatch_fails_and_render_repairs_it(copy, capsys):
