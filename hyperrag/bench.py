@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from hyperrag.kv.planner import KVGeometry, estimate, memory_budget_gb, plan_corpus
+from hyperrag.kv.planner import estimate, memory_budget_gb, plan_corpus
+from hyperrag.model.geometry import KVGeometry
 from hyperrag.rag.metrics import latency_summary
 from hyperrag.rag.modes import E2E_KEYS, MODE_TABLE, MODES
 

@@ -24,7 +24,10 @@ from typing import Callable, Sequence
 
 from hyperrag.kv import planner
 from hyperrag.kv.codec import get_codec
+from hyperrag.model.loading import MODELS
 from hyperrag.rag import metrics
+
+MEMORY_FITS = {m: spec.memory for m, spec in MODELS.items() if spec.memory}  # the packaged LLMs' measured memory
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("README.md", "docs/*.md")
@@ -262,10 +265,10 @@ def kernel_probe(r: Records) -> str:
 
 
 def memory_budget(r: Records) -> str:
-    """Each packaged model's memory target and working margin (:data:`planner.MEMORY_FITS`), against
-    the app's first visit with default settings."""
+    """Each packaged model's memory target and working margin (:class:`~hyperrag.model.loading.MemoryFit`),
+    against the app's first visit with default settings."""
     rows = []
-    for (model, fit), d in zip(planner.MEMORY_FITS.items(), r):
+    for (model, fit), d in zip(MEMORY_FITS.items(), r):
         peak = d["peak_rss_bytes"] / 1e9
         rows.append([f"`{model}`", f"{fit.budget_gb:g} GB", f"{status(peak <= fit.budget_gb)}: peak {peak:.2f} GB",
                      f"{d['cpu_tier_gb'] * 2**30 / 1e9:.2f} GB", f"{fit.margin_gb:g} GiB", f"{margin_used_gib(d):.2f} GiB"])
@@ -352,7 +355,7 @@ def models(r: Records) -> str:
     machine), each shipped adapter's training length, and SQuAD dev (ranking paired with
     retrieval's on the same questions; answers)."""
     benches, cards, devs, defaults = r[0:2], r[2:4], r[4:6], r[6:8]
-    geo = [planner.KNOWN_GEOMETRY[m] for m in MODEL_IDS]
+    geo = [MODELS[m].kv for m in MODEL_IDS]
     rank = lambda d, system: d["systems"][system]["ranking"]  # noqa: E731
     answer = lambda d, row: d["answers"][row]  # noqa: E731
     trained = "trained+retrieval"
@@ -421,7 +424,7 @@ BLOCKS: dict[str, Block] = {
     "kernel-probe": Block(("docs/bench/bench-default.json",), kernel_probe),
     "memory": Block(("docs/memory/app-first-visit.json", "docs/memory/app-first-visit-no-budget.json",
                      "docs/memory/app-first-visit-no-tier.json"), memory),
-    "memory-budget": Block(tuple(f.record for f in planner.MEMORY_FITS.values()), memory_budget),
+    "memory-budget": Block(tuple(f.record for f in MEMORY_FITS.values()), memory_budget),
     "scale-100k": Block(("docs/bench/scale-squad-100k.json", "docs/bench/scale-squad-100k-sweep.json",
                          "docs/bench/bench-squad-100k.json"), scale_100k),
     "planner-1m": Block(("docs/bench/bench-default.json",), planner_1m),
@@ -462,10 +465,10 @@ CONSTANTS = (  # each constant's module names its record beside it
              lambda d: d["storage"]["precompute_docs_per_s"], 2),
     Constant("hyperrag.kv.planner.MEASURED_TOKENS_PER_DOC", lambda: planner.MEASURED_TOKENS_PER_DOC,
              planner.MEASURED_RECORD, lambda d: d["storage"]["tokens"] / d["storage"]["docs"], 6),
-    *(c for m, fit in planner.MEMORY_FITS.items() for c in (
-        Constant(f"hyperrag.kv.planner.MEMORY_FITS[{m!r}].budget_gb", lambda m=m: planner.MEMORY_FITS[m].budget_gb,
+    *(c for m, fit in MEMORY_FITS.items() for c in (
+        Constant(f"hyperrag.model.loading.MODELS[{m!r}].memory.budget_gb", lambda m=m: MODELS[m].memory.budget_gb,
                  fit.record, lambda d: d["peak_rss_bytes"] / 1e9, 2, at_least=True),
-        Constant(f"hyperrag.kv.planner.MEMORY_FITS[{m!r}].margin_gb", lambda m=m: planner.MEMORY_FITS[m].margin_gb,
+        Constant(f"hyperrag.model.loading.MODELS[{m!r}].memory.margin_gb", lambda m=m: MODELS[m].memory.margin_gb,
                  fit.record, margin_used_gib, 2, at_least=True))),
 )
 

@@ -40,7 +40,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from hyperrag.data.corpus import load_corpus
     from hyperrag.kv.codec import CODECS, get_codec
-    from hyperrag.kv.planner import KVGeometry, plan_corpus
+    from hyperrag.kv.planner import plan_corpus
+    from hyperrag.model.geometry import KVGeometry
     from hyperrag.kv.store import KVStore
     from hyperrag.model.loading import load_embedder
     from hyperrag.rag.runtime import load_reranker

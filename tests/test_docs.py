@@ -10,6 +10,7 @@ import pytest
 
 from hyperrag import docs
 from hyperrag.kv import planner
+from hyperrag.model.loading import MODELS
 from tests.conftest import REPO
 
 
@@ -79,14 +80,15 @@ def test_a_measured_constant_that_left_its_record_fails(copy, monkeypatch, capsy
 
 
 def test_a_safety_margin_smaller_than_its_record_measured_fails(copy, monkeypatch, capsys):
-    fit = planner.MEMORY_FITS["smollm2-135m"]
+    spec = MODELS["smollm2-135m"]
+    fit = spec.memory
     assert fit.record == "docs/memory/app-first-visit.json"
     record = json.loads((copy / fit.record).read_text())
     held, peak = round(docs.margin_used_gib(record), 2), round(record["peak_rss_bytes"] / 1e9, 2)
-    monkeypatch.setitem(planner.MEMORY_FITS, "smollm2-135m", replace(fit, margin_gb=held - 0.1))
+    monkeypatch.setitem(MODELS, "smollm2-135m", replace(spec, memory=replace(fit, margin_gb=held - 0.1)))
     assert docs.main(["check", "--root", str(copy)]) == 1
-    assert (f"MEMORY_FITS['smollm2-135m'].margin_gb = {held - 0.1} is less than the {held} that "
+    assert (f"MODELS['smollm2-135m'].memory.margin_gb = {held - 0.1} is less than the {held} that "
             f"docs/memory/app-first-visit.json measured") in capsys.readouterr().err
-    monkeypatch.setitem(planner.MEMORY_FITS, "smollm2-135m", replace(fit, budget_gb=peak - 0.1))
+    monkeypatch.setitem(MODELS, "smollm2-135m", replace(spec, memory=replace(fit, budget_gb=peak - 0.1)))
     assert docs.main(["check", "--root", str(copy)]) == 1
-    assert f"MEMORY_FITS['smollm2-135m'].budget_gb = {peak - 0.1} is less than the {peak}" in capsys.readouterr().err
+    assert f"MODELS['smollm2-135m'].memory.budget_gb = {peak - 0.1} is less than the {peak}" in capsys.readouterr().err

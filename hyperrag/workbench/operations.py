@@ -30,6 +30,7 @@ from hyperrag.data.corpus import Corpus, CorpusError, Query, load_corpus
 from hyperrag.kv import planner
 from hyperrag.kv.codec import CODECS, get_codec
 from hyperrag.kv.urls import StoreError, parse_store_url, redact_url
+from hyperrag.model.geometry import KVGeometry
 from hyperrag.model.loading import MODELS, ModelError
 from hyperrag.rag.modes import ENGINE_MODES, MODES
 from hyperrag.rag.pipeline import Engine, QuestionError, RAGResult
@@ -278,7 +279,7 @@ class Workbench:
     def estimate(self, entry: CorpusEntry, codecs: Sequence[str] | None = None) -> dict:
         """What the document KV of this corpus will take in the store, per codec (the planner);
         ``codecs`` are names, as the UI gives them (default: every codec)."""
-        geometry = planner.KVGeometry.of(self.wait_ready().reranker)
+        geometry = KVGeometry.of(self.wait_ready().reranker)
         tokens = self.doc_tokens(entry)
         plans = planner.codec_table(len(tokens), tokens, geometry, [get_codec(name) for name in codecs or ()])
         rows = [{"codec": p.codec, "bytes": p.total_bytes, "bytes_per_token": p.bytes_per_token,
