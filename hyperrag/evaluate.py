@@ -250,9 +250,7 @@ def abstain_record(reading: Reading, scores: Sequence[float], c: Candidates, una
                    doc_ids: Sequence[str]) -> dict:
     """What declining is decided and judged from, for one question as read."""
     return {"qid": c.qid, "unanswerable": unanswerable, "doc_ids": list(doc_ids), "top_scores": sorted(scores, reverse=True)[:top_n],
-            "logprob": reading.logprob, "no_answer": reading.no_answer,
-            "no_answers": [cand.no_answer for cand in reading.candidates], "answer": reading.answer,
-            "f1": f1_score(reading.answer, c.answers)}
+            "logprob": reading.logprob, "answer": reading.answer, "f1": f1_score(reading.answer, c.answers)}
 
 
 def signal_values(records: Sequence[dict], trust: Trust | None) -> dict[str, list[float]]:

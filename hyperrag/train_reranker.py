@@ -33,9 +33,7 @@ packed forward is checked against ``Reranker.score(..., "full")`` on the merged 
 Reading: each question's block in its gold document's row also carries the reader's cue and
 the answer (``[...][suffix] Answer: <span><end>``, after the scored token, so the score is
 unchanged); ``--answer-weight`` x the answer tokens' cross-entropy joins the loss. One stored
-document KV then serves both jobs. ``--no-answer-weight`` > 0 also reads every question from the
-group's negatives that lack its answer, with the end token as the target right after the cue
-(SQuAD 2.0 style): the reader's first step then carries P(no answer in this document). Training starts from ``--init-adapter`` (the reranker-only
+document KV then serves both jobs. Training starts from ``--init-adapter`` (the reranker-only
 adapter) where its layers overlap; validation also tunes the reader's decoding (span-constrained
 or free) and the selection weight of its answer rule (:func:`tune_reader`).
 
@@ -233,7 +231,6 @@ class Packed:
     last: torch.Tensor  # [D, Q]: each question block's scored (last suffix) token
     answer_at: torch.Tensor  # [A, 2]: (row, column) of hidden states that predict an answer token
     answer_ids: torch.Tensor  # [A]: the answer token each of them should predict
-    no_answer: torch.Tensor  # [A] bool: the target is "no answer here" (the end token right after the cue)
 
 
 def packed_inputs(prompt: RerankPrompt, doc_texts: Sequence[str], questions: Sequence[str],
@@ -245,8 +242,7 @@ def packed_inputs(prompt: RerankPrompt, doc_texts: Sequence[str], questions: Seq
     full prefill of ``[prefix][doc][question][suffix]``. ``answers[(doc, question)]`` appends the
     reader's cue and that answer to the block (after the scored token, so the score is
     unchanged): the block is then the reader's prompt and its target, ``[...][suffix] Answer:
-    <span><end>``, and the hidden states before each answer token are trained to predict it. An
-    empty answer is "no answer in this document": the end token right after the cue.
+    <span><end>``, and the hidden states before each answer token are trained to predict it.
     """
     answers = answers or {}
     queries = [prompt.query(q).ids for q in questions]
@@ -259,10 +255,9 @@ def packed_inputs(prompt: RerankPrompt, doc_texts: Sequence[str], questions: Seq
             ids += q
             last.append(len(ids) - 1)
             if (d, b - 1) in answers:
-                answer = answers[(d, b - 1)]
-                target = prompt.answer_ids(answer) if answer else [prompt.answer_end_id]
+                target = prompt.answer_ids(answers[(d, b - 1)])
                 ids += prompt.answer_cue_ids
-                targets += [(d, len(ids) - 1 + j, t, not answer) for j, t in enumerate(target)]
+                targets += [(d, len(ids) - 1 + j, t) for j, t in enumerate(target)]
                 ids += target[:-1]  # the end token is only predicted
             block += [b] * (len(ids) - first)
             pos += range(len(head), len(head) + len(ids) - first)
@@ -281,9 +276,8 @@ def packed_inputs(prompt: RerankPrompt, doc_texts: Sequence[str], questions: Seq
     causal = t[None, :] <= t[:, None]  # [T(query), T(key)]
     same = (blk[:, None, :] == 0) | (blk[:, None, :] == blk[:, :, None])  # [D, Tq, Tk]
     mask = (causal[None] & same)[:, None]
-    at = torch.tensor([(r, c) for r, c, *_ in targets], dtype=torch.long).reshape(-1, 2)
-    return Packed(ids, pos, mask, torch.tensor(lasts), at, torch.tensor([t for _, _, t, _ in targets], dtype=torch.long),
-                  torch.tensor([none for *_, none in targets], dtype=torch.bool))
+    at = torch.tensor([(r, c) for r, c, _ in targets], dtype=torch.long).reshape(-1, 2)
+    return Packed(ids, pos, mask, torch.tensor(lasts), at, torch.tensor([t for *_, t in targets], dtype=torch.long))
 
 
 def packed_masks(model, packed: Packed) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -311,25 +305,22 @@ def forward_packed(model, score_vec: torch.Tensor, packed: Packed) -> tuple[torc
     return scores, logits
 
 
-def group_answers(data: TrainData, group: Group, no_answer: bool = False) -> dict[tuple[int, int], str]:
+def group_answers(data: TrainData, group: Group) -> dict[tuple[int, int], str]:
     """The reading targets of a group: each question's first answer found in its gold document
-    (as the reranker sees it), to be read from that document's row; with ``no_answer``, also ""
-    (no answer) from each negative that lacks its answers."""
+    (as the reranker sees it), to be read from that document's row."""
     out = {}
     for i, q in enumerate(group.questions):
         d = group.target[i]
         found = [a for a in data.answers[q] if a.lower() in data.short[group.docs[d]]]
         if found:
             out[(d, i)] = found[0]
-        if no_answer:
-            out |= {(j, i): "" for j in range(len(group.docs)) if j != d and group.valid[i, j]}
     return out
 
 
-def group_loss(scores_dq: torch.Tensor, answer_logits: torch.Tensor, packed: Packed, group: Group,
+def group_loss(scores_dq: torch.Tensor, answer_logits: torch.Tensor, answer_ids: torch.Tensor, group: Group,
                args) -> tuple[torch.Tensor, dict]:
     """Relevance (listwise CE + ``--bce`` x pointwise BCE) + ``--answer-weight`` x the answer
-    tokens' cross-entropy + ``--no-answer-weight`` x the no-answer targets' cross-entropy."""
+    tokens' cross-entropy."""
     bce_weight = args.bce
     s = scores_dq.T  # [Q, D]
     target = torch.tensor(group.target)
@@ -340,13 +331,11 @@ def group_loss(scores_dq: torch.Tensor, answer_logits: torch.Tensor, packed: Pac
     bce = F.binary_cross_entropy_with_logits(s[group.valid], labels[group.valid])
     loss = ce + bce_weight * bce
     info = {"ce": ce.item(), "bce": bce.item()}
-    for name, rows, weight in (("read", ~packed.no_answer, args.answer_weight),
-                               ("none", packed.no_answer, args.no_answer_weight)):
-        if rows.any():
-            term = F.cross_entropy(answer_logits[rows], packed.answer_ids[rows])
-            loss = loss + weight * term
-            info[name] = term.item()
-            info[f"{name}_acc"] = (answer_logits[rows].argmax(-1) == packed.answer_ids[rows]).float().mean().item()
+    if len(answer_ids):
+        read = F.cross_entropy(answer_logits, answer_ids)
+        loss = loss + args.answer_weight * read
+        info["read"] = read.item()
+        info["read_acc"] = (answer_logits.argmax(-1) == answer_ids).float().mean().item()
     with torch.no_grad():
         info["top1"] = (masked.argmax(1) == target).float().mean().item()
     return loss, info
@@ -572,9 +561,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--answer-weight", type=float, default=1.0,
                    help="weight of the reading loss (answer tokens after the answer cue, gold document); "
                         "0 trains the reranker alone")
-    t.add_argument("--no-answer-weight", type=float, default=0.0,
-                   help="weight of the no-answer reading loss (the end token right after the cue, on each "
-                        "negative without the question's answer); 0: never read from negatives")
     t.add_argument("--init-adapter", default=str(REPO_ROOT / "models" / "reranker-lora"),
                    help="start from this adapter's LoRA weights where its layers overlap ('' = fresh init)")
     t.add_argument("--targets", default="", help="projections that get LoRA (default: by model family, LORA_TARGETS)")
@@ -596,9 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
 CONFIG_KEYS = ("seed", "articles", "paragraphs_per_article", "pool", "mine_k", "docs", "hard", "questions",
                "gold_questions", "max_doc_tokens", "lr", "warmup", "weight_decay", "rank", "alpha",
                "dropout", "lora_layers", "targets", "bce", "model", "answer_weight", "init_adapter",
-               "first_article", "compute", "no_answer_weight")
+               "first_article", "compute")
 # Keys added after checkpoints already existed, with the value those checkpoints were made with.
-LATER_KEYS = {"first_article": 0, "compute": "float32", "no_answer_weight": 0.0}
+LATER_KEYS = {"first_article": 0, "compute": "float32"}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -717,10 +703,10 @@ def train_steps(args, model, prompt: RerankPrompt, score_vec: torch.Tensor, data
             g["lr"] = lr_at(step, args)
         inputs = packed_inputs(prompt, [data.texts[d] for d in group.docs],
                                [data.questions[q] for q in group.questions],
-                               group_answers(data, group, args.no_answer_weight > 0) if args.answer_weight else None)
+                               group_answers(data, group) if args.answer_weight else None)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.compute == "bfloat16"):
             scores, answer_logits = forward_packed(lm, score_vec, inputs)
-        loss, info = group_loss(scores.float(), answer_logits.float(), inputs, group, args)
+        loss, info = group_loss(scores.float(), answer_logits.float(), inputs.answer_ids, group, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
@@ -780,7 +766,7 @@ def loss_curve(history: list[dict], points: int = 12) -> list[dict]:
         w = history[start : start + size]
         out.append({"steps": f"{w[0]['step']}-{w[-1]['step']}",
                     **{k: round(sum(r.get(k, 0.0) for r in w) / len(w), 4)
-                       for k in ("loss", "ce", "bce", "top1", "read", "read_acc", "none", "none_acc")}})
+                       for k in ("loss", "ce", "bce", "top1", "read", "read_acc")}})
     return out
 
 

@@ -39,9 +39,6 @@ SETS = {
     "+ third score": (*RULE_FEATURES, "third"),
     "+ answer words": (*RULE_FEATURES, "answer_words"),
     "log-likelihood per answer word": ("top_score", "top_lead", "logprob_per_word"),
-    "+ log P(no answer), the answer's passage": (*RULE_FEATURES, "no_answer"),
-    "+ log P(no answer), least of the passages read": (*RULE_FEATURES, "no_answer_least"),
-    "+ P(no answer), the answer's passage": (*RULE_FEATURES, "p_no_answer"),
 }
 
 
@@ -81,8 +78,6 @@ def signals(report: dict, corpus: Path) -> tuple[list[dict], np.ndarray, np.ndar
             "cosine": best_cos, "reranker": r["top_scores"][0] - weight * best_cos, "third": r["top_scores"][2],
             "same_article": len(articles) - len(set(articles)), "answer_words": answer_words,
             "logprob_per_word": r["logprob"] / (answer_words + 1),
-            "no_answer": r.get("no_answer", 0.0), "no_answer_least": min(r.get("no_answers") or [0.0]),
-            "p_no_answer": float(np.exp(r.get("no_answer", 0.0))),
             "overlap": len(asked & (words(sentence) - words(r["answer"]))) / max(1, len(asked)) if sentence else 0.0,
         })
     answerable = np.array([not r["unanswerable"] for r in report["abstain_records"]])

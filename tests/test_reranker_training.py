@@ -163,37 +163,16 @@ def test_packed_training_forward_is_the_inference_computation(llm, reranker, dev
     texts = [docs["normans-002"]["text"], docs["normans-005"]["text"]]
     prompt = reranker.prompt
     plain = packed_inputs(prompt, texts, [q["question"], "Who ruled Normandy?"])
-    reading = packed_inputs(prompt, texts, [q["question"], "Who ruled Normandy?"], {(0, 0): q["answers"][0], (1, 0): ""})
+    reading = packed_inputs(prompt, texts, [q["question"], "Who ruled Normandy?"], {(0, 0): q["answers"][0]})
     with torch.no_grad():
         s_plain, _ = forward_packed(llm.model, reranker.score_vec, plain)
         s_read, logits = forward_packed(llm.model, reranker.score_vec, reading)
         assert (s_plain - s_read).abs().max().item() <= FP32_SCORE_BOUND
         target = prompt.answer_ids(q["answers"][0])
-        # an empty answer ("no answer in this document") is the end token right after the cue
-        assert reading.answer_ids.tolist() == target + [prompt.answer_end_id]
-        assert reading.no_answer.tolist() == [False] * len(target) + [True]
-        read = prompt.read_query(q["question"]).ids
-        ids = prompt.prefix_ids + list(prompt.doc_ids(texts[0])) + read + target[:-1]
+        assert reading.answer_ids.tolist() == target
+        ids = prompt.prefix_ids + list(prompt.doc_ids(texts[0])) + prompt.read_query(q["question"]).ids + target[:-1]
         full = llm.model(torch.tensor([ids])).logits[0, -len(target):]
-        none = llm.model(torch.tensor([prompt.prefix_ids + list(prompt.doc_ids(texts[1])) + read])).logits[0, -1]
-    assert (full - logits[:-1]).abs().max().item() <= FP32_SCORE_BOUND  # 3.8e-5 measured (AMD EPYC)
-    assert (none - logits[-1]).abs().max().item() <= FP32_SCORE_BOUND
-
-
-def test_no_answer_targets_come_from_negatives_without_the_answer():
-    """``--no-answer-weight``: each question is also read from the group's negatives, with an empty
-    answer, except where a negative holds its answer (a likely false negative, as in the ranking
-    loss) and from its own gold document, which is read for its answer."""
-    from types import SimpleNamespace
-
-    from hyperrag.train_reranker import Group, group_answers
-
-    data = SimpleNamespace(answers=[["Rollo"], ["1066"]],
-                           short=["rollo led them", "in 1066 they came", "rollo again in 1066"])
-    valid = torch.tensor([[True, True, False], [True, True, False]])  # doc 2 holds both answers
-    group = Group(docs=[0, 1, 2], questions=[0, 1], target=[0, 1], valid=valid)
-    assert group_answers(data, group) == {(0, 0): "Rollo", (1, 1): "1066"}
-    assert group_answers(data, group, no_answer=True) == {(0, 0): "Rollo", (1, 1): "1066", (1, 0): "", (0, 1): ""}
+    assert (full - logits).abs().max().item() <= FP32_SCORE_BOUND  # 3.8e-5 measured (AMD EPYC)
 
 
 def llama_packed_reference(model, score_vec: torch.Tensor, packed):

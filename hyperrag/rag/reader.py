@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -55,7 +55,6 @@ class Candidate:
     start: int = -1  # character span of ``text`` in the document (-1: not found verbatim)
     end: int = -1
     pruned: bool = False  # decoding stopped once it could no longer be chosen: ``text`` is cut short
-    no_answer: float = 0.0  # log P(the answer ends before it starts): the document holds no answer
 
 
 @dataclass
@@ -66,7 +65,6 @@ class Reading:
     end: int
     candidates: list[Candidate]
     logprob: float = 0.0  # the chosen answer's log-likelihood
-    no_answer: float = 0.0  # the chosen answer's document: log P(no answer in it) (Candidate.no_answer)
     confidence: float | None = None  # P(the answer is in these documents); None: no calibration applies
     found: bool = True  # False: declined, the evidence is too weak ("not found in these documents")
     load_s: float = 0.0  # reading the documents' KV into the batch buffer
@@ -193,7 +191,7 @@ class Reader:
             if chosen >= 0:
                 c = reading.candidates[chosen]
                 reading.answer, reading.doc, reading.start, reading.end = c.text, c.doc, c.start, c.end
-                reading.logprob, reading.no_answer = c.logprob, c.no_answer
+                reading.logprob = c.logprob
                 if calibrated and self.trust is not None:
                     reading.confidence = self.trust.confidence(rank_scores[: self.max_rows], c.logprob)
                     reading.found = reading.confidence >= self.abstain_threshold
@@ -219,12 +217,11 @@ class Reader:
         tokens = self._decode(hidden, rows, lens, groups, width, query_lens, written,
                               [scores[row.request][row.doc] for row in rows], best)
         compute_s = time.perf_counter() - t0 - load_s  # documents the store lacked count as compute
-        for row, (answer, logprob, pruned, no_answer) in zip(rows, tokens):
+        for row, (answer, logprob, pruned) in zip(rows, tokens):
             text = self.tokenizer.decode(answer, skip_special_tokens=True).strip()
             start = row.text.find(text) if text else -1
             readings[row.request].candidates.append(Candidate(row.doc, text, logprob, len(answer), start,
-                                                              start + len(text) if start >= 0 else -1, pruned,
-                                                              no_answer))
+                                                              start + len(text) if start >= 0 else -1, pruned))
         return load_s, compute_s
 
     def _run_question(self, rows: list[QueryRow], lens: list[int]
@@ -264,10 +261,9 @@ class Reader:
 
     def _decode(self, hidden: torch.Tensor, rows: list[QueryRow], lens: list[int], groups: list[RowGroup],
                 width: int, query_lens: list[int], written: torch.Tensor, rank: list[float],
-                best: list[float]) -> list[tuple[list[int], float, bool, float]]:
+                best: list[float]) -> list[tuple[list[int], float, bool]]:
         """Greedy decoding of every row at once, after :meth:`_run_question`; per row its answer
-        tokens, log-likelihood, whether it was pruned and log P(no answer): the answer's end token
-        as its first token, which is never chosen (an answer is never empty). ``written`` [rows, A] marks the answer
+        tokens, log-likelihood and whether it was pruned. ``written`` [rows, A] marks the answer
         columns that hold kept tokens (it grows by each step's columns).
 
         Answers are mostly spans of their documents, so each step feeds a row its next token and,
@@ -295,7 +291,6 @@ class Reader:
         answers: list[list[int]] = [[] for _ in range(n)]
         logprob = [0.0] * n
         logp = torch.log_softmax(self.decoder.logits(hidden).float(), -1)[:, None]  # [rows, fed, vocab]
-        no_answer = logp[:, 0, self.prompt.answer_end_id].tolist()
         fed: dict[int, list[int]] = {r: [] for r in range(n)}  # per row in logp: the tokens just run
         w, pruned = self.selection_weight, [False] * n
         while True:
@@ -304,8 +299,7 @@ class Reader:
             for j, (r, tokens) in enumerate(fed.items()):
                 kept[r, 0] = bool(tokens)  # the token chosen last step
                 for i in range(logp.shape[1]):
-                    token = self._choose(logp[j, i], limits[r], 0 if answers[r] else rows[r].branch,
-                                         () if answers[r] else self.stop_ids)
+                    token = self._choose(logp[j, i], limits[r], 0 if answers[r] else rows[r].branch)
                     logprob[r] += float(logp[j, i, token])
                     if token in self.stop_ids or len(answers[r]) >= self.max_new_tokens:
                         break
@@ -343,15 +337,12 @@ class Reader:
                 for g in groups for lo, hi in row_runs([r for r in active if g.lo <= r < g.hi])]
             hidden = self.decoder.forward_groups(ids, pos, kv, step_groups)
             logp = torch.log_softmax(self.decoder.logits(hidden).float(), -1)
-        return list(zip(answers, logprob, pruned, no_answer))
+        return list(zip(answers, logprob, pruned))
 
     @staticmethod
-    def _choose(logp: torch.Tensor, limit: SpanConstraint | None, rank: int = 0, forbid: Iterable[int] = ()) -> int:
+    def _choose(logp: torch.Tensor, limit: SpanConstraint | None, rank: int = 0) -> int:
         """The greedy token: the most likely one, or the most likely one ``limit`` allows
-        (``rank`` > 0: the (rank+1)-th most likely instead, where there are that many), never one
-        of ``forbid``."""
-        if forbid := [t for t in forbid if t is not None]:
-            logp = logp.index_fill(0, torch.tensor(forbid, device=logp.device), float("-inf"))
+        (``rank`` > 0: the (rank+1)-th most likely instead, where there are that many)."""
         allowed = None if limit is None else torch.tensor(limit.allowed(), device=logp.device)
         scores = logp if allowed is None else logp[allowed]
         best = int(scores.topk(min(rank + 1, scores.numel())).indices[-1]) if rank else int(scores.argmax())
