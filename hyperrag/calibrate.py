@@ -62,8 +62,11 @@ def fit_trust(report: dict, fitted_on: dict | None = None, min_answered: float =
 
 
 def check_held_out(titles: Sequence[str], meta: dict) -> None:
-    """Refuse articles the adapter was trained or validated on."""
-    seen = {t.replace("_", " ") for t in meta.get("train_articles", []) + meta.get("val_articles", [])}
+    """Refuse articles the adapter was trained or validated on, also in the run it was warm-started
+    from (``warm_start``: its articles were trained on too)."""
+    earlier = meta.get("warm_start", {})
+    seen = {t.replace("_", " ") for t in meta.get("train_articles", []) + meta.get("val_articles", [])
+            + earlier.get("articles", []) + earlier.get("val_articles", [])}
     overlap = sorted(set(titles) & seen)
     if overlap:
         raise SystemExit(f"the corpus holds articles the adapter was trained or validated on: {', '.join(overlap)}")

@@ -136,6 +136,8 @@ def test_fit_from_an_evaluation_record():
     check_held_out(["Bacteria"], {"train_articles": ["Time"], "val_articles": ["Madrasa"]})
     with pytest.raises(SystemExit, match="trained or validated on: Saint Barth"):
         check_held_out(["Saint Barth", "Bacteria"], {"train_articles": ["Saint_Barth"]})
+    with pytest.raises(SystemExit, match="trained or validated on: Bacteria"):  # in the run it started from
+        check_held_out(["Bacteria"], {"train_articles": ["Time"], "warm_start": {"articles": ["Bacteria"]}})
 
 
 def test_unanswerable_questions_never_have_their_gold_passage_nor_their_answer():
