@@ -415,6 +415,7 @@ class Block:
 BLOCKS: dict[str, Block] = {
     "answers-dev-300": Block(("docs/eval/trust-dev-300.json", "docs/eval/reader-dev-300.json"), answers),
     "abstain-dev-300": Block(("docs/eval/trust-dev-300.json",), abstain),
+    "abstain-dev-300-gemma3-270m": Block(("docs/eval/trust-dev-300-gemma3-270m.json",), abstain),
     "ranking-dev-300": Block(("docs/eval/reader-dev-300.json", "docs/eval/reranker-lora-dev-300.json"), ranking),
     "bench-default": Block(("docs/bench/bench-default.json",), bench_speed),
     "bench-headline": Block(("docs/bench/bench-default.json",), bench_headline),

@@ -265,3 +265,25 @@ def test_threshold_keeps_a_share_of_answerable_questions_answered():
     confidences = [0.9, 0.8, 0.7, 0.65, 0.6, 0.3, 0.55, 0.2, 0.1, 0.05]
     t = choose_threshold(confidences, answerable, min_answered=1.0)  # never decline an answerable one
     assert 0.2 < t <= 0.3 and all(c >= t for c, a in zip(confidences, answerable) if a)
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_each_shipped_adapter_carries_the_fit_its_committed_held_out_record_gives(model):
+    """Every packaged model declines: its adapter's ``trust`` is what ``python -m hyperrag.calibrate``
+    fits on the committed record it names (measured with this very adapter, on articles it was
+    neither trained, validated nor warm-started on), not numbers edited by hand."""
+    from hyperrag.calibrate import check_held_out, fit_trust
+    from hyperrag.common.settings import SHIPPED_ADAPTERS
+    from hyperrag.model.loading import adapter_hash, adapter_meta
+    from tests.conftest import REPO
+
+    adapter = SHIPPED_ADAPTERS[model]
+    stored = load_trust(adapter)
+    assert stored is not None, f"{adapter}: no calibration fitted"
+    record = json.loads((REPO / "docs" / "eval" / stored.fitted_on["record"]).read_text())
+    assert record["adapter_hash"] == adapter_hash(adapter)
+    check_held_out(stored.fitted_on["articles"], adapter_meta(adapter))
+    refit = fit_trust(record, {}, stored.fitted_on["min_answered"])
+    assert refit.rule == pytest.approx(stored.rule) and refit.threshold == pytest.approx(stored.threshold)
+    assert (refit.relevance.a, refit.relevance.b, refit.relevance.c) == pytest.approx(
+        (stored.relevance.a, stored.relevance.b, stored.relevance.c))
